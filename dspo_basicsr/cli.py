@@ -1,0 +1,125 @@
+"""The ``basicsr`` command: BasicSR's train and test pipelines with the plugin registered.
+
+Usage::
+
+    basicsr train -opt options/dspo_seesr.yml [--launcher none|pytorch|slurm] [--auto_resume] [--debug]
+                  [--force_yml train:ema_decay=0.999 ...]
+    basicsr test -opt options/test_dspo_seesr.yml
+    torchrun --nproc_per_node=8 -m dspo_basicsr.cli train -opt options/dspo_seesr.yml --launcher pytorch
+
+Experiments, results and tb_logger are written under the current directory, as with BasicSR.
+"""
+import argparse
+import os
+import re
+import sys
+
+import yaml
+
+USAGE = __doc__.split('Usage::', 1)[1].split('Experiments', 1)[0].rstrip()
+_FORCE_YML_ENTRY = re.compile(r'^[\w.\-]+(:[\w.\-]+)*=[^\n]*$')
+
+
+class OptionFileError(ValueError):
+    """An option file that cannot be used; the message names the file and the problem."""
+
+
+def read_option_file(path):
+    """Read a BasicSR option file with the safe ordered loader.
+
+    Args:
+        path (str): YAML option file.
+
+    Returns:
+        OrderedDict: The options.
+
+    Raises:
+        OptionFileError: Missing file, YAML syntax error, a Python tag, or not a mapping.
+    """
+    from dspo_basicsr.compat import SafeOrderedLoader
+    if not os.path.isfile(path):
+        raise OptionFileError(f'option file {path!r} does not exist.')
+    with open(path, encoding='utf-8') as f:
+        try:
+            opt = yaml.load(f, Loader=SafeOrderedLoader)  # noqa: S506 (SafeLoader subclass)
+        except yaml.constructor.ConstructorError as err:
+            mark = err.problem_mark
+            where = f' (line {mark.line + 1})' if mark is not None else ''
+            raise OptionFileError(
+                f'option file {path!r}{where}: {err.problem}. Option files are read with a safe YAML loader, '
+                'so tags that build Python objects are refused; write plain values instead.') from None
+        except yaml.YAMLError as err:
+            raise OptionFileError(f'option file {path!r} is not valid YAML: {err}') from None
+    if not isinstance(opt, dict):
+        raise OptionFileError(f'option file {path!r} must hold a mapping of options, got {type(opt).__name__}.')
+    for key in ('name', 'model_type'):
+        if key not in opt:
+            raise OptionFileError(f"option file {path!r} has no '{key}' key, which every BasicSR option file needs.")
+    return opt
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(
+        prog='basicsr', description='BasicSR train/test pipelines with the dspo_basicsr plugin registered.',
+        usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', metavar='{train,test}')
+    for name, what in (('train', 'train a model'), ('test', 'test a trained model')):
+        cmd = sub.add_parser(name, prog=f'basicsr {name}', help=what,
+                             description=f'{what.capitalize()} from a BasicSR option file.')
+        cmd.add_argument('-opt', required=True, metavar='FILE', help='path to the option YAML file')
+        cmd.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                         help='job launcher: none (one process), pytorch (torchrun), slurm (srun)')
+        cmd.add_argument('--auto_resume', action='store_true',
+                         help='resume from the latest state in experiments/<name>/training_states')
+        cmd.add_argument('--debug', action='store_true', help='debug mode (name prefixed with debug_)')
+        cmd.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
+        cmd.add_argument('--force_yml', nargs='+', default=None, metavar='KEY=VALUE',
+                         help='override options, e.g. train:ema_decay=0.999 (existing keys only)')
+    return parser
+
+
+def _basicsr_argv(args):
+    argv = ['basicsr', '-opt', args.opt, '--launcher', args.launcher]
+    if args.auto_resume:
+        argv.append('--auto_resume')
+    if args.debug:
+        argv.append('--debug')
+    if args.local_rank is not None:
+        os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+        argv += ['--local_rank', str(args.local_rank)]
+    if args.force_yml:
+        bad = [entry for entry in args.force_yml if not _FORCE_YML_ENTRY.match(entry)]
+        if bad:
+            raise OptionFileError(f'--force_yml entries must look like section:key=value; refused: {bad}')
+        argv += ['--force_yml', *args.force_yml]
+    return argv
+
+
+def main(argv=None):
+    """Entry point of the ``basicsr`` console script. Returns the process exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        read_option_file(args.opt)
+        basicsr_argv = _basicsr_argv(args)
+    except OptionFileError as err:
+        print(f'basicsr {args.command}: error: {err}', file=sys.stderr)
+        return 2
+
+    import dspo_basicsr  # noqa: F401  (adapts basicsr and fills its registries)
+    sys.argv = basicsr_argv
+    root_path = os.getcwd()
+    if args.command == 'train':
+        from basicsr.train import train_pipeline
+        train_pipeline(root_path)
+    else:
+        from basicsr.test import test_pipeline
+        test_pipeline(root_path)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

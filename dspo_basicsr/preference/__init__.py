@@ -1,0 +1,1 @@
+"""Preference sets: samples, the LMDB writer and reader, and the tools that build them."""

@@ -1,0 +1,1 @@
+"""Thurstone scaling of SR methods and MAD-competition image selection."""
