@@ -203,6 +203,8 @@ class _PreferenceLoss(nn.Module):
     needs_reference = True
     #: 'instance' (per-instance tables and coverage), 'image' (one pair per sample) or 'preferred'.
     level = 'image'
+    #: key of the loss in the training log.
+    log_key = 'l_pref'
 
     def __init__(self, loss_weight=1.0):
         super().__init__()
@@ -219,6 +221,7 @@ class DSPOLoss(_PreferenceLoss):
     """
 
     level = 'instance'
+    log_key = 'l_dspo'
 
     def __init__(self, beta=8000.0, loss_weight=1.0):
         super().__init__(loss_weight)
@@ -237,6 +240,8 @@ class DiffusionDPOLoss(_PreferenceLoss):
         beta (float): KL-regularisation strength. Default: 8000.
         loss_weight (float): Multiplier of the loss. Default: 1.
     """
+
+    log_key = 'l_dpo'
 
     def __init__(self, beta=8000.0, loss_weight=1.0):
         super().__init__(loss_weight)
@@ -257,6 +262,7 @@ class DiffusionSFTLoss(_PreferenceLoss):
 
     needs_reference = False
     level = 'preferred'
+    log_key = 'l_sft'
 
     def forward(self, err_theta_w):
         """Errors on the preferred images. Returns the weighted scalar loss."""

@@ -1,0 +1,146 @@
+"""Stable Diffusion 2.x-base + ControlNet on the LQ image: the "SD2.1" multi-step SR framework.
+
+Paper context: the SD2.1 baseline fine-tuned with DSPO in "DSPO: Direct Semantic Preference Optimization
+for Real-World Image Super-Resolution"; ControlNet from Zhang et al., "Adding Conditional Control to
+Text-to-Image Diffusion Models", ICCV 2023.
+
+Checkpoint layout (diffusers ``save_pretrained``), loaded from local folders only:
+    pretrained_model_path/   unet/ vae/ text_encoder/ tokenizer/ scheduler/   (e.g. stable-diffusion-2-1-base)
+    controlnet_path/         config.json + diffusion_pytorch_model.safetensors (optional; otherwise the
+                             ControlNet starts as a copy of the UNet encoder with zero convolutions)
+Weights licence: Stable Diffusion 2 weights are under the CreativeML Open RAIL++-M licence.
+"""
+import os
+
+import torch
+
+from basicsr.utils.registry import ARCH_REGISTRY
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_component_folder
+from dspo_basicsr.archs.tiny_components import tiny_sd_components
+
+SD_SUBFOLDERS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
+
+
+def load_sd_components(path, unet_class=UNet2DConditionModel):
+    """Load an SD2.x-base folder (diffusers layout) from disk only.
+
+    Args:
+        path (str): Folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+        unet_class (type): UNet class to load the ``unet/`` folder with.
+
+    Returns:
+        dict: unet, vae, text_encoder, tokenizer, noise_scheduler.
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+    what = f'Stable Diffusion folder {path!r}'
+    for sub in ('unet', 'vae', 'text_encoder'):
+        check_component_folder(path, sub, what)
+    for sub, name in (('tokenizer', 'tokenizer_config.json'), ('scheduler', 'scheduler_config.json')):
+        if not os.path.isfile(os.path.join(path, sub, name)):
+            raise FileNotFoundError(f"{what}: expected '{sub}/{name}' under '{path}'. Download the released model "
+                                    'folder yourself and put it at that path; nothing is downloaded at run time.')
+    local = dict(local_files_only=True)
+    return dict(
+        unet=unet_class.from_pretrained(path, subfolder='unet', **local),
+        vae=AutoencoderKL.from_pretrained(path, subfolder='vae', **local),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder='text_encoder', **local),
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder='tokenizer', **local),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder='scheduler', **local))
+
+
+def save_sd_components(folder, components):
+    """Write components in the diffusers folder layout that :func:`load_sd_components` reads."""
+    names = dict(noise_scheduler='scheduler')
+    for key, component in components.items():
+        component.save_pretrained(os.path.join(folder, names.get(key, key)))
+
+
+def controlnet_embedding_channels(vae_scale_factor):
+    """ControlNet conditioning-embedding widths whose downsampling matches the VAE's latent factor."""
+    widths = (16, 32, 96, 256, 256)
+    return widths[:vae_scale_factor.bit_length()]
+
+
+def build_tiny_control_sd2_folder(folder, seed=0):
+    """Save a tiny random SD2 + ControlNet in the released layouts: ``folder/`` and ``folder/controlnet``.
+
+    Returns:
+        tuple[str, str]: (pretrained_model_path, controlnet_path).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        components = tiny_sd_components()
+        factor = 2**(len(components['vae'].config.block_out_channels) - 1)
+        controlnet = ControlNetModel.from_unet(
+            components['unet'], conditioning_embedding_out_channels=controlnet_embedding_channels(factor))
+    save_sd_components(folder, components)
+    controlnet_path = os.path.join(folder, 'controlnet')
+    controlnet.save_pretrained(controlnet_path)
+    return folder, controlnet_path
+
+
+@ARCH_REGISTRY.register()
+class ControlSD2Arch(DiffusionSRArch):
+    """SD2.x-base UNet + ControlNet conditioned on the bicubic-upsampled LQ image, with a text prompt.
+
+    Args:
+        pretrained_model_path (str | None): SD2.x-base folder (diffusers layout).
+        controlnet_path (str | None): ControlNet folder; None initialises it from the UNet.
+        tiny (bool | dict): Build tiny random components instead (tests, demo); a dict may give ``seed``.
+        scale (int): SR factor. Default: 4.
+        trainable (str | list[str]): ``controlnet`` (default), ``unet_lora``, ``unet``, or a list of them.
+        conditioning_scale (float): Multiplier of the ControlNet residuals. Default: 1.
+        lora_rank, lora_alpha, lora_target_modules, sampler: see :class:`DiffusionSRArch`.
+        prediction_type (str | None): Override the schedule's ``epsilon`` / ``v_prediction``.
+        default_steps (int): Sampling steps of :meth:`sample`. Default: 50 (DDPM).
+        default_cfg (float): Guidance scale of :meth:`sample`. Default: 5.5.
+    """
+
+    def __init__(self, pretrained_model_path=None, controlnet_path=None, tiny=False, scale=4, trainable='controlnet',
+                 conditioning_scale=1.0, lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS,
+                 sampler='ddpm', prediction_type=None, default_steps=50, default_cfg=5.5):
+        if tiny:
+            seed = tiny.get('seed', 0) if isinstance(tiny, dict) else 0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                components = tiny_sd_components()
+        elif pretrained_model_path:
+            components = load_sd_components(pretrained_model_path)
+        else:
+            raise ValueError('ControlSD2Arch needs pretrained_model_path (an SD2.x-base folder) or tiny: true.')
+        if prediction_type:
+            components['noise_scheduler'] = DDPMScheduler.from_config(
+                components['noise_scheduler'].config, prediction_type=prediction_type)
+        super().__init__(**components, scale=scale, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                         lora_target_modules=lora_target_modules, sampler=sampler)
+        self.default_steps, self.default_cfg = default_steps, default_cfg
+        self.conditioning_scale = conditioning_scale
+        if controlnet_path:
+            check_component_folder(controlnet_path, '', f'ControlNet folder {controlnet_path!r}')
+            self.controlnet = ControlNetModel.from_pretrained(controlnet_path, local_files_only=True)
+        else:
+            self.controlnet = ControlNetModel.from_unet(
+                self.unet, conditioning_embedding_out_channels=controlnet_embedding_channels(self.vae_scale_factor))
+        self.setup_trainable()
+
+    def condition(self, lq, prompts, negative_prompts=None):
+        """LQ (B, 3, h, w) in [0, 1] and B prompts -> condition dict (computed once per LQ).
+
+        Returns:
+            dict: ``control_image`` (B, 3, h*s, w*s), ``prompt_embeds`` (B, L, D) and, with negative
+            prompts, ``negative_prompt_embeds`` (B, L, D).
+        """
+        cond = {'control_image': self.upsample_lq(lq), 'prompt_embeds': self.encode_prompts(prompts)}
+        if negative_prompts is not None:
+            cond['negative_prompt_embeds'] = self.encode_prompts(negative_prompts)
+        return cond
+
+    def predict_noise(self, x_t, t, cond):
+        """(N, C, h, w) noisy latents and (N,) timesteps -> (N, C, h, w) noise (or v) prediction."""
+        down, mid = self.controlnet(
+            x_t, t, encoder_hidden_states=cond['prompt_embeds'], controlnet_cond=cond['control_image'],
+            conditioning_scale=self.conditioning_scale, return_dict=False)
+        return self.unet(
+            x_t, t, encoder_hidden_states=cond['prompt_embeds'], down_block_additional_residuals=down,
+            mid_block_additional_residual=mid, return_dict=False)[0]

@@ -1,0 +1,342 @@
+"""What every diffusion SR framework shares: latents, prompts, noise schedule, guidance, sampling, LoRA.
+
+A framework subclass (``ControlSD2Arch``, ``SeeSRArch``, ...) adds its networks and two methods:
+``condition(lq, prompts, negative_prompts)`` (computed once per LQ image) and
+``predict_noise(x_t, t, cond)``. ``forward`` is ``predict_noise``, so that DistributedDataParallel
+sees the policy's trainable computation.
+
+Conditions are dicts of batch-first tensors; by convention the text embeddings are under
+``prompt_embeds`` and, when a negative prompt was given, ``negative_prompt_embeds``.
+"""
+import contextlib
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusers import DDIMScheduler, DDPMScheduler
+
+DEFAULT_LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')
+
+
+def missing_weights_error(path, expected, what):
+    """The error raised when a pretrained component is absent: names the file and where it goes."""
+    return FileNotFoundError(
+        f"{what}: expected '{expected}' under '{path}', but it is not there. Nothing is downloaded at run "
+        f"time: download the released weights yourself and put them at that path (see the README).")
+
+
+def check_component_folder(path, subfolder, what):
+    """Raise :func:`missing_weights_error` unless ``path/subfolder`` holds a config and weights."""
+    folder = os.path.join(path, subfolder) if subfolder else path
+    config = os.path.join(folder, 'config.json')
+    if not os.path.isfile(config):
+        raise missing_weights_error(path, os.path.join(subfolder, 'config.json') if subfolder else 'config.json', what)
+    names = os.listdir(folder)
+    if not any(n.endswith(('.safetensors', '.bin')) for n in names):
+        expected = os.path.join(subfolder, 'diffusion_pytorch_model.safetensors') if subfolder else \
+            'diffusion_pytorch_model.safetensors'
+        raise missing_weights_error(path, expected, what)
+
+
+def repeat_condition(cond, repeats):
+    """Repeat every tensor of a condition ``repeats`` times along the batch: (B, ...) -> (B*repeats, ...)."""
+    return {key: value.repeat_interleave(repeats, dim=0) for key, value in cond.items()}
+
+
+def join_negative_prompts(default, extra):
+    """The framework's default negative prompt followed by a sample's own negative prompt, if any."""
+    parts = [p.strip() for p in (default, extra) if p and p.strip()]
+    return ', '.join(parts)
+
+
+class DiffusionSRArch(nn.Module):
+    """Base class of the latent-diffusion SR frameworks.
+
+    Args:
+        unet (nn.Module): Denoising UNet (diffusers ``UNet2DConditionModel`` or a subclass).
+        vae (nn.Module): ``AutoencoderKL``.
+        text_encoder (nn.Module): CLIP text model.
+        tokenizer: CLIP tokenizer.
+        noise_scheduler (DDPMScheduler): Training noise schedule.
+        scale (int): SR factor of the framework's input LQ images.
+        trainable (str | list[str]): What trains: submodule names (full fine-tuning, e.g. ``controlnet``,
+            ``unet``) and ``<submodule>_lora`` for LoRA adapters on that submodule (e.g. ``unet_lora``).
+        lora_rank (int): LoRA rank.
+        lora_alpha (float | None): LoRA alpha; defaults to the rank.
+        lora_target_modules (list[str]): Module names that get LoRA adapters.
+        sampler (str): ``ddpm`` or ``ddim`` for :meth:`sample`.
+    """
+
+    default_negative_prompt = ''
+    default_steps = 50
+    default_cfg = 5.5
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, noise_scheduler, scale=4, trainable='controlnet',
+                 lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm'):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler
+        self.scale = scale
+        self.sampler = sampler
+        self.trainable = [trainable] if isinstance(trainable, str) else list(trainable)
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha if lora_alpha is not None else lora_rank
+        self.lora_target_modules = list(lora_target_modules)
+        self.register_buffer('_device_probe', torch.zeros(()), persistent=False)
+
+    # ---------------------------------------------------------------- trainable parts and reference
+    def setup_trainable(self):
+        """Freeze everything, then unfreeze the ``trainable`` parts (adding LoRA adapters where asked).
+
+        Subclasses call this at the end of ``__init__``, once all submodules exist.
+        """
+        self.requires_grad_(False)
+        for name in self.trainable:
+            base = name[:-len('_lora')] if name.endswith('_lora') else name
+            module = getattr(self, base, None)
+            if not isinstance(module, nn.Module):
+                raise ValueError(f"trainable part '{name}': {type(self).__name__} has no submodule '{base}'.")
+            if name.endswith('_lora'):
+                self._add_lora(module)
+            else:
+                module.requires_grad_(True)
+
+    def _add_lora(self, module):
+        from peft import LoraConfig, inject_adapter_in_model
+        config = LoraConfig(
+            r=self.lora_rank, lora_alpha=self.lora_alpha, init_lora_weights='gaussian',
+            target_modules=self.lora_target_modules)
+        inject_adapter_in_model(config, module, adapter_name='dspo')
+        for name, param in module.named_parameters():
+            if 'lora_' in name:
+                param.requires_grad_(True)
+
+    @property
+    def full_trainable_modules(self):
+        """Names of the submodules fine-tuned in full (they need a frozen copy as reference)."""
+        return [name for name in self.trainable if not name.endswith('_lora')]
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Run the base model: every LoRA adapter of this framework is switched off inside the block."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        layers = [m for m in self.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    def trainable_state_dict(self):
+        """Only the trained parameters (what a checkpoint holds), detached, by full parameter name."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state_dict, source='checkpoint'):
+        """Load trained parameters saved by :meth:`trainable_state_dict`, checking every key.
+
+        Raises:
+            KeyError: a trained parameter is missing, or the checkpoint has a key that does not train here.
+            ValueError: a shape differs.
+        """
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(params) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(params))
+        if missing or unexpected:
+            raise KeyError(f"{source} does not match the trainable parameters of {type(self).__name__} "
+                           f"(trainable: {self.trainable}): missing keys {missing[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                           f"{' ...' if len(unexpected) > 5 else ''}.")
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                if params[name].shape != value.shape:
+                    raise ValueError(f"{source}: key '{name}' has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(params[name].shape)}.")
+                params[name].copy_(value)
+
+    def build_reference(self, dtype=None):
+        """The frozen reference model for DPO-style objectives. Call before any training step.
+
+        It shares every frozen part with this policy, holds frozen copies of the fully fine-tuned parts,
+        and runs the shared networks with LoRA adapters disabled, so LoRA fine-tuning costs no extra memory.
+        """
+        return FrozenReference(self, dtype)
+
+    # ---------------------------------------------------------------- latents and prompts
+    @property
+    def device(self):
+        return self._device_probe.device
+
+    @property
+    def vae_scale_factor(self):
+        return 2**(len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_images(self, images, sample_posterior=False, generator=None):
+        """Images in [0, 1] (N, 3, H, W) -> scaled latents (N, C, H/f, W/f)."""
+        dist = self.vae.encode(images * 2 - 1).latent_dist
+        latents = dist.sample(generator) if sample_posterior else dist.mode()
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents):
+        """Scaled latents (N, C, h, w) -> images in [0, 1] (N, 3, h*f, w*f)."""
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((images + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts):
+        """List of N strings -> text embeddings (N, L, D) from the frozen text encoder."""
+        ids = self.tokenizer(
+            list(prompts), padding='max_length', max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors='pt').input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    # ---------------------------------------------------------------- diffusion
+    def add_noise(self, latents, noise, t):
+        return self.noise_scheduler.add_noise(latents, noise, t)
+
+    def training_target(self, latents, noise, t):
+        """What ``predict_noise`` is trained to output: the noise, or v for v-prediction schedules."""
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == 'epsilon':
+            return noise
+        if kind == 'v_prediction':
+            return self.noise_scheduler.get_velocity(latents, noise, t)
+        raise ValueError(f"unsupported prediction_type '{kind}' (epsilon or v_prediction).")
+
+    def forward(self, x_t, t, cond):
+        return self.predict_noise(x_t, t, cond)
+
+    def condition(self, lq, prompts, negative_prompts=None):
+        raise NotImplementedError
+
+    def predict_noise(self, x_t, t, cond):
+        raise NotImplementedError
+
+    def guided_prediction(self, x_t, t, cond, guidance_scale, predict=None):
+        """Classifier-free guidance ``eps(neg) + s (eps(prompt) - eps(neg))`` in one batched call.
+
+        Args:
+            x_t (Tensor): (N, C, h, w) noisy latents.
+            t (Tensor): (N,) timesteps.
+            cond (dict): condition holding ``negative_prompt_embeds``.
+            guidance_scale (float): s; 1 (or no negative embeddings) means no guidance.
+            predict (callable, optional): noise predictor with ``predict_noise``'s signature (e.g. the
+                reference's); defaults to this framework's own.
+        """
+        predict = predict or self.predict_noise
+        if guidance_scale == 1 or 'negative_prompt_embeds' not in cond:
+            return predict(x_t, t, {k: v for k, v in cond.items() if k != 'negative_prompt_embeds'})
+        doubled = {k: torch.cat([v, v]) for k, v in cond.items() if k not in ('prompt_embeds', 'negative_prompt_embeds')}
+        doubled['prompt_embeds'] = torch.cat([cond['negative_prompt_embeds'], cond['prompt_embeds']])
+        eps_negative, eps_prompt = predict(torch.cat([x_t, x_t]), torch.cat([t, t]), doubled).chunk(2)
+        return eps_negative + guidance_scale * (eps_prompt - eps_negative)
+
+    def _sampling_scheduler(self, sampler):
+        kind = sampler or self.sampler
+        classes = {'ddpm': DDPMScheduler, 'ddim': DDIMScheduler}
+        if kind not in classes:
+            raise ValueError(f"unknown sampler '{kind}': choose one of {sorted(classes)}.")
+        return classes[kind].from_config(self.noise_scheduler.config)
+
+    def _prompt_lists(self, batch, prompt, negative_prompt):
+        def as_list(value):
+            if value is None or isinstance(value, str):
+                return [value or ''] * batch
+            if len(value) != batch:
+                raise ValueError(f'got {len(value)} prompts for a batch of {batch} images.')
+            return list(value)
+        negatives = [join_negative_prompts(self.default_negative_prompt, n) for n in as_list(negative_prompt)]
+        return as_list(prompt), negatives
+
+    @torch.no_grad()
+    def sample(self, lq, prompt=None, negative_prompt=None, steps=None, cfg=None, generator=None, sampler=None):
+        """Super-resolve LQ images by sampling the diffusion model.
+
+        Args:
+            lq (Tensor): (B, 3, h, w) low-quality images in [0, 1].
+            prompt (str | list[str] | None): Text prompt(s).
+            negative_prompt (str | list[str] | None): Appended to the framework's default negative prompt.
+            steps (int | None): Sampling steps (framework default if None).
+            cfg (float | None): Classifier-free guidance scale (framework default if None).
+            generator (torch.Generator | None): Seeded generator for reproducible samples.
+            sampler (str | None): ``ddpm`` or ``ddim`` (framework default if None).
+
+        Returns:
+            Tensor: (B, 3, h*scale, w*scale) SR images in [0, 1].
+        """
+        steps = steps or self.default_steps
+        cfg = self.default_cfg if cfg is None else cfg
+        prompts, negatives = self._prompt_lists(lq.shape[0], prompt, negative_prompt)
+        cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
+        scheduler = self._sampling_scheduler(sampler)
+        scheduler.set_timesteps(steps, device=self.device)
+        f = self.vae_scale_factor
+        shape = (lq.shape[0], self.unet.config.in_channels, lq.shape[2] * self.scale // f, lq.shape[3] * self.scale // f)
+        latents = torch.randn(shape, generator=generator, device=generator.device if generator else self.device)
+        latents = latents.to(self.device) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(latents, t)
+            t_batch = t.expand(latents.shape[0]).to(self.device)
+            eps = self.guided_prediction(model_input, t_batch, cond, cfg)
+            latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
+        return self.decode_latents(latents)
+
+    def upsample_lq(self, lq):
+        """LQ (B, 3, h, w) -> bicubic (B, 3, h*scale, w*scale) in [0, 1], the ControlNet input."""
+        return F.interpolate(lq, scale_factor=self.scale, mode='bicubic', align_corners=False).clamp(0, 1)
+
+
+class FrozenReference:
+    """The frozen reference ``p_ref`` of a framework (see :meth:`DiffusionSRArch.build_reference`).
+
+    Args:
+        policy (DiffusionSRArch): The framework being fine-tuned, before its first update.
+        dtype (torch.dtype | None): Run the reference in this precision (autocast), e.g. bf16 on GPU.
+    """
+
+    def __init__(self, policy, dtype=None):
+        self.policy = policy
+        self.dtype = dtype
+        self.copies = {}
+        for name in policy.full_trainable_modules:
+            frozen = copy.deepcopy(getattr(policy, name)).requires_grad_(False).eval()
+            self.copies[name] = frozen.to(dtype) if dtype is not None else frozen
+
+    def to(self, device):
+        self.copies = {name: module.to(device) for name, module in self.copies.items()}
+        return self
+
+    def state_dict(self):
+        """Weights of the frozen copies, by the policy's parameter names (for checks, never saved)."""
+        return {f'{name}.{k}': v for name, module in self.copies.items() for k, v in module.state_dict().items()}
+
+    @contextlib.contextmanager
+    def _as_reference(self):
+        originals = {name: self.policy._modules[name] for name in self.copies}
+        self.policy._modules.update(self.copies)
+        try:
+            with self.policy.adapters_disabled():
+                yield
+        finally:
+            self.policy._modules.update(originals)
+
+    @torch.no_grad()
+    def predict_noise(self, x_t, t, cond):
+        """Reference noise prediction, same signature as the policy's ``predict_noise``."""
+        autocast = (torch.autocast(x_t.device.type, dtype=self.dtype) if self.dtype is not None
+                    else contextlib.nullcontext())
+        with self._as_reference(), autocast:
+            return self.policy.predict_noise(x_t, t, cond).float()
+
+    def guided_prediction(self, x_t, t, cond, guidance_scale):
+        """Reference prediction with classifier-free guidance (user-description feedback)."""
+        return self.policy.guided_prediction(x_t, t, cond, guidance_scale, predict=self.predict_noise)
