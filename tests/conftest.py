@@ -1,0 +1,45 @@
+"""Shared pytest helpers: option files, the CLI in a subprocess, small generated image folders."""
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_options(path, opt):
+    """Write an option dict as YAML (plain mappings, safe dumper) and return the path as str."""
+    with open(path, 'w', encoding='utf-8') as f:
+        yaml.safe_dump(opt, f, sort_keys=False)
+    return str(path)
+
+
+def run_cli(args, cwd, timeout=600, launcher=None, env=None):
+    """Run ``python -m dspo_basicsr.cli ARGS`` (or under ``launcher``, e.g. torchrun) in ``cwd``."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', **(env or {}))
+    cmd = (launcher or [sys.executable]) + ['-m', 'dspo_basicsr.cli'] + list(args)
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def make_paired_folders(root, num=4, size=32, scale=4, seed=0):
+    """Write ``root/gt`` and ``root/lq`` PNG folders of smooth random images; returns (gt_dir, lq_dir)."""
+    rng = np.random.default_rng(seed)
+    gt_dir, lq_dir = os.path.join(root, 'gt'), os.path.join(root, 'lq')
+    os.makedirs(gt_dir, exist_ok=True)
+    os.makedirs(lq_dir, exist_ok=True)
+    for i in range(num):
+        small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        gt = cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
+        lq = cv2.resize(gt, (size // scale, size // scale), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(os.path.join(gt_dir, f'{i:03d}.png'), gt)
+        cv2.imwrite(os.path.join(lq_dir, f'{i:03d}.png'), lq)
+    return gt_dir, lq_dir
+
+
+@pytest.fixture
+def paired_folders(tmp_path):
+    return make_paired_folders(str(tmp_path / 'paired'))
