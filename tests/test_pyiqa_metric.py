@@ -91,9 +91,9 @@ def test_psnr_through_calculate_metric_matches_basicsr(image_pair, crop_border, 
 def test_psnr_on_y_depends_on_channel_order(image_pair):
     """The comparison above can fail: the same images read as RGB instead of BGR give another Y-PSNR."""
     sr, gt = image_pair
-    swapped = calculate_metric({'img': np.ascontiguousarray(sr[..., ::-1]), 'img2': np.ascontiguousarray(gt[..., ::-1])},
-                               {'type': 'calculate_pyiqa', 'metric': 'psnr', 'test_y_channel': True,
-                                'color_space': 'ycbcr'})
+    as_rgb = {'img': np.ascontiguousarray(sr[..., ::-1]), 'img2': np.ascontiguousarray(gt[..., ::-1])}
+    swapped = calculate_metric(as_rgb, {'type': 'calculate_pyiqa', 'metric': 'psnr', 'test_y_channel': True,
+                                        'color_space': 'ycbcr'})
     basicsr_psnr = calculate_metric({'img': sr, 'img2': gt},
                                     {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': True})
     assert abs(swapped - basicsr_psnr) > 0.5
@@ -207,7 +207,8 @@ def test_unlisted_metric_is_stopped_by_the_download_guard(image_pair, offline_ca
     assert torch.hub.download_url_to_file.__module__ == 'torch.hub'
 
 
-@pytest.mark.parametrize('info', [info for info in METRIC_TABLE if info.pyiqa_name], ids=lambda info: info.basicsr_type)
+@pytest.mark.parametrize('info', [info for info in METRIC_TABLE if info.pyiqa_name],
+                         ids=lambda info: info.basicsr_type)
 def test_every_named_metric_names_all_its_missing_files(image_pair, offline_caches, info):
     tmp_path, attempts = offline_caches
     sr, gt = image_pair
@@ -234,3 +235,9 @@ def test_table_agrees_with_installed_pyiqa():
     assert len(markdown) == 2 + len(METRIC_TABLE)
     lpips_row = next(line for line in markdown if line.startswith('| `calculate_lpips`'))
     assert '| lower |' in lpips_row and '$TORCH_HOME/hub/pyiqa/LPIPS_v0.1_alex-df73285e.pth' in lpips_row
+
+
+def test_docs_show_the_current_table():
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs', 'metrics.md')
+    with open(docs, encoding='utf-8') as handle:
+        assert metric_table_markdown() in handle.read(), 'docs/metrics.md: paste metric_table_markdown() again'

@@ -119,6 +119,10 @@ def _torchvision_file(name: str) -> WeightFile:
     return WeightFile(name, 'torchvision', TORCHVISION_WEIGHTS_URL.format(name))
 
 
+def _huggingface_file(repo_id: str, name: str) -> WeightFile:
+    return WeightFile(name, 'huggingface', HUGGINGFACE_URL.format(repo_id, name), repo_id)
+
+
 @dataclass(frozen=True)
 class MetricInfo:
     """The facts of one registered (or documented) BasicSR metric.
@@ -170,9 +174,8 @@ METRIC_TABLE: Tuple[MetricInfo, ...] = (
     MetricInfo('calculate_musiq', 'MUSIQ (KonIQ-10k)', 'musiq', 'NR', False, '~0, ~100',
                (_pyiqa_file('musiq_koniq_ckpt-e95806b9.pth'), ), paper='Ke et al., ICCV 2021'),
     MetricInfo('calculate_maniqa', 'MANIQA (KonIQ-10k)', 'maniqa', 'NR', False, '~0, ~1',
-               (WeightFile('model.safetensors', 'huggingface',
-                           HUGGINGFACE_URL.format('timm/vit_base_patch8_224.augreg2_in21k_ft_in1k', 'model.safetensors'),
-                           'timm/vit_base_patch8_224.augreg2_in21k_ft_in1k'), _pyiqa_file('ckpt_koniq10k.pt')),
+               (_huggingface_file('timm/vit_base_patch8_224.augreg2_in21k_ft_in1k', 'model.safetensors'),
+                _pyiqa_file('ckpt_koniq10k.pt')),
                paper='Yang et al., CVPRW 2022'),
     MetricInfo('calculate_clipiqa', 'CLIP-IQA (RN50)', 'clipiqa', 'NR', False, '0, 1',
                (WeightFile('RN50.pt', 'clip', 'https://openaipublic.azureedge.net/clip/models/'

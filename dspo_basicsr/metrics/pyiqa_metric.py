@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from basicsr.utils.registry import METRIC_REGISTRY
 
-from dspo_basicsr.metrics.metric_table import (MissingWeightsError, missing_weights_error, pyiqa_weights_dir,
-                                               required_weight_files)
+from dspo_basicsr.metrics.metric_table import (HUGGINGFACE_URL, MissingWeightsError, WeightFile, missing_weights_error,
+                                               pyiqa_weights_dir, required_weight_files)
 
 __all__ = [
     'MissingWeightsError', 'calculate_pyiqa', 'calculate_lpips', 'calculate_dists', 'calculate_musiq',
@@ -119,7 +119,6 @@ def refuse_downloads(metric: str):
             try:
                 return original_hf_download(repo_id, filename, *args, **kwargs)
             except LocalEntryNotFoundError:
-                from dspo_basicsr.metrics.metric_table import HUGGINGFACE_URL, WeightFile
                 weight = WeightFile(filename, 'huggingface', HUGGINGFACE_URL.format(repo_id, filename), repo_id)
                 raise MissingWeightsError(metric, [weight.placement()]) from None
 
