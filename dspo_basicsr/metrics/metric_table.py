@@ -12,6 +12,7 @@ folder named here, resolved when a metric is built:
 * ``huggingface``: the Hugging Face hub cache (``$HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``;
   timm backbones),
 * ``bundled``: shipped inside an installed package, nothing to place.
+* ``option``: a local file the YAML names (e.g. ``model_path`` of a model this project trains).
 
 The score directions and ranges of the pyiqa rows are pyiqa 0.1.16's own (``pyiqa/default_model_configs.py``);
 ``tests/test_pyiqa_metric.py`` checks that they still agree with the installed pyiqa.
@@ -57,9 +58,10 @@ class WeightFile:
 
     Attributes:
         file_name (str): The file's name, exactly as the loading code looks for it.
-        store (str): Where it lives: ``'pyiqa'``, ``'torchvision'``, ``'clip'``, ``'huggingface'`` or
-            ``'bundled'`` (see the module docstring).
-        url (str): Where to fetch it on a machine with network access.
+        store (str): Where it lives: ``'pyiqa'``, ``'torchvision'``, ``'clip'``, ``'huggingface'``,
+            ``'bundled'`` or ``'option'`` (see the module docstring).
+        url (str): Where to fetch it on a machine with network access (``'bundled'``: the package folder;
+            ``'option'``: the YAML key naming the file).
         repo_id (str): Hugging Face repository, for ``store='huggingface'`` only.
     """
     file_name: str
@@ -77,14 +79,14 @@ class WeightFile:
             return os.path.join(torch_hub_dir(), 'clip')
         if self.store == 'huggingface':
             return os.path.join(huggingface_cache_dir(), 'models--' + self.repo_id.replace('/', '--'))
-        if self.store == 'bundled':
+        if self.store in ('bundled', 'option'):
             return self.url
         raise ValueError(f'Unknown weight store {self.store!r} for {self.file_name}.')
 
     def is_present(self) -> bool:
         """Whether the file is where the loading code will look (no network access)."""
-        if self.store == 'bundled':
-            return True
+        if self.store in ('bundled', 'option'):
+            return True  # bundled: always there; option: the metric itself checks the path it is given
         if self.store == 'huggingface':
             from huggingface_hub import try_to_load_from_cache
             return isinstance(try_to_load_from_cache(self.repo_id, self.file_name), str)
@@ -108,6 +110,8 @@ class WeightFile:
             return f'`$TORCH_HOME/hub/clip/{self.file_name}`'
         if self.store == 'huggingface':
             return f'HF cache: `{self.repo_id}` (`{self.file_name}`)'
+        if self.store == 'option':
+            return f'`{self.url}` in the YAML: {self.file_name}'
         return f'bundled (`{self.file_name}`)'
 
 
@@ -181,6 +185,10 @@ METRIC_TABLE: Tuple[MetricInfo, ...] = (
                (WeightFile('RN50.pt', 'clip', 'https://openaipublic.azureedge.net/clip/models/'
                            'afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt'), ),
                paper='Wang et al., AAAI 2023'),
+    MetricInfo('calculate_calibrated_iqa', 'rank-calibrated blind IQA (Q)', None, 'NR', False, '~1, ~5 (unbounded)',
+               (WeightFile('`net_g_<iter>.pth` (+ `.json`) of a trained `RankCalibrationModel`', 'option',
+                           'model_path'), ),
+               source='dspo_basicsr', paper='Learning from Model Rankings Improves Blind SR IQA'),
 )
 
 # Weight files of pyiqa metrics with default options, by pyiqa name (the precheck of calculate_pyiqa).
