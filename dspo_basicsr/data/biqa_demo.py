@@ -49,7 +49,8 @@ def _write(path, img):
     cv2.imwrite(path, (img[..., ::-1] * 255).round().astype(np.uint8))
 
 
-def make_biqa_demo_data(root, num_images=12, size=48, num_mos=16, votes_per_pair=10, num_val_pairs=12, seed=0):
+def make_biqa_demo_data(root, num_images=12, size=48, num_mos=16, votes_per_pair=10, num_val_pairs=12,
+                        bootstrap_samples=200, seed=0):
     """Generate the demo data set (see module docstring). Returns the paths written, by name."""
     from dspo_basicsr.archs.clip_quality_arch import TINY_CLIP_CONFIG, CLIPQualityArch
     from dspo_basicsr.ranking.ranking_report import rank_methods, write_ranking_json
@@ -71,7 +72,8 @@ def make_biqa_demo_data(root, num_images=12, size=48, num_mos=16, votes_per_pair
                     wins = rng.binomial(votes_per_pair, norm.cdf(TRUE_SCORES[a] - TRUE_SCORES[b]))
                     writer.writerow([f'img_{k:03d}', a, b, wins / votes_per_pair, 1 - wins / votes_per_pair])
     ranking_path = os.path.join(root, 'ranking.json')
-    write_ranking_json(rank_methods(votes_path, votes_per_pair, prior=0.5, num_samples=200, seed=seed), ranking_path)
+    write_ranking_json(rank_methods(votes_path, votes_per_pair, prior=0.5, num_samples=bootstrap_samples,
+                                    seed=seed), ranking_path)
 
     mos_path = os.path.join(root, 'mos.csv')
     with open(mos_path, 'w', newline='') as f:

@@ -89,11 +89,14 @@ class RankCalibrationModel(BaseModel):
             self.backbone_passes += len(keys)
             return self.net_g.backbone_outputs(images.to(self.device))
         rows = self.feature_cache.get_many(keys)
-        missing = [i for i, row in enumerate(rows) if row is None]
+        missing = {}  # first index of each absent key: an image repeated in the batch runs once
+        for i, row in enumerate(rows):
+            if row is None:
+                missing.setdefault(keys[i], i)
         if missing:
-            features, q = self.net_g.backbone_outputs(images[missing].to(self.device))
+            features, q = self.net_g.backbone_outputs(images[list(missing.values())].to(self.device))
             self.backbone_passes += len(missing)
-            self.feature_cache.put_many([keys[i] for i in missing], features, q)
+            self.feature_cache.put_many(list(missing), features, q)
             rows = self.feature_cache.get_many(keys)
         rows = torch.from_numpy(np.stack(rows)).to(self.device)  # (N, 1 + D): [q, features]
         return rows[:, 1:], rows[:, 0]
