@@ -1,0 +1,234 @@
+"""Preference LMDB sets: bit-exact round trip, corruption errors, atomic and resumable builds, map growth."""
+import json
+import os
+import pickle
+import re
+
+import numpy as np
+import pytest
+
+from dspo_basicsr.preference import (PreferenceDataError, PreferenceLMDB, PreferenceSample, resumable_ids,
+                                     write_preference_lmdb)
+from dspo_basicsr.preference import lmdb_set
+from dspo_basicsr.preference.sample import encode_json, encode_png
+from preference_fixtures import coordinate_sample, lmdb_get, lmdb_put, noise_sample
+
+
+def _samples():
+    return [coordinate_sample('img_000', seed=0), coordinate_sample('img_001', 32, 48, with_gt=False, seed=1),
+            coordinate_sample('img_002', 48, 32, seed=2)]
+
+
+@pytest.fixture
+def set_path(tmp_path):
+    path = str(tmp_path / 'pref.lmdb')
+    write_preference_lmdb(path, _samples(), progress=False)
+    return path
+
+
+def test_round_trip_is_bit_exact(set_path):
+    store = PreferenceLMDB(set_path)
+    assert len(store) == 3 and store.ids() == ['img_000', 'img_001', 'img_002']
+    assert store.header == {'format': 'dspo-preference', 'version': 1, 'num_samples': 3, 'num_candidates': 3,
+                            'scale': 4, 'num_with_gt': 2, 'extras': ['ram_embedding', 'tags'],
+                            'writer': store.header['writer']}
+    for expected in _samples():
+        got = store[expected.sid]
+        assert isinstance(got, PreferenceSample) and got.sid == expected.sid
+        np.testing.assert_array_equal(got.lq, expected.lq)
+        assert got.lq.dtype == np.uint8 and got.lq.shape == expected.lq.shape
+        assert len(got.candidates) == 3
+        for a, b in zip(got.candidates, expected.candidates):
+            assert a.dtype == np.uint8
+            np.testing.assert_array_equal(a, b)  # RGB order kept: channel 2 holds the candidate index
+        assert got.seg.dtype == np.uint16 and got.seg.max() > 255
+        np.testing.assert_array_equal(got.seg, expected.seg)
+        if expected.gt is None:
+            assert got.gt is None
+        else:
+            np.testing.assert_array_equal(got.gt, expected.gt)
+        assert got.prompt == expected.prompt and got.negative_prompt == expected.negative_prompt
+        assert got.meta == expected.meta
+        counts = np.bincount(expected.seg.ravel())
+        assert got.instances == [dict(row, area=int(counts[row['id']])) for row in expected.instances]
+        assert set(got.extras) == set(expected.extras)
+        for name, array in expected.extras.items():
+            assert got.extras[name].dtype == array.dtype
+            np.testing.assert_array_equal(got.extras[name], array)
+
+
+def test_meta_info_and_layout(set_path):
+    lines = open(os.path.join(set_path, 'meta_info.txt'), encoding='utf-8').read().splitlines()
+    assert lines == ['img_000 lq=16x12 sr=64x48 candidates=3 instances=12 gt=yes',
+                     'img_001 lq=8x12 sr=32x48 candidates=3 instances=6 gt=no',
+                     'img_002 lq=12x8 sr=48x32 candidates=3 instances=6 gt=yes']
+    assert lmdb_get(set_path, 'img_000/c1')[:8] == b'\x89PNG\r\n\x1a\n'
+    assert lmdb_get(set_path, 'img_000/x/tags')[:6] == b'\x93NUMPY'
+    assert json.loads(lmdb_get(set_path, 'img_000/meta'))['default_candidate'] == 0
+    assert lmdb_get(set_path, 'img_001/gt') is None
+    assert not os.path.exists(set_path + '.tmp-build')
+
+
+def _png_of_size(h, w):
+    return encode_png(np.zeros((h, w, 3), np.uint8))
+
+
+def _edit_meta(edit):
+    def corrupt(path):
+        meta = json.loads(lmdb_get(path, 'img_001/meta'))
+        edit(meta)
+        lmdb_put(path, 'img_001/meta', encode_json(meta))
+    return corrupt
+
+
+CORRUPTIONS = {
+    'missing candidate': (lambda p: lmdb_put(p, 'img_001/c1', None), 'img_001/c1', 'missing'),
+    'missing label map': (lambda p: lmdb_put(p, 'img_001/seg', None), 'img_001/seg', 'missing'),
+    'missing extra': (lambda p: lmdb_put(p, 'img_001/x/tags', None), 'img_001/x/tags', 'missing'),
+    'garbage candidate': (lambda p: lmdb_put(p, 'img_001/c0', b'not a png at all'), 'img_001/c0', 'not PNG'),
+    'truncated png': (lambda p: lmdb_put(p, 'img_001/c2', lmdb_get(p, 'img_001/c2')[:60]), 'img_001/c2',
+                      'cannot be decoded'),
+    'resized candidate': (lambda p: lmdb_put(p, 'img_001/c2', _png_of_size(32, 44)), 'img_001/c2',
+                          'candidate is 32x44 but c0 is 32x48'),
+    'label map size': (lambda p: lmdb_put(p, 'img_001/seg', encode_png(np.zeros((16, 48), np.uint16))),
+                       'img_001/seg', 'label map is 16x48'),
+    'garbage meta': (lambda p: lmdb_put(p, 'img_001/meta', b'{"instances": [1,'), 'img_001/meta', 'not UTF-8 JSON'),
+    'garbage extra': (lambda p: lmdb_put(p, 'img_001/x/tags', b'\x93NUMPY garbage'), 'img_001/x/tags', '.npy'),
+    'win out of range': (_edit_meta(lambda m: m['instances'][0].update(win=3)), 'img_001/meta',
+                         'win = 3 is outside [-1, 2]'),
+    'lose below -1': (_edit_meta(lambda m: m['instances'][1].update(lose=-2)), 'img_001/meta', 'outside [-1, 2]'),
+    'instance not in label map': (_edit_meta(lambda m: m['instances'].append({'id': 999, 'win': 0, 'lose': 1})),
+                                  'img_001/seg', 'instance id 999'),
+    'label without instance row': (_edit_meta(lambda m: m['instances'].pop(0)), 'img_001/seg',
+                                   'have no row in the instance table'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CORRUPTIONS))
+def test_corrupt_sample_raises_naming_set_sample_and_key(set_path, case):
+    corrupt, key, problem = CORRUPTIONS[case]
+    corrupt(set_path)
+    store = PreferenceLMDB(set_path)
+    np.testing.assert_array_equal(store['img_000'].lq, _samples()[0].lq)  # the other samples stay readable
+    with pytest.raises(PreferenceDataError) as info:
+        store['img_001']
+    message = str(info.value)
+    assert f"preference set '{set_path}'" in message
+    assert "sample 'img_001'" in message and f"key '{key}'" in message
+    assert problem in message
+    assert info.value.sid == 'img_001' and info.value.key == key
+
+
+@pytest.mark.parametrize('header, problem', [
+    (None, 'header key is missing'),
+    (b'garbage', 'not UTF-8 JSON'),
+    (encode_json({'format': 'something-else', 'version': 1}), "expected 'dspo-preference'"),
+    (encode_json({'format': 'dspo-preference', 'version': 2, 'num_samples': 3, 'num_candidates': 3, 'scale': 4}),
+     'version 2 is not supported'),
+])
+def test_wrong_header_raises(set_path, header, problem):
+    lmdb_put(set_path, '__format__', header)
+    store = PreferenceLMDB(set_path)
+    with pytest.raises(PreferenceDataError, match=problem) as info:
+        len(store)
+    assert set_path in str(info.value) and "key '__format__'" in str(info.value)
+
+
+def test_unknown_sample_is_a_key_error(set_path):
+    with pytest.raises(KeyError, match='img_999'):
+        PreferenceLMDB(set_path)['img_999']
+
+
+def _bad_samples():
+    good = coordinate_sample('ok_0')
+    wrong_win = coordinate_sample('bad_win')
+    wrong_win.instances[0]['win'] = 3
+    resized = coordinate_sample('bad_size')
+    resized.candidates[1] = resized.candidates[1][:, :40]
+    orphan = coordinate_sample('bad_orphan')
+    orphan.instances.pop()
+    not_a_pair = coordinate_sample('bad_pair')
+    not_a_pair.instances[0].update(win=1, lose=1)
+    rgba = coordinate_sample('bad_dtype')
+    rgba.lq = rgba.lq.astype(np.float32)
+    return good, [(wrong_win, 'outside [-1, 2]'), (resized, 'candidate is 64x40 but c0 is 64x48'),
+                  (orphan, 'no row in the instance table'), (not_a_pair, 'two different candidates'),
+                  (rgba, 'HxWx3 uint8')]
+
+
+@pytest.mark.parametrize('index', range(5))
+def test_write_validates_samples(tmp_path, index):
+    good, bad = _bad_samples()
+    sample, problem = bad[index]
+    path = str(tmp_path / 'bad.lmdb')
+    with pytest.raises(PreferenceDataError, match=re.escape(problem)) as info:
+        write_preference_lmdb(path, [good, sample], progress=False)
+    assert f"sample '{sample.sid}'" in str(info.value)
+    assert not os.path.exists(path)
+
+
+def test_write_rejects_duplicate_ids_and_scale_mismatch(tmp_path):
+    with pytest.raises(PreferenceDataError, match="sample 'a'.*twice"):
+        write_preference_lmdb(str(tmp_path / 'dup.lmdb'), [coordinate_sample('a'), coordinate_sample('a')],
+                              progress=False)
+    with pytest.raises(PreferenceDataError, match='LQ is 16x12, so x2 candidates would be 32x24'):
+        write_preference_lmdb(str(tmp_path / 'scale.lmdb'), [coordinate_sample('a')], scale=2, progress=False)
+
+
+def _failing_after(samples, count):
+    for index, sample in enumerate(samples):
+        if index == count:
+            raise RuntimeError('generator crashed')
+        yield sample
+
+
+def test_interrupted_build_leaves_no_set_and_resumes(tmp_path):
+    path = str(tmp_path / 'pref.lmdb')
+    samples = [coordinate_sample(f's{i}', seed=i) for i in range(5)]
+    with pytest.raises(RuntimeError, match='generator crashed'):
+        write_preference_lmdb(path, _failing_after(samples, 3), batch_bytes=1, progress=False)
+    assert not os.path.exists(path)
+    assert resumable_ids(path) == ['s0', 's1', 's2']  # committed one by one (batch_bytes=1)
+
+    encoded = []
+    original = lmdb_set._encode_sample
+    lmdb_set._encode_sample = lambda sample, *args: encoded.append(sample.sid) or original(sample, *args)
+    try:
+        store = write_preference_lmdb(path, samples, progress=False)
+    finally:
+        lmdb_set._encode_sample = original
+    assert encoded == ['s3', 's4']  # the stored samples were reused, not re-encoded
+    assert store.ids() == ['s0', 's1', 's2', 's3', 's4'] and store.header['num_samples'] == 5
+    np.testing.assert_array_equal(store['s1'].candidates[2], samples[1].candidates[2])
+    assert not os.path.exists(path + '.tmp-build') and resumable_ids(path) == []
+
+
+def test_failed_overwrite_keeps_existing_set(set_path):
+    with pytest.raises(FileExistsError, match='overwrite=True'):
+        write_preference_lmdb(set_path, _samples(), progress=False)
+    with pytest.raises(RuntimeError):
+        write_preference_lmdb(set_path, _failing_after([coordinate_sample('new')] * 2, 1), overwrite=True,
+                              resume=False, progress=False)
+    assert PreferenceLMDB(set_path).ids() == ['img_000', 'img_001', 'img_002']
+    store = write_preference_lmdb(set_path, [coordinate_sample('new')], overwrite=True, resume=False, progress=False)
+    assert store.ids() == ['new'] and os.listdir(os.path.dirname(set_path)) == ['pref.lmdb']
+
+
+def test_mixed_sizes_grow_the_map(tmp_path, monkeypatch):
+    # A 256 KiB initial map and one large transaction: without growth, LMDB raises MapFullError.
+    monkeypatch.setattr(lmdb_set, 'INITIAL_MAP_SIZE', 256 << 10)
+    sizes = [(16, 16), (256, 192), (32, 64), (192, 256), (64, 64)]
+    samples = [noise_sample(f'n{i}', h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    store = write_preference_lmdb(str(tmp_path / 'mixed.lmdb'), samples, progress=False)
+    for sample in samples:
+        np.testing.assert_array_equal(store[sample.sid].candidates[1], sample.candidates[1])
+
+
+def test_reader_opens_lazily_and_pickles(set_path):
+    store = PreferenceLMDB(set_path)
+    assert store._env is None
+    assert 'img_002' in store and store['img_002'].sid == 'img_002'
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone._env is None and clone.ids() == store.ids()
+    second = PreferenceLMDB(set_path)  # a second reader of the same set in the same process
+    np.testing.assert_array_equal(second['img_000'].seg, clone['img_000'].seg)
