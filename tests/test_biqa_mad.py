@@ -1,0 +1,67 @@
+"""MAD-competition selection: greedy rule, feature reuse (backbone pass counts), outputs."""
+import csv
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dspo_basicsr.ranking.mad import (FeatureDistance, _greedy, default_perceptual_distance, mad_select,
+                                      run_mad_selection, structure_texture_distance)
+
+
+def tiny_d1():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    return FeatureDistance(lambda x: [x, net[:2](x), net(x)], structure_texture_distance, name='tiny DISTS')
+
+
+def tiny_d2():
+    return FeatureDistance(lambda x: torch.nn.functional.normalize(x.mean([2, 3]), dim=1)[0] + 0.0,
+                           lambda a, b: 1 - torch.dot(a, b).item(), name='colour')
+
+
+def write_folders(root, methods=3, images=5, size=24):
+    rng = np.random.default_rng(0)
+    for m in range(images):
+        base = rng.random((size, size, 3))
+        os.makedirs(root / 'lr', exist_ok=True)
+        cv2.imwrite(str(root / 'lr' / f'im{m}.png'), (cv2.resize(base, (size // 2, size // 2)) * 255).astype(np.uint8))
+        for i in range(methods):
+            os.makedirs(root / 'sr' / f'method{i}', exist_ok=True)
+            out = cv2.GaussianBlur(base, (0, 0), 0.2 + i * (m + 1) * 0.3)
+            cv2.imwrite(str(root / 'sr' / f'method{i}' / f'im{m}.png'), (out * 255).astype(np.uint8))
+
+
+def test_greedy_trades_difference_for_diversity():
+    d1 = np.array([1.0, 0.95, 0.5])
+    d2 = np.array([[0.0, 0.01, 1.0], [0.01, 0.0, 1.0], [1.0, 1.0, 0.0]])  # images 0 and 1 look alike
+    assert [p[0] for p in _greedy(d1, d2, k=2, lam=0.0)] == [0, 1]       # no diversity: largest D1 first
+    assert [p[0] for p in _greedy(d1, d2, k=2, lam=1.0)] == [0, 2]       # diversity favours the other scene
+
+
+def test_features_are_reused_across_pairs(tmp_path):
+    write_folders(tmp_path, methods=4, images=5)
+    reused = run_mad_selection(str(tmp_path / 'sr'), str(tmp_path / 'lr'), str(tmp_path / 'out'), k=2,
+                               d1=tiny_d1(), d2=tiny_d2())
+    per_pair = run_mad_selection(str(tmp_path / 'sr'), str(tmp_path / 'lr'), str(tmp_path / 'out_pp'), k=2,
+                                 d1=tiny_d1(), d2=tiny_d2(), reuse_features=False)
+    n, m, pairs = 4, 5, 6
+    assert reused.passes == {'d1': n * m, 'd2': m}                 # once per image and method
+    assert per_pair.passes == {'d1': 2 * pairs * m, 'd2': pairs * m}
+    np.testing.assert_allclose(reused.d1, per_pair.d1, rtol=1e-6)   # same distances, same picks
+    assert reused.selections == per_pair.selections
+    with open(tmp_path / 'out' / 'mad_pairs.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == pairs * 2 and rows[0]['group'] == 'method0_vs_method1'
+    assert os.path.isfile(rows[0]['image_a']) and os.path.isfile(rows[0]['image_b'])
+    sheet = cv2.imread(str(tmp_path / 'out' / 'contact_sheets' / 'method0_vs_method1.png'))
+    assert sheet.shape == (2 * (24 + 16), 3 * 24, 3)
+
+
+def test_default_distance_names_missing_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    with pytest.raises(FileNotFoundError, match='vgg16-397923af.pth'):
+        default_perceptual_distance()
