@@ -225,34 +225,43 @@ def score_candidates(candidates, gt=None, metrics=None):
     return scores
 
 
-def normalise_scores(scores, metrics=None):
+def normalise_scores(scores, metrics=None, num_candidates=None):
     """Normalise each metric across the candidates of one image to [0, 1], 1 = best.
 
     Args:
         scores (dict[str, list[float]]): Per metric, one value per candidate.
         metrics (dict, optional): Metric options (for the direction); default :data:`DEFAULT_METRICS`.
+        num_candidates (int, optional): Number of candidates, for the mean when ``scores`` is empty
+            (no metric applies): every candidate then scores 0.
 
     Returns:
         tuple[dict[str, list[float]], list[float]]: Normalised scores per metric and their mean per
-        candidate. A metric equal for all candidates gives 0.5 each; a non-finite value gives 0.
+        candidate. A metric equal for all candidates gives 0.5 each; NaN gives 0; +inf/-inf rank
+        beyond the finite values (an exact match's PSNR is +inf).
     """
     metrics = DEFAULT_METRICS if metrics is None else metrics
     normalised = {}
     for name, values in scores.items():
-        values = np.asarray(values, dtype=np.float64)
+        values = np.asarray(values, dtype=np.float64).copy()
         higher = metric_is_higher_better(metrics.get(name, {'type': name}))
+        # +/-inf keep their order (PSNR of an exact match is +inf): just beyond the finite values
         finite = np.isfinite(values)
+        lo, hi = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
+        margin = max(hi - lo, 1.0)
+        values[np.isposinf(values)] = hi + margin
+        values[np.isneginf(values)] = lo - margin
+        valid = ~np.isnan(values)
         out = np.zeros_like(values)
-        if finite.any():
-            lo, hi = values[finite].min(), values[finite].max()
+        if valid.any():
+            lo, hi = values[valid].min(), values[valid].max()
             if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-                out[finite] = 0.5
+                out[valid] = 0.5
             else:
-                out[finite] = (values[finite] - lo) / (hi - lo)
+                out[valid] = (values[valid] - lo) / (hi - lo)
                 if not higher:
-                    out[finite] = 1.0 - out[finite]
+                    out[valid] = 1.0 - out[valid]
         normalised[name] = out.tolist()
-    count = len(next(iter(scores.values()))) if scores else 0
+    count = len(next(iter(scores.values()))) if scores else (num_candidates or 0)
     mean = np.mean([normalised[n] for n in normalised], axis=0).tolist() if normalised else [0.0] * count
     return normalised, mean
 
@@ -306,7 +315,7 @@ def generate_candidates(framework, lq, settings, num_keep=4, gt=None, prompt='',
                          'check the framework scale and the GT/LQ pairing.')
     metrics = DEFAULT_METRICS if metrics is None else metrics
     scores = score_candidates(outputs, gt=gt, metrics=metrics)
-    normalised, mean = normalise_scores(scores, metrics)
+    normalised, mean = normalise_scores(scores, metrics, num_candidates=len(outputs))
     kept = select_candidates(mean, num_keep, default_index=0) if len(outputs) > num_keep else \
         sorted(range(len(outputs)), key=lambda i: (-mean[i], i))
 

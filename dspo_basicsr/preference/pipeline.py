@@ -1,0 +1,504 @@
+"""The preference-data chain on disk: candidates -> instances -> instance preferences -> LMDB set.
+
+Each step reads and writes a work folder, one item per LQ image, and writes its JSON record last (atomically),
+so an interrupted step rerun skips every finished item and redoes only the rest::
+
+    WORK/candidates/<sid>/lq.png            the LQ input (copied)
+    WORK/candidates/<sid>/gt.png            the GT, when there is one
+    WORK/candidates/<sid>/c{n}.png          kept candidates n = 0..N-1, best mean normalised score first
+    WORK/candidates/<sid>/candidates.json   prompt, settings, scores of each candidate, default_candidate
+    WORK/seg/<sid>.png                      uint16 partition label map at SR size (16-bit PNG)
+    WORK/seg/<sid>.json                     number of instances, areas, which image was segmented, segmenter
+    WORK/instances/<sid>.json               instance table {id, area, win, lose, scores?, feedback?}, negative prompt
+    WORK/errors/<step>.json                 the items that failed in the last run of a step, with the reason
+
+A failed item is reported (progress bar, ``errors/<step>.json``, the step's :class:`StepReport`) and left
+unfinished; the other items go on. :func:`assemble_preference_set` writes the finished items into a
+preference LMDB set (:func:`dspo_basicsr.preference.lmdb_set.write_preference_lmdb`).
+"""
+import copy
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+__all__ = [
+    'IMAGE_EXTENSIONS', 'StepReport', 'WorkFolder', 'discover_inputs', 'load_chain_options', 'build_framework',
+    'run_candidate_step', 'run_segment_step', 'run_scoring_step', 'assemble_preference_set', 'read_image',
+    'write_image', 'read_label_map', 'sampling_settings', 'scorer_from_options', 'feedback_from_options'
+]
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+_SID_PATTERN = re.compile(r'^[A-Za-z0-9_.\-]+$')
+
+
+# -- files -------------------------------------------------------------------------------------------------
+def read_image(path):
+    """(H, W, 3) uint8 RGB from an image file; clear error when it cannot be read."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f'Cannot read image {path}.')
+    return np.ascontiguousarray(image[..., ::-1])
+
+
+def _atomic_write_bytes(path, data):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def write_image(path, image):
+    """Write (H, W, 3) uint8 RGB or (H, W) uint16 as PNG, atomically."""
+    image = np.asarray(image)
+    array = image[..., ::-1] if image.ndim == 3 else image
+    ok, png = cv2.imencode('.png', np.ascontiguousarray(array))
+    if not ok:
+        raise ValueError(f'Cannot encode {path} as PNG.')
+    _atomic_write_bytes(path, png.tobytes())
+
+
+def read_label_map(path):
+    """(H, W) uint16 label map from a 16-bit PNG."""
+    seg = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if seg is None or seg.ndim != 2:
+        raise ValueError(f'Cannot read the label map {path} as a single-channel PNG.')
+    return seg.astype(np.uint16)
+
+
+def _write_json(path, value):
+    _atomic_write_bytes(path, json.dumps(value, indent=1, sort_keys=False).encode('utf-8'))
+
+
+def _read_json(path):
+    with open(path, encoding='utf-8') as handle:
+        return json.load(handle)
+
+
+@dataclass
+class StepReport:
+    """What one run of a step did: ``done`` (processed now), ``skipped`` (finished before), ``failed`` (sid -> reason)."""
+    step: str
+    done: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    failed: dict = field(default_factory=dict)
+
+    def summary(self):
+        text = f'{self.step}: {len(self.done)} done, {len(self.skipped)} already finished, {len(self.failed)} failed'
+        for sid, reason in self.failed.items():
+            text += f'\n  {sid}: {reason}'
+        return text
+
+
+class WorkFolder:
+    """Paths of the work folder (layout in the module docstring)."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(str(root))
+
+    def candidate_dir(self, sid):
+        return os.path.join(self.root, 'candidates', sid)
+
+    def candidates_json(self, sid):
+        return os.path.join(self.candidate_dir(sid), 'candidates.json')
+
+    def candidate_png(self, sid, n):
+        return os.path.join(self.candidate_dir(sid), f'c{n}.png')
+
+    def lq_png(self, sid):
+        return os.path.join(self.candidate_dir(sid), 'lq.png')
+
+    def gt_png(self, sid):
+        return os.path.join(self.candidate_dir(sid), 'gt.png')
+
+    def seg_png(self, sid):
+        return os.path.join(self.root, 'seg', f'{sid}.png')
+
+    def seg_json(self, sid):
+        return os.path.join(self.root, 'seg', f'{sid}.json')
+
+    def instances_json(self, sid):
+        return os.path.join(self.root, 'instances', f'{sid}.json')
+
+    def errors_json(self, step):
+        return os.path.join(self.root, 'errors', f'{step}.json')
+
+    def sids(self, stage='candidates'):
+        """Sample ids finished at ``stage`` (``candidates``, ``seg`` or ``instances``), sorted."""
+        marker = {'candidates': self.candidates_json, 'seg': self.seg_json, 'instances': self.instances_json}[stage]
+        folder = os.path.join(self.root, 'candidates')
+        if not os.path.isdir(folder):
+            return []
+        return sorted(sid for sid in os.listdir(folder) if os.path.isfile(marker(sid)))
+
+    def load_candidates(self, sid):
+        """``(record, lq, gt or None, [candidates])`` of a finished candidate item."""
+        record = _read_json(self.candidates_json(sid))
+        lq = read_image(self.lq_png(sid))
+        gt = read_image(self.gt_png(sid)) if record.get('has_gt') else None
+        candidates = [read_image(self.candidate_png(sid, n)) for n in range(record['num_candidates'])]
+        return record, lq, gt, candidates
+
+    def load_sample(self, sid):
+        """The :class:`PreferenceSample` of a finished item (after the scoring step)."""
+        from dspo_basicsr.preference.sample import PreferenceSample
+
+        record, lq, gt, candidates = self.load_candidates(sid)
+        seg = read_label_map(self.seg_png(sid))
+        scored = _read_json(self.instances_json(sid))
+        meta = {
+            'candidates': record['settings'],
+            'default_candidate': record['default_candidate'],
+            'candidate_scores': record['scores'],
+            'candidate_mean_score': record['mean_score'],
+            'segmenter': _read_json(self.seg_json(sid)).get('segmenter'),
+            'scorer': scored.get('scorer'),
+        }
+        if record.get('source'):
+            meta['source'] = record['source']
+        return PreferenceSample(sid=sid, lq=lq, candidates=candidates, seg=seg, instances=scored['instances'],
+                                prompt=record.get('prompt', ''), negative_prompt=scored.get('negative_prompt', ''),
+                                gt=gt, meta=meta)
+
+    def write_errors(self, report):
+        os.makedirs(os.path.dirname(self.errors_json(report.step)), exist_ok=True)
+        _write_json(self.errors_json(report.step), report.failed)
+
+
+# -- options -----------------------------------------------------------------------------------------------
+def load_chain_options(path):
+    """Read the chain's YAML option file with ``yaml.safe_load`` (no Python tags)."""
+    import yaml
+    try:
+        with open(path, encoding='utf-8') as handle:
+            opt = yaml.safe_load(handle)
+    except yaml.YAMLError as err:
+        raise ValueError(f'{path} is not a safe YAML file (Python tags are refused): {err}') from err
+    if not isinstance(opt, dict):
+        raise ValueError(f'{path} must hold a mapping of sections (framework, sampling, metrics, segmenter, ...).')
+    return opt
+
+
+def build_framework(opt, device='cpu'):
+    """Build a diffusion SR framework from ``{network: <network_g-style dict>, pretrain_network?, param_key?}``.
+
+    ``network`` goes through BasicSR's ``build_network`` (so any registered arch works); the optional
+    ``pretrain_network`` is a BasicSR checkpoint (``{param_key: state_dict}``) loaded with
+    ``weights_only=True`` on top, e.g. a DSPO-fine-tuned ``net_g_*.pth``.
+    """
+    import torch
+    from basicsr.archs import build_network
+
+    if 'network' not in opt:
+        raise KeyError("The framework section needs 'network': a network_g-style dict (type: ControlSD2Arch, ...).")
+    net = build_network(copy.deepcopy(dict(opt['network'])))
+    path = opt.get('pretrain_network')
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'framework.pretrain_network not found: {path}.')
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        key = opt.get('param_key', 'params')
+        state = state.get(key, state) if isinstance(state, dict) else state
+        net.load_state_dict(state, strict=opt.get('strict_load', False))
+    return net.to(device).eval()
+
+
+def sampling_settings(framework, sampling_opt):
+    """The candidate settings of the ``sampling`` section: ``default`` first, then the ``grid``.
+
+    ``default`` falls back to the framework's own (``default_steps``, ``default_cfg``, seed 0).
+    """
+    from dspo_basicsr.preference.candidates import expand_settings_grid
+
+    sampling_opt = dict(sampling_opt or {})
+    default = sampling_opt.get('default')
+    if default is None:
+        default = {'steps': getattr(framework, 'default_steps', 50), 'cfg': getattr(framework, 'default_cfg', 5.5),
+                   'seed': 0}
+    return expand_settings_grid(sampling_opt.get('grid'), default)
+
+
+def scorer_from_options(opt, scorer_type=None, annotations=None):
+    """The instance scorer of the ``scorer`` section (``type`` metric | biqa | vlm | human)."""
+    from dspo_basicsr.preference.instance_scoring import build_instance_scorer
+
+    scorer_opt = dict(opt.get('scorer') or {'type': 'metric'})
+    if scorer_type:
+        if scorer_type != scorer_opt.get('type'):
+            scorer_opt = dict(opt.get(f'scorer_{scorer_type}') or {})
+        scorer_opt['type'] = scorer_type
+    if annotations:
+        scorer_opt['annotations'] = annotations
+    if scorer_opt.get('type') == 'metric' and 'metrics' not in scorer_opt and opt.get('instance_metrics'):
+        scorer_opt['metrics'] = opt['instance_metrics']
+    return build_instance_scorer(scorer_opt)
+
+
+def feedback_from_options(opt):
+    """The description-feedback settings of the ``feedback`` section, or None when it is absent.
+
+    Section keys: ``vlm`` (options of :class:`.vlm_client.VLMClient`), ``embedder`` (``minilm`` |
+    ``hashing``), ``threshold`` (0.1), ``min_crop`` (64).
+    """
+    section = opt.get('feedback')
+    if not section:
+        return None
+    from dspo_basicsr.preference.feedback import build_embedder
+    from dspo_basicsr.preference.vlm_client import VLMClient
+
+    if 'vlm' not in section:
+        raise KeyError("The feedback section needs 'vlm': the options of the VLM that describes the crops.")
+    client = VLMClient(**section['vlm'])
+    return {'describe': client.describe, 'embed': build_embedder(section.get('embedder', 'minilm')),
+            'threshold': float(section.get('threshold', 0.1)), 'min_crop': int(section.get('min_crop', 64))}
+
+
+def discover_inputs(lq_dir, gt_dir=None):
+    """``[(sid, lq_path, gt_path or None)]`` for the images of ``lq_dir``, GT matched by file stem.
+
+    Raises:
+        ValueError: A file stem is not a valid sample id, or two files share one.
+    """
+    if not os.path.isdir(lq_dir):
+        raise FileNotFoundError(f'LQ folder not found: {lq_dir}.')
+    gt_paths = {}
+    if gt_dir:
+        if not os.path.isdir(gt_dir):
+            raise FileNotFoundError(f'GT folder not found: {gt_dir}.')
+        for name in sorted(os.listdir(gt_dir)):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                gt_paths[os.path.splitext(name)[0]] = os.path.join(gt_dir, name)
+    inputs, seen = [], set()
+    for name in sorted(os.listdir(lq_dir)):
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        sid = os.path.splitext(name)[0]
+        if not _SID_PATTERN.match(sid):
+            raise ValueError(f'{os.path.join(lq_dir, name)}: the file stem {sid!r} is used as the sample id and may '
+                             'hold only letters, digits, "_", "-" and "."; rename the file.')
+        if sid in seen:
+            raise ValueError(f'{lq_dir}: two images share the stem {sid!r}; sample ids must be unique.')
+        seen.add(sid)
+        inputs.append((sid, os.path.join(lq_dir, name), gt_paths.get(sid)))
+    if not inputs:
+        raise ValueError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in {lq_dir}.')
+    return inputs
+
+
+def _progress(iterable, desc, total=None, enabled=True):
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, unit='img')
+
+
+def _fail(report, bar, sid, err):
+    report.failed[sid] = f'{type(err).__name__}: {err}'
+    bar.write(f'[{report.step}] {sid} failed: {report.failed[sid]}')
+
+
+# -- step 1: candidates ------------------------------------------------------------------------------------
+def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=None, prompt='', prompts=None,
+                       negative_prompt=None, overwrite=False, progress=True):
+    """Generate, score and select candidates for every input not finished yet.
+
+    Args:
+        work (str | WorkFolder): The work folder.
+        inputs (list[tuple]): ``(sid, lq_path, gt_path or None)`` (:func:`discover_inputs`).
+        framework: Diffusion SR framework with ``sample(...)`` and ``scale``.
+        settings (list[dict]): Sampling settings, ``settings[0]`` the default
+            (:func:`dspo_basicsr.preference.candidates.expand_settings_grid`).
+        num_keep (int): N candidates kept per image. Default: 4.
+        metrics (dict, optional): IQA metric options (default PSNR/SSIM vs GT, NIQE, CLIP-IQA).
+        prompt (str): Prompt of every image unless ``prompts`` has one.
+        prompts (dict, optional): ``{sid: prompt}``.
+        negative_prompt (str, optional): Negative prompt used when sampling (and the base of the set's).
+        overwrite (bool): Redo finished items.
+        progress (bool): Show a progress bar.
+
+    Returns:
+        StepReport: What was done, skipped and failed.
+    """
+    from dspo_basicsr.preference.candidates import generate_candidates
+
+    work = work if isinstance(work, WorkFolder) else WorkFolder(work)
+    report = StepReport('candidates')
+    bar = _progress(inputs, 'candidates', enabled=progress)
+    for sid, lq_path, gt_path in bar:
+        if not overwrite and os.path.isfile(work.candidates_json(sid)):
+            report.skipped.append(sid)
+            continue
+        try:
+            lq = read_image(lq_path)
+            gt = read_image(gt_path) if gt_path else None
+            text = (prompts or {}).get(sid, prompt)
+            result = generate_candidates(framework, lq, settings, num_keep=num_keep, gt=gt, prompt=text,
+                                         negative_prompt=negative_prompt, metrics=metrics)
+            os.makedirs(work.candidate_dir(sid), exist_ok=True)
+            write_image(work.lq_png(sid), lq)
+            if gt is not None:
+                write_image(work.gt_png(sid), gt)
+            for n, image in enumerate(result['images']):
+                write_image(work.candidate_png(sid, n), image)
+            record = {key: value for key, value in result.items() if key != 'images'}
+            record.update(sid=sid, prompt=text, negative_prompt=negative_prompt or '', has_gt=gt is not None,
+                          num_candidates=len(result['images']), scale=int(getattr(framework, 'scale', 0)) or
+                          result['images'][0].shape[0] // lq.shape[0], grid=settings,
+                          source={'lq': os.path.abspath(lq_path), 'gt': os.path.abspath(gt_path) if gt_path else None})
+            _write_json(work.candidates_json(sid), record)  # last: marks the item finished
+            report.done.append(sid)
+        except Exception as err:  # noqa: BLE001  (one bad image must not stop the others)
+            _fail(report, bar, sid, err)
+    work.write_errors(report)
+    return report
+
+
+# -- step 2: instances -------------------------------------------------------------------------------------
+def run_segment_step(work, segmenter, min_area=0, uncovered='background', source='auto', overwrite=False,
+                     progress=True):
+    """Segment one image per finished candidate item into a partition label map.
+
+    Args:
+        work (str | WorkFolder): The work folder.
+        segmenter (callable): ``segmenter(image) -> list of bool masks`` (:mod:`.segmentation`).
+        min_area (int): Minimum instance area in SR pixels.
+        uncovered (str): ``'background'`` or ``'neighbours'``.
+        source (str): Which image to segment: ``'auto'`` (GT when present, else the default candidate),
+            ``'gt'`` or ``'default'``.
+        overwrite (bool): Redo finished items.
+        progress (bool): Show a progress bar.
+
+    Returns:
+        StepReport
+    """
+    from dspo_basicsr.preference.segmentation import segment_instances
+
+    if source not in ('auto', 'gt', 'default'):
+        raise ValueError(f"source must be 'auto', 'gt' or 'default', got {source!r}.")
+    work = work if isinstance(work, WorkFolder) else WorkFolder(work)
+    os.makedirs(os.path.join(work.root, 'seg'), exist_ok=True)
+    report = StepReport('seg')
+    sids = work.sids('candidates')
+    bar = _progress(sids, 'instances', enabled=progress)
+    for sid in bar:
+        if not overwrite and os.path.isfile(work.seg_json(sid)):
+            report.skipped.append(sid)
+            continue
+        try:
+            record = _read_json(work.candidates_json(sid))
+            use_gt = record.get('has_gt') and source in ('auto', 'gt')
+            if source == 'gt' and not record.get('has_gt'):
+                raise ValueError('source is gt but this item has no GT image.')
+            path = work.gt_png(sid) if use_gt else work.candidate_png(sid, record['default_candidate'])
+            seg = segment_instances(segmenter, read_image(path), min_area=min_area, uncovered=uncovered)
+            write_image(work.seg_png(sid), seg)
+            describe = getattr(segmenter, 'describe', None)
+            _write_json(work.seg_json(sid), {
+                'num_instances': int(seg.max()) + 1, 'areas': np.bincount(seg.ravel()).tolist(),
+                'segmented': 'gt' if use_gt else f'c{record["default_candidate"]}', 'min_area': min_area,
+                'uncovered': uncovered, 'segmenter': describe() if callable(describe) else type(segmenter).__name__})
+            report.done.append(sid)
+        except Exception as err:  # noqa: BLE001
+            _fail(report, bar, sid, err)
+    work.write_errors(report)
+    return report
+
+
+# -- step 3: instance preferences --------------------------------------------------------------------------
+def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, progress=True):
+    """Pick the preferred / dispreferred candidate of the K largest instances of every segmented item.
+
+    Args:
+        work (str | WorkFolder): The work folder.
+        scorer (InstanceScorer): :mod:`.instance_scoring` scorer (metric, biqa, vlm, human).
+        top_k (int): Instances per image that get a pair. Default: 5.
+        feedback (dict, optional): Description feedback: ``describe`` (callable image -> text, e.g.
+            ``VLMClient.describe``), ``embed`` (sentence embedder), ``threshold`` (default 0.1),
+            ``min_crop`` (default 64). Applied to the paired instances of items with a GT.
+        overwrite (bool): Redo finished items.
+        progress (bool): Show a progress bar.
+
+    Returns:
+        StepReport: an item with any failed instance is reported and stays unfinished (a VLM's
+        successful replies are cached, so the rerun asks only for the failed ones).
+    """
+    from dspo_basicsr.preference.feedback import instance_feedback, negative_prompt_from_instances
+    from dspo_basicsr.preference.instance_scoring import InstanceContext, score_sample_instances
+
+    work = work if isinstance(work, WorkFolder) else WorkFolder(work)
+    os.makedirs(os.path.join(work.root, 'instances'), exist_ok=True)
+    report = StepReport('instances')
+    sids = work.sids('seg')
+    bar = _progress(sids, 'scoring', enabled=progress)
+    for sid in bar:
+        if not overwrite and os.path.isfile(work.instances_json(sid)):
+            report.skipped.append(sid)
+            continue
+        try:
+            record, lq, gt, candidates = work.load_candidates(sid)
+            seg = read_label_map(work.seg_png(sid))
+            if seg.shape != candidates[0].shape[:2]:
+                raise ValueError(f'label map {work.seg_png(sid)} is {seg.shape} but the candidates are '
+                                 f'{candidates[0].shape[:2]}; rerun the segment step with --overwrite.')
+            context = InstanceContext(sid, lq=lq, candidates=candidates, seg=seg, gt=gt, prompt=record.get('prompt', ''))
+            instances, errors = score_sample_instances(scorer, context, top_k=top_k)
+            if feedback and gt is not None:
+                for instance in instances:
+                    if instance['win'] < 0 or 'feedback' in instance:
+                        continue
+                    try:
+                        instance['feedback'] = instance_feedback(
+                            feedback['describe'], context, instance['id'], feedback['embed'],
+                            threshold=feedback.get('threshold', 0.1), min_crop=feedback.get('min_crop', 64))
+                    except Exception as err:  # noqa: BLE001  (VLM errors are per item)
+                        errors.append(f'Sample {sid!r}, instance {instance["id"]}: feedback failed: {err}')
+            if errors:
+                raise RuntimeError('; '.join(errors))
+            base = ', '.join(t for t in (record.get('negative_prompt', ''),
+                                         scorer.sample_extras(context).get('negative_prompt', '')) if t)
+            _write_json(work.instances_json(sid), {
+                'instances': instances, 'negative_prompt': negative_prompt_from_instances(instances, base),
+                'top_k': top_k, 'scorer': scorer.describe()})
+            report.done.append(sid)
+        except Exception as err:  # noqa: BLE001
+            _fail(report, bar, sid, err)
+    work.write_errors(report)
+    return report
+
+
+# -- step 4: assembly --------------------------------------------------------------------------------------
+def assemble_preference_set(work, path, overwrite=False, resume=True, progress=True, **write_opt):
+    """Write every finished item of the work folder into a preference LMDB set.
+
+    Args:
+        work (str | WorkFolder): The work folder.
+        path (str): Destination ``NAME.lmdb``.
+        overwrite (bool): Replace an existing set (only once the new one is complete).
+        resume (bool): Keep the samples of an interrupted build of ``path``.
+        progress (bool): Show a progress bar.
+        **write_opt: More options of ``write_preference_lmdb`` (``png_compression``, ``batch_bytes``).
+
+    Returns:
+        tuple[PreferenceLMDB, StepReport]: The set, and which items were written or left out (unfinished).
+    """
+    from dspo_basicsr.preference.lmdb_set import resumable_ids, write_preference_lmdb
+
+    work = work if isinstance(work, WorkFolder) else WorkFolder(work)
+    report = StepReport('assemble')
+    finished = work.sids('instances')
+    for sid in work.sids('candidates'):
+        if sid not in finished:
+            report.failed[sid] = 'not scored yet (run segment_instances.py and score_instances.py first)'
+    if not finished:
+        raise ValueError(f'No finished item in {work.root}: run the candidate, segment and scoring steps first.')
+    scales = {_read_json(work.candidates_json(sid)).get('scale') for sid in finished}
+    if len(scales) != 1:
+        raise ValueError(f'Items of {work.root} have different scales {sorted(scales)}; one set holds one scale.')
+    stored = set(resumable_ids(path)) if resume else set()  # an interrupted build keeps these
+    report.skipped = [sid for sid in finished if sid in stored]
+    report.done = [sid for sid in finished if sid not in stored]
+    samples = (work.load_sample(sid) for sid in report.done)
+    preference_set = write_preference_lmdb(path, samples, scale=scales.pop(), overwrite=overwrite, resume=resume,
+                                           total=len(report.done), progress=progress, **write_opt)
+    return preference_set, report
