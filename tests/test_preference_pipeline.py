@@ -287,14 +287,16 @@ def test_chain_steps_resume_after_interrupt_with_fake_framework(tmp_path):
     assert sample.meta['default_candidate'] in (0, 1) and len(sample.meta['candidates']) == 2
 
 
-def test_chain_scripts_with_tiny_control_sd2(tmp_path, monkeypatch):
-    """The whole chain through the scripts, the real tiny ControlSD2Arch, interrupted and rerun."""
+@pytest.fixture(scope='module')
+def script_chain(tmp_path_factory):
+    """The whole chain through the scripts with the real tiny ControlSD2Arch; generation interrupted and rerun."""
     from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
 
+    tmp_path = tmp_path_factory.mktemp('chain')
     lq_dir, gt_dir = make_image_folders(str(tmp_path / 'data'), num=3, size=32)
     opt = write_chain_yaml(tmp_path / 'chain.yml')
     work = str(tmp_path / 'work')
-    calls = []
+    calls, interrupt_at = [], [5]  # 3 settings per image: image 0 finished, image 1 interrupted
     original = ControlSD2Arch.sample
 
     def counting_sample(self, lq, *args, **kwargs):
@@ -303,27 +305,38 @@ def test_chain_scripts_with_tiny_control_sd2(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, lq, *args, **kwargs)
 
-    interrupt_at = [5]  # 3 settings per image: image 0 finished, image 1 interrupted
-    monkeypatch.setattr(ControlSD2Arch, 'sample', counting_sample)
-    generate = script('generate_candidates')
-    args = ['-opt', opt, '--lq', lq_dir, '--gt', gt_dir, '--work', work, '--no-progress']
-    with pytest.raises(KeyboardInterrupt):
-        generate(args)
-    calls.clear()
-    interrupt_at[0] = None
-    assert generate(args) == 0
-    assert len(calls) == 6  # only images 1 and 2 were sampled again
-    assert generate(args) == 0 and len(calls) == 6  # a third run does nothing
+    result = {'root': tmp_path, 'work': work, 'out': str(tmp_path / 'tiny.lmdb')}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ControlSD2Arch, 'sample', counting_sample)
+        generate = script('generate_candidates')
+        args = ['-opt', opt, '--lq', lq_dir, '--gt', gt_dir, '--work', work, '--no-progress']
+        with pytest.raises(KeyboardInterrupt):
+            generate(args)
+        result['first_run_calls'] = len(calls)
+        calls.clear()
+        interrupt_at[0] = None
+        result['rerun_code'] = generate(args)
+        result['rerun_calls'] = len(calls)
+        result['third_run_code'] = generate(args)
+        result['third_run_calls'] = len(calls)
+    result['segment_code'] = script('segment_instances')(['-opt', opt, '--work', work, '--no-progress'])
+    result['score_code'] = script('score_instances')(['-opt', opt, '--work', work, '--no-progress'])
+    result['build_code'] = script('build_preference_set')(['--work', work, '--out', result['out'], '--no-progress'])
+    result['show_code'] = script('show_preference_set')([result['out'], '--out', str(tmp_path / 'sheets'),
+                                                          '--no-progress'])
+    return result
 
-    assert script('segment_instances')(['-opt', opt, '--work', work, '--no-progress']) == 0
-    assert script('score_instances')(['-opt', opt, '--work', work, '--no-progress']) == 0
-    out = str(tmp_path / 'tiny.lmdb')
-    assert script('build_preference_set')(['--work', work, '--out', out, '--no-progress']) == 0
-    assert script('show_preference_set')([out, '--out', str(tmp_path / 'sheets'), '--no-progress']) == 0
-    assert sorted(os.listdir(tmp_path / 'sheets')) == ['img0.png', 'img1.png', 'img2.png']
+
+def test_chain_scripts_with_tiny_control_sd2(script_chain):
+    """The whole chain through the scripts, the real tiny ControlSD2Arch, interrupted and rerun."""
+    assert script_chain['first_run_calls'] == 5
+    assert script_chain['rerun_code'] == 0 and script_chain['rerun_calls'] == 6  # only images 1 and 2 again
+    assert script_chain['third_run_code'] == 0 and script_chain['third_run_calls'] == 6  # a third run does nothing
+    assert [script_chain[f'{step}_code'] for step in ('segment', 'score', 'build', 'show')] == [0, 0, 0, 0]
+    assert sorted(os.listdir(script_chain['root'] / 'sheets')) == ['img0.png', 'img1.png', 'img2.png']
 
     from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
-    preference_set = PreferenceLMDB(out)
+    preference_set = PreferenceLMDB(script_chain['out'])
     assert len(preference_set) == 3 and preference_set.header['scale'] == 4
     for sid in preference_set.ids():
         sample = preference_set[sid]
@@ -331,6 +344,34 @@ def test_chain_scripts_with_tiny_control_sd2(tmp_path, monkeypatch):
         assert sample.prompt == 'a photo' and sample.negative_prompt.startswith('blurry')
         paired = [i for i in sample.instances if i['win'] >= 0]
         assert 1 <= len(paired) <= 3 and all(i['win'] != i['lose'] for i in paired)
-    with open(os.path.join(work, 'candidates', 'img0', 'candidates.json')) as handle:
+    with open(os.path.join(script_chain['work'], 'candidates', 'img0', 'candidates.json')) as handle:
         record = json.load(handle)
     assert record['grid'][0] == {'steps': 2, 'cfg': 2.0, 'seed': 0} and len(record['all_scores']['psnr']) == 3
+
+
+def test_chain_preference_set_trains_dspo_steps(script_chain):
+    """The set built by the chain trains DSPO through ``basicsr train`` (3 iterations on CPU)."""
+    import dspo_basicsr  # noqa: F401
+    from basicsr.utils.registry import MODEL_REGISTRY
+    if 'DSPOModel' not in MODEL_REGISTRY:
+        pytest.skip('DSPOModel is not registered in this checkout')
+    from conftest import run_cli, write_options
+
+    root = script_chain['root']
+    opt = {
+        'name': 'dspo_chain', 'model_type': 'DSPOModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
+        'datasets': {'train': {'name': 'chain', 'type': 'PreferenceLMDBDataset', 'dataroot': script_chain['out'],
+                               'gt_size': 32, 'use_hflip': True, 'use_rot': False, 'num_worker_per_gpu': 0,
+                               'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 1, 'prefetch_mode': None}},
+        'network_g': {'type': 'ControlSD2Arch', 'tiny': True, 'scale': 4, 'trainable': 'controlnet'},
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'train': {'optim_g': {'type': 'AdamW', 'lr': 1e-4, 'weight_decay': 0, 'betas': [0.9, 0.999]},
+                  'scheduler': {'type': 'MultiStepLR', 'milestones': [1000], 'gamma': 0.5}, 'total_iter': 3,
+                  'warmup_iter': -1, 'preference_opt': {'type': 'DSPOLoss', 'beta': 8000, 'loss_weight': 1.0}},
+        'logger': {'print_freq': 1, 'save_checkpoint_freq': 100, 'use_tb_logger': False},
+        'dist_params': {'backend': 'gloo', 'port': 29500},
+    }
+    result = run_cli(['train', '-opt', write_options(root / 'dspo_chain.yml', opt)], cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert 'iter:       3' in log and 'l_dspo: 6.9315e-01' in log  # ln 2 at the first step (policy = reference)

@@ -21,7 +21,7 @@ def label_colours(num):
     return rng.integers(40, 256, size=(max(num, 1), 3), dtype=np.int64).astype(np.uint8)
 
 
-def _text(image, text, org, colour=WHITE, scale=0.4):
+def _text(image, text, org, colour=WHITE, scale=0.5):
     cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, BLACK, 3, cv2.LINE_AA)
     cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
 
@@ -52,14 +52,25 @@ def make_contact_sheet(lq, candidates, seg, instances, default_candidate=None, h
         np.ndarray: (height, width, 3) uint8 RGB.
     """
     sr_h, sr_w = seg.shape
+    # draw at display resolution, so outlines and labels have the same size whatever the SR size
+    width = max(1, round(sr_w * height / sr_h))
+    upscale = height >= sr_h
+
+    def show(image):
+        mode = cv2.INTER_NEAREST if upscale else cv2.INTER_AREA
+        return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=mode)
+
+    labels = cv2.resize(seg.astype(np.int32), (width, height), interpolation=cv2.INTER_NEAREST)
     paired = [inst for inst in instances if inst.get('win', -1) >= 0 and inst.get('lose', -1) >= 0]
-    tiles = []
-    lq_big = cv2.resize(np.ascontiguousarray(lq), (sr_w, sr_h), interpolation=cv2.INTER_NEAREST)
-    tiles.append((lq_big, 'LQ' if title is None else f'{title} LQ'))
+    masks = {inst['id']: labels == inst['id'] for inst in instances}
+    tiles = [(cv2.resize(np.ascontiguousarray(lq), (width, height), interpolation=cv2.INTER_NEAREST),
+              'LQ' if title is None else f'{title} LQ')]
     for n, candidate in enumerate(candidates):
-        tile = np.ascontiguousarray(candidate).copy()
+        tile = show(candidate)
         for inst in paired:
-            mask = seg == inst['id']
+            mask = masks[inst['id']]
+            if not mask.any():
+                continue
             if inst['win'] == n:
                 _outline(tile, mask, GREEN)
                 _text(tile, f'+{inst["id"]}', _centroid(mask), GREEN)
@@ -67,11 +78,11 @@ def make_contact_sheet(lq, candidates, seg, instances, default_candidate=None, h
                 _outline(tile, mask, RED)
                 _text(tile, f'-{inst["id"]}', _centroid(mask), RED)
         tiles.append((tile, f'c{n}' + (' default' if n == default_candidate else '')))
-    base = candidates[default_candidate if default_candidate is not None else 0]
+    base = show(candidates[default_candidate if default_candidate is not None else 0])
     colours = label_colours(int(seg.max()) + 1)
-    overlay = (0.5 * base + 0.5 * colours[seg]).astype(np.uint8)
+    overlay = (0.5 * base + 0.5 * colours[labels]).astype(np.uint8)
     for inst in instances:
-        mask = seg == inst['id']
+        mask = masks[inst['id']]
         if not mask.any():
             continue
         label = f'{inst["id"]}'
@@ -81,9 +92,7 @@ def make_contact_sheet(lq, candidates, seg, instances, default_candidate=None, h
     tiles.append((overlay, 'instances (+win -lose)'))
 
     row = []
-    for image, caption in tiles:
-        width = max(1, round(image.shape[1] * height / image.shape[0]))
-        tile = cv2.resize(image, (width, height), interpolation=cv2.INTER_NEAREST)
+    for tile, caption in tiles:
         _text(tile, caption, (4, 14), WHITE, 0.45)
         row.append(tile)
         row.append(np.full((height, 4, 3), 255, np.uint8))
