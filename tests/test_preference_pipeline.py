@@ -286,6 +286,12 @@ def test_chain_steps_resume_after_interrupt_with_fake_framework(tmp_path):
     assert sum(i['win'] >= 0 for i in sample.instances) <= 2
     assert sample.meta['default_candidate'] in (0, 1) and len(sample.meta['candidates']) == 2
 
+    # redoing a step on purpose (--overwrite) marks the later steps of those items unfinished
+    run_segment_step(work, SLICSegmenter(n_segments=4), min_area=16, overwrite=True, progress=False)
+    assert work.sids('seg') == ['img0', 'img1', 'img2'] and work.sids('instances') == []
+    scored.clear()
+    assert run_scoring_step(work, scorer, top_k=2, progress=False).done == ['img0', 'img1', 'img2']
+
 
 @pytest.fixture(scope='module')
 def script_chain(tmp_path_factory):
@@ -375,3 +381,30 @@ def test_chain_preference_set_trains_dspo_steps(script_chain):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert 'iter:       3' in log and 'l_dspo: 6.9315e-01' in log  # ln 2 at the first step (policy = reference)
+
+
+def test_segment_script_with_tiny_sam_checkpoint_from_yaml(tmp_path):
+    """``segmenter: {type: SAM, checkpoint, model_type, arch}`` in the chain YAML, through the script."""
+    from test_segmentation import TINY_SAM_ARCH, save_tiny_sam
+
+    lq_dir, gt_dir = make_image_folders(str(tmp_path / 'data'), num=2, size=32)
+    work = WorkFolder(tmp_path / 'work')
+    run_candidate_step(work, discover_inputs(lq_dir, None), FakeFramework(), [{'steps': 2, 'cfg': 1.0, 'seed': 0}],
+                       num_keep=1, metrics=PSNR, progress=False)
+    ckpt = tmp_path / 'sam_tiny.pth'
+    save_tiny_sam(ckpt)
+    segmenter = {'type': 'SAM', 'checkpoint': str(ckpt), 'model_type': 'vit_b', 'arch': dict(TINY_SAM_ARCH),
+                 'points_per_side': 4, 'pred_iou_thresh': 0.0, 'stability_score_thresh': 0.0}
+    segmenter['arch']['global_attn_indexes'] = list(segmenter['arch']['global_attn_indexes'])
+    opt = write_chain_yaml(tmp_path / 'chain.yml', network={'type': 'unused'}, segmenter=segmenter)
+    assert script('segment_instances')(['-opt', opt, '--work', work.root, '--no-progress', '--min-area', '8']) == 0
+    for sid in ('img0', 'img1'):
+        seg = read_label_map(work.seg_png(sid))
+        assert seg.shape == (32, 32) and is_partition(seg)
+        with open(work.seg_json(sid)) as handle:
+            record = json.load(handle)
+        assert record['segmenter']['type'] == 'SAM' and record['segmented'] == 'c0'
+        assert record['num_instances'] == int(seg.max()) + 1
+    missing = write_chain_yaml(tmp_path / 'missing.yml', segmenter={'type': 'SAM', 'checkpoint': '/nowhere/sam.pth'})
+    with pytest.raises(FileNotFoundError, match='sam_vit_b_01ec64.pth'):
+        script('segment_instances')(['-opt', missing, '--work', work.root, '--no-progress', '--overwrite'])

@@ -175,3 +175,45 @@ def test_scorer_keeps_scored_instances_and_reports_failed_ones(server, tmp_path)
     instances, errors = score_sample_instances(VLMInstanceScorer(vlm, min_crop=4), context, top_k=3)
     assert not errors and len(server.requests) == n + 2
     assert all(inst['win'] == 2 and inst['lose'] == 0 for inst in instances)
+
+
+def test_scoring_step_with_vlm_and_feedback_resumes_failed_items_only(server, tmp_path):
+    """Step level: a malformed reply fails one image (reported, left unfinished); the rerun asks only for it."""
+    from pipeline_fixtures import FakeFramework, make_image_folders
+
+    from dspo_basicsr.preference.candidates import expand_settings_grid
+    from dspo_basicsr.preference.pipeline import (WorkFolder, discover_inputs, feedback_from_options,
+                                                  run_candidate_step, run_scoring_step, run_segment_step,
+                                                  scorer_from_options)
+    from dspo_basicsr.preference.segmentation import SLICSegmenter
+
+    lq_dir, gt_dir = make_image_folders(str(tmp_path / 'data'), num=2, size=32)
+    work = WorkFolder(tmp_path / 'work')
+    run_candidate_step(work, discover_inputs(lq_dir, gt_dir), FakeFramework(),
+                       expand_settings_grid({'cfg': [1.0, 4.0]}, {'steps': 2, 'cfg': 0.5, 'seed': 0}), num_keep=3,
+                       metrics={'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}, progress=False)
+    run_segment_step(work, SLICSegmenter(n_segments=3), min_area=64, progress=False)
+    vlm_opt = {'base_url': server.base_url, 'model': 'tiny-vlm', 'api_key_env': None, 'timeout': 2, 'max_retries': 0,
+               'backoff': 0.01, 'cache_dir': str(tmp_path / 'vlm_cache')}
+    opt = {'scorer': dict(vlm_opt, type='vlm', min_crop=8),
+           'feedback': {'vlm': vlm_opt, 'embedder': 'hashing', 'threshold': 0.1, 'min_crop': 8}}
+    top_k = 2
+    server.modes = ['good'] * (top_k * 5) + ['malformed']  # img0: 2 compares + 2 x 4 descriptions; img1's first fails
+    report = run_scoring_step(work, scorer_from_options(opt), top_k=top_k, feedback=feedback_from_options(opt),
+                              progress=False)
+    assert report.done == ['img0'] and list(report.failed) == ['img1']
+    assert "Sample 'img1', instance" in report.failed['img1'] and 'not JSON' in report.failed['img1']
+    with open(work.errors_json('instances')) as handle:
+        assert list(json.load(handle)) == ['img1']
+    first = len(server.requests)
+    assert first == top_k * 5 + 1 + (top_k - 1) * 5  # img1 went on with its other instance and its feedback
+
+    report = run_scoring_step(work, scorer_from_options(opt), top_k=top_k, feedback=feedback_from_options(opt),
+                              progress=False)
+    assert report.skipped == ['img0'] and report.done == ['img1'] and not report.failed
+    assert len(server.requests) - first == 1 + 4  # only the failed compare and its instance's descriptions
+    with open(work.instances_json('img1')) as handle:
+        record = json.load(handle)
+    paired = [i for i in record['instances'] if i['win'] >= 0]
+    assert len(paired) == top_k and all(i['feedback']['gt_description'] == 'a sharp furry cat' for i in paired)
+    assert record['negative_prompt'] == ''  # every description matches the GT's: no negative feedback

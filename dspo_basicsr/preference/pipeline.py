@@ -288,6 +288,13 @@ def discover_inputs(lq_dir, gt_dir=None):
     return inputs
 
 
+def _invalidate(*markers):
+    """Remove the finished-markers of later steps of an item that is being redone."""
+    for marker in markers:
+        if os.path.isfile(marker):
+            os.remove(marker)
+
+
 def _progress(iterable, desc, total=None, enabled=True):
     from tqdm import tqdm
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, unit='img')
@@ -336,6 +343,8 @@ def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=No
             result = generate_candidates(framework, lq, settings, num_keep=num_keep, gt=gt, prompt=text,
                                          negative_prompt=negative_prompt, metrics=metrics)
             os.makedirs(work.candidate_dir(sid), exist_ok=True)
+            # redoing an item: it is unfinished until its new record is written, and later steps redo it
+            _invalidate(work.candidates_json(sid), work.seg_json(sid), work.instances_json(sid))
             write_image(work.lq_png(sid), lq)
             if gt is not None:
                 write_image(work.gt_png(sid), gt)
@@ -392,6 +401,7 @@ def run_segment_step(work, segmenter, min_area=0, uncovered='background', source
                 raise ValueError('source is gt but this item has no GT image.')
             path = work.gt_png(sid) if use_gt else work.candidate_png(sid, record['default_candidate'])
             seg = segment_instances(segmenter, read_image(path), min_area=min_area, uncovered=uncovered)
+            _invalidate(work.seg_json(sid), work.instances_json(sid))
             write_image(work.seg_png(sid), seg)
             describe = getattr(segmenter, 'describe', None)
             _write_json(work.seg_json(sid), {
