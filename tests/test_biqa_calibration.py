@@ -91,6 +91,21 @@ def test_clip_quality_arch_loads_back_and_reports_missing_weights(tmp_path):
         CLIPQualityArch(load_path=str(missing))
 
 
+def test_liqe_patch_mode():
+    torch.manual_seed(0)
+    arch = CLIPQualityArch(**TINY_CLIP_CONFIG, input_mode='patches', num_patch=3, step=8)
+    resize = CLIPQualityArch(**TINY_CLIP_CONFIG)
+    resize.load_state_dict(arch.state_dict())
+    x = torch.rand(2, 3, 48, 40)                    # 3 x 2 grid of 32-pixel patches at stride 8
+    patches = arch.patches(x)
+    assert patches.shape == (2, 3, 3, 32, 32)
+    torch.testing.assert_close(patches[:, 0], x[:, :, :32, :32])  # evenly spaced grid picks, first is top-left
+    assert arch.patches(torch.rand(1, 3, 20, 24)).shape[-2:] == (32, 32)  # short side upsampled to 32
+    same = torch.rand(2, 3, 32, 32)                 # exactly one patch: both modes see the same pixels
+    with torch.no_grad():
+        torch.testing.assert_close(arch(same), resize(same))
+
+
 def test_rectifier_keeps_alpha_at_least_one(data):
     torch.manual_seed(0)
     net = RankCalibratedIQAArch(backbone={'type': 'CLIPQualityArch', 'load_path': data['clip']}, hidden_dim=8)

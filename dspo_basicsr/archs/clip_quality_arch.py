@@ -137,12 +137,18 @@ class CLIPQualityArch(nn.Module):
             used when ``load_path`` is None. ``vocab_size`` must be 49408 (CLIP's BPE tokenizer).
         levels (list[str]): Quality words, worst to best; level c (1-based) scores c.
         template (str): Prompt template with one ``{}``.
+        input_mode (str): ``'resize'``: the whole image resized to the model resolution (one pass);
+            ``'patches'``: LIQE's test-time protocol, ``num_patch`` evenly spaced resolution-sized patches on
+            a ``step`` grid, logits averaged over patches (images whose short side is below the resolution
+            are first upsampled to it; LIQE refuses them).
+        num_patch (int): Patches per image in ``'patches'`` mode (LIQE: 15).
+        step (int): Patch grid stride in ``'patches'`` mode (LIQE: 32).
     """
 
     def __init__(self, load_path=None, embed_dim=None, image_resolution=224, vision_layers=None,
                  vision_width=None, vision_patch_size=None, context_length=77, vocab_size=49408,
                  transformer_width=None, transformer_heads=None, transformer_layers=None,
-                 levels=QUALITY_LEVELS, template=PROMPT_TEMPLATE):
+                 levels=QUALITY_LEVELS, template=PROMPT_TEMPLATE, input_mode='resize', num_patch=15, step=32):
         super().__init__()
         from clip.model import CLIP
 
@@ -182,6 +188,9 @@ class CLIPQualityArch(nn.Module):
         self.register_buffer('mean', torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.feature_dim = config['embed_dim']
+        if input_mode not in ('resize', 'patches'):
+            raise ValueError(f"CLIPQualityArch: input_mode must be 'resize' or 'patches', got {input_mode!r}.")
+        self.input_mode, self.num_patch, self.step = input_mode, num_patch, step
 
     @property
     def image_resolution(self):
@@ -192,20 +201,29 @@ class CLIPQualityArch(nn.Module):
         feats = self.clip.encode_text(self.prompt_tokens)
         return F.normalize(feats.float(), dim=-1)
 
-    def image_features(self, x):
-        """L2-normalised image embeddings.
+    def patches(self, x):
+        """Backbone inputs of each image.
 
         Args:
-            x (Tensor): (B, 3, H, W) RGB in [0, 1]; resized to the model's resolution.
+            x (Tensor): (B, 3, H, W) RGB in [0, 1].
 
         Returns:
-            Tensor: (B, embed_dim).
+            Tensor: (B, P, 3, r, r) with r the model resolution; P = 1 in ``'resize'`` mode.
         """
         size = self.image_resolution
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode='bicubic', align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std
-        return F.normalize(self.clip.encode_image(x).float(), dim=-1)
+        if self.input_mode == 'resize':
+            if x.shape[-2:] != (size, size):
+                x = F.interpolate(x, size=(size, size), mode='bicubic', align_corners=False, antialias=True)
+            return x.unsqueeze(1)
+        short = min(x.shape[-2:])
+        if short < size:
+            x = F.interpolate(x, scale_factor=size / short, mode='bicubic', align_corners=False)
+        b = x.shape[0]
+        grid = x.unfold(2, size, self.step).unfold(3, size, self.step)      # (B, 3, nh, nw, r, r)
+        grid = grid.permute(0, 2, 3, 1, 4, 5).reshape(b, -1, 3, size, size)  # (B, nh*nw, 3, r, r)
+        num_patch = min(self.num_patch, grid.shape[1])
+        stride = max(1, grid.shape[1] // num_patch)
+        return grid[:, torch.arange(num_patch, device=x.device) * stride]
 
     def forward_features(self, x):
         """Quality and the features a rectifier sees.
@@ -215,12 +233,16 @@ class CLIPQualityArch(nn.Module):
 
         Returns:
             dict: ``q`` (B,) quality in [1, 5]; ``probs`` (B, 5) over the quality levels;
-            ``features`` (B, embed_dim) the normalised image embedding.
+            ``features`` (B, embed_dim) the normalised (patch-averaged) image embedding.
         """
-        image = self.image_features(x)                                   # (B, D)
-        logits = self.clip.logit_scale.exp() * image @ self.text_features().t()  # (B, 5)
-        probs = logits.softmax(dim=-1)
-        return {'q': probs @ self.level_values, 'probs': probs, 'features': image}
+        patches = self.patches(x)                                        # (B, P, 3, r, r)
+        b, p = patches.shape[:2]
+        pixels = (patches.flatten(0, 1) - self.mean) / self.std          # (B*P, 3, r, r)
+        image = F.normalize(self.clip.encode_image(pixels).float(), dim=-1)  # (B*P, D)
+        logits = self.clip.logit_scale.exp() * image @ self.text_features().t()  # (B*P, 5)
+        probs = logits.view(b, p, -1).mean(dim=1).softmax(dim=-1)       # LIQE: average logits over patches
+        features = F.normalize(image.view(b, p, -1).mean(dim=1), dim=-1)  # (B, D)
+        return {'q': probs @ self.level_values, 'probs': probs, 'features': features}
 
     def forward(self, x):
         """(B, 3, H, W) RGB in [0, 1] -> (B,) quality q in [1, 5] (higher is better)."""
