@@ -23,7 +23,8 @@ def main(argv=None):
     parser.add_argument('--gt', default=None, help='folder of GT images with the same stems (optional)')
     parser.add_argument('--work', required=True, help='work folder shared by the chain steps')
     parser.add_argument('--prompts', default=None, help='JSON file {sid: prompt} (default: sampling.prompt)')
-    parser.add_argument('--num-keep', type=int, default=None, help='N candidates kept (default: sampling.num_keep or 4)')
+    parser.add_argument('--num-keep', type=int, default=None,
+                        help='N candidates kept (default: sampling.num_keep or 4)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--overwrite', action='store_true', help='redo images already finished')
     parser.add_argument('--no-progress', action='store_true')

@@ -39,8 +39,7 @@ from typing import Optional
 
 import numpy as np
 
-from dspo_basicsr.preference.candidates import (_OUR_KEYS, DEFAULT_METRICS, metric_is_full_reference,
-                                                metric_is_higher_better)
+from dspo_basicsr.preference.candidates import _OUR_KEYS, DEFAULT_METRICS, metric_is_full_reference
 
 __all__ = [
     'InstanceContext', 'ScorerItemError', 'InstanceScorer', 'MetricInstanceScorer', 'BIQAInstanceScorer',

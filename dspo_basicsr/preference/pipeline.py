@@ -80,7 +80,14 @@ def _read_json(path):
 
 @dataclass
 class StepReport:
-    """What one run of a step did: ``done`` (processed now), ``skipped`` (finished before), ``failed`` (sid -> reason)."""
+    """What one run of a step did.
+
+    Attributes:
+        step (str): The step's name.
+        done (list[str]): Ids processed in this run.
+        skipped (list[str]): Ids finished before this run.
+        failed (dict[str, str]): Id -> reason, for the items that failed (left unfinished).
+    """
     step: str
     done: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
@@ -451,7 +458,8 @@ def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, prog
             if seg.shape != candidates[0].shape[:2]:
                 raise ValueError(f'label map {work.seg_png(sid)} is {seg.shape} but the candidates are '
                                  f'{candidates[0].shape[:2]}; rerun the segment step with --overwrite.')
-            context = InstanceContext(sid, lq=lq, candidates=candidates, seg=seg, gt=gt, prompt=record.get('prompt', ''))
+            context = InstanceContext(sid, lq=lq, candidates=candidates, seg=seg, gt=gt,
+                                      prompt=record.get('prompt', ''))
             instances, errors = score_sample_instances(scorer, context, top_k=top_k)
             if feedback and gt is not None:
                 for instance in instances:

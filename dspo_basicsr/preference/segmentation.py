@@ -34,10 +34,12 @@ SAM_ARCHS = {
 # Settings shared by the released models; ``arch`` overrides any of these and of SAM_ARCHS (tiny test models).
 _SAM_COMMON = dict(image_size=1024, patch_size=16, window_size=14, prompt_embed_dim=256, mlp_ratio=4,
                    decoder_depth=2, decoder_mlp_dim=2048, decoder_num_heads=8, iou_head_hidden_dim=256)
-SAM_CHECKPOINT_NAMES = {'vit_b': 'sam_vit_b_01ec64.pth', 'vit_l': 'sam_vit_l_0b3195.pth', 'vit_h': 'sam_vit_h_4b8939.pth'}
+SAM_CHECKPOINT_NAMES = {
+    'vit_b': 'sam_vit_b_01ec64.pth', 'vit_l': 'sam_vit_l_0b3195.pth', 'vit_h': 'sam_vit_h_4b8939.pth'
+}
 
 
-def masks_to_partition(masks, shape=None, min_area=0, uncovered='background'):
+def masks_to_partition(masks, min_area=0, uncovered='background', shape=None):
     """Turn overlapping binary masks into a partition label map with compact ids.
 
     Larger masks are painted first and smaller ones on top (a small object inside a large region keeps
@@ -48,9 +50,9 @@ def masks_to_partition(masks, shape=None, min_area=0, uncovered='background'):
 
     Args:
         masks (list[np.ndarray]): (H, W) bool masks; may overlap, leave holes, or be empty.
-        shape (tuple[int, int], optional): (H, W); required when ``masks`` is empty.
         min_area (int): Instances with fewer pixels are merged into a neighbour. Default: 0.
         uncovered (str): ``'background'`` or ``'neighbours'``. Default: ``'background'``.
+        shape (tuple[int, int], optional): (H, W); required when ``masks`` is empty.
 
     Returns:
         np.ndarray: (H, W) uint16 label map, every pixel in exactly one instance, ids ``0..M-1``.
@@ -295,4 +297,4 @@ def segment_instances(segmenter, image, min_area=0, uncovered='background'):
         np.ndarray: (H, W) uint16 partition label map.
     """
     masks = segmenter(image)
-    return masks_to_partition(masks, shape=image.shape[:2], min_area=min_area, uncovered=uncovered)
+    return masks_to_partition(masks, min_area=min_area, uncovered=uncovered, shape=image.shape[:2])
