@@ -31,7 +31,7 @@ def test_round_trip_is_bit_exact(set_path):
     assert len(store) == 3 and store.ids() == ['img_000', 'img_001', 'img_002']
     assert store.header == {'format': 'dspo-preference', 'version': 1, 'num_samples': 3, 'num_candidates': 3,
                             'scale': 4, 'num_with_gt': 2, 'extras': ['ram_embedding', 'tags'],
-                            'writer': store.header['writer']}
+                            'png_compression': 0, 'writer': store.header['writer']}
     for expected in _samples():
         got = store[expected.sid]
         assert isinstance(got, PreferenceSample) and got.sid == expected.sid
@@ -55,6 +55,18 @@ def test_round_trip_is_bit_exact(set_path):
         for name, array in expected.extras.items():
             assert got.extras[name].dtype == array.dtype
             np.testing.assert_array_equal(got.extras[name], array)
+
+
+@pytest.mark.parametrize('level', [1, 9])
+def test_compressed_round_trip_is_bit_exact(tmp_path, level):
+    sample = noise_sample('n', 64, 64)
+    sample.candidates[1] = np.broadcast_to(np.arange(64, dtype=np.uint8)[None, :, None] * 3, (64, 64, 3)).copy()
+    compressed = write_preference_lmdb(str(tmp_path / 'c.lmdb'), [sample], png_compression=level, progress=False)
+    stored = write_preference_lmdb(str(tmp_path / 's.lmdb'), [sample], progress=False)
+    for n in range(2):
+        np.testing.assert_array_equal(compressed['n'].candidates[n], sample.candidates[n])
+    compressed.close()
+    assert len(lmdb_get(compressed.path, 'n/c1')) < len(lmdb_get(stored.path, 'n/c1')) / 4
 
 
 def test_meta_info_and_layout(set_path):
@@ -226,9 +238,21 @@ def test_mixed_sizes_grow_the_map(tmp_path, monkeypatch):
 
 def test_reader_opens_lazily_and_pickles(set_path):
     store = PreferenceLMDB(set_path)
-    assert store._env is None
+    assert set_path not in lmdb_set._READ_ENVIRONMENTS
     assert 'img_002' in store and store['img_002'].sid == 'img_002'
+    assert set_path in lmdb_set._READ_ENVIRONMENTS
     clone = pickle.loads(pickle.dumps(store))
-    assert clone._env is None and clone.ids() == store.ids()
+    assert clone.ids() == store.ids()
     second = PreferenceLMDB(set_path)  # a second reader of the same set in the same process
     np.testing.assert_array_equal(second['img_000'].seg, clone['img_000'].seg)
+    store.close()
+    assert set_path not in lmdb_set._READ_ENVIRONMENTS
+    np.testing.assert_array_equal(second['img_001'].lq, _samples()[1].lq)  # reopens
+
+
+def test_reader_sees_a_set_replaced_in_place(set_path):
+    store = PreferenceLMDB(set_path)
+    assert store['img_000'].sid == 'img_000'
+    write_preference_lmdb(set_path, [coordinate_sample('img_000', seed=5, with_gt=False)], overwrite=True,
+                          progress=False)
+    assert PreferenceLMDB(set_path)['img_000'].gt is None

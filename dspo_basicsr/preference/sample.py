@@ -195,11 +195,28 @@ def check_sample(sample, path, scale=None, num_candidates=None):
     return counts
 
 
-def encode_png(image, compression=1):
-    """PNG bytes of an (H, W, 3) uint8 RGB image or an (H, W) uint8/uint16 single-channel map."""
+def encode_png(image, compression=0):
+    """PNG bytes of an (H, W, 3) uint8 RGB image or an (H, W) uint8/uint16 single-channel map.
+
+    Args:
+        image (ndarray): The array.
+        compression (int | None): 0 stores the pixels without filter or zlib compression (the largest
+            PNG, but it decodes several times faster than a compressed one); 1-9 is the zlib level, with
+            OpenCV's fast-decoding defaults (SUB filter, RLE strategy); None uses OpenCV's defaults.
+
+    Returns:
+        bytes: The PNG file.
+    """
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, buffer = cv2.imencode('.png', image, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if compression is None:
+        params = []
+    elif compression == 0:
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+    else:
+        params = [cv2.IMWRITE_PNG_COMPRESSION, compression, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB,
+                  cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    ok, buffer = cv2.imencode('.png', image, params)
     if not ok:
         raise ValueError(f'OpenCV could not encode an array of shape {image.shape} as PNG.')
     return buffer.tobytes()
@@ -209,7 +226,7 @@ def decode_png(data, path, sid, key, channels):
     """Decode PNG bytes; raise :class:`PreferenceDataError` naming ``key`` when they are not a valid PNG.
 
     Args:
-        data (bytes): The stored value.
+        data (bytes | memoryview): The stored value.
         path (str), sid (str), key (str): Where it comes from, for the message.
         channels (int): 3 for an RGB image (returned (H, W, 3) uint8 RGB), 1 for a label map
             (returned (H, W) uint16).
@@ -217,7 +234,7 @@ def decode_png(data, path, sid, key, channels):
     Returns:
         ndarray: The decoded array.
     """
-    if data[:8] != PNG_SIGNATURE:
+    if bytes(data[:8]) != PNG_SIGNATURE:
         raise PreferenceDataError(path, sid, key, 'the value is not PNG data (bad signature); '
                                   'the set is corrupt, rebuild it with write_preference_lmdb.')
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
