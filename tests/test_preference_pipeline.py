@@ -408,3 +408,29 @@ def test_segment_script_with_tiny_sam_checkpoint_from_yaml(tmp_path):
     missing = write_chain_yaml(tmp_path / 'missing.yml', segmenter={'type': 'SAM', 'checkpoint': '/nowhere/sam.pth'})
     with pytest.raises(FileNotFoundError, match='sam_vit_b_01ec64.pth'):
         script('segment_instances')(['-opt', missing, '--work', work.root, '--no-progress', '--overwrite'])
+
+
+def test_biqa_scorer_loads_the_rank_calibrated_model(tmp_path):
+    """``biqa`` with the real RankCalibratedIQAArch (tiny CLIP backbone) and a rectifier-only checkpoint."""
+    from dspo_basicsr.archs.clip_quality_arch import TINY_CLIP_CONFIG, CLIPQualityArch
+    from dspo_basicsr.archs.rank_calibrated_iqa_arch import RankCalibratedIQAArch
+
+    torch.manual_seed(0)
+    clip_path = tmp_path / 'tiny_clip.pth'
+    torch.save(CLIPQualityArch(**TINY_CLIP_CONFIG).clip.state_dict(), str(clip_path))
+    network = {'type': 'RankCalibratedIQAArch', 'hidden_dim': 8,
+               'backbone': {'type': 'CLIPQualityArch', 'load_path': str(clip_path)}}
+    net = RankCalibratedIQAArch(**{k: v for k, v in network.items() if k != 'type'}).eval()
+    with torch.no_grad():  # a trained-looking rectifier, far from its initialisation
+        for parameter in net.rectifier.parameters():
+            parameter.normal_(0, 0.5)
+    ckpt = tmp_path / 'net_g_10.pth'
+    torch.save({'params': net.rectifier_state_dict()}, str(ckpt))
+    quality = load_biqa_quality(network, str(ckpt))
+    crops = torch.rand(3, 3, 32, 32)
+    assert torch.allclose(quality(crops), net(crops), atol=1e-5)
+    untrained = RankCalibratedIQAArch(**{k: v for k, v in network.items() if k != 'type'}).eval()
+    assert not torch.allclose(untrained(crops), net(crops), atol=1e-3)  # the rectifier really was loaded
+    context = two_instance_context()
+    instances, errors = score_sample_instances(BIQAInstanceScorer(quality, min_crop=32), context, top_k=2)
+    assert not errors and all(i['win'] >= 0 and i['win'] != i['lose'] for i in instances[:2])

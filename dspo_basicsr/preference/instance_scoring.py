@@ -256,11 +256,15 @@ def load_biqa_quality(network_opt, checkpoint=None, device='cpu', param_key='par
     """Build a quality callable from a BasicSR network option and a checkpoint.
 
     Args:
-        network_opt (dict | str): A ``network_g``-style dict (``type: RankCalibratedIQAArch, ...``), or the
-            path of a YAML file holding one (at the top level or under ``network_g``), read with
-            ``yaml.safe_load``.
-        checkpoint (str, optional): State dict saved by BasicSR (``{'params': ...}``) or a plain one;
-            loaded with ``weights_only=True``. None keeps the weights the network builds with.
+        network_opt (dict | str | None): A ``network_g``-style dict (``type: RankCalibratedIQAArch, ...``),
+            or the path of a YAML file holding one (at the top level or under ``network_g``), read with
+            ``yaml.safe_load``. None: a ``RankCalibratedIQAArch`` whose options are in the JSON written
+            beside its checkpoint.
+        checkpoint (str, optional): For ``RankCalibratedIQAArch``, the ``net_g_<iter>.pth`` of
+            ``RankCalibrationModel`` (rectifier weights; the frozen backbone comes from its
+            ``backbone.load_path``), loaded by ``load_rank_calibrated_iqa``. For any other arch, a state dict
+            saved by BasicSR (``{'params': ...}``) or a plain one. Always ``weights_only=True``. None keeps
+            the weights the network builds with.
         device (str): Torch device.
         param_key (str): Key of the state dict inside a BasicSR checkpoint. Default: ``'params'``.
         strict (bool): ``load_state_dict`` strictness.
@@ -279,9 +283,17 @@ def load_biqa_quality(network_opt, checkpoint=None, device='cpu', param_key='par
         with open(network_opt, encoding='utf-8') as handle:
             loaded = yaml.safe_load(handle)
         network_opt = loaded.get('network_g', loaded) if isinstance(loaded, dict) else loaded
+    if network_opt is None and checkpoint is not None:
+        network_opt = {'type': 'RankCalibratedIQAArch'}  # options from the JSON beside the checkpoint
     if not isinstance(network_opt, dict) or 'type' not in network_opt:
         raise ValueError(f'The BIQA network option must be a dict with a type, got {network_opt!r}.')
-    net = build_network(copy.deepcopy(dict(network_opt)))
+    if network_opt['type'] == 'RankCalibratedIQAArch' and checkpoint is not None:
+        # RankCalibrationModel saves only the rectifier; its loader rebuilds the frozen backbone
+        from dspo_basicsr.archs.rank_calibrated_iqa_arch import load_rank_calibrated_iqa
+        net = load_rank_calibrated_iqa(checkpoint, {k: v for k, v in network_opt.items() if k != 'type'} or None)
+        checkpoint = None
+    else:
+        net = build_network(copy.deepcopy(dict(network_opt)))
     if checkpoint is not None:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f'BIQA checkpoint not found: {checkpoint}; train it with the rank-calibration '
@@ -423,7 +435,7 @@ def build_instance_scorer(opt, vlm_client=None, quality=None):
     if kind == 'biqa':
         min_crop = opt.pop('min_crop', 64)
         if quality is None:
-            quality = load_biqa_quality(opt.pop('network'), opt.pop('checkpoint', None), **opt)
+            quality = load_biqa_quality(opt.pop('network', None), opt.pop('checkpoint', None), **opt)
         return BIQAInstanceScorer(quality, min_crop=min_crop)
     if kind == 'vlm':
         min_crop = opt.pop('min_crop', 64)
