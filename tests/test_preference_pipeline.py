@@ -434,3 +434,35 @@ def test_biqa_scorer_loads_the_rank_calibrated_model(tmp_path):
     context = two_instance_context()
     instances, errors = score_sample_instances(BIQAInstanceScorer(quality, min_crop=32), context, top_k=2)
     assert not errors and all(i['win'] >= 0 and i['win'] != i['lose'] for i in instances[:2])
+
+
+def test_score_script_imports_human_annotations(tmp_path):
+    """``score_instances.py --scorer human --annotations FILE``: pairs and negative text from the file."""
+    lq_dir, gt_dir = make_image_folders(str(tmp_path / 'data'), num=2, size=32)
+    work = WorkFolder(tmp_path / 'work')
+    run_candidate_step(work, discover_inputs(lq_dir, gt_dir), FakeFramework(),
+                       expand_settings_grid({'cfg': [1.0, 4.0]}, {'steps': 2, 'cfg': 0.5, 'seed': 0}), num_keep=3,
+                       metrics=PSNR, negative_prompt='blurry', progress=False)
+    run_segment_step(work, SLICSegmenter(n_segments=4), min_area=16, progress=False)
+    annotations = {'format': 'dspo-human-annotation', 'version': 1, 'samples': {
+        'img0': {'instances': {'1': {'win': 2, 'lose': 0, 'negative': 'waxy skin'}}, 'negative_prompt': 'cartoon'},
+        'img1': {'instances': {'0': {'win': 0, 'lose': 1}}}}}
+    path = tmp_path / 'human.json'
+    path.write_text(json.dumps(annotations))
+    opt = write_chain_yaml(tmp_path / 'chain.yml', network={'type': 'unused'})
+    score = script('score_instances')
+    assert score(['-opt', opt, '--work', work.root, '--scorer', 'human', '--annotations', str(path),
+                  '--no-progress']) == 0
+    with open(work.instances_json('img0')) as handle:
+        record = json.load(handle)
+    assert [(i['win'], i['lose']) for i in record['instances'][:2]] == [(-1, -1), (2, 0)]
+    assert record['negative_prompt'] == 'blurry, cartoon, waxy skin' and record['scorer'] == {'type': 'human'}
+    # a bad index is reported for that sample only, which stays unfinished
+    annotations['samples']['img1']['instances']['0']['lose'] = 3
+    path.write_text(json.dumps(annotations))
+    assert score(['-opt', opt, '--work', work.root, '--scorer', 'human', '--annotations', str(path),
+                  '--no-progress', '--overwrite']) == 1
+    with open(work.errors_json('instances')) as handle:
+        errors = json.load(handle)
+    assert list(errors) == ['img1'] and "key 'lose' = 3 is not a candidate index 0..2" in errors['img1']
+    assert work.sids('instances') == ['img0', 'img1']  # img1's earlier record is kept, not lost
