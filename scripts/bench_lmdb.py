@@ -59,7 +59,7 @@ def main():
             for _ in range(args.repeats):
                 for name, dataset in datasets.items():  # interleaved, so load changes hit all alike
                     rates = measure_samples_per_second(dataset, workers, args.batch_size, args.epochs)
-                    for kind, rate in zip(('wall', 'cpu'), rates):
+                    for kind, rate in zip(('wall', 'cpu'), rates, strict=True):
                         best[name, kind] = max(best[name, kind], rate)
             for kind, label in (('wall', 'per wall s'), ('cpu', 'per CPU s')):
                 print(f'{workers:>7}  {label:<9}' + ''.join(f'{best[n, kind]:>9.1f}' for n in names) + ' | '

@@ -1,13 +1,12 @@
 """PreferenceLMDBDataset: aligned crops, shared augmentation, compact relabelling, collate padding, workers."""
 import random
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 import dspo_basicsr  # noqa: F401,I001  (adapts basicsr 1.4.2 before it is imported)
-from basicsr.data import build_dataset
+from basicsr.data import build_dataloader, build_dataset
 from basicsr.utils.registry import DATASET_REGISTRY
 from dspo_basicsr.data.preference_lmdb_dataset import (PreferenceLMDBDataset, collate_preference_batch,
                                                        preference_item)
@@ -159,3 +158,11 @@ def test_dataloader_with_two_workers(set_path):
         assert batch['win'].shape == batch['area'].shape == batch['instance_ids'].shape
         sids += batch['sid']
     assert sorted(sids) == ['a', 'b', 'c']
+
+
+def test_basicsr_train_loader_uses_the_collate_fn(set_path):
+    dataset_opt = {'phase': 'train', 'batch_size_per_gpu': 3, 'num_worker_per_gpu': 2}
+    dataset = _dataset(set_path)
+    loader = build_dataloader(dataset, dataset_opt, num_gpu=0, seed=0)
+    batch = next(iter(loader))
+    assert batch['win'].shape[0] == 3 and batch['sid'] and isinstance(batch['prompt'], list)

@@ -38,7 +38,7 @@ def test_round_trip_is_bit_exact(set_path):
         np.testing.assert_array_equal(got.lq, expected.lq)
         assert got.lq.dtype == np.uint8 and got.lq.shape == expected.lq.shape
         assert len(got.candidates) == 3
-        for a, b in zip(got.candidates, expected.candidates):
+        for a, b in zip(got.candidates, expected.candidates, strict=True):
             assert a.dtype == np.uint8
             np.testing.assert_array_equal(a, b)  # RGB order kept: channel 2 holds the candidate index
         assert got.seg.dtype == np.uint16 and got.seg.max() > 255
@@ -185,6 +185,9 @@ def test_write_rejects_duplicate_ids_and_scale_mismatch(tmp_path):
                               progress=False)
     with pytest.raises(PreferenceDataError, match='LQ is 16x12, so x2 candidates would be 32x24'):
         write_preference_lmdb(str(tmp_path / 'scale.lmdb'), [coordinate_sample('a')], scale=2, progress=False)
+    with pytest.raises(ValueError, match='no samples'):
+        write_preference_lmdb(str(tmp_path / 'empty' / 'empty.lmdb'), iter([]), progress=False)
+    assert os.listdir(tmp_path / 'empty') == []  # neither a set nor a temporary folder
 
 
 def _failing_after(samples, count):

@@ -204,6 +204,8 @@ def write_preference_lmdb(path, samples, scale=None, overwrite=False, resume=Tru
             builder.add(sid, _encode_sample(sample, counts, png_compression))
         builder.flush()
         if not builder.order:
+            builder.env.close()
+            shutil.rmtree(temp)
             raise ValueError(f"no samples were given for preference set '{final}'.")
         _finish(builder, final, scale, num_candidates, png_compression)
     except BaseException:
@@ -337,7 +339,8 @@ class PreferenceLMDB:
             raw = txn.get(b'__format__')
             if raw is None:
                 raise PreferenceDataError(self.path, None, '__format__', 'the header key is missing; this is not a '
-                                          'preference set written by write_preference_lmdb (or its build did not finish).')
+                                          'preference set written by write_preference_lmdb (or its build did not '
+                                          'finish).')
             header = decode_json(raw, self.path, None, '__format__')
             if not isinstance(header, dict) or header.get('format') != FORMAT_NAME:
                 raise PreferenceDataError(self.path, None, '__format__', f"the header says format "
@@ -408,7 +411,8 @@ class PreferenceLMDB:
         stored = meta.get('stored') if isinstance(meta, dict) else None
         if (not isinstance(stored, dict) or not isinstance(meta.get('instances'), list)
                 or not isinstance(stored.get('num_candidates'), int) or not isinstance(stored.get('extras'), list)):
-            raise PreferenceDataError(self.path, sid, key, "the meta JSON lacks 'instances' or a valid 'stored' record.")
+            raise PreferenceDataError(self.path, sid, key,
+                                      "the meta JSON lacks 'instances' or a valid 'stored' record.")
         return meta
 
     def __getitem__(self, sid):

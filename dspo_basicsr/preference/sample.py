@@ -243,7 +243,8 @@ def decode_png(data, path, sid, key, channels):
                                   'rebuild the set with write_preference_lmdb.')
     if channels == 1:
         if image.ndim != 2:
-            raise PreferenceDataError(path, sid, key, f'expected a single-channel label map PNG, got shape {image.shape}.')
+            raise PreferenceDataError(path, sid, key,
+                                      f'expected a single-channel label map PNG, got shape {image.shape}.')
         return image.astype(np.uint16, copy=False)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise PreferenceDataError(path, sid, key, f'expected an 8-bit 3-channel PNG, got shape {image.shape} '
