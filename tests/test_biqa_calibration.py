@@ -16,7 +16,8 @@ from dspo_basicsr.archs.rank_calibrated_iqa_arch import RankCalibratedIQAArch
 from dspo_basicsr.data.sr_method_group_dataset import SRMethodGroupDataset, collate_method_groups
 from dspo_basicsr.losses.fidelity_loss import fidelity_loss
 from dspo_basicsr.metrics.calibrated_iqa_metric import calculate_calibrated_iqa
-from dspo_basicsr.metrics.two_afc import human_ceiling, model_choice, oracle_ceiling, two_afc_score
+from dspo_basicsr.metrics.two_afc import (human_ceiling, model_choice, oracle_ceiling, pairs_csv_ceilings,
+                                          two_afc_score)
 from dspo_basicsr.models.rank_calibration_model import RankCalibrationModel
 from tests.biqa_fixtures import REPO, make_data, model_options, train_dataset_options, write_cli_option
 
@@ -71,6 +72,16 @@ def test_two_afc_by_hand():
     assert oracle_ceiling(p) == pytest.approx((1 + 0.7 + 0.8) / 3)
 
 
+def test_pairs_csv_ceilings(tmp_path):
+    path = tmp_path / 'pairs.csv'
+    path.write_text('pair,group,image_a,image_b,fraction_a,fraction_b\n'
+                    'p0,g,a.png,b.png,7,3\np1,g,c.png,d.png,0.5,0.5\n')   # counts or fractions both normalise
+    ceilings = pairs_csv_ceilings(str(path))
+    assert ceilings['pairs'] == 2
+    assert ceilings['human_ceiling'] == pytest.approx(((0.49 + 0.09) + 0.5) / 2)
+    assert ceilings['oracle_ceiling'] == pytest.approx((0.7 + 0.5) / 2)
+
+
 # ------------------------------------------------------------------------------------------------- archs
 def test_clip_quality_arch_loads_back_and_reports_missing_weights(tmp_path):
     torch.manual_seed(0)
@@ -86,6 +97,10 @@ def test_clip_quality_arch_loads_back_and_reports_missing_weights(tmp_path):
     assert out['features'].shape == (3, TINY_CLIP_CONFIG['embed_dim'])
     assert torch.all((out['q'] >= 1) & (out['q'] <= 5))
     torch.testing.assert_close(out['probs'].sum(-1), torch.ones(3))
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in arch.clip.state_dict().items()}, str(tmp_path / 'clip.safetensors'))
+    with torch.no_grad():
+        torch.testing.assert_close(CLIPQualityArch(load_path=str(tmp_path / 'clip.safetensors'))(x), ref['q'])
     missing = tmp_path / 'LIQE.pt'
     with pytest.raises(FileNotFoundError, match='LIQE.pt'):
         CLIPQualityArch(load_path=str(missing))

@@ -1,4 +1,6 @@
 """Thurstone Case V scaling, vote readers and bootstrap intervals."""
+import os
+
 import numpy as np
 import pytest
 from scipy.stats import norm
@@ -92,3 +94,23 @@ def test_readers_and_bootstrap(tmp_path):
     again = bootstrap_intervals(votes.records, 3, num_samples=100, seed=0, prior=0.5)
     np.testing.assert_array_equal(lower, again[1])  # seeded
     assert list(np.argsort(mu)) == [0, 1, 2]
+
+
+def test_rank_methods_report(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from dspo_basicsr.ranking.ranking_report import format_ranking, rank_methods
+    matrix = tmp_path / 'counts.csv'
+    matrix.write_text('method,a,b,c\na,0,30,35\nb,20,0,28\nc,15,22,0\n')
+    ranking = rank_methods(str(matrix), num_samples=50)
+    assert ranking['methods'] == ['a', 'b', 'c']
+    assert format_ranking(ranking).splitlines()[1].split()[:2] == ['1', 'a']
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'rank_methods.py')
+    out = tmp_path / 'out'
+    result = subprocess.run([sys.executable, script, str(matrix), '--bootstrap', '50', '--out', str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / 'ranking.json').read_text())['methods'] == ['a', 'b', 'c']
+    assert (out / 'ranking.png').stat().st_size > 1000

@@ -6,7 +6,7 @@ scores A higher, 0 if B, 0.5 on an exact tie), the 2AFC score is ``p q + (1 - p)
 """
 import numpy as np
 
-__all__ = ['model_choice', 'two_afc_score', 'human_ceiling', 'oracle_ceiling']
+__all__ = ['model_choice', 'two_afc_score', 'human_ceiling', 'oracle_ceiling', 'pairs_csv_ceilings']
 
 
 def model_choice(score_a, score_b):
@@ -44,3 +44,24 @@ def oracle_ceiling(pref_fraction):
     """Best 2AFC score of any deterministic model (always choosing the majority): mean of ``max(p, 1 - p)``."""
     p = np.asarray(pref_fraction, dtype=np.float64)
     return float(np.mean(np.maximum(p, 1 - p)))
+
+
+def pairs_csv_ceilings(path, fraction_a='fraction_a', fraction_b='fraction_b', delimiter=None):
+    """Human and oracle ceilings of a 2AFC pairs list (RealSR-1K style CSV/TSV with a header row).
+
+    Args:
+        path (str): The list.
+        fraction_a (str): Column of the share of subjects preferring image A.
+        fraction_b (str): Column of the share preferring B (optional; used to normalise when present).
+
+    Returns:
+        dict: ``pairs``, ``human_ceiling``, ``oracle_ceiling``.
+    """
+    from dspo_basicsr.data.iqa_list_dataset import read_table
+    rows, header = read_table(path, delimiter)
+    if fraction_a not in header:
+        raise KeyError(f'2AFC list {path!r} has no column {fraction_a!r}; its header is {header}.')
+    a = np.array([float(r[fraction_a]) for r in rows])
+    b = np.array([float(r[fraction_b]) for r in rows]) if fraction_b in header else 1 - a
+    p = a / (a + b)
+    return {'pairs': int(len(p)), 'human_ceiling': human_ceiling(p), 'oracle_ceiling': oracle_ceiling(p)}
