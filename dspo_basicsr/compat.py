@@ -14,6 +14,7 @@ Adaptations:
     * DistributedDataParallel is built without CUDA ``device_ids`` on CPU.
     * A registry lookup that fails names the registry and the closest registered names.
     * A dataset that defines ``collate_fn`` gets it in BasicSR's data loaders.
+    * ``optim_g.type`` may name any ``torch.optim`` optimizer (1.4.2 knows only Adam).
 """
 import collections
 import difflib
@@ -153,6 +154,17 @@ def _registry_get(self, name, suffix='basicsr'):
     return obj
 
 
+def _get_optimizer(self, optim_type, params, lr, **kwargs):
+    """``BaseModel.get_optimizer`` accepting any optimizer class of ``torch.optim`` by name."""
+    import torch
+    optimizer_class = getattr(torch.optim, optim_type, None)
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        known = sorted(n for n, c in vars(torch.optim).items()
+                       if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
+        raise ValueError(f"optimizer type '{optim_type}' is not a torch.optim optimizer; choose one of {known}.")
+    return optimizer_class(params, lr, **kwargs)
+
+
 def _with_dataset_collate(build_dataloader):
     def build(dataset, dataset_opt, *args, **kwargs):
         loader = build_dataloader(dataset, dataset_opt, *args, **kwargs)
@@ -185,6 +197,7 @@ def apply():
     dist_util._init_dist_pytorch = _init_dist_pytorch
     dist_util._init_dist_slurm = _init_dist_slurm
     BaseModel.model_to_device = _model_to_device
+    BaseModel.get_optimizer = _get_optimizer
     Registry.get = _registry_get
     build = _with_dataset_collate(basicsr.data.build_dataloader)
     for module in (basicsr.data, basicsr.train, basicsr.test):

@@ -87,7 +87,8 @@ class ControlSD2Arch(DiffusionSRArch):
     Args:
         pretrained_model_path (str | None): SD2.x-base folder (diffusers layout).
         controlnet_path (str | None): ControlNet folder; None initialises it from the UNet.
-        tiny (bool | dict): Build tiny random components instead (tests, demo); a dict may give ``seed``.
+        tiny (bool | dict): Build tiny random components instead (tests, demo); a dict may give ``seed``
+            and ``unet`` (overrides of the tiny UNet config, for benchmarks).
         scale (int): SR factor. Default: 4.
         trainable (str | list[str]): ``controlnet`` (default), ``unet_lora``, ``unet``, or a list of them.
         conditioning_scale (float): Multiplier of the ControlNet residuals. Default: 1.
@@ -101,10 +102,10 @@ class ControlSD2Arch(DiffusionSRArch):
                  conditioning_scale=1.0, lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS,
                  sampler='ddpm', prediction_type=None, default_steps=50, default_cfg=5.5):
         if tiny:
-            seed = tiny.get('seed', 0) if isinstance(tiny, dict) else 0
+            tiny = tiny if isinstance(tiny, dict) else {}
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                components = tiny_sd_components()
+                torch.manual_seed(tiny.get('seed', 0))
+                components = tiny_sd_components(unet=tiny.get('unet'))
         elif pretrained_model_path:
             components = load_sd_components(pretrained_model_path)
         else:

@@ -12,13 +12,20 @@ TINY_TEXT_DIM = 32
 TINY_MAX_LENGTH = 16
 
 
-def tiny_unet_config(cross_attention_dim=TINY_TEXT_DIM):
-    """SD2-shaped UNet config (linear projections, cross-attention in the first blocks), tiny widths."""
-    return dict(
+def tiny_unet_config(cross_attention_dim=TINY_TEXT_DIM, **overrides):
+    """SD2-shaped UNet config (linear projections, cross-attention in the first blocks), tiny widths.
+
+    Args:
+        cross_attention_dim (int): Width of the text embeddings.
+        **overrides: Any ``UNet2DConditionModel`` option, e.g. wider ``block_out_channels`` for benchmarks.
+    """
+    config = dict(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'), up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
         cross_attention_dim=cross_attention_dim, attention_head_dim=(2, 4), norm_num_groups=8,
         use_linear_projection=True)
+    config.update(overrides)
+    return config
 
 
 def tiny_vae_config():
@@ -54,10 +61,15 @@ def tiny_noise_scheduler(prediction_type='epsilon'):
         prediction_type=prediction_type, clip_sample=False)
 
 
-def tiny_sd_components(cross_attention_dim=TINY_TEXT_DIM):
-    """UNet, VAE, text encoder, tokenizer and noise scheduler of a tiny SD2-like model (random weights)."""
+def tiny_sd_components(cross_attention_dim=TINY_TEXT_DIM, unet=None):
+    """UNet, VAE, text encoder, tokenizer and noise scheduler of a tiny SD2-like model (random weights).
+
+    Args:
+        cross_attention_dim (int): Width of the text embeddings.
+        unet (dict | None): Overrides of :func:`tiny_unet_config`.
+    """
     return dict(
-        unet=UNet2DConditionModel(**tiny_unet_config(cross_attention_dim)),
+        unet=UNet2DConditionModel(**tiny_unet_config(cross_attention_dim, **(unet or {}))),
         vae=AutoencoderKL(**tiny_vae_config()),
         text_encoder=CLIPTextModel(CLIPTextConfig(**tiny_text_encoder_config())),
         tokenizer=tiny_tokenizer(),

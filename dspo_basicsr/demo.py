@@ -1,0 +1,158 @@
+"""The embedded tiny default: a preference set built from scikit-image's bundled photos.
+
+Everything is made locally, with no download: HQ crops of ``skimage.data`` photos, LQ images from
+BasicSR's degradation functions, N candidates sampled from a tiny random ControlSD2 model under different
+sampling settings (saved in the released diffusers layout, then loaded back as a user's model would be),
+a SLIC label map per image, and the preferred / dispreferred candidate of each instance by PSNR against
+the HQ crop inside that instance.
+"""
+import os
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from basicsr.data.degradations import add_gaussian_noise, add_jpg_compression, bivariate_Gaussian
+
+#: (skimage.data function, prompt) of the photos the demo uses; all ship inside scikit-image.
+DEMO_PHOTOS = (
+    ('astronaut', 'a photo of an astronaut'), ('chelsea', 'a photo of a cat'), ('coffee', 'a cup of coffee'),
+    ('rocket', 'a rocket on a launch pad'), ('immunohistochemistry', 'stained tissue under a microscope'), ('hubble_deep_field', 'galaxies'),
+)
+
+#: Sampling settings of the demo candidates; the first is the framework's default.
+DEMO_CANDIDATE_SETTINGS = (
+    dict(steps=8, cfg=3.0, seed=0), dict(steps=4, cfg=1.0, seed=1), dict(steps=8, cfg=5.5, seed=2),
+    dict(steps=4, cfg=3.0, seed=3),
+)
+
+
+def hq_crops(size=64, crops_per_photo=2, seed=0):
+    """Random ``size`` x ``size`` RGB crops of the bundled photos, resized so a crop holds a scene part.
+
+    Returns:
+        list[tuple[str, np.ndarray, str]]: (sample id, uint8 RGB crop, prompt).
+    """
+    import skimage.data
+    rng = np.random.default_rng(seed)
+    crops = []
+    for name, prompt in DEMO_PHOTOS:
+        photo = getattr(skimage.data, name)()
+        if photo.ndim == 2:
+            photo = np.stack([photo] * 3, axis=-1)
+        photo = photo[..., :3]
+        short = min(photo.shape[:2])
+        factor = 2.5 * size / short
+        photo = cv2.resize(photo, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+        h, w = photo.shape[:2]
+        for i in range(crops_per_photo):
+            top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+            crops.append((f'{name}_{i}', np.ascontiguousarray(photo[top:top + size, left:left + size]), prompt))
+    return crops
+
+
+def degrade(hq, scale=4, seed=0):
+    """Blur (anisotropic Gaussian), x``scale`` bicubic downsampling, Gaussian noise and JPEG.
+
+    Args:
+        hq (np.ndarray): (H, W, 3) uint8 RGB.
+
+    Returns:
+        np.ndarray: (H/scale, W/scale, 3) uint8 RGB.
+    """
+    rng = np.random.default_rng(seed)
+    kernel = bivariate_Gaussian(21, rng.uniform(0.6, 2.0), rng.uniform(0.6, 2.0), rng.uniform(-np.pi, np.pi))
+    img = cv2.filter2D(hq.astype(np.float32) / 255.0, -1, kernel)
+    h, w = hq.shape[:2]
+    img = cv2.resize(img, (w // scale, h // scale), interpolation=cv2.INTER_CUBIC)
+    img = add_gaussian_noise(np.clip(img, 0, 1), sigma=rng.uniform(1, 8), clip=True, rounds=False)
+    img = add_jpg_compression(img, quality=int(rng.uniform(50, 95)))
+    return (np.clip(img, 0, 1) * 255.0).round().astype(np.uint8)
+
+
+def instance_pairs_by_psnr(candidates, gt, seg):
+    """Preferred / dispreferred candidate of each instance: highest and lowest PSNR inside it.
+
+    Args:
+        candidates (list[np.ndarray]): N (H, W, 3) uint8 images.
+        gt (np.ndarray): (H, W, 3) uint8 ground truth.
+        seg (np.ndarray): (H, W) label map with ids 0..M-1.
+
+    Returns:
+        list[dict]: ``{id, win, lose, scores}`` per instance (scores: PSNR of each candidate, dB).
+    """
+    diff = (np.stack(candidates).astype(np.float64) - gt.astype(np.float64)[None])**2  # (N, H, W, 3)
+    instances = []
+    for m in range(int(seg.max()) + 1):
+        mask = seg == m
+        mse = diff[:, mask].mean(axis=(1, 2))
+        psnr = 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+        win, lose = int(np.argmax(psnr)), int(np.argmin(psnr))
+        if win == lose:
+            win = lose = -1
+        instances.append({'id': m, 'win': win, 'lose': lose, 'scores': {'psnr': [round(float(p), 4) for p in psnr]}})
+    return instances
+
+
+def _to_uint8(image):
+    return (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+
+
+def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n_segments=8, seed=0,
+                    overwrite=False):
+    """Build the whole demo under ``root``: tiny model, preference set, validation folders.
+
+    Layout::
+
+        root/tiny_sd2/            tiny SD2-base folder (diffusers layout) + controlnet/
+        root/demo_pref.lmdb       the preference set (DESIGN.md section 4)
+        root/val/gt, root/val/lq  paired PNG folders for SR validation (other crops)
+
+    Returns:
+        dict: paths of the three parts and the number of training samples.
+    """
+    from basicsr.archs import build_network
+    from dspo_basicsr.archs.control_sd2_arch import build_tiny_control_sd2_folder
+    from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
+    from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
+
+    os.makedirs(root, exist_ok=True)
+    model_path, controlnet_path = build_tiny_control_sd2_folder(os.path.join(root, 'tiny_sd2'), seed=seed)
+    framework = build_network(dict(type='ControlSD2Arch', pretrained_model_path=model_path,
+                                   controlnet_path=controlnet_path, scale=scale, sampler='ddim')).eval()
+    segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
+
+    crops = hq_crops(size, crops_per_photo + 1, seed)
+    train = [c for i, c in enumerate(crops) if i % (crops_per_photo + 1) != crops_per_photo]
+    val = [c for i, c in enumerate(crops) if i % (crops_per_photo + 1) == crops_per_photo]
+
+    def samples():
+        for index, (sid, hq, prompt) in enumerate(train):
+            lq = degrade(hq, scale, seed=seed * 1000 + index)
+            lq_tensor = torch.from_numpy(lq).permute(2, 0, 1).float().div(255).unsqueeze(0)
+            candidates = []
+            for setting in DEMO_CANDIDATE_SETTINGS:
+                generator = torch.Generator().manual_seed(setting['seed'])
+                sr = framework.sample(lq_tensor, prompt, steps=setting['steps'], cfg=setting['cfg'],
+                                      generator=generator)
+                candidates.append(_to_uint8(sr[0]))
+            seg = segment_instances(segmenter, hq, min_area=16)
+            yield PreferenceSample(
+                sid=sid, lq=lq, candidates=candidates, seg=seg, instances=instance_pairs_by_psnr(candidates, hq, seg),
+                prompt=prompt, negative_prompt='', gt=hq,
+                meta={'candidates': list(DEMO_CANDIDATE_SETTINGS), 'default_candidate': 0, 'source': 'skimage.data'})
+
+    lmdb_path = os.path.join(root, 'demo_pref.lmdb')
+    with torch.no_grad():
+        write_preference_lmdb(lmdb_path, tqdm(samples(), total=len(train), desc='demo preference set'), scale=scale,
+                              overwrite=overwrite, progress=False)
+
+    for sub in ('gt', 'lq'):
+        os.makedirs(os.path.join(root, 'val', sub), exist_ok=True)
+    for index, (sid, hq, _) in enumerate(val):
+        lq = degrade(hq, scale, seed=seed * 1000 + 500 + index)
+        cv2.imwrite(os.path.join(root, 'val', 'gt', f'{sid}.png'), cv2.cvtColor(hq, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(os.path.join(root, 'val', 'lq', f'{sid}.png'), cv2.cvtColor(lq, cv2.COLOR_RGB2BGR))
+    return dict(model=model_path, controlnet=controlnet_path, preference_set=lmdb_path,
+                val=os.path.join(root, 'val'), num_samples=len(train))

@@ -1,0 +1,60 @@
+"""A tiny SD2 + ControlNet folder and a tiny preference set, for DSPO tests."""
+import os
+
+import numpy as np
+
+from dspo_basicsr.archs.control_sd2_arch import build_tiny_control_sd2_folder
+from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
+
+
+def make_tiny_preference_set(root, num_samples=3, num_candidates=3, sr_size=32, scale=4, seed=0):
+    """Random candidates with a 2x2 block label map (4 instances, one of them unpaired).
+
+    Returns:
+        dict: ``lmdb``, ``model``, ``controlnet`` paths.
+    """
+    rng = np.random.default_rng(seed)
+    model, controlnet = build_tiny_control_sd2_folder(os.path.join(root, 'tiny_sd2'), seed=seed)
+    half = sr_size // 2
+    seg = np.zeros((sr_size, sr_size), np.uint16)
+    seg[:half, half:], seg[half:, :half], seg[half:, half:] = 1, 2, 3
+    samples = []
+    for i in range(num_samples):
+        candidates = [rng.integers(0, 256, (sr_size, sr_size, 3), dtype=np.uint8) for _ in range(num_candidates)]
+        instances = [{'id': m, 'win': int(m % num_candidates), 'lose': int((m + 1) % num_candidates)} for m in range(3)]
+        instances.append({'id': 3, 'win': -1, 'lose': -1})
+        samples.append(PreferenceSample(
+            sid=f's{i:02d}', lq=rng.integers(0, 256, (sr_size // scale, sr_size // scale, 3), dtype=np.uint8),
+            candidates=candidates, seg=seg.copy(), instances=instances, prompt='a photo',
+            negative_prompt='blurry' if i % 2 else '', gt=candidates[0], meta={'pair': [0, 1]}))
+    lmdb_path = os.path.join(root, 'tiny_pref.lmdb')
+    write_preference_lmdb(lmdb_path, samples, scale=scale, progress=False)
+    return {'lmdb': lmdb_path, 'model': model, 'controlnet': controlnet}
+
+
+def dspo_options(paths, name='dspo_tiny', total_iter=2, preference='DSPOLoss', trainable='controlnet',
+                 save_every=2, feedback=None, val=True):
+    """A DSPOModel option dict on the tiny set (CPU, batch 2, 4 timesteps of sampling in validation)."""
+    loss = {'type': preference, 'loss_weight': 1.0}
+    if preference != 'DiffusionSFTLoss':
+        loss['beta'] = 500.0
+    opt = {
+        'name': name, 'model_type': 'DSPOModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
+        'datasets': {'train': {'name': 'tiny', 'type': 'PreferenceLMDBDataset', 'dataroot': paths['lmdb'],
+                               'gt_size': 32, 'use_hflip': True, 'use_rot': False, 'num_worker_per_gpu': 0,
+                               'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 1}},
+        'network_g': {'type': 'ControlSD2Arch', 'pretrained_model_path': paths['model'],
+                      'controlnet_path': paths['controlnet'], 'scale': 4, 'trainable': trainable, 'sampler': 'ddim'},
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'train': {'optim_g': {'type': 'AdamW', 'lr': 1e-3, 'weight_decay': 0.0},
+                  'scheduler': {'type': 'MultiStepLR', 'milestones': [1000], 'gamma': 0.5},
+                  'total_iter': total_iter, 'warmup_iter': -1, 'preference_opt': loss},
+        'logger': {'print_freq': 1, 'save_checkpoint_freq': save_every, 'use_tb_logger': False},
+        'dist_params': {'backend': 'gloo', 'port': 29500},
+    }
+    if feedback:
+        opt['train']['feedback_guidance_scale'] = feedback
+    if val:
+        opt['datasets']['val_1'] = {'name': 'tiny_pairs', 'type': 'PreferenceLMDBDataset', 'dataroot': paths['lmdb']}
+        opt['val'] = {'val_freq': save_every, 'save_img': False, 'preference_timesteps': [500]}
+    return opt

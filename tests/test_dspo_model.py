@@ -1,0 +1,151 @@
+"""DSPOModel: the training step, checkpoints without the reference, resume, non-finite losses, CLI."""
+import glob
+import math
+import os
+import re
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import dspo_basicsr  # noqa: F401  (registration)
+from basicsr.models import build_model
+from conftest import run_cli, write_options
+from dspo_fixtures import dspo_options, make_tiny_preference_set
+from dspo_basicsr.models.dspo_model import NonFiniteLossError
+
+
+@pytest.fixture(scope='module')
+def tiny_set(tmp_path_factory):
+    return make_tiny_preference_set(str(tmp_path_factory.mktemp('tiny_set')))
+
+
+def _in_process_opt(tiny_set, tmp_path, **kwargs):
+    opt = dspo_options(tiny_set, val=False, **kwargs)
+    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
+    models = tmp_path / 'models'
+    models.mkdir(exist_ok=True)
+    opt['path'].update(models=str(models), training_states=str(tmp_path / 'states'))
+    return opt
+
+
+def _batch(tiny_set, batch=2):
+    from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
+    dataset = PreferenceLMDBDataset({'name': 't', 'type': 'PreferenceLMDBDataset', 'dataroot': tiny_set['lmdb'],
+                                     'phase': 'train', 'gt_size': 32, 'use_hflip': False, 'use_rot': False})
+    return dataset.collate_fn([dataset[i] for i in range(batch)])
+
+
+def _pretrained_controlnet(tiny_set):
+    from diffusers import ControlNetModel
+    return ControlNetModel.from_pretrained(tiny_set['controlnet'], local_files_only=True).state_dict()
+
+
+def test_training_moves_policy_not_reference_and_saves_only_trainable(tiny_set, tmp_path):
+    model = build_model(_in_process_opt(tiny_set, tmp_path))
+    data = _batch(tiny_set)
+    before = {k: v.clone() for k, v in model.bare.trainable_state_dict().items()}
+    for step in range(3):
+        model.feed_data(data)
+        model.optimize_parameters(step + 1)
+    log = model.get_current_log()
+    assert {'l_dspo', 'implicit_acc', 'logit_mean', 'err_theta_w', 'err_ref_l'} <= set(log)
+    assert math.isfinite(log['l_dspo'])
+    after = model.bare.trainable_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    pretrained = _pretrained_controlnet(tiny_set)
+    for key, value in model.net_ref.copies['controlnet'].state_dict().items():
+        torch.testing.assert_close(value, pretrained[key], rtol=0, atol=0)
+
+    model.save_network(model.net_g, 'net_g', 3)
+    saved = torch.load(tmp_path / 'models' / 'net_g_3.pth', weights_only=True)['params']
+    assert set(saved) == set(after) and all(k.startswith('controlnet.') for k in saved)
+    assert not any(k.startswith(('unet.', 'vae.', 'text_encoder.')) for k in saved)
+
+    # Loading the checkpoint restores the policy; the reference is rebuilt from the pretrained source.
+    opt = _in_process_opt(tiny_set, tmp_path)
+    opt['path']['pretrain_network_g'] = str(tmp_path / 'models' / 'net_g_3.pth')
+    resumed = build_model(opt)
+    for key, value in resumed.bare.trainable_state_dict().items():
+        torch.testing.assert_close(value, after[key], rtol=0, atol=0)
+    for key, value in resumed.net_ref.copies['controlnet'].state_dict().items():
+        torch.testing.assert_close(value, pretrained[key], rtol=0, atol=0)
+
+
+def test_policy_equal_to_reference_gives_ln2(tiny_set, tmp_path):
+    model = build_model(_in_process_opt(tiny_set, tmp_path))
+    model.feed_data(_batch(tiny_set))
+    loss, stats = model.preference_loss()
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+    assert stats['implicit_acc'].item() == pytest.approx(0.5)
+    loss.backward()
+    assert sum(p.grad.abs().sum() for p in model.bare.parameters() if p.grad is not None) > 0
+
+
+@pytest.mark.parametrize('preference,log_key', [('DiffusionDPOLoss', 'l_dpo'), ('DiffusionSFTLoss', 'l_sft')])
+def test_image_level_objectives_step(tiny_set, tmp_path, preference, log_key):
+    model = build_model(_in_process_opt(tiny_set, tmp_path, preference=preference))
+    model.feed_data(_batch(tiny_set))
+    model.optimize_parameters(1)
+    assert math.isfinite(model.get_current_log()[log_key])
+
+
+def test_lora_training_has_no_reference_copy(tiny_set, tmp_path):
+    model = build_model(_in_process_opt(tiny_set, tmp_path, trainable='unet_lora', feedback=2.0))
+    assert model.net_ref.copies == {}
+    model.feed_data(_batch(tiny_set))
+    model.optimize_parameters(1)
+    keys = set(model.bare.trainable_state_dict())
+    assert keys and all('lora_' in k for k in keys)
+
+
+def test_nonfinite_loss_skips_update_then_stops(tiny_set, tmp_path, monkeypatch):
+    opt = _in_process_opt(tiny_set, tmp_path)
+    opt['train']['max_nonfinite_steps'] = 2
+    model = build_model(opt)
+    model.feed_data(_batch(tiny_set))
+    before = {k: v.clone() for k, v in model.bare.trainable_state_dict().items()}
+    real = model.preference_loss
+
+    def nan_loss():
+        loss, stats = real()
+        return loss * float('nan'), stats
+
+    monkeypatch.setattr(model, 'preference_loss', nan_loss)
+    model.optimize_parameters(1)
+    assert model.nonfinite_total == 1
+    for key, value in model.bare.trainable_state_dict().items():
+        assert torch.equal(value, before[key])
+    with pytest.raises(NonFiniteLossError, match='non-finite loss'):
+        model.optimize_parameters(2)
+
+
+def test_nonfinite_weights_never_reach_a_checkpoint(tiny_set, tmp_path):
+    model = build_model(_in_process_opt(tiny_set, tmp_path))
+    model.save_network(model.net_g, 'net_g', 1)
+    with torch.no_grad():
+        next(p for p in model.bare.parameters() if p.requires_grad).fill_(float('inf'))
+    with pytest.raises(NonFiniteLossError, match='refusing to save'):
+        model.save_network(model.net_g, 'net_g', 2)
+    assert sorted(os.listdir(tmp_path / 'models')) == ['net_g_1.pth']
+
+
+def test_cli_trains_saves_and_auto_resumes_with_same_reference(tiny_set, tmp_path):
+    opt_file = write_options(tmp_path / 'dspo.yml', dspo_options(tiny_set, total_iter=2))
+    first = run_cli(['train', '-opt', opt_file], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    exp = tmp_path / 'experiments' / 'dspo_tiny'
+    assert (exp / 'models' / 'net_g_2.pth').is_file() and (exp / 'training_states' / '2.state').is_file()
+    saved = torch.load(exp / 'models' / 'net_g_2.pth', weights_only=True)['params']
+    assert saved and all(k.startswith('controlnet.') for k in saved)
+
+    opt_file = write_options(tmp_path / 'dspo.yml', dspo_options(tiny_set, total_iter=4))
+    second = run_cli(['train', '-opt', opt_file, '--auto_resume'], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (exp / 'models' / 'net_g_4.pth').is_file()
+    logs = [open(f).read() for f in sorted(glob.glob(str(exp / 'train_*.log')))]
+    text = '\n'.join(logs)
+    assert 'Resuming training from epoch' in text and 'l_dspo' in text and 'implicit_acc' in text
+    checksums = re.findall(r'checksum (\S+)\.', text)
+    expected = sum(v.double().sum() for v in _pretrained_controlnet(tiny_set).values())
+    assert len(checksums) == 2 and all(float(c) == pytest.approx(float(expected), rel=1e-9) for c in checksums)
