@@ -4,6 +4,7 @@ import os
 import pickle
 import re
 
+import cv2
 import numpy as np
 import pytest
 
@@ -74,7 +75,11 @@ def test_meta_info_and_layout(set_path):
     assert lines == ['img_000 lq=16x12 sr=64x48 candidates=3 instances=12 gt=yes',
                      'img_001 lq=8x12 sr=32x48 candidates=3 instances=6 gt=no',
                      'img_002 lq=12x8 sr=48x32 candidates=3 instances=6 gt=yes']
-    assert lmdb_get(set_path, 'img_000/c1')[:8] == b'\x89PNG\r\n\x1a\n'
+    png = lmdb_get(set_path, 'img_000/c1')
+    assert png[:8] == b'\x89PNG\r\n\x1a\n'
+    # A standard PNG reader sees the RGB image: OpenCV decodes to BGR.
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)[..., ::-1],
+                                  _samples()[0].candidates[1])
     assert lmdb_get(set_path, 'img_000/x/tags')[:6] == b'\x93NUMPY'
     assert json.loads(lmdb_get(set_path, 'img_000/meta'))['default_candidate'] == 0
     assert lmdb_get(set_path, 'img_001/gt') is None
