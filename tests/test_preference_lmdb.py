@@ -223,6 +223,20 @@ def test_interrupted_build_leaves_no_set_and_resumes(tmp_path):
     assert not os.path.exists(path + '.tmp-build') and resumable_ids(path) == []
 
 
+def test_concurrent_build_of_the_same_set_is_refused(tmp_path):
+    import fcntl
+    path = str(tmp_path / 'pref.lmdb')
+    os.makedirs(path + '.tmp-build')
+    other = os.open(path + '.tmp-build', os.O_RDONLY)  # another build holds the lock
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match='another process is building'):
+            write_preference_lmdb(path, [coordinate_sample('a')], progress=False)
+    finally:
+        os.close(other)
+    assert write_preference_lmdb(path, [coordinate_sample('a')], progress=False).ids() == ['a']
+
+
 def test_failed_overwrite_keeps_existing_set(set_path):
     with pytest.raises(FileExistsError, match='overwrite=True'):
         write_preference_lmdb(set_path, _samples(), progress=False)

@@ -168,6 +168,7 @@ def write_preference_lmdb(path, samples, scale=None, overwrite=False, resume=Tru
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         PreferenceDataError: A sample does not satisfy the format.
+        RuntimeError: Another process is building the same set.
     """
     final = os.path.abspath(path).rstrip(os.sep)
     if os.path.exists(final) and not overwrite:
@@ -176,7 +177,12 @@ def write_preference_lmdb(path, samples, scale=None, overwrite=False, resume=Tru
     if os.path.exists(temp) and not resume:
         shutil.rmtree(temp)
     os.makedirs(temp, exist_ok=True)
-    builder = _Builder(temp, batch_bytes)
+    guard = _lock_build(temp, final)
+    try:
+        builder = _Builder(temp, batch_bytes)
+    except BaseException:
+        os.close(guard)
+        raise
     try:
         built_scale = builder.build.get('scale')
         if built_scale is not None and scale is not None and built_scale != scale:
@@ -211,10 +217,28 @@ def write_preference_lmdb(path, samples, scale=None, overwrite=False, resume=Tru
     except BaseException:
         builder.drop_pending()
         builder.env.close()
+        os.close(guard)
         raise
     builder.env.close()
-    _move_into_place(temp, final)
+    try:
+        _move_into_place(temp, final)
+    finally:
+        os.close(guard)
     return PreferenceLMDB(final)
+
+
+def _lock_build(temp, final):
+    """Exclusive lock on the temporary folder (a directory flock): one build of a set at a time."""
+    import fcntl
+
+    guard = os.open(temp, os.O_RDONLY)
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(guard)
+        raise RuntimeError(f"another process is building preference set '{final}' (in '{temp}'); wait for it "
+                           'to finish, or stop it first.') from None
+    return guard
 
 
 def _infer_scale(sample, final):
