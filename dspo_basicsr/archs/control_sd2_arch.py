@@ -125,8 +125,8 @@ class ControlSD2Arch(DiffusionSRArch):
                 self.unet, conditioning_embedding_out_channels=controlnet_embedding_channels(self.vae_scale_factor))
         self.setup_trainable()
 
-    def condition(self, lq, prompts, negative_prompts=None):
-        """LQ (B, 3, h, w) in [0, 1] and B prompts -> condition dict (computed once per LQ).
+    def condition(self, lq, prompts, negative_prompts=None, **extras):
+        """LQ (B, 3, h, w) in [0, 1] and B prompts -> condition dict (computed once per LQ; no extras used).
 
         Returns:
             dict: ``control_image`` (B, 3, h*s, w*s), ``prompt_embeds`` (B, L, D) and, with negative

@@ -212,10 +212,24 @@ class DiffusionSRArch(nn.Module):
             return self.noise_scheduler.get_velocity(latents, noise, t)
         raise ValueError(f"unsupported prediction_type '{kind}' (epsilon or v_prediction).")
 
+    def training_timesteps(self, batch, low, high, generator=None):
+        """(batch,) timesteps at which preference likelihoods are taken, uniform in [low, high)."""
+        return torch.randint(low, high, (batch,), generator=generator, device=self.device)
+
+    def diffusion_inputs(self, latents, noise, t, cond):
+        """Noisy latents and the regression target for candidate latents (N, C, h, w).
+
+        Multi-step frameworks noise the candidate's latent: ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` with
+        target ``eps`` (or v). One-step frameworks override this to evaluate at their operating point.
+        """
+        return self.add_noise(latents, noise, t), self.training_target(latents, noise, t)
+
     def forward(self, x_t, t, cond):
         return self.predict_noise(x_t, t, cond)
 
-    def condition(self, lq, prompts, negative_prompts=None):
+    def condition(self, lq, prompts, negative_prompts=None, **extras):
+        """Condition of each LQ image; ``extras`` are precomputed per-sample tensors of the preference set
+        (e.g. RAM image embeddings) that a framework may use instead of computing them."""
         raise NotImplementedError
 
     def predict_noise(self, x_t, t, cond):

@@ -106,6 +106,7 @@ class DSPOModel(SRModel):
         self.lq = data['lq'].to(self.device)
         if 'gt' in data:
             self.gt = data['gt'].to(self.device)
+        self.extras = {name: value.to(self.device) for name, value in data.get('extras', {}).items()}
         self.has_candidates = 'candidates' in data
         if self.has_candidates:
             self.candidates = data['candidates'].to(self.device)
@@ -135,7 +136,7 @@ class DSPOModel(SRModel):
         negatives = None
         if getattr(self, 'feedback_scale', None):
             negatives = [join_negative_prompts(bare.default_negative_prompt, n) for n in self.negative_prompts]
-        return repeat_condition(bare.condition(self.lq, self.prompts, negatives), repeats)
+        return repeat_condition(bare.condition(self.lq, self.prompts, negatives, **self.extras), repeats)
 
     def denoising_errors(self, index, with_reference=True, generator=None, timesteps=None, latents=None, cond=None):
         """Per-pixel denoising errors of the chosen candidates, for the policy and the reference.
@@ -159,10 +160,9 @@ class DSPOModel(SRModel):
         # One noise and one timestep per LQ image, shared by its J candidates and by both networks.
         noise = torch.randn((b, c, h, w), generator=generator, device=self.device).repeat_interleave(j, 0)
         if timesteps is None:
-            timesteps = torch.randint(*self.timestep_range, (b,), generator=generator, device=self.device)
+            timesteps = bare.training_timesteps(b, *self.timestep_range, generator=generator)
         t = timesteps.repeat_interleave(j)
-        x_t = bare.add_noise(latents, noise, t)
-        target = bare.training_target(latents, noise, t)
+        x_t, target = bare.diffusion_inputs(latents, noise, t, cond)
         scale = getattr(self, 'feedback_scale', None)
 
         def errors(prediction):
