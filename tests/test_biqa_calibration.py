@@ -193,13 +193,25 @@ def test_non_finite_loss_stops_training(data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- CLI and metric
-def test_calibration_trains_and_validates_through_cli(trained):
+def test_calibration_trains_and_validates_through_cli(trained, data, tmp_path):
     log, run = trained
     assert 'l_t:' in log and 'l_p:' in log and 'l_total:' in log
     assert '# 2afc:' in log and '# srcc:' in log and '# plcc:' in log and '# human_ceiling:' in log
     assert (run / 'models' / 'net_g_latest.pth').is_file() and (run / 'models' / 'net_g_latest.json').is_file()
     saved = torch.load(run / 'models' / 'net_g_latest.pth', weights_only=True)['params']
     assert saved and all(k.startswith('rectifier.') for k in saved)  # the frozen backbone is not copied
+    # the checkpoint loads back as the starting point of another run (path.pretrain_network_g / resume)
+    opt = model_options(data, tmp_path)
+    opt['network_g']['hidden_dim'] = 32  # the demo option's width
+    opt['path']['pretrain_network_g'] = str(run / 'models' / 'net_g_latest.pth')
+    model = RankCalibrationModel(opt)
+    for key, value in saved.items():
+        torch.testing.assert_close(model.net_g.state_dict()[key], value)
+
+
+def test_unknown_dataset_option_is_refused(data):
+    with pytest.raises(KeyError, match=r"unknown option\(s\) \['group_szie'\]"):
+        SRMethodGroupDataset({**train_dataset_options(data), 'group_szie': 4})
 
 
 def _write_paired_images(root, names=('a', 'b', 'c')):

@@ -20,7 +20,7 @@ from torch.utils import data
 
 from basicsr.utils.registry import DATASET_REGISTRY
 
-__all__ = ['read_rgb', 'image_key', 'read_table', 'IQAListDataset', 'TwoAFCPairDataset']
+__all__ = ['read_rgb', 'image_key', 'read_table', 'check_option_keys', 'IQAListDataset', 'TwoAFCPairDataset']
 
 
 def read_rgb(path, crop_size=None):
@@ -70,6 +70,19 @@ def _require_columns(path, header, columns):
                        'options of the dataset to your header names.')
 
 
+# keys BasicSR itself puts in or reads from every dataset block
+LOADER_KEYS = frozenset({'name', 'type', 'phase', 'scale', 'use_shuffle', 'num_worker_per_gpu', 'batch_size_per_gpu',
+                         'dataset_enlarge_ratio', 'prefetch_mode', 'pin_memory', 'persistent_workers', 'io_backend'})
+
+
+def check_option_keys(opt, known, where):
+    """Refuse option keys a dataset does not read (a typo would otherwise be silently ignored)."""
+    unknown = sorted(set(opt) - set(known) - LOADER_KEYS)
+    if unknown:
+        raise KeyError(f"{where} {opt.get('name', '')!r}: unknown option(s) {unknown}; known options are "
+                       f'{sorted(known)}.')
+
+
 def pair_label(score_a, score_b):
     """Hard label from two scores (higher better): 1, 0, or 0.5 for equal scores."""
     return 1.0 if score_a > score_b else 0.0 if score_a < score_b else 0.5
@@ -97,6 +110,8 @@ class IQAListDataset(data.Dataset):
 
     def __init__(self, opt):
         super().__init__()
+        check_option_keys(opt, ('meta_file', 'dataroot', 'path_column', 'score_column', 'lower_is_better', 'mode',
+                                'crop_size', 'pairs_per_epoch', 'delimiter'), 'IQAListDataset')
         self.opt = opt
         self.meta_file = opt['meta_file']
         self.mode = opt.get('mode', 'single')
@@ -158,6 +173,7 @@ class TwoAFCPairDataset(data.Dataset):
 
     def __init__(self, opt):
         super().__init__()
+        check_option_keys(opt, ('meta_file', 'dataroot', 'columns', 'crop_size', 'delimiter'), 'TwoAFCPairDataset')
         self.opt = opt
         self.meta_file = opt['meta_file']
         self.crop_size = opt.get('crop_size')

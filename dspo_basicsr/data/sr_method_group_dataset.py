@@ -25,7 +25,7 @@ from torch.utils.data import default_collate
 
 from basicsr.utils.registry import DATASET_REGISTRY
 
-from dspo_basicsr.data.iqa_list_dataset import IQAListDataset, image_key, pair_label, read_rgb
+from dspo_basicsr.data.iqa_list_dataset import IQAListDataset, check_option_keys, image_key, pair_label, read_rgb
 
 __all__ = ['read_ranking_json', 'collate_method_groups', 'SRMethodGroupDataset']
 
@@ -75,6 +75,8 @@ class SRMethodGroupDataset(data.Dataset):
 
     def __init__(self, opt):
         super().__init__()
+        check_option_keys(opt, ('dataroot', 'ranking_json', 'methods', 'group_size', 'crop_size', 'label',
+                                'groups_per_epoch', 'mos'), 'SRMethodGroupDataset')
         self.opt = opt
         root = opt['dataroot']
         if not os.path.isdir(root):

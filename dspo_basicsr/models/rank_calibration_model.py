@@ -53,6 +53,9 @@ class RankCalibrationModel(BaseModel):
             self.net_g.load_rectifier(load_path)
             get_root_logger().info(f'Loaded rectifier weights from {load_path}.')
         cache_opt = dict(opt.get('feature_cache') or {})
+        unknown = sorted(set(cache_opt) - {'enabled', 'backend', 'lmdb_path'})
+        if unknown:
+            raise KeyError(f'feature_cache: unknown option(s) {unknown}; known: enabled, backend, lmdb_path.')
         self.feature_cache = None
         if cache_opt.get('enabled', True):
             self.feature_cache = BackboneFeatureCache(
@@ -228,8 +231,13 @@ class RankCalibrationModel(BaseModel):
         path = os.path.join(self.opt['path']['models'], f'net_g_{label}.pth')
         state = {k: v.detach().cpu() for k, v in self.net_g.rectifier_state_dict().items()}
         torch.save({'params': state}, path)
+        network = json.loads(json.dumps(self.opt['network_g']))
+        backbone_path = network.get('backbone', {}).get('load_path')
+        if backbone_path and os.path.isfile(backbone_path):
+            # absolute, so the metric finds the backbone from any working directory
+            network['backbone']['load_path'] = os.path.abspath(backbone_path)
         with open(network_options_path(path), 'w', encoding='utf-8') as f:
-            json.dump({'network_g': self.opt['network_g'], 'iter': current_iter}, f, indent=2)
+            json.dump({'network_g': network, 'iter': current_iter}, f, indent=2)
 
     def get_current_visuals(self):
         return OrderedDict()
