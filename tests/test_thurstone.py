@@ -106,6 +106,7 @@ def test_rank_methods_report(tmp_path):
     matrix.write_text('method,a,b,c\na,0,30,35\nb,20,0,28\nc,15,22,0\n')
     ranking = rank_methods(str(matrix), num_samples=50)
     assert ranking['methods'] == ['a', 'b', 'c']
+    assert all(hi - lo > 0.05 for lo, hi in ranking['intervals'].values())  # votes are resampled
     assert format_ranking(ranking).splitlines()[1].split()[:2] == ['1', 'a']
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'rank_methods.py')
     out = tmp_path / 'out'

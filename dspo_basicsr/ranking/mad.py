@@ -133,7 +133,14 @@ def default_perceptual_distance(device='cpu'):
     _require(vgg_path, 'DISTS (D1) backbone, torchvision VGG16')
     _require(dists_path, 'DISTS (D1) weights')
     from pyiqa.archs.dists_arch import DISTS
-    net = DISTS(pretrained=False, pretrained_model_path=dists_path).to(device).eval()
+
+    from dspo_basicsr.archs.clip_quality_arch import read_state_dict
+    net = DISTS(pretrained=False)  # VGG16 from the local torchvision file; alpha/beta loaded below
+    state = read_state_dict(dists_path, 'DISTS (D1) weights')
+    if 'alpha' not in state or 'beta' not in state:
+        raise KeyError(f'{dists_path!r} holds no DISTS alpha/beta weights (keys: {list(state)[:6]}).')
+    net.load_state_dict(state, strict=False)
+    net = net.to(device).eval()
     w_sum = net.alpha.sum() + net.beta.sum()
     alpha = torch.split(net.alpha / w_sum, net.chns, dim=1)
     beta = torch.split(net.beta / w_sum, net.chns, dim=1)

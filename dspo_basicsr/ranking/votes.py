@@ -55,7 +55,9 @@ def read_count_matrix(path, delimiter=None):
         delimiter (str, optional): Field separator; default ',' (tab for .tsv/.txt).
 
     Returns:
-        PairVotes: Names in header order; one record per unordered pair holding both directions.
+        PairVotes: Names in header order. With integer counts, one record per vote (so a bootstrap
+        resamples votes: a matrix carries no per-image information); otherwise one record per pair, which
+        a bootstrap cannot resample (zero-width intervals).
     """
     with open(path, newline='', encoding='utf-8') as f:
         rows = [row for row in csv.reader(f, delimiter=_delimiter(path, delimiter)) if row and any(row)]
@@ -79,8 +81,13 @@ def read_count_matrix(path, delimiter=None):
         except ValueError:
             raise ValueError(f'vote-count matrix {path!r}, row {r + 2}: counts must be numbers, got '
                              f'{row[1:]}.') from None
-    records = [(i, j, counts[i, j], counts[j, i])
-               for i in range(len(names)) for j in range(i + 1, len(names)) if counts[i, j] + counts[j, i] > 0]
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names)) if counts[i, j] + counts[j, i] > 0]
+    if np.all(counts % 1 == 0):
+        # no image information: every vote is its own bootstrap resampling unit
+        records = [record for i, j in pairs
+                   for record in [(i, j, 1.0, 0.0)] * int(counts[i, j]) + [(i, j, 0.0, 1.0)] * int(counts[j, i])]
+    else:
+        records = [(i, j, counts[i, j], counts[j, i]) for i, j in pairs]
     return PairVotes(names, records)
 
 
