@@ -199,7 +199,8 @@ def load_rank_calibrated_iqa(model_path, network=None):
     """
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f'calibrated IQA model: expected the rectifier checkpoint {model_path!r} '
-                                '(experiments/<name>/models/net_g_<iter>.pth from RankCalibrationModel); it does not exist.')
+                                '(experiments/<name>/models/net_g_<iter>.pth from RankCalibrationModel); '
+                                'it does not exist.')
     options = {}
     json_path = network_options_path(model_path)
     if os.path.isfile(json_path):
@@ -218,5 +219,6 @@ def load_rank_calibrated_iqa(model_path, network=None):
 def _merge(base, override):
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_dicts else value
     return merged

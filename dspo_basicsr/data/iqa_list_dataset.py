@@ -188,7 +188,8 @@ class TwoAFCPairDataset(data.Dataset):
                 frac_a = float(row[columns['fraction_a']])
                 frac_b = float(row[columns['fraction_b']]) if columns['fraction_b'] in row else 1 - frac_a
             except ValueError:
-                raise ValueError(f'2AFC list {self.meta_file!r}, line {line}: vote fractions must be numbers.') from None
+                raise ValueError(f'2AFC list {self.meta_file!r}, line {line}: vote fractions must be '
+                                 'numbers.') from None
             total = frac_a + frac_b
             if total <= 0 or frac_a < 0 or frac_b < 0:
                 raise ValueError(f'2AFC list {self.meta_file!r}, line {line}: fractions {frac_a}, {frac_b} are '
