@@ -1,10 +1,12 @@
-"""Preference objectives for diffusion SR: DSPO, Diffusion-DPO and SFT, as pure tensor functions.
+"""Preference objectives for diffusion SR: DSPO, Diffusion-DPO, SFT and Diffusion-DRO, as pure tensor functions.
 
 References:
     * DSPO: "DSPO: Direct Semantic Preference Optimization for Real-World Image Super-Resolution".
       Instance-level Diffusion-DPO: one DPO term per SAM instance, weighted by instance area.
     * Diffusion-DPO: Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization",
       CVPR 2024, Eq. 14. We use the diffusers convention (no 0.5 factor in front of beta).
+    * Diffusion-DRO: Wu et al., "Ranking-based Preference Optimization for Diffusion Models from Implicit
+      User Feedback", arXiv:2510.18353, 2025: a hinge ranking of denoising errors (expert vs negative).
 
 Every function takes denoising errors already computed by the model:
 ``err = mean over latent channels of (target - prediction)^2`` per latent pixel, for the policy
@@ -267,3 +269,97 @@ class DiffusionSFTLoss(_PreferenceLoss):
     def forward(self, err_theta_w):
         """Errors on the preferred images. Returns the weighted scalar loss."""
         return self.loss_weight * diffusion_sft_loss(err_theta_w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diffusion-DRO: Wu et al., "Ranking-based Preference Optimization for Diffusion Models from Implicit User
+# Feedback" (Diffusion Denoising Ranking Optimization), arXiv:2510.18353, 2025. A max-margin ranking of
+# denoising errors between an expert image and a negative image, instead of DPO's log-sigmoid; here in the
+# reference-relative form of DESIGN.md section 5, optionally per semantic instance with DSPO's area weights.
+
+
+def diffusion_dro_differences(err_theta, err_ref, expert, negative, coverage=None):
+    """Reference-relative ranking differences of Diffusion-DRO, per image or per instance.
+
+    ``d = (e_theta[expert] - e_ref[expert]) - (e_theta[negative] - e_ref[negative])``: negative when the
+    policy improved on the expert more than on the negative (the ranking Diffusion-DRO asks for).
+
+    Args:
+        err_theta (Tensor): (B, J, h, w) policy per-pixel errors of J images per LQ (candidates, GT,
+            online negatives; any stack), or (B, J) per-image mean errors when ``coverage`` is None.
+        err_ref (Tensor): reference errors, same shape as ``err_theta``.
+        expert (Tensor): long indices into J of the expert image: (B, M) per instance with ``coverage``,
+            (B,) per image without; -1 where there is none.
+        negative (Tensor): long indices into J of the negative image, same shape as ``expert``; -1 = none.
+        coverage (Tensor, optional): (B, M, h, w) instance coverage (:func:`instance_coverage`). None
+            compares whole images (the mean over every latent pixel, i.e. one instance covering the image).
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: differences (B, M) ((B, 1) without coverage), weights (B, M)
+        (DSPO's area weights over the valid instances; each row sums to 1 when it has one, else 0),
+        valid (B, M) bool (expert and negative both defined).
+    """
+    delta = err_theta - err_ref
+    if coverage is None:
+        delta = (delta.flatten(2).mean(dim=2) if delta.dim() > 2 else delta).unsqueeze(2)  # (B, J) -> (B, J, 1)
+        expert, negative = expert.reshape(-1, 1), negative.reshape(-1, 1)
+        area = torch.ones_like(expert, dtype=delta.dtype)
+    else:
+        delta = instance_error(delta, coverage)  # (B, J, M); the instance reduction is linear
+        area = coverage.sum(dim=(2, 3)).to(delta.dtype)
+    valid = (expert >= 0) & (negative >= 0)
+    differences = _gather_candidates(delta, expert.clamp_min(0)) - _gather_candidates(delta, negative.clamp_min(0))
+    area = area * valid
+    weights = area / area.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return differences, weights, valid
+
+
+def diffusion_dro_loss(err_theta, err_ref, expert, negative, coverage=None, margin=1e-3):
+    """Diffusion-DRO ranking hinge (DESIGN.md section 5), optionally per semantic instance.
+
+    ``L = mean_b sum_m w_m relu((e_theta[exp] - e_ref[exp]) - (e_theta[neg] - e_ref[neg]) + margin)``.
+    Without ``coverage`` there is one term per image (``w = 1``): ``L = mean_b relu(d_b + margin)``. With
+    ``coverage`` the errors are reduced per instance and weighted by area exactly as in :func:`dspo_loss`,
+    so a single instance covering the image gives the image-level loss. The loss is zero for a sample
+    whose expert is already better than its negative (relative to the reference) by more than ``margin``.
+    There is no beta: the hinge works on the errors themselves. The mean runs over samples with at least
+    one valid term; a batch without any gives 0 with a graph.
+
+    Args:
+        err_theta, err_ref, expert, negative, coverage: see :func:`diffusion_dro_differences`.
+        margin (float): Ranking margin on the error differences. Default: 1e-3.
+
+    Returns:
+        Tensor: scalar loss.
+    """
+    differences, weights, valid = diffusion_dro_differences(err_theta, err_ref, expert, negative, coverage)
+    per_sample = (weights * F.relu(differences + margin)).sum(dim=1)  # invalid weights are 0
+    has_term = valid.any(dim=1)
+    return (per_sample * has_term).sum() / has_term.sum().clamp_min(1)
+
+
+@LOSS_REGISTRY.register()
+class DiffusionDROLoss(_PreferenceLoss):
+    """Diffusion-DRO ranking loss on expert / negative images. See :func:`diffusion_dro_loss`.
+
+    Needs ``model_type: DiffusionDROModel``, which chooses the expert (preferred candidate or GT) and the
+    negative (offline dispreferred candidate or an online sample of a lagged copy of the policy).
+
+    Args:
+        margin (float): Ranking margin. Default: 1e-3.
+        instance_level (bool): Reduce per semantic instance with DSPO's coverage and area weights
+            (expert = each instance's preferred candidate) instead of per image. Default: False.
+        loss_weight (float): Multiplier of the loss. Default: 1.
+    """
+
+    level = 'ranking'
+    log_key = 'l_dro'
+
+    def __init__(self, margin=1e-3, instance_level=False, loss_weight=1.0):
+        super().__init__(loss_weight)
+        self.margin = margin
+        self.instance_level = bool(instance_level)
+
+    def forward(self, err_theta, err_ref, expert, negative, coverage=None):
+        """Shapes as :func:`diffusion_dro_differences`. Returns the weighted scalar loss."""
+        return self.loss_weight * diffusion_dro_loss(err_theta, err_ref, expert, negative, coverage, self.margin)
