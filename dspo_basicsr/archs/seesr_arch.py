@@ -1,0 +1,436 @@
+"""SeeSR: SD2-base UNet and ControlNet with image cross-attention fed by RAM image embeddings.
+
+Paper: Wu et al., "SeeSR: Towards Semantics-Aware Real-World Image Super-Resolution", CVPR 2024
+(https://github.com/cswry/SeeSR). Fine-tuned with DSPO in "DSPO: Direct Semantic Preference Optimization
+for Real-World Image Super-Resolution" (the paper's headline SeeSR + DSPO run).
+
+Architecture: every text cross-attention transformer of the UNet and of the ControlNet
+(``..._blocks.N.attentions.M`` and ``mid_block.attentions.0``) is followed by an image cross-attention
+transformer of the same shape, ``..._blocks.N.image_attentions.M``, whose keys and values come from RAM image
+embeddings (B, 145, 512) instead of the text embeddings. It is built on the installed diffusers by composing
+its own ``Transformer2DModel`` blocks into stock ``UNet2DConditionModel`` / ``ControlNetModel`` instances
+(no fork of diffusers): the image embeddings travel in ``cross_attention_kwargs``.
+
+Checkpoint layout (loaded from local folders only, every key checked):
+    seesr_model_path/  unet/        config.json ("use_image_cross_attention": true)
+                                    + diffusion_pytorch_model.safetensors (or .bin, or sharded with an index)
+                       controlnet/  the same files
+    pretrained_model_path/          SD2-base (stable-diffusion-2-base): vae/ text_encoder/ tokenizer/ scheduler/
+    ram_path / dape_path            RAM ``ram_swin_large_14m.pth`` and SeeSR's ``DAPE.pth``
+                                    (see :mod:`dspo_basicsr.archs.ram_arch`).
+Weights licence: SeeSR's weights are released with its repository (Apache-2.0 code; check the weights'
+terms there); they are derived from Stable Diffusion 2 (CreativeML Open RAIL++-M licence).
+"""
+import json
+import os
+
+import torch
+from torch import nn
+
+from basicsr.utils.registry import ARCH_REGISTRY
+from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, load_sd_components
+from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch
+from dspo_basicsr.archs.tiny_components import tiny_sd_components
+
+IMAGE_EMBEDS_KEY = 'image_encoder_hidden_states'
+SEESR_IMAGE_DIM = 512
+SEESR_IMAGE_TOKENS = 145
+SD2_BASE_UNET_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'sd2_base_unet.json')
+WEIGHT_NAMES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
+
+
+class ImageCrossAttentionTransformer2DModel(Transformer2DModel):
+    """A text cross-attention transformer followed by its image cross-attention partner (SeeSR).
+
+    The partner is registered in the block's ``image_attentions`` list (so checkpoint keys are SeeSR's);
+    this module only holds a plain reference to it, which ``copy.deepcopy`` of the whole network remaps.
+    The image embeddings arrive as ``cross_attention_kwargs['image_encoder_hidden_states']`` (B, L, D).
+    """
+
+    def forward(self, hidden_states, encoder_hidden_states=None, cross_attention_kwargs=None, attention_mask=None,
+                return_dict=True, **kwargs):
+        kwargs_rest = dict(cross_attention_kwargs or {})
+        image_states = kwargs_rest.pop(IMAGE_EMBEDS_KEY, None)
+        if image_states is None:
+            raise ValueError('SeeSR image cross-attention needs the RAM image embeddings: call the network with '
+                             f"cross_attention_kwargs={{'{IMAGE_EMBEDS_KEY}': embeds}} (B, 145, 512).")
+        kwargs_rest = kwargs_rest or None
+        hidden_states = super().forward(
+            hidden_states, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs_rest,
+            attention_mask=attention_mask, return_dict=False, **kwargs)[0]
+        hidden_states = self.__dict__['_image_partner'](
+            hidden_states, encoder_hidden_states=image_states, cross_attention_kwargs=kwargs_rest,
+            attention_mask=attention_mask, return_dict=False)[0]
+        return (hidden_states,) if not return_dict else type(self).output_class(sample=hidden_states)
+
+
+def _output_class():
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+    return Transformer2DModelOutput
+
+
+ImageCrossAttentionTransformer2DModel.output_class = _output_class()
+
+
+def add_image_cross_attention(model, image_cross_attention_dim=SEESR_IMAGE_DIM):
+    """Give every text cross-attention transformer of a UNet / ControlNet an image cross-attention partner.
+
+    Adds ``block.image_attentions`` (one ``Transformer2DModel`` per ``block.attentions`` entry, same shape,
+    cross-attention width ``image_cross_attention_dim``) to the down, mid and up blocks, and records
+    ``use_image_cross_attention`` / ``image_cross_attention_dim`` in the model's config, as SeeSR's configs do.
+
+    Args:
+        model (UNet2DConditionModel | ControlNetModel): Modified in place (works on the ``meta`` device).
+        image_cross_attention_dim (int): Width of the image embeddings (512 for RAM).
+
+    Returns:
+        The same model.
+    """
+    blocks = list(model.down_blocks) + [model.mid_block] + list(getattr(model, 'up_blocks', []))
+    for block in blocks:
+        attentions = getattr(block, 'attentions', None)
+        if attentions is None or hasattr(block, 'image_attentions'):
+            continue
+        partners = []
+        for text_attention in attentions:
+            if not isinstance(text_attention, Transformer2DModel):
+                raise TypeError(f'{type(block).__name__} holds a {type(text_attention).__name__}; SeeSR image '
+                                'cross-attention needs Transformer2DModel text attentions.')
+            config = dict(text_attention.config)
+            config = {k: v for k, v in config.items() if not k.startswith('_')}
+            config['cross_attention_dim'] = image_cross_attention_dim
+            partner = Transformer2DModel(**config)
+            text_attention.__class__ = ImageCrossAttentionTransformer2DModel
+            # A plain attribute, not a registered submodule: the partner's keys live under image_attentions.
+            text_attention.__dict__['_image_partner'] = partner
+            partners.append(partner)
+        block.image_attentions = nn.ModuleList(partners)
+    model.register_to_config(use_image_cross_attention=True, image_cross_attention_dim=image_cross_attention_dim)
+    return model
+
+
+def image_kwargs(image_embeds):
+    """The ``cross_attention_kwargs`` that carry RAM image embeddings (B, L, D) into a SeeSR network."""
+    return {IMAGE_EMBEDS_KEY: image_embeds}
+
+
+def _strip_config(config):
+    return {k: v for k, v in config.items() if not k.startswith('_')
+            and k not in ('use_image_cross_attention', 'image_cross_attention_dim')}
+
+
+def build_seesr_unet(config):
+    """SeeSR UNet from a UNet config dict (SeeSR's ``unet/config.json`` or an SD2-base one)."""
+    dim = config.get('image_cross_attention_dim', SEESR_IMAGE_DIM)
+    return add_image_cross_attention(UNet2DConditionModel.from_config(_strip_config(config)), dim)
+
+
+def build_seesr_controlnet(config):
+    """SeeSR ControlNet from a ControlNet config dict (SeeSR's ``controlnet/config.json``)."""
+    dim = config.get('image_cross_attention_dim', SEESR_IMAGE_DIM)
+    return add_image_cross_attention(ControlNetModel.from_config(_strip_config(config)), dim)
+
+
+def seesr_networks_on_meta(unet_config_path=SD2_BASE_UNET_CONFIG):
+    """SeeSR's UNet and ControlNet on the ``meta`` device (no memory), from an SD2-base UNet config.
+
+    Returns:
+        tuple[UNet2DConditionModel, ControlNetModel]: Structure and parameter shapes only.
+    """
+    with open(unet_config_path, encoding='utf-8') as f:
+        config = json.load(f)
+    with torch.device('meta'):
+        base = UNet2DConditionModel.from_config(_strip_config(config))
+        controlnet = add_image_cross_attention(ControlNetModel.from_unet(base, load_weights_from_unet=False))
+        unet = add_image_cross_attention(base)
+    return unet, controlnet
+
+
+# ---------------------------------------------------------------------------- strict folder loading
+def _read_weights(folder):
+    """The state dict of a diffusers model folder (safetensors, .bin or sharded), read without pickle."""
+    from safetensors.torch import load_file
+    index = os.path.join(folder, 'diffusion_pytorch_model.safetensors.index.json')
+    if os.path.isfile(index):
+        with open(index, encoding='utf-8') as f:
+            shards = sorted(set(json.load(f)['weight_map'].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(folder, shard)))
+        return state, index
+    for name in WEIGHT_NAMES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            if name.endswith('.safetensors'):
+                return load_file(path), path
+            try:
+                return torch.load(path, map_location='cpu', weights_only=True), path
+            except Exception as error:  # noqa: BLE001  (weights_only refuses pickled objects)
+                raise ValueError(f"'{path}' holds more than tensors and plain values ({error}); it is not loaded "
+                                 'because unpickling arbitrary objects is unsafe. Convert it to safetensors '
+                                 'with a trusted tool first.') from None
+    raise FileNotFoundError(f"expected '{WEIGHT_NAMES[0]}' (or '{WEIGHT_NAMES[1]}') under '{folder}', but it is not "
+                            'there. Nothing is downloaded at run time: download the released weights yourself and '
+                            'put them at that path (see docs/frameworks.md).')
+
+
+def load_state_dict_strictly(model, state, source):
+    """Copy ``state`` into ``model`` after checking that the keys and shapes match exactly.
+
+    Raises:
+        KeyError: names the missing and unexpected keys and ``source``.
+        ValueError: names the first key whose shape differs.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{source} does not match {type(model).__name__} with SeeSR image cross-attention: "
+                       f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all), "
+                       f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                       f'({len(unexpected)} in all). Check that the folder holds the released SeeSR/AddSR weights '
+                       'and that its config.json matches them.')
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{source}: key '{key}' has shape {tuple(value.shape)}, expected "
+                             f'{tuple(expected[key].shape)} from the config.json beside it.')
+    model.load_state_dict(state, strict=True, assign=True)
+    leftover = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f'{source}: {leftover[:3]} were not loaded (still on the meta device).')
+    return model
+
+
+def load_seesr_network(folder, kind):
+    """Load SeeSR's released ``unet/`` or ``controlnet/`` folder strictly (every key must match).
+
+    Args:
+        folder (str): The component folder (config.json + weights).
+        kind (str): ``unet`` or ``controlnet``.
+
+    Returns:
+        UNet2DConditionModel | ControlNetModel: With image cross-attention, in float32, on the CPU.
+    """
+    config_path = os.path.join(folder, 'config.json')
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"SeeSR {kind}: expected 'config.json' under '{folder}', but it is not there. "
+                                'Download the released SeeSR folders (unet/ and controlnet/) yourself and put them '
+                                'there (see docs/frameworks.md); nothing is downloaded at run time.')
+    with open(config_path, encoding='utf-8') as f:
+        config = json.load(f)
+    state, source = _read_weights(folder)
+    with torch.device('meta'):
+        model = build_seesr_unet(config) if kind == 'unet' else build_seesr_controlnet(config)
+    load_state_dict_strictly(model, {k: v.float() for k, v in state.items()}, f"SeeSR {kind} weights '{source}'")
+    return model
+
+
+def save_seesr_networks(folder, unet, controlnet):
+    """Write ``folder/unet`` and ``folder/controlnet`` in SeeSR's released layout (safetensors + config)."""
+    unet.save_pretrained(os.path.join(folder, 'unet'), safe_serialization=True)
+    controlnet.save_pretrained(os.path.join(folder, 'controlnet'), safe_serialization=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------- tiny builds
+TINY_IMAGE_DIM = 24
+
+
+def tiny_seesr_networks(unet=None, image_cross_attention_dim=TINY_IMAGE_DIM):
+    """Tiny random SD components plus SeeSR UNet and ControlNet (ControlNet initialised from the UNet).
+
+    Returns:
+        dict: unet, vae, text_encoder, tokenizer, noise_scheduler, controlnet.
+    """
+    components = tiny_sd_components(unet=unet)
+    base = components['unet']
+    factor = 2**(len(components['vae'].config.block_out_channels) - 1)
+    controlnet = ControlNetModel.from_unet(base, conditioning_embedding_out_channels=controlnet_embedding_channels(factor))
+    components['unet'] = add_image_cross_attention(base, image_cross_attention_dim)
+    components['controlnet'] = add_image_cross_attention(controlnet, image_cross_attention_dim)
+    return components
+
+
+def build_tiny_seesr_folders(folder, seed=0, ram=True):
+    """Save a tiny random SeeSR in the released layouts.
+
+    Writes ``folder/sd2`` (SD2-base layout), ``folder/seesr/{unet,controlnet}`` (SeeSR layout) and, with
+    ``ram``, ``folder/ram/ram_tiny.pth`` (RAM checkpoint layout, tiny Swin) for :class:`RAMImageEmbedder`.
+
+    Returns:
+        dict: ``pretrained_model_path``, ``seesr_model_path``, ``ram_path`` (or None).
+    """
+    from dspo_basicsr.archs.control_sd2_arch import save_sd_components
+    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        components = tiny_seesr_networks()
+        embedder = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM}) if ram else None
+    unet, controlnet = components.pop('unet'), components.pop('controlnet')
+    sd_folder = os.path.join(folder, 'sd2')
+    save_sd_components(sd_folder, components)
+    unet_plain = UNet2DConditionModel.from_config(_strip_config(unet.config))
+    unet_plain.save_pretrained(os.path.join(sd_folder, 'unet'))  # the SD2 folder's own UNet (unused by SeeSR)
+    seesr_folder = save_seesr_networks(os.path.join(folder, 'seesr'), unet, controlnet)
+    ram_path = None
+    if ram:
+        ram_path = os.path.join(folder, 'ram', 'ram_tiny.pth')
+        save_ram_checkpoint(embedder, ram_path)
+    return {'pretrained_model_path': sd_folder, 'seesr_model_path': seesr_folder, 'ram_path': ram_path}
+
+
+# ---------------------------------------------------------------------------- the framework
+@ARCH_REGISTRY.register()
+class SeeSRArch(DiffusionSRArch):
+    """SeeSR: LQ into the ControlNet, tag prompt into text cross-attention, RAM embeddings into image
+    cross-attention; DDPM sampling with classifier-free guidance started from the noised LQ latent.
+
+    Args:
+        pretrained_model_path (str | None): SD2-base folder (vae/, text_encoder/, tokenizer/, scheduler/).
+        seesr_model_path (str | None): Folder with SeeSR's ``unet/`` and ``controlnet/``.
+        ram_path (str | None): RAM ``ram_swin_large_14m.pth``: the image embedder used when a batch has no
+            precomputed ``ram_embeds`` (always at sampling time). None: precomputed embeddings are required.
+        dape_path (str | None): SeeSR's ``DAPE.pth`` (degradation-aware RAM, applied on top of ``ram_path``).
+        tiny (bool | dict): Tiny random networks (tests, demo); a dict may give ``seed`` and ``unet`` overrides.
+        ram_tiny (bool | dict | None): The RAM checkpoint at ``ram_path`` is a tiny one (tests); None: as ``tiny``.
+        scale (int): SR factor. Default: 4.
+        trainable (str | list[str]): ``controlnet`` (default), ``unet_lora``, ``unet``, ``controlnet_lora``, or a list.
+        conditioning_scale (float): Multiplier of the ControlNet residuals. Default: 1.
+        added_prompt (str): Appended to every prompt at sampling (SeeSR: "clean, high-resolution, 8k, best
+            quality, masterpiece").
+        start_point (str): ``lr`` (SeeSR's LR-embedding start: the LQ latent noised to the first timestep) or
+            ``noise``.
+        lora_rank, lora_alpha, lora_target_modules, sampler: see :class:`DiffusionSRArch`.
+        default_steps (int): 50. default_cfg (float): 5.5.
+    """
+
+    default_negative_prompt = 'dotted, noise, blur, lowres, smooth'
+
+    def __init__(self, pretrained_model_path=None, seesr_model_path=None, ram_path=None, dape_path=None, tiny=False,
+                 ram_tiny=None, scale=4, trainable='controlnet', conditioning_scale=1.0, added_prompt=None, start_point='lr',
+                 lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm',
+                 prediction_type=None, default_steps=50, default_cfg=5.5):
+        components = self._build_components(pretrained_model_path, seesr_model_path, tiny)
+        if prediction_type:
+            components['noise_scheduler'] = DDPMScheduler.from_config(
+                components['noise_scheduler'].config, prediction_type=prediction_type)
+        controlnet = components.pop('controlnet')
+        super().__init__(**components, scale=scale, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                         lora_target_modules=lora_target_modules, sampler=sampler)
+        self.controlnet = controlnet
+        self.default_steps, self.default_cfg = default_steps, default_cfg
+        self.conditioning_scale = conditioning_scale
+        self.added_prompt = ('clean, high-resolution, 8k, best quality, masterpiece' if added_prompt is None
+                             else added_prompt)
+        if start_point not in ('lr', 'noise'):
+            raise ValueError(f"start_point must be 'lr' or 'noise', got {start_point!r}.")
+        self.start_point = start_point
+        self.image_embed_dim = self.unet.config.get('image_cross_attention_dim', SEESR_IMAGE_DIM)
+        self.ram = None
+        if ram_path:
+            from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
+            ram_tiny = bool(tiny) if ram_tiny is None else ram_tiny
+            tiny_ram = dict(ram_tiny if isinstance(ram_tiny, dict) else {}, embed_dim=self.image_embed_dim) \
+                if ram_tiny else False
+            self.ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=tiny_ram)
+        self.setup_trainable()
+
+    @staticmethod
+    def _build_components(pretrained_model_path, seesr_model_path, tiny):
+        if tiny:
+            tiny = tiny if isinstance(tiny, dict) else {}
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(tiny.get('seed', 0))
+                return tiny_seesr_networks(unet=tiny.get('unet'))
+        if not (pretrained_model_path and seesr_model_path):
+            raise ValueError('SeeSRArch needs pretrained_model_path (an SD2-base folder) and seesr_model_path (the '
+                             'folder with SeeSR\'s unet/ and controlnet/), or tiny: true.')
+        components = load_sd_components(pretrained_model_path, unet_class=_NoUNet)
+        components['unet'] = load_seesr_network(os.path.join(seesr_model_path, 'unet'), 'unet')
+        components['controlnet'] = load_seesr_network(os.path.join(seesr_model_path, 'controlnet'), 'controlnet')
+        return components
+
+    # ------------------------------------------------------------------ condition and prediction
+    def image_embeddings(self, lq, ram_embeds=None):
+        """RAM image embeddings (B, 145, 512): the precomputed ones when given, else from the RAM embedder."""
+        if ram_embeds is not None:
+            if ram_embeds.ndim != 3 or ram_embeds.shape[0] != lq.shape[0] or ram_embeds.shape[2] != self.image_embed_dim:
+                raise ValueError(f'ram_embeds has shape {tuple(ram_embeds.shape)}; expected ({lq.shape[0]}, L, '
+                                 f'{self.image_embed_dim}) (RAM: L = 145). Recompute them with '
+                                 'scripts/add_ram_embeddings.py.')
+            return ram_embeds.to(self.device, self.unet.dtype)
+        if self.ram is None:
+            raise ValueError(f'{type(self).__name__} has no RAM embedder (network_g.ram_path) and the batch has no '
+                             "precomputed 'ram_embeds': set ram_path, or add embeddings to the preference set with "
+                             'scripts/add_ram_embeddings.py.')
+        with torch.no_grad():
+            return self.ram(lq).to(self.unet.dtype)
+
+    def condition(self, lq, prompts, negative_prompts=None, ram_embeds=None, **extras):
+        """LQ (B, 3, h, w) in [0, 1] and B prompts -> condition dict (computed once per LQ).
+
+        Args:
+            ram_embeds (Tensor | None): Precomputed RAM embeddings (B, 145, 512) from the preference set.
+
+        Returns:
+            dict: ``control_image`` (B, 3, h*s, w*s), ``image_embeds`` (B, 145, 512), ``prompt_embeds``
+            (B, L, D) and, with negative prompts, ``negative_prompt_embeds`` (B, L, D).
+        """
+        cond = {'control_image': self.upsample_lq(lq), 'image_embeds': self.image_embeddings(lq, ram_embeds),
+                'prompt_embeds': self.encode_prompts(prompts)}
+        if negative_prompts is not None:
+            cond['negative_prompt_embeds'] = self.encode_prompts(negative_prompts)
+        return cond
+
+    def predict_noise(self, x_t, t, cond):
+        """(N, C, h, w) noisy latents and (N,) timesteps -> (N, C, h, w) noise (or v) prediction."""
+        kwargs = image_kwargs(cond['image_embeds'])
+        down, mid = self.controlnet(
+            x_t, t, encoder_hidden_states=cond['prompt_embeds'], controlnet_cond=cond['control_image'],
+            conditioning_scale=self.conditioning_scale, cross_attention_kwargs=kwargs, return_dict=False)
+        return self.unet(
+            x_t, t, encoder_hidden_states=cond['prompt_embeds'], down_block_additional_residuals=down,
+            mid_block_additional_residual=mid, cross_attention_kwargs=kwargs, return_dict=False)[0]
+
+    # ------------------------------------------------------------------ sampling
+    def _prompt_lists(self, batch, prompt, negative_prompt):
+        prompts, negatives = super()._prompt_lists(batch, prompt, negative_prompt)
+        return [', '.join(p for p in (text.strip(), self.added_prompt) if p) for text in prompts], negatives
+
+    def initial_latents(self, lq, scheduler, generator=None):
+        """Start of sampling: pure noise, or (``start_point: lr``) the LQ latent noised to the first timestep."""
+        f = self.vae_scale_factor
+        shape = (lq.shape[0], self.unet.config.in_channels, lq.shape[2] * self.scale // f, lq.shape[3] * self.scale // f)
+        noise = torch.randn(shape, generator=generator, device=generator.device if generator else self.device)
+        noise = noise.to(self.device)
+        if self.start_point == 'noise':
+            return noise * scheduler.init_noise_sigma
+        lq_latents = self.encode_images(self.upsample_lq(lq))
+        t = scheduler.timesteps[:1].expand(lq.shape[0]).to(self.device)
+        return self.noise_scheduler.add_noise(lq_latents, noise, t)
+
+    @torch.no_grad()
+    def sample(self, lq, prompt=None, negative_prompt=None, steps=None, cfg=None, generator=None, sampler=None):
+        """Super-resolve LQ images (see :meth:`DiffusionSRArch.sample`); SeeSR starts from the LQ latent."""
+        steps = steps or self.default_steps
+        cfg = self.default_cfg if cfg is None else cfg
+        prompts, negatives = self._prompt_lists(lq.shape[0], prompt, negative_prompt)
+        cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
+        scheduler = self._sampling_scheduler(sampler)
+        scheduler.set_timesteps(steps, device=self.device)
+        latents = self.initial_latents(lq, scheduler, generator)
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(latents, t)
+            eps = self.guided_prediction(model_input, t.expand(latents.shape[0]).to(self.device), cond, cfg)
+            latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
+        return self.decode_latents(latents)
+
+
+class _NoUNet:
+    """Stand-in for the SD2 folder's UNet: SeeSR's own ``unet/`` replaces it, so it is never read."""
+
+    @staticmethod
+    def from_pretrained(*args, **kwargs):
+        return None
