@@ -50,6 +50,9 @@ class DSPOModel(SRModel):
         val.preference_timesteps: timesteps at which a preference validation set is scored.
     """
 
+    #: the ``level`` values of the preference losses this model's :meth:`preference_loss` handles.
+    supported_levels = ('instance', 'image', 'preferred')
+
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
         net = build_network(opt['network_g']).to(self.device)
@@ -79,6 +82,10 @@ class DSPOModel(SRModel):
             raise ValueError('train.ema_decay is not supported by DSPOModel; remove it from the option file.')
         self.net_g.train()
         self.cri_pref = build_loss(train_opt['preference_opt']).to(self.device)
+        if self.cri_pref.level not in self.supported_levels:
+            raise ValueError(f"train.preference_opt.type {train_opt['preference_opt']['type']} (level "
+                             f"'{self.cri_pref.level}') is not handled by model_type {type(self).__name__}; "
+                             'use DiffusionDROModel for DiffusionDROLoss.')
         self.feedback_scale = train_opt.get('feedback_guidance_scale')
         low, high = train_opt.get('timestep_range', [0, self.bare.noise_scheduler.config.num_train_timesteps])
         self.timestep_range = (int(low), int(high))
@@ -162,7 +169,7 @@ class DSPOModel(SRModel):
         if timesteps is None:
             timesteps = bare.training_timesteps(b, *self.timestep_range, generator=generator)
         t = timesteps.repeat_interleave(j)
-        x_t, target = bare.diffusion_inputs(latents, noise, t, cond)
+        x_t, target = self.diffusion_inputs(latents, noise, t, cond)
         scale = getattr(self, 'feedback_scale', None)
 
         def errors(prediction):
@@ -179,6 +186,14 @@ class DSPOModel(SRModel):
                     self.net_ref.predict_noise(x_t, t, cond)
                 err_ref = errors(ref)
         return err_theta, err_ref
+
+    def diffusion_inputs(self, latents, noise, t, cond):
+        """Noisy latents and regression targets (each (B*J, C, h, w)) for :meth:`denoising_errors`.
+
+        The framework's own :meth:`diffusion_inputs`; a hook for subclasses that take some rows elsewhere
+        (Diffusion-DRO's online negatives come from a sampling trajectory).
+        """
+        return self.bare.diffusion_inputs(latents, noise, t, cond)
 
     def preference_loss(self):
         """The objective's loss and the logged statistics on the current batch."""
