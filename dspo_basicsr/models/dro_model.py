@@ -1,0 +1,261 @@
+"""DiffusionDROModel: Diffusion-DRO fine-tuning with expert images and offline or online negatives.
+
+Diffusion-DRO (Wu et al., "Ranking-based Preference Optimization for Diffusion Models from Implicit User
+Feedback", arXiv:2510.18353) ranks the denoising error of an *expert* image below that of a *negative*
+image, relative to the frozen reference (:func:`~dspo_basicsr.losses.preference_loss.diffusion_dro_loss`).
+This model chooses the two images; everything else (timesteps, shared noise, one condition per LQ, batched
+policy and reference calls, checkpoints, validation) is :class:`DSPOModel`'s.
+
+- expert: the preferred candidate (the image pair's winner, or each instance's winner at instance level)
+  or the ground truth;
+- negative: the offline dispreferred candidate, or an online sample of a lagged copy of the policy for
+  the same LQ input (a share ``online_ratio`` of the batch's samples, drawn at random each step). For an
+  online negative the noisy latent is the lagged copy's own trajectory latent at a trajectory timestep, and
+  the target is the copy's own prediction there; the expert of that LQ is noised at the same timestep.
+
+The lagged copy is re-synced to the policy every ``refresh_every`` iterations, and the replay buffer is
+emptied then (its samples belong to the older copy). It is never saved: on resume it is rebuilt at the
+first step from the resumed policy (pretrained frozen parts + the trainable weights of the checkpoint), so
+the lag restarts at the resume point, and the buffer starts empty.
+"""
+import torch
+
+from basicsr.utils import get_root_logger
+from basicsr.utils.registry import MODEL_REGISTRY
+from dspo_basicsr.archs.diffusion_sr_base import DiffusionSRArch, join_negative_prompts
+from dspo_basicsr.losses.preference_loss import (diffusion_dro_differences, instance_coverage, instance_error,
+                                                 preference_statistics)
+from dspo_basicsr.models.dspo_model import DSPOModel, _gather_images
+from dspo_basicsr.models.online_negatives import (LaggedPolicy, OnlineNegative, OnlineNegativeBuffer, negative_key,
+                                                  sample_trajectory, trajectory_timesteps)
+
+#: ``train.dro`` keys and their defaults.
+DRO_DEFAULTS = {
+    'expert': 'preferred',   # preferred | gt
+    'online_ratio': 0.5,     # share of samples whose negative is online (0: offline only, 1: online only)
+    'buffer_size': 64,       # replay buffer entries (one per LQ input)
+    'refresh_every': 100,    # K: iterations between syncs of the lagged copy (the buffer is emptied then)
+    'sampler_steps': 10,     # steps of the lagged copy's sampler
+    'sampler': 'ddim',       # ddim | ddpm
+    'cfg': 1.0,              # guidance scale of the lagged copy's sampling
+    'seed': 0,               # seed of the online choices and of the lagged copy's sampling noise
+}
+
+
+def _per_term_errors(err, index, coverage):
+    """err (B, J, h, w), index (B, M) or (B,) -> per-instance (or per-image) errors of the indexed images."""
+    if coverage is None:
+        values, index = err.mean(dim=(2, 3)).unsqueeze(2), index.reshape(-1, 1)  # (B, J, 1), (B, 1)
+    else:
+        values = instance_error(err, coverage)  # (B, J, M)
+    return values.gather(1, index.clamp_min(0).unsqueeze(1)).squeeze(1)
+
+
+@MODEL_REGISTRY.register()
+class DiffusionDROModel(DSPOModel):
+    """:class:`DSPOModel` plus the Diffusion-DRO objective (``train.preference_opt.type: DiffusionDROLoss``).
+
+    Option keys beyond DSPOModel's, under ``train.dro`` (see :data:`DRO_DEFAULTS`):
+        expert: ``preferred`` (the preferred candidate) or ``gt`` (the ground truth; the set must store it).
+        online_ratio: share of each batch's samples whose negative is an online sample; the others take the
+            offline dispreferred candidate.
+        buffer_size, refresh_every, sampler_steps, sampler, cfg, seed: the lagged copy and its replay buffer.
+    With any other preference loss the model behaves as DSPOModel.
+    """
+
+    supported_levels = DSPOModel.supported_levels + ('ranking',)
+
+    def init_training_settings(self):
+        super().init_training_settings()
+        dro_opt = dict(self.opt['train'].get('dro') or {})
+        unknown = sorted(set(dro_opt) - set(DRO_DEFAULTS))
+        if unknown:
+            raise ValueError(f'train.dro has unknown keys {unknown}; known keys: {sorted(DRO_DEFAULTS)}.')
+        self.dro_opt = {**DRO_DEFAULTS, **dro_opt}
+        if self.cri_pref.level != 'ranking':
+            return
+        if self.dro_opt['expert'] not in ('preferred', 'gt'):
+            raise ValueError(f"train.dro.expert '{self.dro_opt['expert']}' is unknown; choose preferred or gt.")
+        self.online_ratio = float(self.dro_opt['online_ratio'])
+        if not 0 <= self.online_ratio <= 1:
+            raise ValueError(f'train.dro.online_ratio must lie in [0, 1], got {self.online_ratio}.')
+        self.refresh_every = int(self.dro_opt['refresh_every'])
+        if self.refresh_every < 1:
+            raise ValueError(f'train.dro.refresh_every must be at least 1 iteration, got {self.refresh_every}.')
+        self.negative_buffer = OnlineNegativeBuffer(self.dro_opt['buffer_size'])
+        self.lagged = LaggedPolicy()
+        self.dro_generator = torch.Generator(device=self.device).manual_seed(
+            int(self.dro_opt['seed']) + int(self.opt.get('rank', 0)))
+        if self.online_ratio > 0:
+            self._check_online_sampling()
+
+    def _check_online_sampling(self):
+        bare = self.bare
+        if type(bare).diffusion_inputs is not DiffusionSRArch.diffusion_inputs:
+            raise ValueError(f'{type(bare).__name__} takes its preference likelihood at its own operating point '
+                             '(a one-step framework), so it has no sampling trajectory for online negatives; set '
+                             'train.dro.online_ratio to 0.')
+        steps = trajectory_timesteps(bare, self.dro_opt['sampler'], int(self.dro_opt['sampler_steps']))
+        low, high = self.timestep_range
+        self.online_timesteps = steps[(steps >= low) & (steps < high)]
+        if len(self.online_timesteps) == 0:
+            raise ValueError(f"train.dro: the {self.dro_opt['sampler_steps']}-step {self.dro_opt['sampler']} "
+                             f'trajectory visits timesteps {steps.tolist()}, none inside train.timestep_range '
+                             f'[{low}, {high}); widen the range or change train.dro.sampler_steps.')
+
+    # ------------------------------------------------------------------ data
+    def feed_data(self, data):
+        super().feed_data(data)
+        self.sids = list(data.get('sid', [str(i) for i in range(self.lq.shape[0])]))
+
+    # ------------------------------------------------------------------ the lagged copy and its buffer
+    def refresh_lagged_policy(self, current_iter):
+        """Sync the lagged copy to the policy when it is missing or ``refresh_every`` iterations old."""
+        lagged = self.lagged
+        if lagged.state is not None and current_iter - lagged.synced_iter < self.refresh_every:
+            return False
+        first = lagged.state is None
+        lagged.sync(self.bare, current_iter)
+        self.negative_buffer.clear()
+        get_root_logger().info(
+            f'iter {current_iter}: lagged copy {"built from the current policy" if first else "re-synced"} '
+            f'(version {lagged.version}); online-negative buffer emptied.')
+        return True
+
+    def _online_condition(self, rows):
+        """Condition of the LQ inputs ``rows`` for the lagged copy's sampling (with negatives when guided)."""
+        bare = self.bare
+        prompts = [self.prompts[i] for i in rows]
+        needs_negative = self.dro_opt['cfg'] != 1 or bool(self.feedback_scale)
+        negatives = [join_negative_prompts(bare.default_negative_prompt, self.negative_prompts[i]) for i in rows] \
+            if needs_negative else None
+        extras = {name: value[rows] for name, value in self.extras.items()}
+        return bare.condition(self.lq[rows], prompts, negatives, **extras)
+
+    def online_negatives(self, rows):
+        """Online negatives of the batch's LQ inputs ``rows``: from the buffer, or sampled by the lagged copy now.
+
+        Returns:
+            list[OnlineNegative]: one per row, in order.
+        """
+        keys = [negative_key(self.sids[i], self.lq[i]) for i in rows]
+        found = {key: self.negative_buffer.get(key) for key in dict.fromkeys(keys) if key in self.negative_buffer}
+        missing = [i for i, key in zip(rows, keys) if key not in found]
+        missing = list(dict.fromkeys(missing))
+        if missing:
+            bare = self.bare
+            f = bare.vae_scale_factor
+            shape = (len(missing), bare.vae.config.latent_channels, self.lq.shape[2] * bare.scale // f,
+                     self.lq.shape[3] * bare.scale // f)
+            cond = self._online_condition(missing)
+            was_training = bare.training
+            bare.eval()
+            with self.lagged.swapped_into(bare):
+                trajectory = sample_trajectory(
+                    bare, cond, shape, int(self.dro_opt['sampler_steps']), self.dro_opt['sampler'],
+                    float(self.dro_opt['cfg']), self.feedback_scale, self.dro_generator)
+            bare.train(was_training)
+            for n, i in enumerate(missing):
+                entry = OnlineNegative(trajectory['latents'][:, n], trajectory['predictions'][:, n],
+                                       trajectory['timesteps'], trajectory['final'][n], self.lagged.version)
+                self.negative_buffer.put(keys[rows.index(i)], entry)
+                found[keys[rows.index(i)]] = entry
+        return [found[key] for key in keys]
+
+    # ------------------------------------------------------------------ the step
+    def optimize_parameters(self, current_iter):
+        if self.cri_pref.level == 'ranking' and self.online_ratio > 0:
+            self.refresh_lagged_policy(current_iter)
+        super().optimize_parameters(current_iter)
+
+    def diffusion_inputs(self, latents, noise, t, cond):
+        """DSPOModel's inputs, with the rows of online negatives replaced by their trajectory latent and target."""
+        x_t, target = super().diffusion_inputs(latents, noise, t, cond)
+        online = getattr(self, '_online_inputs', None)
+        if online is not None:
+            rows, x_online, target_online = online
+            x_t = x_t.index_copy(0, rows, x_online.to(x_t.dtype))
+            target = target.index_copy(0, rows, target_online.to(target.dtype))
+        return x_t, target
+
+    def preference_loss(self):
+        if self.cri_pref.level != 'ranking':
+            return super().preference_loss()
+        return self.ranking_loss()
+
+    def _expert_images(self):
+        if self.dro_opt['expert'] == 'gt':
+            if not hasattr(self, 'gt') or self.gt is None:
+                raise ValueError("train.dro.expert is 'gt' but the preference set stores no ground truth "
+                                 "('{sid}/gt'); use expert: preferred or rebuild the set with GT images.")
+            return self.gt
+        return None
+
+    def ranking_loss(self):
+        """Diffusion-DRO loss and logged statistics on the current batch (image or instance level).
+
+        Columns of the per-LQ image table (J of them): image level: [expert, negative]; instance level: the K
+        candidates, then the GT (expert: gt), then the online negative (when any sample of the batch has one).
+        """
+        cri, bare = self.cri_pref, self.bare
+        b, k = self.candidates.shape[:2]
+        device = self.device
+        online = torch.rand(b, generator=self.dro_generator, device=device) < self.online_ratio
+        timesteps = bare.training_timesteps(b, *self.timestep_range)
+        gt = self._expert_images()
+        encode = lambda images: bare.encode_images(images, sample_posterior=True)  # noqa: E731
+
+        if cri.instance_level:
+            coverage = instance_coverage(self.seg, self.win.shape[1], bare.vae_scale_factor)
+            exists = coverage.sum(dim=(2, 3)) > 0  # (B, M); padded instances have no area
+            images = self.candidates if gt is None else torch.cat([self.candidates, gt[:, None]], dim=1)
+            column_latents = encode(images.flatten(0, 1)).unflatten(0, (b, images.shape[1]))  # (B, K[+1], C, h, w)
+            expert = self.win if gt is None else torch.where(exists, k, -1)
+            negative = self.lose.clone()
+            if online.any():
+                online_column = column_latents.shape[1]
+                column_latents = torch.cat([column_latents, torch.zeros_like(column_latents[:, :1])], dim=1)
+                negative[online] = torch.where(exists[online], online_column, -1)
+            else:
+                online_column = None
+        else:
+            coverage = None
+            expert_images = gt if gt is not None else _gather_images(self.candidates, self.pair[:, :1].clamp_min(0))[:, 0]
+            negative_images = _gather_images(self.candidates, self.pair[:, 1:].clamp_min(0))[:, 0]
+            expert_latents = encode(expert_images)
+            negative_latents = torch.zeros_like(expert_latents)
+            if (~online).any():
+                negative_latents[~online] = encode(negative_images[~online])
+            column_latents = torch.stack([expert_latents, negative_latents], dim=1)  # (B, 2, C, h, w)
+            expert = torch.zeros(b, dtype=torch.long, device=device) if gt is not None else \
+                torch.where(self.pair[:, 0] >= 0, 0, -1)
+            negative = torch.where(online | (self.pair[:, 1] >= 0), 1, -1)
+            online_column = 1
+
+        j = column_latents.shape[1]
+        self._online_inputs = None
+        rows = online.nonzero().flatten().tolist()
+        if rows:
+            entries = self.online_negatives(rows)
+            draws = torch.randint(len(self.online_timesteps), (len(rows),), generator=self.dro_generator, device=device)
+            picks = [int(self.online_timesteps[int(d)]) for d in draws]
+            steps = [int((entry.timesteps == t).nonzero()[0]) for entry, t in zip(entries, picks)]
+            timesteps[online] = torch.tensor(picks, device=device, dtype=timesteps.dtype)
+            flat_rows = torch.tensor([row * j + online_column for row in rows], device=device)
+            self._online_inputs = (flat_rows, torch.stack([e.latents[s] for e, s in zip(entries, steps)]),
+                                   torch.stack([e.predictions[s] for e, s in zip(entries, steps)]))
+        try:
+            err_theta, err_ref = self.denoising_errors(
+                torch.empty(b, j), latents=column_latents.flatten(0, 1), timesteps=timesteps,
+                cond=self.preference_condition(j))
+        finally:
+            self._online_inputs = None
+        loss = cri(err_theta, err_ref, expert, negative, coverage)
+        with torch.no_grad():
+            differences, _, valid = diffusion_dro_differences(err_theta, err_ref, expert, negative, coverage)
+            picked = [_per_term_errors(err, index, coverage)[valid]
+                      for err in (err_theta, err_ref) for index in (expert, negative)]
+        # Logits of the ranking: positive when the policy ranks the expert above the negative.
+        stats = preference_statistics(-differences, valid, *picked)
+        stats['online_share'] = online.float().mean()
+        return loss, stats

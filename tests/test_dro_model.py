@@ -1,0 +1,145 @@
+"""DiffusionDROModel: experts and negatives, online negatives of a lagged copy, replay buffer, resume."""
+import math
+
+import pytest
+import torch
+
+import dspo_basicsr  # noqa: F401  (registration)
+from basicsr.models import build_model
+from dspo_fixtures import dspo_options, make_tiny_preference_set
+
+
+@pytest.fixture(scope='module')
+def tiny_set(tmp_path_factory):
+    return make_tiny_preference_set(str(tmp_path_factory.mktemp('tiny_set')))
+
+
+def _dro_opt(tiny_set, tmp_path, margin=1e-3, instance_level=False, **dro):
+    opt = dspo_options(tiny_set, val=False)
+    opt['model_type'] = 'DiffusionDROModel'
+    opt['train']['preference_opt'] = {'type': 'DiffusionDROLoss', 'margin': margin, 'instance_level': instance_level}
+    opt['train']['dro'] = {'sampler_steps': 4, 'sampler': 'ddim', 'buffer_size': 8, **dro}
+    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
+    models = tmp_path / 'models'
+    models.mkdir(exist_ok=True)
+    (tmp_path / 'states').mkdir(exist_ok=True)
+    opt['path'].update(models=str(models), training_states=str(tmp_path / 'states'))
+    return opt
+
+
+def _batch(tiny_set, batch=2):
+    from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
+    dataset = PreferenceLMDBDataset({'name': 't', 'type': 'PreferenceLMDBDataset', 'dataroot': tiny_set['lmdb'],
+                                     'phase': 'train', 'gt_size': 32, 'use_hflip': False, 'use_rot': False})
+    return dataset.collate_fn([dataset[i] for i in range(batch)])
+
+
+def _trainable(model):
+    return {k: v.clone() for k, v in model.bare.trainable_state_dict().items()}
+
+
+def _equal_states(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize('instance_level,expert,online_ratio', [
+    (False, 'preferred', 0.0), (False, 'gt', 1.0), (True, 'preferred', 0.5), (True, 'gt', 1.0)])
+def test_dro_steps_train_the_policy(tiny_set, tmp_path, instance_level, expert, online_ratio):
+    model = build_model(_dro_opt(tiny_set, tmp_path, instance_level=instance_level, expert=expert,
+                                 online_ratio=online_ratio, cfg=2.0))
+    data = _batch(tiny_set)
+    before = _trainable(model)
+    for step in range(2):
+        model.feed_data(data)
+        model.optimize_parameters(step + 1)
+    log = model.get_current_log()
+    assert {'l_dro', 'implicit_acc', 'logit_mean', 'err_theta_w', 'err_ref_l', 'online_share'} <= set(log)
+    assert math.isfinite(log['l_dro'])
+    assert not _equal_states(before, model.bare.trainable_state_dict())
+    if online_ratio == 0:
+        assert model.lagged.state is None and len(model.negative_buffer) == 0
+
+
+@pytest.mark.parametrize('instance_level', [False, True])
+def test_online_negative_target_is_the_lagged_copys_own_prediction(tiny_set, tmp_path, instance_level):
+    # At initialisation policy = reference = lagged copy, so on the copy's own trajectory the policy and the
+    # reference predict exactly the recorded target: the negative's errors vanish and the loss is the margin.
+    model = build_model(_dro_opt(tiny_set, tmp_path, margin=0.01, instance_level=instance_level, online_ratio=1.0,
+                                 cfg=3.0))
+    model.feed_data(_batch(tiny_set))
+    model.refresh_lagged_policy(1)
+    loss, stats = model.preference_loss()
+    assert stats['online_share'].item() == 1.0
+    assert stats['err_theta_l'].item() == pytest.approx(0.0, abs=1e-10)
+    assert stats['err_ref_l'].item() == pytest.approx(0.0, abs=1e-10)
+    assert stats['err_theta_w'].item() > 0
+    assert loss.item() == pytest.approx(0.01, abs=1e-6)
+
+
+def test_replay_buffer_refreshes_on_schedule_with_detached_samples(tiny_set, tmp_path):
+    model = build_model(_dro_opt(tiny_set, tmp_path, online_ratio=1.0, refresh_every=2))
+    data = _batch(tiny_set)
+    history = []
+    for step in range(1, 6):
+        weights_before_step = _trainable(model)
+        model.feed_data(data)
+        model.optimize_parameters(step)
+        buffer = model.negative_buffer
+        history.append((model.lagged.version, model.lagged.synced_iter, buffer.generated, len(buffer)))
+        if model.lagged.synced_iter == step:  # synced at this step: the copy holds the weights before its update
+            assert _equal_states(model.lagged.state, weights_before_step)
+        for entry in buffer.entries.values():
+            assert entry.version == model.lagged.version
+            for tensor in (entry.latents, entry.predictions, entry.final):
+                assert not tensor.requires_grad and tensor.grad_fn is None
+    # Synced at iterations 1, 3, 5; the same two LQ inputs are sampled once per version and reused in between.
+    assert history == [(1, 1, 2, 2), (1, 1, 2, 2), (2, 3, 4, 2), (2, 3, 4, 2), (3, 5, 6, 2)]
+    assert model.negative_buffer.reused == 4  # two inputs at iterations 2 and 4
+    # The lagged copy lags: after the update of iteration 5 the policy has moved away from it.
+    assert not _equal_states(model.lagged.state, model.bare.trainable_state_dict())
+
+
+def test_buffer_capacity_drops_the_oldest(tiny_set, tmp_path):
+    model = build_model(_dro_opt(tiny_set, tmp_path, online_ratio=1.0, buffer_size=1))
+    model.feed_data(_batch(tiny_set))
+    model.optimize_parameters(1)
+    assert len(model.negative_buffer) == 1 and model.negative_buffer.generated == 2
+
+
+def test_resume_rebuilds_the_lagged_copy_from_the_resumed_policy(tiny_set, tmp_path):
+    model = build_model(_dro_opt(tiny_set, tmp_path, online_ratio=1.0, refresh_every=100))
+    data = _batch(tiny_set)
+    initial = _trainable(model)
+    for step in range(1, 4):
+        model.feed_data(data)
+        model.optimize_parameters(step)
+    assert _equal_states(model.lagged.state, initial)  # synced at iteration 1 only
+    trained = _trainable(model)
+    model.save(0, 3)
+    saved = torch.load(tmp_path / 'models' / 'net_g_3.pth', weights_only=True)['params']
+    assert set(saved) == set(trained)  # the policy's trainable weights only: no lagged copy, no reference
+    state = torch.load(tmp_path / 'states' / '3.state', weights_only=True)
+    assert set(state) == {'epoch', 'iter', 'optimizers', 'schedulers'}
+
+    opt = _dro_opt(tiny_set, tmp_path, online_ratio=1.0, refresh_every=100)
+    opt['path']['pretrain_network_g'] = str(tmp_path / 'models' / 'net_g_3.pth')
+    resumed = build_model(opt)
+    assert resumed.lagged.state is None and len(resumed.negative_buffer) == 0
+    resumed.feed_data(data)
+    resumed.optimize_parameters(4)
+    assert resumed.lagged.synced_iter == 4 and resumed.lagged.version == 1
+    assert _equal_states(resumed.lagged.state, trained)
+    assert not _equal_states(resumed.lagged.state, model.lagged.state)
+
+
+def test_option_errors_are_actionable(tiny_set, tmp_path):
+    opt = _dro_opt(tiny_set, tmp_path)
+    opt['model_type'] = 'DSPOModel'
+    with pytest.raises(ValueError, match='use DiffusionDROModel'):
+        build_model(opt)
+    with pytest.raises(ValueError, match=r"unknown keys \['buffer'\]"):
+        build_model(_dro_opt(tiny_set, tmp_path, buffer=3))
+    opt = _dro_opt(tiny_set, tmp_path, online_ratio=1.0, sampler_steps=2)
+    opt['train']['timestep_range'] = [600, 700]
+    with pytest.raises(ValueError, match='none inside train.timestep_range'):
+        build_model(opt)
