@@ -1,0 +1,93 @@
+"""AddSR: SeeSR's networks distilled (adversarial diffusion distillation) to a 4-step sampler.
+
+Paper: Xie et al., "AddSR: Accelerating Diffusion-based Blind Super-Resolution with Adversarial Diffusion
+Distillation", 2024 (https://github.com/NJU-PCALab/AddSR). Fine-tuned with DSPO in "DSPO: Direct Semantic
+Preference Optimization for Real-World Image Super-Resolution".
+
+Sampler (AddSR's ``pipeline_addsr``): timesteps 999, 749, 499, 249; the start is the LQ latent noised to
+t = 999 (``start_point: lr``); at each step the network predicts x0, and the next step starts from x0
+re-noised with fresh noise to the next timestep. Prediction-based self-refinement (PSR): from the second step
+on, the ControlNet condition is ``w * decode(x0_prev) + (1 - w) * LQ_up`` (``psr_weight`` w = 0.5) and the RAM
+embeddings are recomputed from that refined image. No classifier-free guidance by default (AddSR's
+``guidance_scale`` 0).
+
+Checkpoint layout: SeeSR's (``addsr_model_path/unet`` and ``addsr_model_path/controlnet``, config +
+safetensors), loaded strictly (a key that AddSR's release adds or lacks relative to SeeSR's layout is named in
+the error), plus the SD2-base folder and RAM / DAPE files as for SeeSR.
+Weights licence: AddSR's weights are released with its repository (check the terms there); derived from
+Stable Diffusion 2 (CreativeML Open RAIL++-M licence).
+"""
+import torch
+
+from basicsr.utils.registry import ARCH_REGISTRY
+from dspo_basicsr.archs.seesr_arch import SeeSRArch
+
+ADDSR_TIMESTEPS = (999, 749, 499, 249)
+
+
+@ARCH_REGISTRY.register()
+class AddSRArch(SeeSRArch):
+    """SeeSR layout with AddSR's 4-step sampler and prediction-based self-refinement.
+
+    Args:
+        addsr_model_path (str | None): Folder with AddSR's ``unet/`` and ``controlnet/`` (SeeSR layout).
+        seesr_model_path (str | None): Accepted as an alias of ``addsr_model_path``.
+        psr_weight (float): w of the self-refinement blend. Default: 0.5.
+        sampling_timesteps (list[int]): Default: [999, 749, 499, 249].
+        Other arguments: see :class:`SeeSRArch` (``default_cfg`` defaults to 1: no guidance; ``added_prompt``
+        to AddSR's "clean, high-resolution, 8k, extremely detailed, best quality, sharp").
+    """
+
+    def __init__(self, addsr_model_path=None, seesr_model_path=None, psr_weight=0.5,
+                 sampling_timesteps=ADDSR_TIMESTEPS, default_cfg=1.0, added_prompt=None, **kwargs):
+        if added_prompt is None:
+            added_prompt = 'clean, high-resolution, 8k, extremely detailed, best quality, sharp'
+        super().__init__(seesr_model_path=addsr_model_path or seesr_model_path, default_cfg=default_cfg,
+                         added_prompt=added_prompt, **kwargs)
+        self.psr_weight = float(psr_weight)
+        self.sampling_timesteps = [int(t) for t in sampling_timesteps]
+        self.default_steps = len(self.sampling_timesteps)
+
+    def predicted_x0(self, x_t, eps, t):
+        """x0 implied by a noise (or v) prediction at timesteps t (N,): (N, C, h, w)."""
+        alphas = self.noise_scheduler.alphas_cumprod.to(x_t.device)[t].float().view(-1, 1, 1, 1)
+        if self.noise_scheduler.config.prediction_type == 'v_prediction':
+            return alphas.sqrt() * x_t - (1 - alphas).sqrt() * eps
+        return (x_t - (1 - alphas).sqrt() * eps) / alphas.sqrt()
+
+    @torch.no_grad()
+    def sample(self, lq, prompt=None, negative_prompt=None, steps=None, cfg=None, generator=None, sampler=None):
+        """AddSR sampling of LQ images (B, 3, h, w) in [0, 1] -> (B, 3, h*s, w*s) in [0, 1].
+
+        ``steps`` (if given) takes the first ``steps`` of the sampling timesteps; ``sampler`` is ignored.
+        """
+        cfg = self.default_cfg if cfg is None else cfg
+        timesteps = self.sampling_timesteps[:steps] if steps else self.sampling_timesteps
+        prompts, negatives = self._prompt_lists(lq.shape[0], prompt, negative_prompt)
+        cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
+        lq_up = cond['control_image']
+        b = lq.shape[0]
+        first = torch.full((b,), timesteps[0], device=self.device, dtype=torch.long)
+        noise = self._noise_like_latents(lq, generator)
+        latents = self.noise_scheduler.add_noise(self.encode_images(lq_up), noise, first) \
+            if self.start_point == 'lr' else noise
+        x0 = None
+        for i, step in enumerate(timesteps):
+            t = torch.full((b,), step, device=self.device, dtype=torch.long)
+            if x0 is not None:  # prediction-based self-refinement of the ControlNet condition (and RAM embeddings)
+                refined = self.psr_weight * self.decode_latents(x0) + (1 - self.psr_weight) * lq_up
+                cond = dict(cond, control_image=refined)
+                if self.ram is not None:
+                    cond['image_embeds'] = self.image_embeddings(refined)
+            eps = self.guided_prediction(latents, t, cond, cfg)
+            x0 = self.predicted_x0(latents, eps, t)
+            if i + 1 < len(timesteps):
+                next_t = torch.full((b,), timesteps[i + 1], device=self.device, dtype=torch.long)
+                latents = self.noise_scheduler.add_noise(x0, self._noise_like_latents(lq, generator), next_t)
+        return self.decode_latents(x0)
+
+    def _noise_like_latents(self, lq, generator):
+        f = self.vae_scale_factor
+        shape = (lq.shape[0], self.unet.config.in_channels, lq.shape[2] * self.scale // f, lq.shape[3] * self.scale // f)
+        noise = torch.randn(shape, generator=generator, device=generator.device if generator else self.device)
+        return noise.to(self.device)
