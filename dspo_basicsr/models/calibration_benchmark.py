@@ -11,6 +11,7 @@ import random
 import tempfile
 import time
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -47,13 +48,14 @@ def _run_epoch(model, loader, epoch):
     return time.perf_counter() - start
 
 
-def bench_feature_cache(epochs=3, methods=4, images=8, group_size=4, batch_size=4, backend='memory', device='cpu',
+def bench_feature_cache(epochs=4, methods=4, images=8, group_size=4, batch_size=4, backend='memory', device='cpu',
                         work_dir=None, log=print):
     """Epoch time of RankCalibrationModel with and without the backbone feature cache.
 
     Returns:
-        dict: ``uncached`` (mean epoch seconds), ``cached_first`` (epoch that fills the cache),
-        ``cached`` (mean of later epochs), ``speedup`` (uncached / cached), backbone passes of each.
+        dict: ``uncached`` (median epoch seconds after the first), ``cached_first`` (the epoch that fills the
+        cache), ``cached`` (median of the epochs with no backbone pass), ``speedup`` (uncached / cached),
+        backbone passes of each.
     """
     from dspo_basicsr.archs.clip_quality_arch import CLIPQualityArch
     from dspo_basicsr.data.biqa_demo import TRUE_SCORES, make_biqa_demo_data
@@ -85,12 +87,13 @@ def bench_feature_cache(epochs=3, methods=4, images=8, group_size=4, batch_size=
         label = 'cached' if cache else 'uncached'
         log(f'  {label:>8}: epoch seconds {", ".join(f"{t:.3f}" for t in times)}; '
             f'backbone passes per epoch {passes}')
+        # medians: the machine may be shared, and the first epoch carries one-time start-up costs
         if cache:
-            results.update(cached_first=times[0], cached=sum(times[1:]) / max(len(times) - 1, 1),
-                           cached_passes=model.backbone_passes)
+            steady = [t for t, p in zip(times, passes) if p == 0]
+            results.update(cached_first=times[0], cached=float(np.median(steady)), cached_passes=model.backbone_passes)
             model.feature_cache.close()
         else:
-            results.update(uncached=sum(times) / len(times), uncached_passes=model.backbone_passes)
+            results.update(uncached=float(np.median(times[1:] or times)), uncached_passes=model.backbone_passes)
     results['speedup'] = results['uncached'] / results['cached']
     return results
 
@@ -102,7 +105,6 @@ def bench_mad_reuse(methods=5, images=8, size=96, k=3, device='cpu', work_dir=No
         dict: per mode (``reuse``, ``per_pair``): backbone passes (``d1``, ``d2``) and seconds; ``speedup``.
     """
     import cv2
-    import numpy as np
     import torch.nn.functional as F
 
     from dspo_basicsr.ranking.mad import FeatureDistance, VGGStructureTextureNet, mad_select, structure_texture_distance
