@@ -220,3 +220,29 @@ def save_ram_checkpoint(embedder, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({'model': state}, path)
     return path
+
+
+def samples_with_ram_embeddings(store, embedder, prompts=None, device='cpu', extra_name='ram_embeds'):
+    """The samples of a preference set with RAM embeddings of their LQ images (and tag prompts) added.
+
+    Args:
+        store (PreferenceLMDB): The source set.
+        embedder (RAMImageEmbedder): The (frozen) embedder, already on ``device``.
+        prompts (dict[str, str] | None): Tag prompts by sample id (e.g. RAM / DAPE tags computed elsewhere);
+            a sample without an entry keeps its prompt.
+        device (str | torch.device): Where the embedder runs.
+        extra_name (str): Name of the extra array. Default: ``ram_embeds``.
+
+    Yields:
+        PreferenceSample: With ``extras[extra_name]`` a float32 array (1 + N, D) (RAM: (145, 512)).
+    """
+    import dataclasses
+
+    import numpy as np
+    for sid in store.ids():
+        sample = store[sid]
+        lq = torch.from_numpy(np.ascontiguousarray(sample.lq)).permute(2, 0, 1)[None].float().div(255)  # (1, 3, h, w)
+        embeds = embedder(lq.to(device))[0].float().cpu().numpy()  # (1 + N, D)
+        extras = dict(sample.extras or {}, **{extra_name: embeds.astype(np.float32)})
+        prompt = prompts.get(sid, sample.prompt) if prompts else sample.prompt
+        yield dataclasses.replace(sample, extras=extras, prompt=prompt)

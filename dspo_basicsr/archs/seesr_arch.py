@@ -304,6 +304,8 @@ class SeeSRArch(DiffusionSRArch):
             ``noise``.
         lora_rank, lora_alpha, lora_target_modules, sampler: see :class:`DiffusionSRArch`.
         default_steps (int): 50. default_cfg (float): 5.5.
+        default_negative_prompt (str | None): Replaces SeeSR's "dotted, noise, blur, lowres, smooth"; a sample's
+            own negative prompt (user-description feedback) is appended to it.
     """
 
     default_negative_prompt = 'dotted, noise, blur, lowres, smooth'
@@ -311,7 +313,7 @@ class SeeSRArch(DiffusionSRArch):
     def __init__(self, pretrained_model_path=None, seesr_model_path=None, ram_path=None, dape_path=None, tiny=False,
                  ram_tiny=None, scale=4, trainable='controlnet', conditioning_scale=1.0, added_prompt=None, start_point='lr',
                  lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm',
-                 prediction_type=None, default_steps=50, default_cfg=5.5):
+                 prediction_type=None, default_steps=50, default_cfg=5.5, default_negative_prompt=None):
         components = self._build_components(pretrained_model_path, seesr_model_path, tiny)
         if prediction_type:
             components['noise_scheduler'] = DDPMScheduler.from_config(
@@ -322,6 +324,8 @@ class SeeSRArch(DiffusionSRArch):
         self.controlnet = controlnet
         self.default_steps, self.default_cfg = default_steps, default_cfg
         self.conditioning_scale = conditioning_scale
+        if default_negative_prompt is not None:
+            self.default_negative_prompt = default_negative_prompt
         self.added_prompt = ('clean, high-resolution, 8k, best quality, masterpiece' if added_prompt is None
                              else added_prompt)
         if start_point not in ('lr', 'noise'):

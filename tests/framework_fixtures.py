@@ -1,0 +1,94 @@
+"""Tiny SeeSR / AddSR / OSEDiff checkpoints in their released layouts, a tiny preference set, option dicts."""
+import copy
+import os
+
+import numpy as np
+
+from conftest import make_paired_folders
+from dspo_fixtures import dspo_options
+
+TINY_RAM = {'embed_dim': 24}  # the tiny SeeSR's image cross-attention width (seesr_arch.TINY_IMAGE_DIM)
+
+
+def write_tiny_preference_set(path, num_samples=2, num_candidates=3, sr_size=32, scale=4, seed=0, ram_embeds=None):
+    """Random candidates, a 2x2 block label map (3 paired instances + 1 unpaired), negative prompts.
+
+    Args:
+        ram_embeds (tuple | None): (L, D) to store random ``ram_embeds`` extras of that shape.
+    """
+    from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
+    rng = np.random.default_rng(seed)
+    half = sr_size // 2
+    seg = np.zeros((sr_size, sr_size), np.uint16)
+    seg[:half, half:], seg[half:, :half], seg[half:, half:] = 1, 2, 3
+    samples = []
+    for i in range(num_samples):
+        candidates = [rng.integers(0, 256, (sr_size, sr_size, 3), dtype=np.uint8) for _ in range(num_candidates)]
+        instances = [{'id': m, 'win': int(m % num_candidates), 'lose': int((m + 1) % num_candidates)} for m in range(3)]
+        instances.append({'id': 3, 'win': -1, 'lose': -1})
+        extras = {'ram_embeds': rng.standard_normal(ram_embeds).astype(np.float32)} if ram_embeds else {}
+        samples.append(PreferenceSample(
+            sid=f's{i:02d}', lq=rng.integers(0, 256, (sr_size // scale, sr_size // scale, 3), dtype=np.uint8),
+            candidates=candidates, seg=seg.copy(), instances=instances, prompt='a photo',
+            negative_prompt=f'oversmoothed grass {i}', gt=candidates[0], meta={'pair': [0, 1]}, extras=extras))
+    write_preference_lmdb(path, samples, scale=scale, progress=False)
+    return path
+
+
+def build_framework_checkpoints(root, framework, seed=0):
+    """Save a tiny random framework in its released layout under ``root``; returns the paths."""
+    if framework in ('seesr', 'addsr'):
+        from dspo_basicsr.archs.seesr_arch import build_tiny_seesr_folders
+        return build_tiny_seesr_folders(os.path.join(root, 'seesr_weights'), seed=seed)
+    from dspo_basicsr.archs.control_sd2_arch import build_tiny_control_sd2_folder, load_sd_components
+    from dspo_basicsr.archs.osediff_arch import save_osediff_lora
+    sd_path, _ = build_tiny_control_sd2_folder(os.path.join(root, 'sd21'), seed=seed)
+    components = load_sd_components(sd_path)
+    lora = save_osediff_lora(components['unet'], components['vae'], os.path.join(root, 'osediff.pkl'), seed=seed)
+    return {'pretrained_model_path': sd_path, 'osediff_path': lora}
+
+
+def network_options(framework, paths, **overrides):
+    """The ``network_g`` option of a tiny framework built from the released-layout folders in ``paths``."""
+    if framework == 'seesr':
+        net = {'type': 'SeeSRArch', 'pretrained_model_path': paths['pretrained_model_path'],
+               'seesr_model_path': paths['seesr_model_path'], 'ram_path': paths['ram_path'], 'ram_tiny': True,
+               'scale': 4, 'trainable': 'controlnet', 'sampler': 'ddim'}
+    elif framework == 'addsr':
+        net = {'type': 'AddSRArch', 'pretrained_model_path': paths['pretrained_model_path'],
+               'addsr_model_path': paths['seesr_model_path'], 'ram_path': paths['ram_path'], 'ram_tiny': True,
+               'scale': 4, 'trainable': 'controlnet'}
+    else:
+        net = {'type': 'OSEDiffArch', 'pretrained_model_path': paths['pretrained_model_path'],
+               'osediff_path': paths['osediff_path'], 'scale': 4, 'trainable': 'unet_lora'}
+    if framework != 'osediff':
+        # The tiny tokenizer keeps 16 characters: a short default leaves room for the samples' feedback.
+        net['default_negative_prompt'] = 'noise'
+    net.update(overrides)
+    return net
+
+
+def framework_options(framework, paths, lmdb, name=None, total_iter=2, feedback=None, val=True, **net_overrides):
+    """A DSPOModel training option dict for a tiny framework (CPU, batch 2)."""
+    opt = dspo_options({'lmdb': lmdb, 'model': None, 'controlnet': None}, name=name or f'dspo_{framework}_tiny',
+                       total_iter=total_iter, feedback=feedback, val=val)
+    opt['network_g'] = network_options(framework, paths, **net_overrides)
+    if val:
+        opt['val']['preference_timesteps'] = [999] if framework == 'osediff' else [500]
+    return opt
+
+
+def sr_test_options(framework, paths, checkpoint, root, name=None):
+    """A ``basicsr test`` option dict: SR of a small paired folder with PSNR, images saved."""
+    gt_dir, lq_dir = make_paired_folders(os.path.join(root, 'paired'), num=2)
+    return {
+        'name': name or f'test_{framework}_tiny', 'model_type': 'DSPOModel', 'scale': 4, 'num_gpu': 0,
+        'manual_seed': 0,
+        'datasets': {'test_1': {'name': 'tiny_pairs', 'type': 'PairedImageDataset', 'dataroot_gt': gt_dir,
+                                'dataroot_lq': lq_dir, 'io_backend': {'type': 'disk'}}},
+        'network_g': copy.deepcopy(network_options(framework, paths)),
+        'path': {'pretrain_network_g': checkpoint, 'strict_load_g': True, 'param_key_g': 'params'},
+        'val': {'save_img': True, 'suffix': framework,
+                'sample': {'steps': 2, 'cfg': 1.0 if framework != 'seesr' else 2.0, 'seed': 0, 'prompt': ''},
+                'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False}}},
+    }

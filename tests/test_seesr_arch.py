@@ -1,0 +1,271 @@
+"""SeeSRArch and the RAM embedder: released structure and sizes, strict loading, DSPO through the CLI,
+user-description feedback (M1 vs M1+M2), precomputed RAM embeddings."""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dspo_basicsr  # noqa: F401  (registration)
+from basicsr.models import build_model
+from conftest import REPO, run_cli, write_options
+from framework_fixtures import (TINY_RAM, build_framework_checkpoints, framework_options, sr_test_options,
+                                write_tiny_preference_set)
+from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, merge_dape_lora, save_ram_checkpoint
+from dspo_basicsr.archs.seesr_arch import SeeSRArch, load_seesr_network, seesr_networks_on_meta
+
+
+@pytest.fixture(scope='module')
+def seesr(tmp_path_factory):
+    root = tmp_path_factory.mktemp('seesr')
+    paths = build_framework_checkpoints(str(root), 'seesr')
+    paths['lmdb'] = write_tiny_preference_set(str(root / 'pref.lmdb'))
+    return paths
+
+
+def _millions(module, keep=lambda name: True):
+    return sum(p.numel() for name, p in module.named_parameters() if keep(name)) / 1e6
+
+
+def test_meta_structure_has_the_released_seesr_sizes_and_keys():
+    # Released SeeSR (fp32): unet ~1126.8 M (SD2's 865.9 M + 260.8 M image cross-attention), controlnet
+    # ~489.0 M (364.2 M + 124.8 M), quoted to 0.1 M: +-0.05 M is exactly that rounding. The smallest
+    # structural slip (one image transformer at width 320: ~2.4 M) is 50x larger than the tolerance.
+    unet, controlnet = seesr_networks_on_meta()
+    image = lambda name: '.image_attentions.' in name  # noqa: E731
+    assert _millions(unet) == pytest.approx(1126.8, abs=0.05)
+    assert _millions(controlnet) == pytest.approx(489.0, abs=0.05)
+    assert _millions(unet, image) == pytest.approx(260.8, abs=0.05)
+    assert _millions(controlnet, image) == pytest.approx(124.8, abs=0.05)
+    keys = set(unet.state_dict())
+    for key in ('down_blocks.0.image_attentions.1.transformer_blocks.0.attn2.to_k.weight',
+                'mid_block.image_attentions.0.proj_out.weight',
+                'up_blocks.3.image_attentions.2.transformer_blocks.0.attn2.to_v.weight'):
+        assert key in keys
+    assert unet.state_dict()['down_blocks.0.image_attentions.0.transformer_blocks.0.attn2.to_k.weight'].shape == (320, 512)
+    assert 'down_blocks.3.image_attentions.0.norm.weight' not in keys  # DownBlock2D has no cross-attention
+    assert unet.config.use_image_cross_attention and unet.config.image_cross_attention_dim == 512
+
+
+def test_ram_embedder_swin_large_gives_145_tokens_of_512_on_meta():
+    with torch.device('meta'):
+        embedder = RAMImageEmbedder()
+        out = embedder(torch.rand(2, 3, 128, 96))
+    assert tuple(out.shape) == (2, 145, 512)
+    # Swin-L (patch 4, window 12, 384 px, 195.2 M) + image_proj 1536 -> 512 (0.79 M).
+    assert _millions(embedder) == pytest.approx(195.99, abs=0.05)
+
+
+def test_tiny_checkpoint_folders_load_back_strictly(seesr):
+    loaded = SeeSRArch(pretrained_model_path=seesr['pretrained_model_path'], seesr_model_path=seesr['seesr_model_path'],
+                       ram_path=seesr['ram_path'], ram_tiny=True)
+    built = SeeSRArch(tiny=True)
+    loaded_state, built_state = loaded.state_dict(), built.state_dict()
+    shared = [k for k in built_state]
+    assert shared and all(torch.equal(loaded_state[k], built_state[k]) for k in shared)
+    assert any('.image_attentions.' in k for k in shared)
+    with open(os.path.join(seesr['seesr_model_path'], 'unet', 'config.json'), encoding='utf-8') as f:
+        config = json.load(f)
+    assert config['_class_name'] == 'UNet2DConditionModel' and config['use_image_cross_attention'] is True
+
+
+@pytest.mark.parametrize('kind', ['unet', 'controlnet'])
+def test_wrong_or_missing_key_is_named(seesr, tmp_path, kind):
+    import shutil
+    folder = tmp_path / kind
+    shutil.copytree(os.path.join(seesr['seesr_model_path'], kind), folder)
+    weights = folder / 'diffusion_pytorch_model.safetensors'
+    state = load_file(str(weights))
+    key = next(k for k in sorted(state) if '.image_attentions.' in k and k.endswith('to_k.weight'))
+
+    missing = {k: v for k, v in state.items() if k != key}
+    save_file(missing, str(weights))
+    with pytest.raises(KeyError, match=re.escape(key)):
+        load_seesr_network(str(folder), kind)
+
+    renamed = dict(missing, **{key.replace('image_attentions', 'image_attention'): state[key]})
+    save_file(renamed, str(weights))
+    with pytest.raises(KeyError, match=re.escape(key.replace('image_attentions', 'image_attention'))):
+        load_seesr_network(str(folder), kind)
+
+    reshaped = dict(state, **{key: state[key][:, :-1].contiguous()})
+    save_file(reshaped, str(weights))
+    with pytest.raises(ValueError, match=re.escape(key)):
+        load_seesr_network(str(folder), kind)
+
+    os.remove(weights)
+    with pytest.raises(FileNotFoundError, match='diffusion_pytorch_model.safetensors'):
+        load_seesr_network(str(folder), kind)
+
+
+def test_ram_and_dape_checkpoints_are_mapped_strictly(tmp_path):
+    embedder = RAMImageEmbedder(tiny=TINY_RAM)
+    with torch.no_grad():
+        for p in embedder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ram = save_ram_checkpoint(embedder, str(tmp_path / 'ram.pth'))
+    raw = torch.load(ram, weights_only=True)['model']
+    # RAM's layout: downsampling at the end of stage 0, derived buffers present, tagging parts beside it.
+    assert 'visual_encoder.layers.0.downsample.reduction.weight' in raw
+    loaded = RAMImageEmbedder(ram_path=ram, tiny=TINY_RAM)
+    images = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(images), embedder(images))
+
+    extra = dict(raw, **{'visual_encoder.layers.0.blocks.0.attn.qkv.weight_extra': torch.zeros(1),
+                         'tagging_head.layer.0.weight': torch.zeros(1)})
+    torch.save({'model': extra}, tmp_path / 'extra.pth')
+    with pytest.raises(KeyError, match='visual_encoder.layers.0.blocks.0.attn.qkv.weight_extra'):
+        RAMImageEmbedder(ram_path=str(tmp_path / 'extra.pth'), tiny=TINY_RAM)
+    lacking = {k: v for k, v in raw.items() if k != 'image_proj.weight'}
+    torch.save({'model': lacking}, tmp_path / 'lacking.pth')
+    with pytest.raises(KeyError, match='image_proj.weight'):
+        RAMImageEmbedder(ram_path=str(tmp_path / 'lacking.pth'), tiny=TINY_RAM)
+
+    # DAPE: loralib MergedLinear LoRA (rank 8 on q and v, scaling 1/8) merged into qkv.
+    qkv = 'visual_encoder.layers.1.blocks.0.attn.qkv'
+    dim = raw[qkv + '.weight'].shape[1]
+    lora_a, lora_b = torch.randn(16, dim), torch.randn(2 * dim, 8)
+    torch.save({qkv + '.weight': raw[qkv + '.weight'], qkv + '.lora_A': lora_a, qkv + '.lora_B': lora_b},
+               tmp_path / 'dape.pth')
+    dape = RAMImageEmbedder(ram_path=ram, dape_path=str(tmp_path / 'dape.pth'), tiny=TINY_RAM)
+    merged = dape.state_dict()['visual_encoder.layers.1.blocks.0.attn.qkv.weight']
+    expected = raw[qkv + '.weight'].clone()
+    expected[:dim] += lora_b[:dim] @ lora_a[:8] / 8
+    expected[2 * dim:] += lora_b[dim:] @ lora_a[8:] / 8
+    torch.testing.assert_close(merged, expected)
+    torch.testing.assert_close(merged[dim:2 * dim], raw[qkv + '.weight'][dim:2 * dim])  # k untouched
+    torch.testing.assert_close(merge_dape_lora(raw[qkv + '.weight'], lora_a, lora_b), expected)
+
+    torch.save({'model': raw, 'args': argparse.Namespace(lr=1)}, tmp_path / 'pickled.pth')
+    with pytest.raises(ValueError, match='more than tensors'):
+        RAMImageEmbedder(ram_path=str(tmp_path / 'pickled.pth'), tiny=TINY_RAM)
+
+
+def test_image_embeddings_reach_unet_and_controlnet_and_precomputed_ones_are_used():
+    import copy
+    arch = SeeSRArch(tiny=True)
+    with torch.no_grad():  # SeeSR's ControlNet is trained: its zero convolutions are not zero any more
+        for name, p in arch.controlnet.named_parameters():
+            if name.startswith(('controlnet_down_blocks', 'controlnet_mid_block')):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    lq = torch.rand(2, 3, 8, 8)
+    precomputed = torch.randn(2, 5, 24)
+    cond = arch.condition(lq, ['a', 'b'], ram_embeds=precomputed)
+    assert torch.equal(cond['image_embeds'], precomputed)
+    x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    with torch.no_grad():
+        base = arch.predict_noise(x_t, t, cond)
+        for part in ('unet', 'controlnet'):
+            other = copy.deepcopy(arch)
+            for name, p in getattr(other, part).named_parameters():
+                if '.image_attentions.' in name and name.endswith('proj_out.weight'):
+                    p.add_(0.5)
+            assert not torch.allclose(other.predict_noise(x_t, t, cond), base), part
+        changed = arch.predict_noise(x_t, t, dict(cond, image_embeds=precomputed + 1))
+    assert not torch.allclose(changed, base)
+    with pytest.raises(ValueError, match='ram_path'):
+        arch.condition(lq, ['a', 'b'])  # no embedder and nothing precomputed
+    with pytest.raises(ValueError, match='ram_embeds has shape'):
+        arch.condition(lq, ['a', 'b'], ram_embeds=torch.randn(2, 5, 7))
+
+
+def _in_process(opt, tmp_path):
+    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
+    (tmp_path / 'models').mkdir(exist_ok=True)
+    opt['path'].update(models=str(tmp_path / 'models'), training_states=str(tmp_path / 'states'))
+    return build_model(opt)
+
+
+def _batch(lmdb):
+    from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
+    dataset = PreferenceLMDBDataset({'name': 't', 'type': 'PreferenceLMDBDataset', 'dataroot': lmdb, 'phase': 'train',
+                                     'gt_size': 32, 'use_hflip': False, 'use_rot': False})
+    return dataset.collate_fn([dataset[i] for i in range(2)])
+
+
+def _errors(model, data, negative_prompts):
+    model.feed_data(data)
+    model.negative_prompts = list(negative_prompts)
+    index = model._candidate_index('instance')
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return model.denoising_errors(index, generator=generator, timesteps=torch.tensor([300, 600]))
+
+
+def test_feedback_guidance_changes_training_errors_only_when_on(seesr, tmp_path):
+    """M1 (feedback off) ignores the samples' negative prompts; M1+M2 guides with them."""
+    data = _batch(seesr['lmdb'])
+    stored = list(data['negative_prompt'])
+    other = ['blurry faces, text artifacts'] * len(stored)
+    m1 = _in_process(framework_options('seesr', seesr, seesr['lmdb'], val=False), tmp_path)
+    m12 = _in_process(framework_options('seesr', seesr, seesr['lmdb'], val=False, feedback=3.0), tmp_path)
+    off_a, off_ref_a = _errors(m1, data, stored)
+    off_b, off_ref_b = _errors(m1, data, other)
+    on_a, on_ref_a = _errors(m12, data, stored)
+    on_b, on_ref_b = _errors(m12, data, other)
+    torch.testing.assert_close(off_a, off_b, rtol=0, atol=0)
+    torch.testing.assert_close(off_ref_a, off_ref_b, rtol=0, atol=0)
+    assert not torch.allclose(on_a, on_b) and not torch.allclose(on_ref_a, on_ref_b)
+    assert not torch.allclose(on_a, off_a)
+    # Policy = reference at initialisation, with or without guidance: the DSPO loss starts at ln 2.
+    m12.feed_data(data)
+    loss, _ = m12.preference_loss()
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_add_ram_embeddings_script_then_training_uses_them(seesr, tmp_path):
+    prompts = tmp_path / 'tags.json'
+    prompts.write_text(json.dumps({'s00': 'tree, sky, house'}))
+    out = tmp_path / 'with_ram.lmdb'
+    result = run_cli_script(['scripts/add_ram_embeddings.py', seesr['lmdb'], str(out), '--ram-path', seesr['ram_path'],
+                             '--tiny', json.dumps(TINY_RAM), '--prompts', str(prompts), '--device', 'cpu',
+                             '--no-progress'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
+    store, source = PreferenceLMDB(str(out)), PreferenceLMDB(seesr['lmdb'])
+    assert store.ids() == source.ids()
+    first = store['s00']
+    assert first.extras['ram_embeds'].shape == (17, 24) and first.prompt == 'tree, sky, house'
+    assert store['s01'].prompt == source['s01'].prompt
+    embedder = RAMImageEmbedder(ram_path=seesr['ram_path'], tiny=TINY_RAM)
+    lq = torch.from_numpy(first.lq).permute(2, 0, 1)[None].float() / 255
+    torch.testing.assert_close(torch.from_numpy(first.extras['ram_embeds']), embedder(lq)[0])
+
+    # A SeeSR without a RAM embedder trains on the precomputed embeddings.
+    model = _in_process(framework_options('seesr', seesr, str(out), val=False, ram_path=None), tmp_path)
+    assert model.bare.ram is None
+    model.feed_data(_batch(str(out)))
+    model.optimize_parameters(1)
+    assert math.isfinite(model.get_current_log()['l_dspo'])
+
+
+def run_cli_script(args):
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    return subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_seesr_trains_through_cli_and_samples_through_basicsr_test(seesr, tmp_path):
+    opt = framework_options('seesr', seesr, seesr['lmdb'], total_iter=2, feedback=2.0)
+    train = run_cli(['train', '-opt', write_options(tmp_path / 'train.yml', opt)], cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    exp = tmp_path / 'experiments' / opt['name']
+    checkpoint = exp / 'models' / 'net_g_2.pth'
+    saved = torch.load(checkpoint, weights_only=True)['params']
+    assert saved and all(k.startswith('controlnet.') for k in saved)
+    log = '\n'.join(open(f).read() for f in glob.glob(str(exp / 'train_*.log')))
+    assert 'l_dspo' in log and 'implicit_acc' in log
+
+    test_opt = sr_test_options('seesr', seesr, str(checkpoint), str(tmp_path))
+    test = run_cli(['test', '-opt', write_options(tmp_path / 'test.yml', test_opt)], cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    images = glob.glob(str(tmp_path / 'results' / test_opt['name'] / 'visualization' / 'tiny_pairs' / '*.png'))
+    assert len(images) == 2
+    test_log = '\n'.join(open(f).read() for f in glob.glob(str(tmp_path / 'results' / test_opt['name'] / '*.log')))
+    assert re.search(r'psnr: \d', test_log)
