@@ -263,3 +263,19 @@ def test_metric_names_the_missing_checkpoint(tmp_path):
     missing = str(tmp_path / 'models' / 'net_g_latest.pth')
     with pytest.raises(FileNotFoundError, match='net_g_latest.pth'):
         calculate_calibrated_iqa(np.zeros((8, 8, 3), np.uint8), model_path=missing)
+
+
+def test_frozen_text_features_are_encoded_once():
+    torch.manual_seed(0)
+    arch = CLIPQualityArch(**TINY_CLIP_CONFIG).requires_grad_(False)
+    calls = []
+    arch.clip.transformer.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.rand(2, 3, 32, 32)
+    first = arch(x)
+    torch.testing.assert_close(arch(x), first)
+    assert len(calls) == 1                          # the five prompts ran through the text tower once
+    other = CLIPQualityArch(**TINY_CLIP_CONFIG)
+    arch.load_state_dict(other.state_dict())        # new weights: the prompts are encoded again
+    with torch.no_grad():
+        torch.testing.assert_close(arch(x), other(x))
+    assert len(calls) == 2

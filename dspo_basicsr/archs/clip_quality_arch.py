@@ -191,15 +191,30 @@ class CLIPQualityArch(nn.Module):
         if input_mode not in ('resize', 'patches'):
             raise ValueError(f"CLIPQualityArch: input_mode must be 'resize' or 'patches', got {input_mode!r}.")
         self.input_mode, self.num_patch, self.step = input_mode, num_patch, step
+        self._text_cache = None
+        self._register_load_state_dict_pre_hook(self._clear_text_cache)
 
     @property
     def image_resolution(self):
         return self.config['image_resolution']
 
     def text_features(self):
-        """L2-normalised prompt embeddings, (5, embed_dim)."""
-        feats = self.clip.encode_text(self.prompt_tokens)
-        return F.normalize(feats.float(), dim=-1)
+        """L2-normalised prompt embeddings, (5, embed_dim).
+
+        The prompts are fixed, so with a frozen text tower they are encoded once per device and reused
+        (loading a state dict clears the copy).
+        """
+        frozen = not any(p.requires_grad for p in self.clip.transformer.parameters())
+        device = self.prompt_tokens.device
+        if frozen and self._text_cache is not None and self._text_cache.device == device:
+            return self._text_cache
+        feats = F.normalize(self.clip.encode_text(self.prompt_tokens).float(), dim=-1)
+        if frozen:
+            self._text_cache = feats.detach()
+        return feats
+
+    def _clear_text_cache(self, *args, **kwargs):
+        self._text_cache = None
 
     def patches(self, x):
         """Backbone inputs of each image.
