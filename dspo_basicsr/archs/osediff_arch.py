@@ -179,6 +179,8 @@ def merge_and_unload_adapters(model):
             parent_name, _, child = name.rpartition('.')
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
+    if 'peft_config' in model.__dict__:  # peft's record of the injected adapters, now merged away
+        del model.__dict__['peft_config']
     return model
 
 
