@@ -142,7 +142,16 @@ def _vae_scope(name):
 
 def inject_osediff_adapters(unet, vae, lora):
     """Add OSEDiff's LoRA adapters (peft) to a UNet and a VAE, as OSEDiff's ``load_ckpt`` does."""
+    import warnings
+
     from peft import LoraConfig, inject_adapter_in_model
+    with warnings.catch_warnings():
+        # Several adapters on one network is what OSEDiff does; peft warns about it on the second one.
+        warnings.filterwarnings('ignore', message='Already found a `peft_config` attribute')
+        _inject_osediff_adapters(unet, vae, lora, LoraConfig, inject_adapter_in_model)
+
+
+def _inject_osediff_adapters(unet, vae, lora, LoraConfig, inject_adapter_in_model):  # noqa: N803
     for adapter, key in OSEDIFF_UNET_ADAPTERS:
         if lora[key]:
             config = LoraConfig(r=lora['rank_unet'], lora_alpha=OSEDIFF_LORA_ALPHA, init_lora_weights='gaussian',

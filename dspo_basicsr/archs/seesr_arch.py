@@ -293,7 +293,8 @@ class SeeSRArch(DiffusionSRArch):
         ram_path (str | None): RAM ``ram_swin_large_14m.pth``: the image embedder used when a batch has no
             precomputed ``ram_embeds`` (always at sampling time). None: precomputed embeddings are required.
         dape_path (str | None): SeeSR's ``DAPE.pth`` (degradation-aware RAM, applied on top of ``ram_path``).
-        tiny (bool | dict): Tiny random networks (tests, demo); a dict may give ``seed`` and ``unet`` overrides.
+        tiny (bool | dict): Tiny random networks (tests, demo); a dict may give ``seed``, ``unet`` overrides and
+            ``ram`` (False: no tiny random RAM embedder; ``ram_path`` replaces it in any case).
         ram_tiny (bool | dict | None): The RAM checkpoint at ``ram_path`` is a tiny one (tests); None: as ``tiny``.
         scale (int): SR factor. Default: 4.
         trainable (str | list[str]): ``controlnet`` (default), ``unet_lora``, ``unet``, ``controlnet_lora``, or a list.
@@ -315,6 +316,7 @@ class SeeSRArch(DiffusionSRArch):
                  lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm',
                  prediction_type=None, default_steps=50, default_cfg=5.5, default_negative_prompt=None):
         components = self._build_components(pretrained_model_path, seesr_model_path, tiny)
+        tiny_ram = components.pop('ram', None)
         if prediction_type:
             components['noise_scheduler'] = DDPMScheduler.from_config(
                 components['noise_scheduler'].config, prediction_type=prediction_type)
@@ -332,7 +334,7 @@ class SeeSRArch(DiffusionSRArch):
             raise ValueError(f"start_point must be 'lr' or 'noise', got {start_point!r}.")
         self.start_point = start_point
         self.image_embed_dim = self.unet.config.get('image_cross_attention_dim', SEESR_IMAGE_DIM)
-        self.ram = None
+        self.ram = tiny_ram
         if ram_path:
             from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
             ram_tiny = bool(tiny) if ram_tiny is None else ram_tiny
@@ -347,7 +349,11 @@ class SeeSRArch(DiffusionSRArch):
             tiny = tiny if isinstance(tiny, dict) else {}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(tiny.get('seed', 0))
-                return tiny_seesr_networks(unet=tiny.get('unet'))
+                components = tiny_seesr_networks(unet=tiny.get('unet'))
+                if tiny.get('ram', True):  # a random tiny RAM embedder, the same as build_tiny_seesr_folders saves
+                    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
+                    components['ram'] = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM})
+                return components
         if not (pretrained_model_path and seesr_model_path):
             raise ValueError('SeeSRArch needs pretrained_model_path (an SD2-base folder) and seesr_model_path (the '
                              'folder with SeeSR\'s unet/ and controlnet/), or tiny: true.')
