@@ -1,0 +1,65 @@
+"""The SeeSR / AddSR / OSEDiff option files: safe YAML, known network and metric options, M1 vs M1+M2 pair."""
+import inspect
+import os
+
+import pytest
+
+import dspo_basicsr  # noqa: F401  (registration)
+from basicsr.utils.registry import ARCH_REGISTRY, METRIC_REGISTRY
+from conftest import REPO
+from dspo_basicsr.cli import read_option_file
+
+FRAMEWORKS = ('seesr', 'addsr', 'osediff')
+FILES = ([f'options/dspo_{f}.yml' for f in FRAMEWORKS] + ['options/dspo_seesr_m1.yml']
+         + [f'options/test_dspo_{f}.yml' for f in FRAMEWORKS] + [f'options/demo/dspo_{f}_demo.yml' for f in FRAMEWORKS])
+PAPER_METRICS = {'psnr', 'ssim', 'lpips', 'dists', 'niqe', 'musiq', 'maniqa', 'clipiqa'}
+
+
+def _read(path):
+    return read_option_file(os.path.join(REPO, path))
+
+
+def _init_parameters(cls):
+    names = set()
+    for klass in cls.__mro__:
+        if '__init__' in vars(klass):
+            names |= set(inspect.signature(klass.__init__).parameters) - {'self', 'kwargs'}
+    return names
+
+
+@pytest.mark.parametrize('path', FILES)
+def test_option_file_names_known_networks_options_and_metrics(path):
+    opt = _read(path)
+    net = dict(opt['network_g'])
+    cls = ARCH_REGISTRY.get(net.pop('type'))
+    unknown = set(net) - _init_parameters(cls)
+    assert not unknown, f'{path}: network_g options {unknown} are not arguments of {cls.__name__}'
+    metrics = opt['val']['metrics']
+    for name, metric in metrics.items():
+        assert METRIC_REGISTRY.get(metric['type']), name
+    if 'demo' not in path:
+        assert set(metrics) == PAPER_METRICS
+        sets = {d['name'] for d in opt['datasets'].values() if d['type'] == 'PairedImageDataset'}
+        assert sets == {'DRealSR', 'RealSR'}
+    if path.startswith('options/dspo_'):
+        assert opt['train']['preference_opt'] == {'type': 'DSPOLoss', 'beta': 8000, 'loss_weight': 1.0}
+        header = open(os.path.join(REPO, path), encoding='utf-8').read().split('\n\n')[0]
+        assert f'basicsr train -opt {path}' in header
+        assert f'torchrun --nproc_per_node=8 -m dspo_basicsr.cli train -opt {path} --launcher pytorch' in header
+        assert '--launcher slurm' in header
+
+
+def test_m1_and_m1_plus_m2_differ_only_in_feedback_guidance():
+    full, m1 = _read('options/dspo_seesr.yml'), _read('options/dspo_seesr_m1.yml')
+    assert full['train'].pop('feedback_guidance_scale') > 1
+    assert 'feedback_guidance_scale' not in m1['train']
+    assert full.pop('name') == 'dspo_seesr' and m1.pop('name') == 'dspo_seesr_m1'
+    assert full == m1
+
+
+@pytest.mark.parametrize('framework', FRAMEWORKS)
+def test_demo_networks_build_on_cpu(framework):
+    from basicsr.archs import build_network
+    opt = _read(f'options/demo/dspo_{framework}_demo.yml')
+    net = build_network(dict(opt['network_g']))
+    assert any(p.requires_grad for p in net.parameters())
