@@ -245,7 +245,7 @@ def radar_plot(rows, facts, path, title='Preference alignment objectives'):
         oriented = -raw if lower else raw
         low, high = np.nanmin(oriented), np.nanmax(oriented)
         scaled[column] = 0.2 + 0.8 * (oriented - low) / (high - low) if high > low else np.full_like(raw, 0.6)
-    fig, ax = plt.subplots(figsize=(6.5, 6.5), subplot_kw={'projection': 'polar'})
+    fig, ax = plt.subplots(figsize=(7, 7.5), subplot_kw={'projection': 'polar'})
     for i, row in enumerate(rows):
         values = np.array([scaled[c][i] for c in columns])
         ax.plot(np.append(angles, angles[0]), np.append(values, values[0]), linewidth=2, label=row['label'])
@@ -261,10 +261,9 @@ def radar_plot(rows, facts, path, title='Preference alignment objectives'):
     ax.set_ylim(0, 1.05)
     ax.set_yticklabels([])
     ax.set_title(f'{title}\n(each axis rescaled from the worst to the best model; raw range in brackets)',
-                 pad=28, fontsize=10)
-    ax.legend(loc='upper right', bbox_to_anchor=(1.3, 1.12), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+                 pad=30, fontsize=10)
+    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=9, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
     plt.close(fig)
 
 

@@ -143,3 +143,13 @@ def test_option_errors_are_actionable(tiny_set, tmp_path):
     opt['train']['timestep_range'] = [600, 700]
     with pytest.raises(ValueError, match='none inside train.timestep_range'):
         build_model(opt)
+
+
+def test_same_lq_twice_in_a_batch_is_sampled_once(tiny_set, tmp_path):
+    from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
+    dataset = PreferenceLMDBDataset({'name': 't', 'type': 'PreferenceLMDBDataset', 'dataroot': tiny_set['lmdb'],
+                                     'phase': 'train', 'gt_size': 32, 'use_hflip': False, 'use_rot': False})
+    model = build_model(_dro_opt(tiny_set, tmp_path, online_ratio=1.0))
+    model.feed_data(dataset.collate_fn([dataset[0], dataset[0]]))
+    model.optimize_parameters(1)
+    assert model.negative_buffer.generated == 1 and len(model.negative_buffer) == 1

@@ -115,11 +115,13 @@ class DiffusionDROModel(DSPOModel):
         if lagged.state is not None and current_iter - lagged.synced_iter < self.refresh_every:
             return False
         first = lagged.state is None
+        buffer = self.negative_buffer
         lagged.sync(self.bare, current_iter)
-        self.negative_buffer.clear()
         get_root_logger().info(
             f'iter {current_iter}: lagged copy {"built from the current policy" if first else "re-synced"} '
-            f'(version {lagged.version}); online-negative buffer emptied.')
+            f'(version {lagged.version}); online-negative buffer emptied ({len(buffer)} entries; '
+            f'{buffer.generated} samples generated and {buffer.reused} reused so far).')
+        buffer.clear()
         return True
 
     def _online_condition(self, rows):
@@ -140,8 +142,10 @@ class DiffusionDROModel(DSPOModel):
         """
         keys = [negative_key(self.sids[i], self.lq[i]) for i in rows]
         found = {key: self.negative_buffer.get(key) for key in dict.fromkeys(keys) if key in self.negative_buffer}
-        missing = [i for i, key in zip(rows, keys) if key not in found]
-        missing = list(dict.fromkeys(missing))
+        first_row = {}
+        for i, key in zip(rows, keys):
+            first_row.setdefault(key, i)
+        missing = [i for key, i in first_row.items() if key not in found]  # one sample per distinct LQ input
         if missing:
             bare = self.bare
             f = bare.vae_scale_factor
@@ -156,10 +160,11 @@ class DiffusionDROModel(DSPOModel):
                     float(self.dro_opt['cfg']), self.feedback_scale, self.dro_generator)
             bare.train(was_training)
             for n, i in enumerate(missing):
-                entry = OnlineNegative(trajectory['latents'][:, n], trajectory['predictions'][:, n],
-                                       trajectory['timesteps'], trajectory['final'][n], self.lagged.version)
-                self.negative_buffer.put(keys[rows.index(i)], entry)
-                found[keys[rows.index(i)]] = entry
+                key = keys[rows.index(i)]
+                self.negative_buffer.put(key, OnlineNegative(
+                    trajectory['latents'][:, n], trajectory['predictions'][:, n], trajectory['timesteps'],
+                    trajectory['final'][n], self.lagged.version))
+                found[key] = self.negative_buffer.entries[key]
         return [found[key] for key in keys]
 
     # ------------------------------------------------------------------ the step
