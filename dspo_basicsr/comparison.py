@@ -116,8 +116,8 @@ def train_run(option_file, name, workdir, log_path):
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     start = time.time()
     with open(log_path, 'w', encoding='utf-8') as log:
-        result = subprocess.run([sys.executable, '-m', 'dspo_basicsr.cli', 'train', '-opt', os.path.abspath(option_file)],
-                                cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        command = [sys.executable, '-m', 'dspo_basicsr.cli', 'train', '-opt', os.path.abspath(option_file)]
+        result = subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     seconds = time.time() - start
     if result.returncode != 0:
         with open(log_path, encoding='utf-8') as log:
@@ -177,7 +177,7 @@ def evaluate_checkpoint(opt, checkpoint, results_root, iteration=0):
     directions = _metric_directions(opt)
     model = build_model(opt)
     values, facts = {}, {}
-    for phase, dataset_opt in opt['datasets'].items():
+    for dataset_opt in opt['datasets'].values():
         dataset = build_dataset(dataset_opt)
         loader = build_dataloader(dataset, dataset_opt, num_gpu=opt['num_gpu'], dist=False, sampler=None,
                                   seed=opt.get('manual_seed'))

@@ -196,47 +196,55 @@ class DiffusionDROModel(DSPOModel):
             return self.gt
         return None
 
+    def _encode(self, images):
+        """Images (N, 3, H, W) -> posterior-sampled latents (N, C, h, w), as DSPOModel encodes candidates."""
+        return self.bare.encode_images(images, sample_posterior=True)
+
+    def _instance_table(self, online, gt):
+        """Instance level: columns = K candidates [+ GT] [+ online negative]; indices (B, M) per instance."""
+        b, k = self.candidates.shape[:2]
+        coverage = instance_coverage(self.seg, self.win.shape[1], self.bare.vae_scale_factor)
+        exists = coverage.sum(dim=(2, 3)) > 0  # (B, M); padded instances have no area
+        images = self.candidates if gt is None else torch.cat([self.candidates, gt[:, None]], dim=1)
+        latents = self._encode(images.flatten(0, 1)).unflatten(0, (b, images.shape[1]))  # (B, K[+1], C, h, w)
+        expert = self.win if gt is None else torch.where(exists, k, -1)
+        negative = self.lose.clone()
+        online_column = None
+        if online.any():
+            online_column = latents.shape[1]
+            # A placeholder column: its rows of online samples get the trajectory latents in diffusion_inputs.
+            latents = torch.cat([latents, torch.zeros_like(latents[:, :1])], dim=1)
+            negative[online] = torch.where(exists[online], online_column, -1)
+        return latents, expert, negative, coverage, online_column
+
+    def _image_table(self, online, gt):
+        """Image level: columns = [expert, negative]; indices (B,), -1 where a sample has no such image."""
+        b = self.candidates.shape[0]
+        pair_images = _gather_images(self.candidates, self.pair.clamp_min(0))  # (B, 2, 3, H, W)
+        expert_latents = self._encode(pair_images[:, 0] if gt is None else gt)
+        negative_latents = torch.zeros_like(expert_latents)  # online rows: placeholders, see diffusion_inputs
+        if (~online).any():
+            negative_latents[~online] = self._encode(pair_images[:, 1][~online])
+        latents = torch.stack([expert_latents, negative_latents], dim=1)  # (B, 2, C, h, w)
+        expert = torch.zeros(b, dtype=torch.long, device=self.device) if gt is not None else \
+            torch.where(self.pair[:, 0] >= 0, 0, -1)
+        negative = torch.where(online | (self.pair[:, 1] >= 0), 1, -1)
+        return latents, expert, negative, None, 1
+
     def ranking_loss(self):
         """Diffusion-DRO loss and logged statistics on the current batch (image or instance level).
 
-        Columns of the per-LQ image table (J of them): image level: [expert, negative]; instance level: the K
-        candidates, then the GT (expert: gt), then the online negative (when any sample of the batch has one).
+        The candidates' latents are noised as in DSPO (one timestep and one noise per LQ); for samples with an
+        online negative, the timestep is one of the lagged trajectory's, and the negative's noisy latent and
+        target are that trajectory's latent and the lagged copy's prediction there.
         """
-        cri, bare = self.cri_pref, self.bare
-        b, k = self.candidates.shape[:2]
+        cri = self.cri_pref
+        b = self.candidates.shape[0]
         device = self.device
         online = torch.rand(b, generator=self.dro_generator, device=device) < self.online_ratio
-        timesteps = bare.training_timesteps(b, *self.timestep_range)
-        gt = self._expert_images()
-        encode = lambda images: bare.encode_images(images, sample_posterior=True)  # noqa: E731
-
-        if cri.instance_level:
-            coverage = instance_coverage(self.seg, self.win.shape[1], bare.vae_scale_factor)
-            exists = coverage.sum(dim=(2, 3)) > 0  # (B, M); padded instances have no area
-            images = self.candidates if gt is None else torch.cat([self.candidates, gt[:, None]], dim=1)
-            column_latents = encode(images.flatten(0, 1)).unflatten(0, (b, images.shape[1]))  # (B, K[+1], C, h, w)
-            expert = self.win if gt is None else torch.where(exists, k, -1)
-            negative = self.lose.clone()
-            if online.any():
-                online_column = column_latents.shape[1]
-                column_latents = torch.cat([column_latents, torch.zeros_like(column_latents[:, :1])], dim=1)
-                negative[online] = torch.where(exists[online], online_column, -1)
-            else:
-                online_column = None
-        else:
-            coverage = None
-            expert_images = gt if gt is not None else _gather_images(self.candidates, self.pair[:, :1].clamp_min(0))[:, 0]
-            negative_images = _gather_images(self.candidates, self.pair[:, 1:].clamp_min(0))[:, 0]
-            expert_latents = encode(expert_images)
-            negative_latents = torch.zeros_like(expert_latents)
-            if (~online).any():
-                negative_latents[~online] = encode(negative_images[~online])
-            column_latents = torch.stack([expert_latents, negative_latents], dim=1)  # (B, 2, C, h, w)
-            expert = torch.zeros(b, dtype=torch.long, device=device) if gt is not None else \
-                torch.where(self.pair[:, 0] >= 0, 0, -1)
-            negative = torch.where(online | (self.pair[:, 1] >= 0), 1, -1)
-            online_column = 1
-
+        timesteps = self.bare.training_timesteps(b, *self.timestep_range)
+        table = self._instance_table if cri.instance_level else self._image_table
+        column_latents, expert, negative, coverage, online_column = table(online, self._expert_images())
         j = column_latents.shape[1]
         self._online_inputs = None
         rows = online.nonzero().flatten().tolist()
