@@ -9,8 +9,8 @@ What runs: random SD2-base components (VAE, OpenCLIP-H-sized text encoder) and a
 built from ``dspo_basicsr/archs/configs/sd2_base_unet.json`` are saved in the released layouts in ``--work``
 and loaded back through ``SeeSRArch`` (the real loading code); a synthetic preference set at ``--size`` with
 precomputed RAM embeddings (145, 512) feeds ``DSPOModel.optimize_parameters`` (trainable: ControlNet in fp32
-with AdamW; frozen UNet, VAE and text encoder in bf16; frozen reference ControlNet in bf16; the step under
-bf16 autocast). One warm-up step, then ``--steps`` timed steps. Prints one JSON line: median / min step time
+with AdamW; frozen UNet, VAE and text encoder in bf16 and every network under bf16 autocast through
+``network_g.mixed_precision: bf16``; frozen reference ControlNet in bf16 through ``train.reference_dtype``). One warm-up step, then ``--steps`` timed steps. Prints one JSON line: median / min step time
 (s) and peak allocated / reserved GPU memory (GiB).
 """
 import argparse
@@ -93,12 +93,13 @@ def options(sd_path, seesr_path, lmdb, size, feedback, device, tiny_ram):
         'name': 'bench_seesr', 'model_type': 'DSPOModel', 'scale': 4, 'num_gpu': 1 if device == 'cuda' else 0,
         'manual_seed': 0, 'is_train': True, 'dist': False, 'rank': 0, 'world_size': 1, 'auto_resume': False,
         'network_g': {'type': 'SeeSRArch', 'pretrained_model_path': sd_path, 'seesr_model_path': seesr_path,
-                      'scale': 4, 'trainable': 'controlnet', 'ram_tiny': tiny_ram},
+                      'scale': 4, 'trainable': 'controlnet', 'ram_tiny': tiny_ram,
+                      'mixed_precision': 'bf16'},
         'path': {'pretrain_network_g': None, 'strict_load_g': True},
         'train': {'optim_g': {'type': 'AdamW', 'lr': 5e-6, 'weight_decay': 1e-2},
                   'scheduler': {'type': 'MultiStepLR', 'milestones': [100000], 'gamma': 0.5},
                   'total_iter': 10, 'warmup_iter': -1, 'grad_clip': 1.0,
-                  'reference_dtype': 'bfloat16' if device == 'cuda' else None,
+                  'reference_dtype': 'bfloat16',
                   'preference_opt': {'type': 'DSPOLoss', 'beta': 8000, 'loss_weight': 1.0}},
         'datasets': {'train': {'name': 'bench', 'type': 'PreferenceLMDBDataset', 'dataroot': lmdb, 'gt_size': size}},
         'logger': {'print_freq': 1, 'save_checkpoint_freq': 1000, 'use_tb_logger': False},
@@ -144,12 +145,8 @@ def main(argv=None):
         model = build_model(opt)
         arch = model.bare
         cuda = args.device == 'cuda'
-        if cuda:  # frozen parts in bf16; the trained ControlNet (and its AdamW state) stays fp32
-            for part in (arch.unet, arch.vae, arch.text_encoder):
-                part.to(torch.bfloat16)
         dataset = PreferenceLMDBDataset(dict(opt['datasets']['train'], phase='train', use_hflip=False, use_rot=False))
         batch = dataset.collate_fn([dataset[i % len(dataset)] for i in range(args.batch)])
-        autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else torch.autocast('cpu', enabled=False)
         times = []
         for step in range(args.steps + 1):
             if cuda:
@@ -157,9 +154,8 @@ def main(argv=None):
                 if step == 1:
                     torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            with autocast:
-                model.feed_data(batch)
-                model.optimize_parameters(step + 1)
+            model.feed_data(batch)
+            model.optimize_parameters(step + 1)
             if cuda:
                 torch.cuda.synchronize()
             if step > 0:
@@ -167,7 +163,7 @@ def main(argv=None):
         result = {
             'framework': 'SeeSRArch', 'tiny': args.tiny, 'device': torch.cuda.get_device_name() if cuda else 'cpu',
             'size': size, 'candidates': args.candidates, 'batch': args.batch, 'feedback_guidance': args.feedback,
-            'trainable': 'controlnet', 'dtype': 'bf16 autocast' if cuda else 'fp32',
+            'trainable': 'controlnet', 'dtype': 'bf16 (mixed_precision)',
             'unet_params_M': round(sum(p.numel() for p in arch.unet.parameters()) / 1e6, 1),
             'controlnet_params_M': round(sum(p.numel() for p in arch.controlnet.parameters()) / 1e6, 1),
             'step_time_s_median': round(statistics.median(times), 3), 'step_time_s_min': round(min(times), 3),

@@ -158,3 +158,17 @@ def test_osediff_trains_through_cli_and_samples_through_basicsr_test(osediff, tm
                        weights_only=True)['params']
     assert all('lora_' in k and '.dspo.' in k for k in saved)
     assert os.path.isfile(osediff['osediff_path'])
+
+
+def test_osediff_bf16_frozen_unet_with_float32_lora(osediff, tmp_path):
+    model = _in_process(framework_options('osediff', osediff, osediff['lmdb'], val=False, mixed_precision='bf16'),
+                        tmp_path)
+    arch = model.bare
+    lora = [p for n, p in arch.unet.named_parameters() if '.dspo.' in n]
+    frozen = [p for n, p in arch.unet.named_parameters() if 'lora_' not in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    model.feed_data(_batch(osediff['lmdb']))
+    model.optimize_parameters(1)
+    assert math.isfinite(model.get_current_log()['l_dspo'])
+    assert arch.sample(torch.rand(1, 3, 8, 8)).dtype == torch.float32

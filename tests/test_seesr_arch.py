@@ -270,3 +270,19 @@ def test_seesr_trains_through_cli_and_samples_through_basicsr_test(seesr, tmp_pa
     assert len(images) == 2
     test_log = '\n'.join(open(f).read() for f in glob.glob(str(tmp_path / 'results' / test_opt['name'] / '*.log')))
     assert re.search(r'psnr: \d', test_log)
+
+
+def test_bf16_frozen_parts_keep_trained_parameters_in_float32(seesr, tmp_path):
+    model = _in_process(framework_options('seesr', seesr, seesr['lmdb'], val=False, feedback=2.0,
+                                          mixed_precision='bf16'), tmp_path)
+    arch = model.bare
+    assert next(arch.unet.parameters()).dtype == torch.bfloat16 and next(arch.vae.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in arch.controlnet.parameters())
+    model.feed_data(_batch(seesr['lmdb']))
+    loss, _ = model.preference_loss()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(math.log(2), abs=1e-3)
+    model.optimize_parameters(1)
+    assert math.isfinite(model.get_current_log()['l_dspo'])
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in arch.controlnet.parameters())
+    out = arch.sample(torch.rand(1, 3, 8, 8), steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 32, 32)

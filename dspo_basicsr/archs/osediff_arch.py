@@ -41,6 +41,7 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from dspo_basicsr.archs.control_sd2_arch import load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch
+from dspo_basicsr.archs.seesr_arch import LowPrecisionFrozenPartsMixin
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
 
 OSEDIFF_TIMESTEP = 999
@@ -229,7 +230,7 @@ def save_osediff_lora(unet, vae, path, rank_unet=4, rank_vae=4, seed=0):
 
 
 @ARCH_REGISTRY.register()
-class OSEDiffArch(DiffusionSRArch):
+class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
     """OSEDiff one-step SR as a DSPO framework.
 
     Args:
@@ -242,13 +243,14 @@ class OSEDiffArch(DiffusionSRArch):
         timestep_mode (str): ``operating_point`` (x_t = LQ latent, t = 999; default) or ``noise``.
         lora_rank, lora_alpha, lora_target_modules: the DSPO LoRA (see :class:`DiffusionSRArch`).
         default_cfg (float): Guidance scale of :meth:`sample` (OSEDiff: 1, none).
+        mixed_precision (str | None): ``bf16``: frozen weights in bf16, networks under autocast, LoRA in float32.
     """
 
     default_steps = 1
 
     def __init__(self, pretrained_model_path=None, osediff_path=None, tiny=False, scale=4, trainable='unet_lora',
                  timestep_mode='operating_point', lora_rank=4, lora_alpha=None,
-                 lora_target_modules=DEFAULT_LORA_TARGETS, default_cfg=1.0):
+                 lora_target_modules=DEFAULT_LORA_TARGETS, default_cfg=1.0, mixed_precision=None):
         if tiny:
             tiny = tiny if isinstance(tiny, dict) else {}
             with torch.random.fork_rng(devices=[]):
@@ -272,6 +274,7 @@ class OSEDiffArch(DiffusionSRArch):
         self.timestep_mode = timestep_mode
         self.default_cfg = default_cfg
         self.setup_trainable()
+        self.setup_mixed_precision(mixed_precision)
 
     # ------------------------------------------------------------------ operating point
     @property
@@ -283,7 +286,9 @@ class OSEDiffArch(DiffusionSRArch):
     def lq_latents(self, lq):
         """LQ (B, 3, h, w) in [0, 1] -> z_L (B, C, h*s/f, w*s/f): OSEDiff's encoder on the bicubic x s LQ."""
         images = self.upsample_lq(lq) * 2 - 1
-        return self.lq_vae.encode(images).latent_dist.mode() * self.lq_vae.config.scaling_factor
+        with self.autocast():
+            latents = self.lq_vae.encode(images).latent_dist.mode() * self.lq_vae.config.scaling_factor
+        return latents.float()
 
     def condition(self, lq, prompts, negative_prompts=None, **extras):
         """LQ (B, 3, h, w) and B prompts -> ``lq_latents`` (B, C, h', w'), ``prompt_embeds`` (B, L, D)
@@ -295,7 +300,8 @@ class OSEDiffArch(DiffusionSRArch):
 
     def predict_noise(self, x_t, t, cond):
         """(N, C, h, w) latents and (N,) timesteps -> (N, C, h, w) noise (or v) prediction."""
-        return self.unet(x_t, t, encoder_hidden_states=cond['prompt_embeds'], return_dict=False)[0]
+        with self.autocast():
+            return self.unet(x_t, t, encoder_hidden_states=cond['prompt_embeds'], return_dict=False)[0].float()
 
     def training_timesteps(self, batch, low, high, generator=None):
         """t = 999 for every sample at the operating point; uniform in [low, high) in ``noise`` mode."""

@@ -281,9 +281,60 @@ def build_tiny_seesr_folders(folder, seed=0, ram=True):
     return {'pretrained_model_path': sd_folder, 'seesr_model_path': seesr_folder, 'ram_path': ram_path}
 
 
+# ---------------------------------------------------------------------------- frozen parts in low precision
+MIXED_PRECISION = {None: None, 'no': None, 'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+class LowPrecisionFrozenPartsMixin:
+    """Keep the frozen networks in bf16 / fp16 and run them (and the trained parts) under autocast.
+
+    Trained parameters stay float32 (so do their gradients and optimiser state); inputs and outputs of
+    every public method stay float32. This is what lets the real-size step fit one GPU (docs/frameworks.md).
+    """
+
+    compute_dtype = None
+
+    def setup_mixed_precision(self, mixed_precision):
+        """Call after ``setup_trainable``: cast every submodule not fine-tuned in full to the compute dtype."""
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {sorted(k for k in MIXED_PRECISION if k)} or null, "
+                             f'got {mixed_precision!r}.')
+        self.compute_dtype = MIXED_PRECISION[mixed_precision]
+        if self.compute_dtype is None:
+            return
+        for name, module in self.named_children():
+            if name not in self.full_trainable_modules:
+                module.to(self.compute_dtype)
+        for param in self.parameters():
+            if param.requires_grad:  # LoRA inside a cast network: back to float32
+                param.data = param.data.float()
+
+    def autocast(self):
+        """Autocast to the compute dtype on this framework's device (a no-op context without one)."""
+        import contextlib
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images, sample_posterior=False, generator=None):
+        with self.autocast():
+            return super().encode_images(images, sample_posterior, generator).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents):
+        with self.autocast():
+            return super().decode_latents(latents).float()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts):
+        with self.autocast():
+            return super().encode_prompts(prompts).float()
+
+
 # ---------------------------------------------------------------------------- the framework
 @ARCH_REGISTRY.register()
-class SeeSRArch(DiffusionSRArch):
+class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
     """SeeSR: LQ into the ControlNet, tag prompt into text cross-attention, RAM embeddings into image
     cross-attention; DDPM sampling with classifier-free guidance started from the noised LQ latent.
 
@@ -305,6 +356,8 @@ class SeeSRArch(DiffusionSRArch):
             ``noise``.
         lora_rank, lora_alpha, lora_target_modules, sampler: see :class:`DiffusionSRArch`.
         default_steps (int): 50. default_cfg (float): 5.5.
+        mixed_precision (str | None): ``bf16`` (or ``fp16``): frozen networks stored in that precision and every
+            network run under autocast; trained parameters stay float32. Default: None (float32).
         default_negative_prompt (str | None): Replaces SeeSR's "dotted, noise, blur, lowres, smooth"; a sample's
             own negative prompt (user-description feedback) is appended to it.
     """
@@ -314,7 +367,8 @@ class SeeSRArch(DiffusionSRArch):
     def __init__(self, pretrained_model_path=None, seesr_model_path=None, ram_path=None, dape_path=None, tiny=False,
                  ram_tiny=None, scale=4, trainable='controlnet', conditioning_scale=1.0, added_prompt=None, start_point='lr',
                  lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm',
-                 prediction_type=None, default_steps=50, default_cfg=5.5, default_negative_prompt=None):
+                 prediction_type=None, default_steps=50, default_cfg=5.5, default_negative_prompt=None,
+                 mixed_precision=None):
         components = self._build_components(pretrained_model_path, seesr_model_path, tiny)
         tiny_ram = components.pop('ram', None)
         if prediction_type:
@@ -342,6 +396,7 @@ class SeeSRArch(DiffusionSRArch):
                 if ram_tiny else False
             self.ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=tiny_ram)
         self.setup_trainable()
+        self.setup_mixed_precision(mixed_precision)
 
     @staticmethod
     def _build_components(pretrained_model_path, seesr_model_path, tiny):
@@ -370,13 +425,13 @@ class SeeSRArch(DiffusionSRArch):
                 raise ValueError(f'ram_embeds has shape {tuple(ram_embeds.shape)}; expected ({lq.shape[0]}, L, '
                                  f'{self.image_embed_dim}) (RAM: L = 145). Recompute them with '
                                  'scripts/add_ram_embeddings.py.')
-            return ram_embeds.to(self.device, self.unet.dtype)
+            return ram_embeds.to(self.device, torch.float32)
         if self.ram is None:
             raise ValueError(f'{type(self).__name__} has no RAM embedder (network_g.ram_path) and the batch has no '
                              "precomputed 'ram_embeds': set ram_path, or add embeddings to the preference set with "
                              'scripts/add_ram_embeddings.py.')
-        with torch.no_grad():
-            return self.ram(lq).to(self.unet.dtype)
+        with torch.no_grad(), self.autocast():
+            return self.ram(lq).float()
 
     def condition(self, lq, prompts, negative_prompts=None, ram_embeds=None, **extras):
         """LQ (B, 3, h, w) in [0, 1] and B prompts -> condition dict (computed once per LQ).
@@ -397,12 +452,14 @@ class SeeSRArch(DiffusionSRArch):
     def predict_noise(self, x_t, t, cond):
         """(N, C, h, w) noisy latents and (N,) timesteps -> (N, C, h, w) noise (or v) prediction."""
         kwargs = image_kwargs(cond['image_embeds'])
-        down, mid = self.controlnet(
-            x_t, t, encoder_hidden_states=cond['prompt_embeds'], controlnet_cond=cond['control_image'],
-            conditioning_scale=self.conditioning_scale, cross_attention_kwargs=kwargs, return_dict=False)
-        return self.unet(
-            x_t, t, encoder_hidden_states=cond['prompt_embeds'], down_block_additional_residuals=down,
-            mid_block_additional_residual=mid, cross_attention_kwargs=kwargs, return_dict=False)[0]
+        with self.autocast():
+            down, mid = self.controlnet(
+                x_t, t, encoder_hidden_states=cond['prompt_embeds'], controlnet_cond=cond['control_image'],
+                conditioning_scale=self.conditioning_scale, cross_attention_kwargs=kwargs, return_dict=False)
+            eps = self.unet(
+                x_t, t, encoder_hidden_states=cond['prompt_embeds'], down_block_additional_residuals=down,
+                mid_block_additional_residual=mid, cross_attention_kwargs=kwargs, return_dict=False)[0]
+        return eps.float()
 
     # ------------------------------------------------------------------ sampling
     def _prompt_lists(self, batch, prompt, negative_prompt):
