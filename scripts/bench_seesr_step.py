@@ -10,7 +10,8 @@ built from ``dspo_basicsr/archs/configs/sd2_base_unet.json`` are saved in the re
 and loaded back through ``SeeSRArch`` (the real loading code); a synthetic preference set at ``--size`` with
 precomputed RAM embeddings (145, 512) feeds ``DSPOModel.optimize_parameters`` (trainable: ControlNet in fp32
 with AdamW; frozen UNet, VAE and text encoder in bf16 and every network under bf16 autocast through
-``network_g.mixed_precision: bf16``; frozen reference ControlNet in bf16 through ``train.reference_dtype``). One warm-up step, then ``--steps`` timed steps. Prints one JSON line: median / min step time
+``network_g.mixed_precision: bf16``; the frozen reference ControlNet is an fp32 copy run under the same
+autocast, so policy and reference compute identically at initialisation (loss ln 2)). One warm-up step, then ``--steps`` timed steps. Prints one JSON line: median / min step time
 (s) and peak allocated / reserved GPU memory (GiB).
 """
 import argparse
@@ -99,7 +100,6 @@ def options(sd_path, seesr_path, lmdb, size, feedback, device, tiny_ram):
         'train': {'optim_g': {'type': 'AdamW', 'lr': 5e-6, 'weight_decay': 1e-2},
                   'scheduler': {'type': 'MultiStepLR', 'milestones': [100000], 'gamma': 0.5},
                   'total_iter': 10, 'warmup_iter': -1, 'grad_clip': 1.0,
-                  'reference_dtype': 'bfloat16',
                   'preference_opt': {'type': 'DSPOLoss', 'beta': 8000, 'loss_weight': 1.0}},
         'datasets': {'train': {'name': 'bench', 'type': 'PreferenceLMDBDataset', 'dataroot': lmdb, 'gt_size': size}},
         'logger': {'print_freq': 1, 'save_checkpoint_freq': 1000, 'use_tb_logger': False},
