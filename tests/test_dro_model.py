@@ -46,7 +46,7 @@ def _equal_states(a, b):
     (False, 'preferred', 0.0), (False, 'gt', 1.0), (True, 'preferred', 0.5), (True, 'gt', 1.0)])
 def test_dro_steps_train_the_policy(tiny_set, tmp_path, instance_level, expert, online_ratio):
     model = build_model(_dro_opt(tiny_set, tmp_path, instance_level=instance_level, expert=expert,
-                                 online_ratio=online_ratio, cfg=2.0))
+                                 online_ratio=online_ratio, cfg=None if instance_level else 2.0))
     data = _batch(tiny_set)
     before = _trainable(model)
     for step in range(2):

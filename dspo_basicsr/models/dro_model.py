@@ -37,7 +37,7 @@ DRO_DEFAULTS = {
     'refresh_every': 100,    # K: iterations between syncs of the lagged copy (the buffer is emptied then)
     'sampler_steps': 10,     # steps of the lagged copy's sampler
     'sampler': 'ddim',       # ddim | ddpm
-    'cfg': 1.0,              # guidance scale of the lagged copy's sampling
+    'cfg': 1.0,              # guidance scale of the lagged copy's sampling (~: the framework's default)
     'seed': 0,               # seed of the online choices and of the lagged copy's sampling noise
 }
 
@@ -124,11 +124,17 @@ class DiffusionDROModel(DSPOModel):
         buffer.clear()
         return True
 
+    @property
+    def online_cfg(self):
+        """Guidance scale of the lagged copy's sampling (``train.dro.cfg``; ``~``: the framework's default)."""
+        cfg = self.dro_opt['cfg']
+        return float(self.bare.default_cfg if cfg is None else cfg)
+
     def _online_condition(self, rows):
         """Condition of the LQ inputs ``rows`` for the lagged copy's sampling (with negatives when guided)."""
         bare = self.bare
         prompts = [self.prompts[i] for i in rows]
-        needs_negative = self.dro_opt['cfg'] != 1 or bool(self.feedback_scale)
+        needs_negative = self.online_cfg != 1 or bool(self.feedback_scale)
         negatives = [join_negative_prompts(bare.default_negative_prompt, self.negative_prompts[i]) for i in rows] \
             if needs_negative else None
         extras = {name: value[rows] for name, value in self.extras.items()}
@@ -157,7 +163,7 @@ class DiffusionDROModel(DSPOModel):
             with self.lagged.swapped_into(bare):
                 trajectory = sample_trajectory(
                     bare, cond, shape, int(self.dro_opt['sampler_steps']), self.dro_opt['sampler'],
-                    float(self.dro_opt['cfg']), self.feedback_scale, self.dro_generator)
+                    self.online_cfg, self.feedback_scale, self.dro_generator)
             bare.train(was_training)
             for n, i in enumerate(missing):
                 key = keys[rows.index(i)]
