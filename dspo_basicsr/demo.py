@@ -1,10 +1,11 @@
 """The embedded tiny default: a preference set built from scikit-image's bundled photos.
 
 Everything is made locally, with no download: HQ crops of ``skimage.data`` photos, LQ images from
-BasicSR's degradation functions, N candidates sampled from a tiny random ControlSD2 model under different
-sampling settings (saved in the released diffusers layout, then loaded back as a user's model would be),
-a SLIC label map per image, and the preferred / dispreferred candidate of each instance by PSNR against
-the HQ crop inside that instance.
+BasicSR's degradation functions, a tiny ControlSD2 model briefly pretrained on those crops (VAE as an
+autoencoder, then UNet + ControlNet as an LQ-conditioned denoiser) and saved in the released diffusers
+layout, N candidates sampled from it under different sampling settings after loading it back as a user's
+model would be, a SLIC label map per image, and the preferred / dispreferred candidate of each instance by
+PSNR against the HQ crop inside that instance.
 """
 import os
 
@@ -95,17 +96,77 @@ def instance_pairs_by_psnr(candidates, gt, seg):
     return instances
 
 
+def _augmented_batch(images, batch, generator):
+    """Random flips / 90-degree rotations of ``batch`` images drawn from (N, 3, H, W) ``images``."""
+    index = torch.randint(0, images.shape[0], (batch,), generator=generator)
+    out = images[index]
+    if torch.rand((), generator=generator) < 0.5:
+        out = out.flip(-1)
+    return out.rot90(int(torch.randint(0, 4, (), generator=generator)), dims=(-2, -1))
+
+
+def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion_steps=300, batch=8, seed=0):
+    """Give a tiny random ControlSD2 the rudiments of a pretrained SR model, in about a minute on a CPU.
+
+    First the VAE learns to reconstruct the HQ crops (MSE + a small KL term) and its latent scaling factor
+    is set to 1 / std of the latents, as Stable Diffusion's was; then UNet and ControlNet learn the
+    plain diffusion loss on those latents, conditioned on the LQ image and the prompt.
+
+    Args:
+        framework (ControlSD2Arch): Built with ``tiny``; trained in place.
+        hq (Tensor): (N, 3, H, W) HQ crops in [0, 1].
+        lq (Tensor): (N, 3, H/s, W/s) their LQ images.
+        prompts (list[str]): N prompts.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    vae = framework.vae.requires_grad_(True)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    for _ in tqdm(range(vae_steps), desc='pretrain tiny VAE', leave=False):
+        x = _augmented_batch(hq, batch, generator) * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample(generator)).sample, x)
+        loss = loss + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        std = vae.encode(hq * 2 - 1).latent_dist.mode().std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+
+    denoiser = list(framework.unet.parameters()) + list(framework.controlnet.parameters())
+    for p in denoiser:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(denoiser, lr=1e-3)
+    with torch.no_grad():
+        latents = framework.encode_images(hq)
+        prompt_embeds = framework.encode_prompts(prompts)
+    num_train = framework.noise_scheduler.config.num_train_timesteps
+    for _ in tqdm(range(diffusion_steps), desc='pretrain tiny denoiser', leave=False):
+        index = torch.randint(0, latents.shape[0], (batch,), generator=generator)
+        noise = torch.randn(latents[index].shape, generator=generator)
+        t = torch.randint(0, num_train, (batch,), generator=generator)
+        cond = {'control_image': framework.upsample_lq(lq[index]), 'prompt_embeds': prompt_embeds[index]}
+        prediction = framework.predict_noise(framework.add_noise(latents[index], noise, t), t, cond)
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    framework.setup_trainable()
+    return framework
+
+
 def _to_uint8(image):
     return (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
 
 
 def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n_segments=8, seed=0,
                     overwrite=False):
-    """Build the whole demo under ``root``: tiny model, preference set, validation folders.
+    """Build the whole demo under ``root``: tiny pretrained model, preference set, validation folders.
 
     Layout::
 
-        root/tiny_sd2/            tiny SD2-base folder (diffusers layout) + controlnet/
+        root/tiny_sd2/            tiny pretrained SD2-base folder (diffusers layout) + controlnet/
         root/demo_pref.lmdb       the preference set (DESIGN.md section 4)
         root/val/gt, root/val/lq  paired PNG folders for SR validation (other crops)
 
@@ -113,24 +174,37 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
         dict: paths of the three parts and the number of training samples.
     """
     from basicsr.archs import build_network
-    from dspo_basicsr.archs.control_sd2_arch import build_tiny_control_sd2_folder
+    from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch, save_sd_components
     from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
     from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
 
     os.makedirs(root, exist_ok=True)
-    model_path, controlnet_path = build_tiny_control_sd2_folder(os.path.join(root, 'tiny_sd2'), seed=seed)
+    crops = hq_crops(size, crops_per_photo + 1, seed)
+    train = [c for i, c in enumerate(crops) if i % (crops_per_photo + 1) != crops_per_photo]
+    val = [c for i, c in enumerate(crops) if i % (crops_per_photo + 1) == crops_per_photo]
+    train_lq = [degrade(hq, scale, seed=seed * 1000 + index) for index, (_, hq, _) in enumerate(train)]
+
+    def as_tensor(images):
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
+
+    model_path = os.path.join(root, 'tiny_sd2')
+    controlnet_path = os.path.join(model_path, 'controlnet')
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = ControlSD2Arch(tiny={'seed': seed}, scale=scale)
+        pretrain_tiny_framework(base, as_tensor([hq for _, hq, _ in train]), as_tensor(train_lq),
+                                [prompt for _, _, prompt in train], seed=seed)
+    save_sd_components(model_path, dict(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
+                                        tokenizer=base.tokenizer, noise_scheduler=base.noise_scheduler))
+    base.controlnet.save_pretrained(controlnet_path)
     framework = build_network(dict(type='ControlSD2Arch', pretrained_model_path=model_path,
                                    controlnet_path=controlnet_path, scale=scale, sampler='ddim')).eval()
     segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
 
-    crops = hq_crops(size, crops_per_photo + 1, seed)
-    train = [c for i, c in enumerate(crops) if i % (crops_per_photo + 1) != crops_per_photo]
-    val = [c for i, c in enumerate(crops) if i % (crops_per_photo + 1) == crops_per_photo]
-
     def samples():
         for index, (sid, hq, prompt) in enumerate(train):
-            lq = degrade(hq, scale, seed=seed * 1000 + index)
-            lq_tensor = torch.from_numpy(lq).permute(2, 0, 1).float().div(255).unsqueeze(0)
+            lq = train_lq[index]
+            lq_tensor = as_tensor([lq])
             candidates = []
             for setting in DEMO_CANDIDATE_SETTINGS:
                 generator = torch.Generator().manual_seed(setting['seed'])

@@ -1,0 +1,38 @@
+"""Importing dspo_basicsr registers exactly these names, none of which collides with BasicSR's own."""
+import importlib
+import pkgutil
+
+import dspo_basicsr  # isort: skip  (first: it adapts basicsr 1.4.2 before basicsr is imported)
+import basicsr
+from basicsr.utils import registry
+
+OURS = {
+    'arch': {'ControlSD2Arch', 'SeeSRArch', 'AddSRArch', 'OSEDiffArch', 'CLIPQualityArch', 'RankCalibratedIQAArch'},
+    'dataset': {'PreferenceLMDBDataset', 'SRMethodGroupDataset', 'IQAListDataset', 'TwoAFCPairDataset'},
+    'loss': {'DSPOLoss', 'DiffusionDPOLoss', 'DiffusionSFTLoss', 'DiffusionDROLoss', 'FidelityLoss'},
+    'model': {'DSPOModel', 'DiffusionDROModel', 'RankCalibrationModel'},
+    'metric': {'calculate_pyiqa', 'calculate_lpips', 'calculate_dists', 'calculate_musiq', 'calculate_maniqa',
+               'calculate_clipiqa', 'calculate_pyiqa_niqe', 'calculate_calibrated_iqa'},
+}
+REGISTRIES = {'arch': registry.ARCH_REGISTRY, 'dataset': registry.DATASET_REGISTRY, 'loss': registry.LOSS_REGISTRY,
+              'model': registry.MODEL_REGISTRY, 'metric': registry.METRIC_REGISTRY}
+
+
+def test_every_registered_name_of_ours():
+    for name, reg in REGISTRIES.items():
+        ours = {key for key, obj in reg._obj_map.items() if obj.__module__.startswith('dspo_basicsr')}
+        assert ours == OURS[name], name
+
+
+def test_no_collision_with_basicsr_names():
+    for name, reg in REGISTRIES.items():
+        theirs = {key for key, obj in reg._obj_map.items() if obj.__module__.startswith('basicsr')}
+        assert theirs, name  # BasicSR's own registrations are still there
+        assert not theirs & OURS[name], name
+
+
+def test_every_module_of_the_package_imports():
+    # Registration by suffix must not hide a module that fails to import.
+    for info in pkgutil.walk_packages(dspo_basicsr.__path__, 'dspo_basicsr.'):
+        importlib.import_module(info.name)
+    assert basicsr.__version__.startswith('1.4.2')
