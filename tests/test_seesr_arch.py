@@ -38,7 +38,7 @@ def test_meta_structure_has_the_released_seesr_sizes_and_keys():
     # ~489.0 M (364.2 M + 124.8 M), quoted to 0.1 M: +-0.05 M is exactly that rounding. The smallest
     # structural slip (one image transformer at width 320: ~2.4 M) is 50x larger than the tolerance.
     unet, controlnet = seesr_networks_on_meta()
-    image = lambda name: '.image_attentions.' in name  # noqa: E731
+    image = lambda name: '.image_attentions.' in name
     assert _millions(unet) == pytest.approx(1126.8, abs=0.05)
     assert _millions(controlnet) == pytest.approx(489.0, abs=0.05)
     assert _millions(unet, image) == pytest.approx(260.8, abs=0.05)

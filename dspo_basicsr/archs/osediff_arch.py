@@ -147,21 +147,17 @@ def inject_osediff_adapters(unet, vae, lora):
 
     from peft import LoraConfig, inject_adapter_in_model
     with warnings.catch_warnings():
-        # Several adapters on one network is what OSEDiff does; peft warns about it on the second one.
+        # Several adapters on one network is what OSEDiff does; peft warns about it from the second one on.
         warnings.filterwarnings('ignore', message='Already found a `peft_config` attribute')
-        _inject_osediff_adapters(unet, vae, lora, LoraConfig, inject_adapter_in_model)
-
-
-def _inject_osediff_adapters(unet, vae, lora, LoraConfig, inject_adapter_in_model):  # noqa: N803
-    for adapter, key in OSEDIFF_UNET_ADAPTERS:
-        if lora[key]:
-            config = LoraConfig(r=lora['rank_unet'], lora_alpha=OSEDIFF_LORA_ALPHA, init_lora_weights='gaussian',
-                                target_modules=list(lora[key]))
-            inject_adapter_in_model(config, unet, adapter_name=adapter)
-    if lora['vae_lora_encoder_modules']:
-        config = LoraConfig(r=lora['rank_vae'], lora_alpha=OSEDIFF_LORA_ALPHA, init_lora_weights='gaussian',
-                            target_modules=list(lora['vae_lora_encoder_modules']))
-        inject_adapter_in_model(config, vae, adapter_name='default_encoder')
+        for adapter, key in OSEDIFF_UNET_ADAPTERS:
+            if lora[key]:
+                config = LoraConfig(r=lora['rank_unet'], lora_alpha=OSEDIFF_LORA_ALPHA, init_lora_weights='gaussian',
+                                    target_modules=list(lora[key]))
+                inject_adapter_in_model(config, unet, adapter_name=adapter)
+        if lora['vae_lora_encoder_modules']:
+            config = LoraConfig(r=lora['rank_vae'], lora_alpha=OSEDIFF_LORA_ALPHA, init_lora_weights='gaussian',
+                                target_modules=list(lora['vae_lora_encoder_modules']))
+            inject_adapter_in_model(config, vae, adapter_name='default_encoder')
 
 
 def _load_named(model, state, select, source):
