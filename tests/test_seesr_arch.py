@@ -51,6 +51,16 @@ def test_meta_structure_has_the_released_seesr_sizes_and_keys():
     assert unet.state_dict()['down_blocks.0.image_attentions.0.transformer_blocks.0.attn2.to_k.weight'].shape == (320, 512)
     assert 'down_blocks.3.image_attentions.0.norm.weight' not in keys  # DownBlock2D has no cross-attention
     assert unet.config.use_image_cross_attention and unet.config.image_cross_attention_dim == 512
+    # A real-size forward on the meta device: text (B, 77, 1024) and RAM embeddings (B, 145, 512) fit every layer.
+    from dspo_basicsr.archs.seesr_arch import image_kwargs
+    with torch.device('meta'):
+        x_t, t = torch.randn(2, 4, 64, 64), torch.tensor([1, 999])
+        text, ram = torch.randn(2, 77, 1024), torch.randn(2, 145, 512)
+        down, mid = controlnet(x_t, t, encoder_hidden_states=text, controlnet_cond=torch.rand(2, 3, 512, 512),
+                               cross_attention_kwargs=image_kwargs(ram), return_dict=False)
+        eps = unet(x_t, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                   mid_block_additional_residual=mid, cross_attention_kwargs=image_kwargs(ram), return_dict=False)[0]
+    assert eps.shape == (2, 4, 64, 64)
 
 
 def test_ram_embedder_swin_large_gives_145_tokens_of_512_on_meta():
@@ -286,3 +296,19 @@ def test_bf16_frozen_parts_keep_trained_parameters_in_float32(seesr, tmp_path):
     assert all(p.dtype == torch.float32 and p.requires_grad for p in arch.controlnet.parameters())
     out = arch.sample(torch.rand(1, 3, 8, 8), steps=2, generator=torch.Generator().manual_seed(0))
     assert out.dtype == torch.float32 and out.shape == (1, 3, 32, 32)
+
+
+def test_gradient_checkpointing_gives_the_same_step(seesr, tmp_path):
+    data = _batch(seesr['lmdb'])
+    grads = []
+    for checkpointing in (False, True):
+        model = _in_process(framework_options('seesr', seesr, seesr['lmdb'], val=False, feedback=2.0,
+                                              gradient_checkpointing=checkpointing), tmp_path)
+        model.bare.train()
+        model.feed_data(data)
+        torch.manual_seed(0)  # the same timesteps, noise and posterior samples in both runs
+        loss, _ = model.preference_loss()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.bare.controlnet.parameters() if p.grad is not None]))
+    assert any(getattr(m, 'gradient_checkpointing', False) for m in model.bare.unet.modules())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -358,6 +358,7 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         default_steps (int): 50. default_cfg (float): 5.5.
         mixed_precision (str | None): ``bf16`` (or ``fp16``): frozen networks stored in that precision and every
             network run under autocast; trained parameters stay float32. Default: None (float32).
+        gradient_checkpointing (bool): Recompute UNet / ControlNet activations in the backward pass.
         default_negative_prompt (str | None): Replaces SeeSR's "dotted, noise, blur, lowres, smooth"; a sample's
             own negative prompt (user-description feedback) is appended to it.
     """
@@ -368,7 +369,7 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
                  ram_tiny=None, scale=4, trainable='controlnet', conditioning_scale=1.0, added_prompt=None, start_point='lr',
                  lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm',
                  prediction_type=None, default_steps=50, default_cfg=5.5, default_negative_prompt=None,
-                 mixed_precision=None):
+                 mixed_precision=None, gradient_checkpointing=False):
         components = self._build_components(pretrained_model_path, seesr_model_path, tiny)
         tiny_ram = components.pop('ram', None)
         if prediction_type:
@@ -397,6 +398,9 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
             self.ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=tiny_ram)
         self.setup_trainable()
         self.setup_mixed_precision(mixed_precision)
+        if gradient_checkpointing:  # recompute activations in the backward pass: less memory, ~30% more time
+            self.unet.enable_gradient_checkpointing()
+            self.controlnet.enable_gradient_checkpointing()
 
     @staticmethod
     def _build_components(pretrained_model_path, seesr_model_path, tiny):
