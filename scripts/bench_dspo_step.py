@@ -18,19 +18,32 @@ from dspo_basicsr.bench_utils import bench_dspo_opt, synthetic_preference_batch
 from dspo_basicsr.losses import diffusion_sft_loss, dspo_loss, instance_coverage
 
 
-def timed(fn, repeats, device):
-    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up."""
+def _once(fn, device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def timed(fn, repeats, device, warmup=True):
+    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up run)."""
+    if warmup:
         fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    times = sorted(_once(fn, device) for _ in range(repeats))
+    return times[len(times) // 2]
+
+
+def timed_side_by_side(fn_a, fn_b, repeats, device):
+    """Median times of two functions run alternately, so both see the same machine load."""
+    fn_a(), fn_b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(_once(fn_a, device))
+        times_b.append(_once(fn_b, device))
+    return sorted(times_a)[repeats // 2], sorted(times_b)[repeats // 2]
 
 
 def sft_step(model):
@@ -92,8 +105,8 @@ def main():
     print(f'device {device}, framework {params:.1f} M parameters, batch {args.batch} x {args.candidates} candidates '
           f'at {args.size}px, {args.instances} instances')
 
-    dspo = timed(lambda: model.optimize_parameters(1), args.repeats, device)
-    sft = timed(lambda: sft_step(model), args.repeats, device)
+    dspo, sft = timed_side_by_side(lambda: model.optimize_parameters(1), lambda: sft_step(model), args.repeats,
+                                   device)
     print(f'(a) DSPO step {dspo * 1e3:8.1f} ms | SFT step {sft * 1e3:8.1f} ms | ratio {dspo / sft:.2f} (target <= 1.5)')
 
     latent = args.size // model.bare.vae_scale_factor
@@ -115,7 +128,8 @@ def main():
     print(f'(b) loss reduction M=64 {m64 * 1e3:8.3f} ms | M=1 {m1 * 1e3:8.3f} ms | ratio {m64 / m1:.2f} '
           '(target <= 1.5)')
 
-    loop = timed(lambda: per_instance_loop_step(model, model.cri_pref.beta), max(1, args.repeats // 2), device)
+    # The loop runs the same networks as the batched step just timed, so it needs no warm-up of its own.
+    loop = timed(lambda: per_instance_loop_step(model, model.cri_pref.beta), 1, device, warmup=False)
     print(f'(c) batched DSPO step {dspo * 1e3:8.1f} ms | per-instance-pair loop {loop * 1e3:8.1f} ms | '
           f'speed-up {loop / dspo:.1f}x')
 
