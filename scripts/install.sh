@@ -6,9 +6,13 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$here/.venv}
 python3 -m venv "$venv"
 py="$venv/bin/python"
-"$py" -m pip install -q --upgrade "pip<25" wheel
+pip_install() {
+  # Hide pip's notes about index folders of this machine's pip configuration that do not exist.
+  "$py" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+pip_install --upgrade "pip<25" wheel
 # torch first: basicsr 1.4.2's setup.py imports torch, so it is built without isolation against it.
-"$py" -m pip install -q -r "$here/requirements-torch.txt" "setuptools>=77,<81" cython numpy
-"$py" -m pip install -q --no-build-isolation basicsr==1.4.2
-"$py" -m pip install -q -c "$here/requirements-torch.txt" -e "$here[test]"
+pip_install -r "$here/requirements-torch.txt" "setuptools>=77,<81" cython numpy
+pip_install --no-build-isolation basicsr==1.4.2
+pip_install -c "$here/requirements-torch.txt" -e "$here[test]"
 echo "installed into $venv"

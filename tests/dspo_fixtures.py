@@ -7,14 +7,16 @@ from dspo_basicsr.archs.control_sd2_arch import build_tiny_control_sd2_folder
 from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
 
 
-def make_tiny_preference_set(root, num_samples=3, num_candidates=3, sr_size=32, scale=4, seed=0):
-    """Random candidates with a 2x2 block label map (4 instances, one of them unpaired).
+def write_tiny_preference_set(path, num_samples=3, num_candidates=3, sr_size=32, scale=4, seed=0, ram_embeds=None):
+    """Random candidates with a 2x2 block label map (3 paired instances + 1 unpaired), negative prompts.
+
+    Args:
+        ram_embeds (tuple | None): (L, D) to store random ``ram_embeds`` extras of that shape.
 
     Returns:
-        dict: ``lmdb``, ``model``, ``controlnet`` paths.
+        str: ``path``.
     """
     rng = np.random.default_rng(seed)
-    model, controlnet = build_tiny_control_sd2_folder(os.path.join(root, 'tiny_sd2'), seed=seed)
     half = sr_size // 2
     seg = np.zeros((sr_size, sr_size), np.uint16)
     seg[:half, half:], seg[half:, :half], seg[half:, half:] = 1, 2, 3
@@ -23,13 +25,44 @@ def make_tiny_preference_set(root, num_samples=3, num_candidates=3, sr_size=32, 
         candidates = [rng.integers(0, 256, (sr_size, sr_size, 3), dtype=np.uint8) for _ in range(num_candidates)]
         instances = [{'id': m, 'win': int(m % num_candidates), 'lose': int((m + 1) % num_candidates)} for m in range(3)]
         instances.append({'id': 3, 'win': -1, 'lose': -1})
+        extras = {'ram_embeds': rng.standard_normal(ram_embeds).astype(np.float32)} if ram_embeds else {}
         samples.append(PreferenceSample(
             sid=f's{i:02d}', lq=rng.integers(0, 256, (sr_size // scale, sr_size // scale, 3), dtype=np.uint8),
             candidates=candidates, seg=seg.copy(), instances=instances, prompt='a photo',
-            negative_prompt='blurry' if i % 2 else '', gt=candidates[0], meta={'pair': [0, 1]}))
-    lmdb_path = os.path.join(root, 'tiny_pref.lmdb')
-    write_preference_lmdb(lmdb_path, samples, scale=scale, progress=False)
+            negative_prompt=f'oversmoothed grass {i}', gt=candidates[0], meta={'pair': [0, 1]},
+            extras=extras))
+    write_preference_lmdb(path, samples, scale=scale, progress=False)
+    return path
+
+
+def make_tiny_preference_set(root, num_samples=3, num_candidates=3, sr_size=32, scale=4, seed=0):
+    """A tiny SD2 + ControlNet folder and a tiny preference set under ``root``.
+
+    Returns:
+        dict: ``lmdb``, ``model``, ``controlnet`` paths.
+    """
+    model, controlnet = build_tiny_control_sd2_folder(os.path.join(root, 'tiny_sd2'), seed=seed)
+    lmdb_path = write_tiny_preference_set(os.path.join(root, 'tiny_pref.lmdb'), num_samples, num_candidates, sr_size,
+                                          scale, seed)
     return {'lmdb': lmdb_path, 'model': model, 'controlnet': controlnet}
+
+
+def in_process_options(tiny_set, tmp_path, **kwargs):
+    """:func:`dspo_options` completed as BasicSR's option parser would, for models built in the test process."""
+    opt = dspo_options(tiny_set, val=False, **kwargs)
+    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
+    (tmp_path / 'models').mkdir(exist_ok=True)
+    (tmp_path / 'states').mkdir(exist_ok=True)
+    opt['path'].update(models=str(tmp_path / 'models'), training_states=str(tmp_path / 'states'))
+    return opt
+
+
+def preference_batch(tiny_set, batch=2):
+    """The first ``batch`` training items of the tiny set, collated."""
+    from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
+    dataset = PreferenceLMDBDataset({'name': 't', 'type': 'PreferenceLMDBDataset', 'dataroot': tiny_set['lmdb'],
+                                     'phase': 'train', 'gt_size': 32, 'use_hflip': False, 'use_rot': False})
+    return dataset.collate_fn([dataset[i] for i in range(batch)])
 
 
 def dspo_options(paths, name='dspo_tiny', total_iter=2, preference='DSPOLoss', trainable='controlnet',

@@ -5,34 +5,9 @@ import os
 import numpy as np
 
 from conftest import make_paired_folders
-from dspo_fixtures import dspo_options
+from dspo_fixtures import dspo_options, write_tiny_preference_set  # noqa: F401  (re-exported for the framework tests)
 
 TINY_RAM = {'embed_dim': 24}  # the tiny SeeSR's image cross-attention width (seesr_arch.TINY_IMAGE_DIM)
-
-
-def write_tiny_preference_set(path, num_samples=2, num_candidates=3, sr_size=32, scale=4, seed=0, ram_embeds=None):
-    """Random candidates, a 2x2 block label map (3 paired instances + 1 unpaired), negative prompts.
-
-    Args:
-        ram_embeds (tuple | None): (L, D) to store random ``ram_embeds`` extras of that shape.
-    """
-    from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
-    rng = np.random.default_rng(seed)
-    half = sr_size // 2
-    seg = np.zeros((sr_size, sr_size), np.uint16)
-    seg[:half, half:], seg[half:, :half], seg[half:, half:] = 1, 2, 3
-    samples = []
-    for i in range(num_samples):
-        candidates = [rng.integers(0, 256, (sr_size, sr_size, 3), dtype=np.uint8) for _ in range(num_candidates)]
-        instances = [{'id': m, 'win': int(m % num_candidates), 'lose': int((m + 1) % num_candidates)} for m in range(3)]
-        instances.append({'id': 3, 'win': -1, 'lose': -1})
-        extras = {'ram_embeds': rng.standard_normal(ram_embeds).astype(np.float32)} if ram_embeds else {}
-        samples.append(PreferenceSample(
-            sid=f's{i:02d}', lq=rng.integers(0, 256, (sr_size // scale, sr_size // scale, 3), dtype=np.uint8),
-            candidates=candidates, seg=seg.copy(), instances=instances, prompt='a photo',
-            negative_prompt=f'oversmoothed grass {i}', gt=candidates[0], meta={'pair': [0, 1]}, extras=extras))
-    write_preference_lmdb(path, samples, scale=scale, progress=False)
-    return path
 
 
 def build_framework_checkpoints(root, framework, seed=0):

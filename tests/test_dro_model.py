@@ -6,7 +6,7 @@ import torch
 
 import dspo_basicsr  # noqa: F401  (registration)
 from basicsr.models import build_model
-from dspo_fixtures import dspo_options, make_tiny_preference_set
+from dspo_fixtures import in_process_options, make_tiny_preference_set, preference_batch
 
 
 @pytest.fixture(scope='module')
@@ -15,23 +15,11 @@ def tiny_set(tmp_path_factory):
 
 
 def _dro_opt(tiny_set, tmp_path, margin=1e-3, instance_level=False, **dro):
-    opt = dspo_options(tiny_set, val=False)
+    opt = in_process_options(tiny_set, tmp_path)
     opt['model_type'] = 'DiffusionDROModel'
     opt['train']['preference_opt'] = {'type': 'DiffusionDROLoss', 'margin': margin, 'instance_level': instance_level}
     opt['train']['dro'] = {'sampler_steps': 4, 'sampler': 'ddim', 'buffer_size': 8, **dro}
-    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
-    models = tmp_path / 'models'
-    models.mkdir(exist_ok=True)
-    (tmp_path / 'states').mkdir(exist_ok=True)
-    opt['path'].update(models=str(models), training_states=str(tmp_path / 'states'))
     return opt
-
-
-def _batch(tiny_set, batch=2):
-    from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
-    dataset = PreferenceLMDBDataset({'name': 't', 'type': 'PreferenceLMDBDataset', 'dataroot': tiny_set['lmdb'],
-                                     'phase': 'train', 'gt_size': 32, 'use_hflip': False, 'use_rot': False})
-    return dataset.collate_fn([dataset[i] for i in range(batch)])
 
 
 def _trainable(model):
@@ -47,7 +35,7 @@ def _equal_states(a, b):
 def test_dro_steps_train_the_policy(tiny_set, tmp_path, instance_level, expert, online_ratio):
     model = build_model(_dro_opt(tiny_set, tmp_path, instance_level=instance_level, expert=expert,
                                  online_ratio=online_ratio, cfg=None if instance_level else 2.0))
-    data = _batch(tiny_set)
+    data = preference_batch(tiny_set)
     before = _trainable(model)
     for step in range(2):
         model.feed_data(data)
@@ -66,7 +54,7 @@ def test_online_negative_target_is_the_lagged_copys_own_prediction(tiny_set, tmp
     # reference predict exactly the recorded target: the negative's errors vanish and the loss is the margin.
     model = build_model(_dro_opt(tiny_set, tmp_path, margin=0.01, instance_level=instance_level, online_ratio=1.0,
                                  cfg=3.0))
-    model.feed_data(_batch(tiny_set))
+    model.feed_data(preference_batch(tiny_set))
     model.refresh_lagged_policy(1)
     loss, stats = model.preference_loss()
     assert stats['online_share'].item() == 1.0
@@ -78,7 +66,7 @@ def test_online_negative_target_is_the_lagged_copys_own_prediction(tiny_set, tmp
 
 def test_replay_buffer_refreshes_on_schedule_with_detached_samples(tiny_set, tmp_path):
     model = build_model(_dro_opt(tiny_set, tmp_path, online_ratio=1.0, refresh_every=2))
-    data = _batch(tiny_set)
+    data = preference_batch(tiny_set)
     history = []
     for step in range(1, 6):
         weights_before_step = _trainable(model)
@@ -101,14 +89,14 @@ def test_replay_buffer_refreshes_on_schedule_with_detached_samples(tiny_set, tmp
 
 def test_buffer_capacity_drops_the_oldest(tiny_set, tmp_path):
     model = build_model(_dro_opt(tiny_set, tmp_path, online_ratio=1.0, buffer_size=1))
-    model.feed_data(_batch(tiny_set))
+    model.feed_data(preference_batch(tiny_set))
     model.optimize_parameters(1)
     assert len(model.negative_buffer) == 1 and model.negative_buffer.generated == 2
 
 
 def test_resume_rebuilds_the_lagged_copy_from_the_resumed_policy(tiny_set, tmp_path):
     model = build_model(_dro_opt(tiny_set, tmp_path, online_ratio=1.0, refresh_every=100))
-    data = _batch(tiny_set)
+    data = preference_batch(tiny_set)
     initial = _trainable(model)
     for step in range(1, 4):
         model.feed_data(data)

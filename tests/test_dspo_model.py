@@ -11,7 +11,7 @@ import torch
 import dspo_basicsr  # noqa: F401  (registration)
 from basicsr.models import build_model
 from conftest import run_cli, write_options
-from dspo_fixtures import dspo_options, make_tiny_preference_set
+from dspo_fixtures import dspo_options, in_process_options, make_tiny_preference_set, preference_batch
 from dspo_basicsr.models.dspo_model import NonFiniteLossError
 
 
@@ -20,30 +20,14 @@ def tiny_set(tmp_path_factory):
     return make_tiny_preference_set(str(tmp_path_factory.mktemp('tiny_set')))
 
 
-def _in_process_opt(tiny_set, tmp_path, **kwargs):
-    opt = dspo_options(tiny_set, val=False, **kwargs)
-    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
-    models = tmp_path / 'models'
-    models.mkdir(exist_ok=True)
-    opt['path'].update(models=str(models), training_states=str(tmp_path / 'states'))
-    return opt
-
-
-def _batch(tiny_set, batch=2):
-    from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
-    dataset = PreferenceLMDBDataset({'name': 't', 'type': 'PreferenceLMDBDataset', 'dataroot': tiny_set['lmdb'],
-                                     'phase': 'train', 'gt_size': 32, 'use_hflip': False, 'use_rot': False})
-    return dataset.collate_fn([dataset[i] for i in range(batch)])
-
-
 def _pretrained_controlnet(tiny_set):
     from diffusers import ControlNetModel
     return ControlNetModel.from_pretrained(tiny_set['controlnet'], local_files_only=True).state_dict()
 
 
 def test_training_moves_policy_not_reference_and_saves_only_trainable(tiny_set, tmp_path):
-    model = build_model(_in_process_opt(tiny_set, tmp_path))
-    data = _batch(tiny_set)
+    model = build_model(in_process_options(tiny_set, tmp_path))
+    data = preference_batch(tiny_set)
     before = {k: v.clone() for k, v in model.bare.trainable_state_dict().items()}
     for step in range(3):
         model.feed_data(data)
@@ -63,7 +47,7 @@ def test_training_moves_policy_not_reference_and_saves_only_trainable(tiny_set, 
     assert not any(k.startswith(('unet.', 'vae.', 'text_encoder.')) for k in saved)
 
     # Loading the checkpoint restores the policy; the reference is rebuilt from the pretrained source.
-    opt = _in_process_opt(tiny_set, tmp_path)
+    opt = in_process_options(tiny_set, tmp_path)
     opt['path']['pretrain_network_g'] = str(tmp_path / 'models' / 'net_g_3.pth')
     resumed = build_model(opt)
     for key, value in resumed.bare.trainable_state_dict().items():
@@ -73,8 +57,8 @@ def test_training_moves_policy_not_reference_and_saves_only_trainable(tiny_set, 
 
 
 def test_policy_equal_to_reference_gives_ln2(tiny_set, tmp_path):
-    model = build_model(_in_process_opt(tiny_set, tmp_path))
-    model.feed_data(_batch(tiny_set))
+    model = build_model(in_process_options(tiny_set, tmp_path))
+    model.feed_data(preference_batch(tiny_set))
     loss, stats = model.preference_loss()
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     assert stats['implicit_acc'].item() == pytest.approx(0.5)
@@ -84,26 +68,26 @@ def test_policy_equal_to_reference_gives_ln2(tiny_set, tmp_path):
 
 @pytest.mark.parametrize('preference,log_key', [('DiffusionDPOLoss', 'l_dpo'), ('DiffusionSFTLoss', 'l_sft')])
 def test_image_level_objectives_step(tiny_set, tmp_path, preference, log_key):
-    model = build_model(_in_process_opt(tiny_set, tmp_path, preference=preference))
-    model.feed_data(_batch(tiny_set))
+    model = build_model(in_process_options(tiny_set, tmp_path, preference=preference))
+    model.feed_data(preference_batch(tiny_set))
     model.optimize_parameters(1)
     assert math.isfinite(model.get_current_log()[log_key])
 
 
 def test_lora_training_has_no_reference_copy(tiny_set, tmp_path):
-    model = build_model(_in_process_opt(tiny_set, tmp_path, trainable='unet_lora', feedback=2.0))
+    model = build_model(in_process_options(tiny_set, tmp_path, trainable='unet_lora', feedback=2.0))
     assert model.net_ref.copies == {}
-    model.feed_data(_batch(tiny_set))
+    model.feed_data(preference_batch(tiny_set))
     model.optimize_parameters(1)
     keys = set(model.bare.trainable_state_dict())
     assert keys and all('lora_' in k for k in keys)
 
 
 def test_nonfinite_loss_skips_update_then_stops(tiny_set, tmp_path, monkeypatch):
-    opt = _in_process_opt(tiny_set, tmp_path)
+    opt = in_process_options(tiny_set, tmp_path)
     opt['train']['max_nonfinite_steps'] = 2
     model = build_model(opt)
-    model.feed_data(_batch(tiny_set))
+    model.feed_data(preference_batch(tiny_set))
     before = {k: v.clone() for k, v in model.bare.trainable_state_dict().items()}
     real = model.preference_loss
 
@@ -120,8 +104,21 @@ def test_nonfinite_loss_skips_update_then_stops(tiny_set, tmp_path, monkeypatch)
         model.optimize_parameters(2)
 
 
+def test_checkpoint_with_wrong_keys_names_them(tiny_set, tmp_path):
+    model = build_model(in_process_options(tiny_set, tmp_path))
+    state = model.bare.trainable_state_dict()
+    dropped = sorted(state)[0]
+    broken = {('controlnet.extra.weight' if k == dropped else k): v for k, v in state.items()}
+    torch.save({'params': broken}, tmp_path / 'broken.pth')
+    opt = in_process_options(tiny_set, tmp_path)
+    opt['path']['pretrain_network_g'] = str(tmp_path / 'broken.pth')
+    with pytest.raises(KeyError, match=re.escape(dropped)) as error:
+        build_model(opt)
+    assert 'controlnet.extra.weight' in str(error.value) and 'broken.pth' in str(error.value)
+
+
 def test_nonfinite_weights_never_reach_a_checkpoint(tiny_set, tmp_path):
-    model = build_model(_in_process_opt(tiny_set, tmp_path))
+    model = build_model(in_process_options(tiny_set, tmp_path))
     model.save_network(model.net_g, 'net_g', 1)
     with torch.no_grad():
         next(p for p in model.bare.parameters() if p.requires_grad).fill_(float('inf'))

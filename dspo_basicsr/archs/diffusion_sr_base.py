@@ -41,6 +41,33 @@ def check_component_folder(path, subfolder, what):
         raise missing_weights_error(path, expected, what)
 
 
+def check_state_dict_matches(expected, state, source, what, hint=''):
+    """Raise unless ``state`` has exactly the keys of ``expected`` with the same shapes.
+
+    Args:
+        expected (dict): name -> tensor the state must match.
+        state (dict): name -> tensor being loaded.
+        source (str): Where the state comes from (a file), for the message.
+        what (str): What it is loaded into, for the message.
+        hint (str): A sentence on what to check, appended to a key mismatch.
+
+    Raises:
+        KeyError: names the missing and the unexpected keys.
+        ValueError: names the first key whose shape differs.
+    """
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        def listed(keys):
+            return f"{keys[:5]}{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)"
+        raise KeyError(f'{source} does not match {what}: missing keys {listed(missing)}, unexpected keys '
+                       f'{listed(unexpected)}.{" " + hint if hint else ""}')
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{source}: key '{key}' has shape {tuple(value.shape)}, expected "
+                             f'{tuple(expected[key].shape)} in {what}.')
+
+
 def repeat_condition(cond, repeats):
     """Repeat every tensor of a condition ``repeats`` times along the batch: (B, ...) -> (B*repeats, ...)."""
     return {key: value.repeat_interleave(repeats, dim=0) for key, value in cond.items()}
@@ -147,18 +174,10 @@ class DiffusionSRArch(nn.Module):
             ValueError: a shape differs.
         """
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(set(params) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(params))
-        if missing or unexpected:
-            raise KeyError(f"{source} does not match the trainable parameters of {type(self).__name__} "
-                           f"(trainable: {self.trainable}): missing keys {missing[:5]}"
-                           f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                           f"{' ...' if len(unexpected) > 5 else ''}.")
+        check_state_dict_matches(params, state_dict, source,
+                                 f'the trainable parameters of {type(self).__name__} (trainable: {self.trainable})')
         with torch.no_grad():
             for name, value in state_dict.items():
-                if params[name].shape != value.shape:
-                    raise ValueError(f"{source}: key '{name}' has shape {tuple(value.shape)}, "
-                                     f"expected {tuple(params[name].shape)}.")
                 params[name].copy_(value)
 
     def build_reference(self, dtype=None):

@@ -40,7 +40,7 @@ import torch
 
 from basicsr.utils.registry import ARCH_REGISTRY
 from dspo_basicsr.archs.control_sd2_arch import load_sd_components
-from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch
+from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
 from dspo_basicsr.archs.seesr_arch import LowPrecisionFrozenPartsMixin
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
 
@@ -162,17 +162,10 @@ def inject_osediff_adapters(unet, vae, lora):
 
 def _load_named(model, state, select, source):
     params = {n: p for n, p in model.named_parameters() if select(n)}
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or unexpected:
-        raise KeyError(f'{source} does not match the network with OSEDiff adapters: missing keys {missing[:5]}'
-                       f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected keys {unexpected[:5]}"
-                       f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}). Check that the SD folder is "
-                       'SD2.1-base and the file is OSEDiff\'s osediff.pkl.')
+    check_state_dict_matches(params, state, source, 'the network with OSEDiff adapters',
+                             hint="Check that the SD folder is SD2.1-base and the file is OSEDiff's osediff.pkl.")
     with torch.no_grad():
         for name, value in state.items():
-            if params[name].shape != value.shape:
-                raise ValueError(f"{source}: key '{name}' has shape {tuple(value.shape)}, expected "
-                                 f'{tuple(params[name].shape)}.')
             params[name].copy_(value)
 
 

@@ -31,7 +31,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, load_sd_components
-from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch
+from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
 
 IMAGE_EMBEDS_KEY = 'image_encoder_hidden_states'
@@ -183,19 +183,9 @@ def load_state_dict_strictly(model, state, source):
         KeyError: names the missing and unexpected keys and ``source``.
         ValueError: names the first key whose shape differs.
     """
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{source} does not match {type(model).__name__} with SeeSR image cross-attention: "
-                       f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all), "
-                       f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
-                       f'({len(unexpected)} in all). Check that the folder holds the released SeeSR/AddSR weights '
-                       'and that its config.json matches them.')
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{source}: key '{key}' has shape {tuple(value.shape)}, expected "
-                             f'{tuple(expected[key].shape)} from the config.json beside it.')
+    check_state_dict_matches(
+        model.state_dict(), state, source, f'{type(model).__name__} with SeeSR image cross-attention',
+        hint='Check that the folder holds the released SeeSR/AddSR weights and that its config.json matches them.')
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
