@@ -40,8 +40,9 @@ def read_option_file(path):
     if not os.path.isfile(path):
         raise OptionFileError(f'option file {path!r} does not exist.')
     with open(path, encoding='utf-8') as f:
+        loader = SafeOrderedLoader(f)
         try:
-            opt = yaml.load(f, Loader=SafeOrderedLoader)  # noqa: S506 (SafeLoader subclass)
+            opt = loader.get_single_data()
         except yaml.constructor.ConstructorError as err:
             mark = err.problem_mark
             where = f' (line {mark.line + 1})' if mark is not None else ''
@@ -50,6 +51,8 @@ def read_option_file(path):
                 'so tags that build Python objects are refused; write plain values instead.') from None
         except yaml.YAMLError as err:
             raise OptionFileError(f'option file {path!r} is not valid YAML: {err}') from None
+        finally:
+            loader.dispose()
     if not isinstance(opt, dict):
         raise OptionFileError(f'option file {path!r} must hold a mapping of options, got {type(opt).__name__}.')
     for key in ('name', 'model_type'):

@@ -49,7 +49,11 @@ def make_tiny_preference_set(root, num_samples=3, num_candidates=3, sr_size=32, 
 
 def in_process_options(tiny_set, tmp_path, **kwargs):
     """:func:`dspo_options` completed as BasicSR's option parser would, for models built in the test process."""
-    opt = dspo_options(tiny_set, val=False, **kwargs)
+    return complete_for_in_process(dspo_options(tiny_set, val=False, **kwargs), tmp_path)
+
+
+def complete_for_in_process(opt, tmp_path):
+    """Add what BasicSR's option parser adds (train mode, no distribution, output folders) to ``opt``."""
     opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
     (tmp_path / 'models').mkdir(exist_ok=True)
     (tmp_path / 'states').mkdir(exist_ok=True)

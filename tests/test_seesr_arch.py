@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import dspo_basicsr  # noqa: F401  (registration)
 from basicsr.models import build_model
+from dspo_fixtures import complete_for_in_process, preference_batch
 from conftest import REPO, run_cli, write_options
 from framework_fixtures import (TINY_RAM, build_framework_checkpoints, framework_options, sr_test_options,
                                 write_tiny_preference_set)
@@ -187,17 +188,11 @@ def test_image_embeddings_reach_unet_and_controlnet_and_precomputed_ones_are_use
 
 
 def _in_process(opt, tmp_path):
-    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
-    (tmp_path / 'models').mkdir(exist_ok=True)
-    opt['path'].update(models=str(tmp_path / 'models'), training_states=str(tmp_path / 'states'))
-    return build_model(opt)
+    return build_model(complete_for_in_process(opt, tmp_path))
 
 
 def _batch(lmdb):
-    from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
-    dataset = PreferenceLMDBDataset({'name': 't', 'type': 'PreferenceLMDBDataset', 'dataroot': lmdb, 'phase': 'train',
-                                     'gt_size': 32, 'use_hflip': False, 'use_rot': False})
-    return dataset.collate_fn([dataset[i] for i in range(2)])
+    return preference_batch({'lmdb': lmdb})
 
 
 def _errors(model, data, negative_prompts):

@@ -68,7 +68,7 @@ class AddSRArch(SeeSRArch):
         lq_up = cond['control_image']
         b = lq.shape[0]
         first = torch.full((b,), timesteps[0], device=self.device, dtype=torch.long)
-        noise = self._noise_like_latents(lq, generator)
+        noise = self.initial_noise(lq, generator)
         latents = self.noise_scheduler.add_noise(self.encode_images(lq_up), noise, first) \
             if self.start_point == 'lr' else noise
         x0 = None
@@ -83,11 +83,5 @@ class AddSRArch(SeeSRArch):
             x0 = self.predicted_x0(latents, eps, t)
             if i + 1 < len(timesteps):
                 next_t = torch.full((b,), timesteps[i + 1], device=self.device, dtype=torch.long)
-                latents = self.noise_scheduler.add_noise(x0, self._noise_like_latents(lq, generator), next_t)
+                latents = self.noise_scheduler.add_noise(x0, self.initial_noise(lq, generator), next_t)
         return self.decode_latents(x0)
-
-    def _noise_like_latents(self, lq, generator):
-        f = self.vae_scale_factor
-        shape = (lq.shape[0], self.unet.config.in_channels, lq.shape[2] * self.scale // f, lq.shape[3] * self.scale // f)
-        noise = torch.randn(shape, generator=generator, device=generator.device if generator else self.device)
-        return noise.to(self.device)

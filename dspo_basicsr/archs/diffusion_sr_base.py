@@ -312,16 +312,24 @@ class DiffusionSRArch(nn.Module):
         cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
         scheduler = self._sampling_scheduler(sampler)
         scheduler.set_timesteps(steps, device=self.device)
-        f = self.vae_scale_factor
-        shape = (lq.shape[0], self.unet.config.in_channels, lq.shape[2] * self.scale // f, lq.shape[3] * self.scale // f)
-        latents = torch.randn(shape, generator=generator, device=generator.device if generator else self.device)
-        latents = latents.to(self.device) * scheduler.init_noise_sigma
+        latents = self.initial_latents(lq, scheduler, generator)
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(latents, t)
             t_batch = t.expand(latents.shape[0]).to(self.device)
             eps = self.guided_prediction(model_input, t_batch, cond, cfg)
             latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
         return self.decode_latents(latents)
+
+    def initial_noise(self, lq, generator=None):
+        """Standard normal latents (B, C, h*s/f, w*s/f) for the SR size of ``lq``, from ``generator``."""
+        f = self.vae_scale_factor
+        shape = (lq.shape[0], self.unet.config.in_channels, lq.shape[2] * self.scale // f, lq.shape[3] * self.scale // f)
+        noise = torch.randn(shape, generator=generator, device=generator.device if generator else self.device)
+        return noise.to(self.device)
+
+    def initial_latents(self, lq, scheduler, generator=None):
+        """Where :meth:`sample` starts: pure noise scaled for ``scheduler``."""
+        return self.initial_noise(lq, generator) * scheduler.init_noise_sigma
 
     def upsample_lq(self, lq):
         """LQ (B, 3, h, w) -> bicubic (B, 3, h*scale, w*scale) in [0, 1], the ControlNet input."""

@@ -462,31 +462,12 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
 
     def initial_latents(self, lq, scheduler, generator=None):
         """Start of sampling: pure noise, or (``start_point: lr``) the LQ latent noised to the first timestep."""
-        f = self.vae_scale_factor
-        shape = (lq.shape[0], self.unet.config.in_channels, lq.shape[2] * self.scale // f, lq.shape[3] * self.scale // f)
-        noise = torch.randn(shape, generator=generator, device=generator.device if generator else self.device)
-        noise = noise.to(self.device)
+        noise = self.initial_noise(lq, generator)
         if self.start_point == 'noise':
             return noise * scheduler.init_noise_sigma
         lq_latents = self.encode_images(self.upsample_lq(lq))
         t = scheduler.timesteps[:1].expand(lq.shape[0]).to(self.device)
         return self.noise_scheduler.add_noise(lq_latents, noise, t)
-
-    @torch.no_grad()
-    def sample(self, lq, prompt=None, negative_prompt=None, steps=None, cfg=None, generator=None, sampler=None):
-        """Super-resolve LQ images (see :meth:`DiffusionSRArch.sample`); SeeSR starts from the LQ latent."""
-        steps = steps or self.default_steps
-        cfg = self.default_cfg if cfg is None else cfg
-        prompts, negatives = self._prompt_lists(lq.shape[0], prompt, negative_prompt)
-        cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
-        scheduler = self._sampling_scheduler(sampler)
-        scheduler.set_timesteps(steps, device=self.device)
-        latents = self.initial_latents(lq, scheduler, generator)
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(latents, t)
-            eps = self.guided_prediction(model_input, t.expand(latents.shape[0]).to(self.device), cond, cfg)
-            latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
-        return self.decode_latents(latents)
 
 
 class _NoUNet:
