@@ -10,7 +10,7 @@ import torch
 
 import dspo_basicsr  # noqa: F401  (registration)
 from basicsr.models import build_model
-from conftest import run_cli, write_options
+from conftest import make_paired_folders, run_cli, write_options
 from dspo_fixtures import dspo_options, in_process_options, make_tiny_preference_set, preference_batch
 from dspo_basicsr.models.dspo_model import NonFiniteLossError
 
@@ -127,7 +127,7 @@ def test_nonfinite_weights_never_reach_a_checkpoint(tiny_set, tmp_path):
     assert sorted(os.listdir(tmp_path / 'models')) == ['net_g_1.pth']
 
 
-def test_cli_trains_saves_and_auto_resumes_with_same_reference(tiny_set, tmp_path):
+def test_cli_trains_saves_auto_resumes_with_same_reference_and_tests(tiny_set, tmp_path):
     opt_file = write_options(tmp_path / 'dspo.yml', dspo_options(tiny_set, total_iter=2))
     first = run_cli(['train', '-opt', opt_file], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -146,3 +146,23 @@ def test_cli_trains_saves_and_auto_resumes_with_same_reference(tiny_set, tmp_pat
     checksums = re.findall(r'checksum (\S+)\.', text)
     expected = sum(v.double().sum() for v in _pretrained_controlnet(tiny_set).values())
     assert len(checksums) == 2 and all(float(c) == pytest.approx(float(expected), rel=1e-9) for c in checksums)
+
+    # basicsr test: SR samples with metrics on an image set, implicit accuracy on the preference set.
+    gt_dir, lq_dir = make_paired_folders(str(tmp_path / 'paired'), num=2, size=32)
+    test_opt = dspo_options(tiny_set, name='dspo_tiny_test', val=False)
+    del test_opt['train']
+    test_opt['datasets'] = {
+        'test_1': {'name': 'paired', 'type': 'PairedImageDataset', 'dataroot_gt': gt_dir, 'dataroot_lq': lq_dir,
+                   'io_backend': {'type': 'disk'}},
+        'test_2': {'name': 'pairs', 'type': 'PreferenceLMDBDataset', 'dataroot': tiny_set['lmdb']}}
+    test_opt['path']['pretrain_network_g'] = str(exp / 'models' / 'net_g_latest.pth')
+    test_opt['val'] = {'save_img': True, 'suffix': None, 'preference_timesteps': [500],
+                       'sample': {'steps': 2, 'cfg': 2.0, 'seed': 0, 'sampler': 'ddim'},
+                       'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}}
+    tested = run_cli(['test', '-opt', write_options(tmp_path / 'test.yml', test_opt)], cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    results = tmp_path / 'results' / 'dspo_tiny_test'
+    assert len(glob.glob(str(results / 'visualization' / 'paired' / '*.png'))) == 2
+    log = '\n'.join(open(f).read() for f in glob.glob(str(results / 'test_*.log')))
+    assert re.search(r'# psnr: [0-9.]+', log) and re.search(r'# implicit_acc: [0-9.]+', log)
+    assert "Loading trained parameters of ControlSD2Arch from" in log
