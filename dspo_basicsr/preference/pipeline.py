@@ -312,6 +312,35 @@ def _fail(report, bar, sid, err):
     bar.write(f'[{report.step}] {sid} failed: {report.failed[sid]}')
 
 
+def _run_resumable(work, report, sids, finished, process, overwrite=False, progress=True, desc=None):
+    """The loop every step shares: skip finished items, process the others, report failures per item.
+
+    Args:
+        work (WorkFolder): The work folder (its error file is rewritten at the end).
+        report (StepReport): Filled with done, skipped and failed sample ids.
+        sids (Iterable[str]): Sample ids to go through.
+        finished (callable): ``finished(sid)`` -> path of the item's finished-marker for this step.
+        process (callable): ``process(sid)`` does the step for one item and writes its marker last.
+        overwrite (bool): Redo finished items.
+        progress (bool): Show a progress bar.
+
+    Returns:
+        StepReport: ``report``.
+    """
+    bar = _progress(sids, desc or report.step, enabled=progress)
+    for sid in bar:
+        if not overwrite and os.path.isfile(finished(sid)):
+            report.skipped.append(sid)
+            continue
+        try:
+            process(sid)
+            report.done.append(sid)
+        except Exception as err:  # noqa: BLE001  (one bad image must not stop the others)
+            _fail(report, bar, sid, err)
+    work.write_errors(report)
+    return report
+
+
 # -- step 1: candidates ------------------------------------------------------------------------------------
 def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=None, prompt='', prompts=None,
                        negative_prompt=None, overwrite=False, progress=True):
@@ -337,37 +366,32 @@ def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=No
     from dspo_basicsr.preference.candidates import generate_candidates
 
     work = work if isinstance(work, WorkFolder) else WorkFolder(work)
-    report = StepReport('candidates')
-    bar = _progress(inputs, 'candidates', enabled=progress)
-    for sid, lq_path, gt_path in bar:
-        if not overwrite and os.path.isfile(work.candidates_json(sid)):
-            report.skipped.append(sid)
-            continue
-        try:
-            lq = read_image(lq_path)
-            gt = read_image(gt_path) if gt_path else None
-            text = (prompts or {}).get(sid, prompt)
-            result = generate_candidates(framework, lq, settings, num_keep=num_keep, gt=gt, prompt=text,
-                                         negative_prompt=negative_prompt, metrics=metrics)
-            os.makedirs(work.candidate_dir(sid), exist_ok=True)
-            # redoing an item: it is unfinished until its new record is written, and later steps redo it
-            _invalidate(work.candidates_json(sid), work.seg_json(sid), work.instances_json(sid))
-            write_image(work.lq_png(sid), lq)
-            if gt is not None:
-                write_image(work.gt_png(sid), gt)
-            for n, image in enumerate(result['images']):
-                write_image(work.candidate_png(sid, n), image)
-            record = {key: value for key, value in result.items() if key != 'images'}
-            record.update(sid=sid, prompt=text, negative_prompt=negative_prompt or '', has_gt=gt is not None,
-                          num_candidates=len(result['images']), scale=int(getattr(framework, 'scale', 0)) or
-                          result['images'][0].shape[0] // lq.shape[0], grid=settings,
-                          source={'lq': os.path.abspath(lq_path), 'gt': os.path.abspath(gt_path) if gt_path else None})
-            _write_json(work.candidates_json(sid), record)  # last: marks the item finished
-            report.done.append(sid)
-        except Exception as err:  # noqa: BLE001  (one bad image must not stop the others)
-            _fail(report, bar, sid, err)
-    work.write_errors(report)
-    return report
+    paths = {sid: (lq_path, gt_path) for sid, lq_path, gt_path in inputs}
+
+    def process(sid):
+        lq_path, gt_path = paths[sid]
+        lq = read_image(lq_path)
+        gt = read_image(gt_path) if gt_path else None
+        text = (prompts or {}).get(sid, prompt)
+        result = generate_candidates(framework, lq, settings, num_keep=num_keep, gt=gt, prompt=text,
+                                     negative_prompt=negative_prompt, metrics=metrics)
+        os.makedirs(work.candidate_dir(sid), exist_ok=True)
+        # redoing an item: it is unfinished until its new record is written, and later steps redo it
+        _invalidate(work.candidates_json(sid), work.seg_json(sid), work.instances_json(sid))
+        write_image(work.lq_png(sid), lq)
+        if gt is not None:
+            write_image(work.gt_png(sid), gt)
+        for n, image in enumerate(result['images']):
+            write_image(work.candidate_png(sid, n), image)
+        record = {key: value for key, value in result.items() if key != 'images'}
+        record.update(sid=sid, prompt=text, negative_prompt=negative_prompt or '', has_gt=gt is not None,
+                      num_candidates=len(result['images']), scale=int(getattr(framework, 'scale', 0)) or
+                      result['images'][0].shape[0] // lq.shape[0], grid=settings,
+                      source={'lq': os.path.abspath(lq_path), 'gt': os.path.abspath(gt_path) if gt_path else None})
+        _write_json(work.candidates_json(sid), record)  # last: marks the item finished
+
+    return _run_resumable(work, StepReport('candidates'), list(paths), work.candidates_json, process, overwrite,
+                          progress)
 
 
 # -- step 2: instances -------------------------------------------------------------------------------------
@@ -394,32 +418,24 @@ def run_segment_step(work, segmenter, min_area=0, uncovered='background', source
         raise ValueError(f"source must be 'auto', 'gt' or 'default', got {source!r}.")
     work = work if isinstance(work, WorkFolder) else WorkFolder(work)
     os.makedirs(os.path.join(work.root, 'seg'), exist_ok=True)
-    report = StepReport('seg')
-    sids = work.sids('candidates')
-    bar = _progress(sids, 'instances', enabled=progress)
-    for sid in bar:
-        if not overwrite and os.path.isfile(work.seg_json(sid)):
-            report.skipped.append(sid)
-            continue
-        try:
-            record = _read_json(work.candidates_json(sid))
-            use_gt = record.get('has_gt') and source in ('auto', 'gt')
-            if source == 'gt' and not record.get('has_gt'):
-                raise ValueError('source is gt but this item has no GT image.')
-            path = work.gt_png(sid) if use_gt else work.candidate_png(sid, record['default_candidate'])
-            seg = segment_instances(segmenter, read_image(path), min_area=min_area, uncovered=uncovered)
-            _invalidate(work.seg_json(sid), work.instances_json(sid))
-            write_image(work.seg_png(sid), seg)
-            describe = getattr(segmenter, 'describe', None)
-            _write_json(work.seg_json(sid), {
-                'num_instances': int(seg.max()) + 1, 'areas': np.bincount(seg.ravel()).tolist(),
-                'segmented': 'gt' if use_gt else f'c{record["default_candidate"]}', 'min_area': min_area,
-                'uncovered': uncovered, 'segmenter': describe() if callable(describe) else type(segmenter).__name__})
-            report.done.append(sid)
-        except Exception as err:  # noqa: BLE001
-            _fail(report, bar, sid, err)
-    work.write_errors(report)
-    return report
+
+    def process(sid):
+        record = _read_json(work.candidates_json(sid))
+        use_gt = record.get('has_gt') and source in ('auto', 'gt')
+        if source == 'gt' and not record.get('has_gt'):
+            raise ValueError('source is gt but this item has no GT image.')
+        path = work.gt_png(sid) if use_gt else work.candidate_png(sid, record['default_candidate'])
+        seg = segment_instances(segmenter, read_image(path), min_area=min_area, uncovered=uncovered)
+        _invalidate(work.seg_json(sid), work.instances_json(sid))
+        write_image(work.seg_png(sid), seg)
+        describe = getattr(segmenter, 'describe', None)
+        _write_json(work.seg_json(sid), {
+            'num_instances': int(seg.max()) + 1, 'areas': np.bincount(seg.ravel()).tolist(),
+            'segmented': 'gt' if use_gt else f'c{record["default_candidate"]}', 'min_area': min_area,
+            'uncovered': uncovered, 'segmenter': describe() if callable(describe) else type(segmenter).__name__})
+
+    return _run_resumable(work, StepReport('seg'), work.sids('candidates'), work.seg_json, process, overwrite,
+                          progress, desc='instances')
 
 
 # -- step 3: instance preferences --------------------------------------------------------------------------
@@ -445,44 +461,35 @@ def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, prog
 
     work = work if isinstance(work, WorkFolder) else WorkFolder(work)
     os.makedirs(os.path.join(work.root, 'instances'), exist_ok=True)
-    report = StepReport('instances')
-    sids = work.sids('seg')
-    bar = _progress(sids, 'scoring', enabled=progress)
-    for sid in bar:
-        if not overwrite and os.path.isfile(work.instances_json(sid)):
-            report.skipped.append(sid)
-            continue
-        try:
-            record, lq, gt, candidates = work.load_candidates(sid)
-            seg = read_label_map(work.seg_png(sid))
-            if seg.shape != candidates[0].shape[:2]:
-                raise ValueError(f'label map {work.seg_png(sid)} is {seg.shape} but the candidates are '
-                                 f'{candidates[0].shape[:2]}; rerun the segment step with --overwrite.')
-            context = InstanceContext(sid, lq=lq, candidates=candidates, seg=seg, gt=gt,
-                                      prompt=record.get('prompt', ''))
-            instances, errors = score_sample_instances(scorer, context, top_k=top_k)
-            if feedback and gt is not None:
-                for instance in instances:
-                    if instance['win'] < 0 or 'feedback' in instance:
-                        continue
-                    try:
-                        instance['feedback'] = instance_feedback(
-                            feedback['describe'], context, instance['id'], feedback['embed'],
-                            threshold=feedback.get('threshold', 0.1), min_crop=feedback.get('min_crop', 64))
-                    except Exception as err:  # noqa: BLE001  (VLM errors are per item)
-                        errors.append(f'Sample {sid!r}, instance {instance["id"]}: feedback failed: {err}')
-            if errors:
-                raise RuntimeError('; '.join(errors))
-            base = ', '.join(t for t in (record.get('negative_prompt', ''),
-                                         scorer.sample_extras(context).get('negative_prompt', '')) if t)
-            _write_json(work.instances_json(sid), {
-                'instances': instances, 'negative_prompt': negative_prompt_from_instances(instances, base),
-                'top_k': top_k, 'scorer': scorer.describe()})
-            report.done.append(sid)
-        except Exception as err:  # noqa: BLE001
-            _fail(report, bar, sid, err)
-    work.write_errors(report)
-    return report
+
+    def process(sid):
+        record, lq, gt, candidates = work.load_candidates(sid)
+        seg = read_label_map(work.seg_png(sid))
+        if seg.shape != candidates[0].shape[:2]:
+            raise ValueError(f'label map {work.seg_png(sid)} is {seg.shape} but the candidates are '
+                             f'{candidates[0].shape[:2]}; rerun the segment step with --overwrite.')
+        context = InstanceContext(sid, lq=lq, candidates=candidates, seg=seg, gt=gt, prompt=record.get('prompt', ''))
+        instances, errors = score_sample_instances(scorer, context, top_k=top_k)
+        if feedback and gt is not None:
+            for instance in instances:
+                if instance['win'] < 0 or 'feedback' in instance:
+                    continue
+                try:
+                    instance['feedback'] = instance_feedback(
+                        feedback['describe'], context, instance['id'], feedback['embed'],
+                        threshold=feedback.get('threshold', 0.1), min_crop=feedback.get('min_crop', 64))
+                except Exception as err:  # noqa: BLE001  (VLM errors are per item)
+                    errors.append(f'Sample {sid!r}, instance {instance["id"]}: feedback failed: {err}')
+        if errors:
+            raise RuntimeError('; '.join(errors))
+        base = ', '.join(t for t in (record.get('negative_prompt', ''),
+                                     scorer.sample_extras(context).get('negative_prompt', '')) if t)
+        _write_json(work.instances_json(sid), {
+            'instances': instances, 'negative_prompt': negative_prompt_from_instances(instances, base),
+            'top_k': top_k, 'scorer': scorer.describe()})
+
+    return _run_resumable(work, StepReport('instances'), work.sids('seg'), work.instances_json, process, overwrite,
+                          progress, desc='scoring')
 
 
 # -- step 4: assembly --------------------------------------------------------------------------------------
