@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from conftest import make_paired_folders
-from dspo_fixtures import dspo_options, write_tiny_preference_set  # noqa: F401  (re-exported for the framework tests)
+from dspo_fixtures import dspo_options, write_tiny_preference_set
 
 TINY_RAM = {'embed_dim': 24}  # the tiny SeeSR's image cross-attention width (seesr_arch.TINY_IMAGE_DIM)
 
@@ -67,3 +67,10 @@ def sr_test_options(framework, paths, checkpoint, root, name=None):
                 'sample': {'steps': 2, 'cfg': 1.0 if framework != 'seesr' else 2.0, 'seed': 0, 'prompt': ''},
                 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False}}},
     }
+
+
+def framework_setup(root, framework):
+    """Tiny checkpoints of ``framework`` in the released layout plus a tiny preference set, under ``root``."""
+    paths = build_framework_checkpoints(str(root), framework)
+    paths['lmdb'] = write_tiny_preference_set(str(root / 'pref.lmdb'))
+    return paths

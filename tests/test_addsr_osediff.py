@@ -12,25 +12,19 @@ import dspo_basicsr  # noqa: F401  (registration)
 from basicsr.models import build_model
 from dspo_fixtures import complete_for_in_process, preference_batch
 from conftest import run_cli, write_options
-from framework_fixtures import build_framework_checkpoints, framework_options, sr_test_options, write_tiny_preference_set
+from framework_fixtures import framework_options, framework_setup, sr_test_options
 from dspo_basicsr.archs.addsr_arch import AddSRArch
 from dspo_basicsr.archs.osediff_arch import OSEDiffArch, equivalent_x0_beta, read_osediff_lora
 
 
 @pytest.fixture(scope='module')
 def addsr(tmp_path_factory):
-    root = tmp_path_factory.mktemp('addsr')
-    paths = build_framework_checkpoints(str(root), 'addsr')
-    paths['lmdb'] = write_tiny_preference_set(str(root / 'pref.lmdb'))
-    return paths
+    return framework_setup(tmp_path_factory.mktemp('addsr'), 'addsr')
 
 
 @pytest.fixture(scope='module')
 def osediff(tmp_path_factory):
-    root = tmp_path_factory.mktemp('osediff')
-    paths = build_framework_checkpoints(str(root), 'osediff')
-    paths['lmdb'] = write_tiny_preference_set(str(root / 'pref.lmdb'))
-    return paths
+    return framework_setup(tmp_path_factory.mktemp('osediff'), 'osediff')
 
 
 def _in_process(opt, tmp_path):

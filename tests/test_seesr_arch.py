@@ -16,18 +16,14 @@ import dspo_basicsr  # noqa: F401  (registration)
 from basicsr.models import build_model
 from dspo_fixtures import complete_for_in_process, preference_batch
 from conftest import REPO, run_cli, write_options
-from framework_fixtures import (TINY_RAM, build_framework_checkpoints, framework_options, sr_test_options,
-                                write_tiny_preference_set)
+from framework_fixtures import TINY_RAM, framework_options, framework_setup, sr_test_options
 from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, merge_dape_lora, save_ram_checkpoint
 from dspo_basicsr.archs.seesr_arch import SeeSRArch, load_seesr_network, seesr_networks_on_meta
 
 
 @pytest.fixture(scope='module')
 def seesr(tmp_path_factory):
-    root = tmp_path_factory.mktemp('seesr')
-    paths = build_framework_checkpoints(str(root), 'seesr')
-    paths['lmdb'] = write_tiny_preference_set(str(root / 'pref.lmdb'))
-    return paths
+    return framework_setup(tmp_path_factory.mktemp('seesr'), 'seesr')
 
 
 def _millions(module, keep=lambda name: True):
