@@ -20,7 +20,8 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition
-from dspo_basicsr.losses.preference_loss import dspo_logits, instance_coverage, instance_error, preference_statistics
+from dspo_basicsr.losses.preference_loss import (diffusion_dpo_logits, dspo_logits, instance_coverage, instance_error,
+                                                  preference_statistics)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,10 +98,10 @@ class DSPOModel(SRModel):
 
     def setup_optimizers(self):
         optim_opt = dict(self.opt['train']['optim_g'])
-        params = [p for p in self.bare.parameters() if p.requires_grad]
-        if not params:
+        self.trainable_params = [p for p in self.bare.parameters() if p.requires_grad]
+        if not self.trainable_params:
             raise ValueError(f"network_g has nothing to train (trainable: {self.bare.trainable}).")
-        self.optimizer_g = self.get_optimizer(optim_opt.pop('type'), params, **optim_opt)
+        self.optimizer_g = self.get_optimizer(optim_opt.pop('type'), self.trainable_params, **optim_opt)
         self.optimizers.append(self.optimizer_g)
 
     @property
@@ -204,11 +205,16 @@ class DSPOModel(SRModel):
             coverage = instance_coverage(self.seg, self.win.shape[1], self.bare.vae_scale_factor)
             loss = cri(err_theta, err_ref, coverage, self.win, self.lose)
             with torch.no_grad():
-                logits, _, paired = dspo_logits(err_theta, err_ref, coverage, self.win, self.lose, cri.beta)
-                e_theta, e_ref = instance_error(err_theta, coverage), instance_error(err_ref, coverage)
-                pick = [e.gather(1, i.clamp_min(0).unsqueeze(1)).squeeze(1)[paired]
-                        for e in (e_theta, e_ref) for i in (self.win, self.lose)]
-            stats = preference_statistics(logits, paired, pick[0], pick[1], pick[2], pick[3])
+                # Per-instance errors of the preferred / dispreferred candidates, (B, M) each; the logits
+                # follow from them elementwise, so they are not reduced a second time.
+                theta_w, theta_l, ref_w, ref_l = [
+                    e.gather(1, i.clamp_min(0).unsqueeze(1)).squeeze(1)
+                    for e in (instance_error(err_theta, coverage), instance_error(err_ref, coverage))
+                    for i in (self.win, self.lose)]
+                logits = diffusion_dpo_logits(theta_w, theta_l, ref_w, ref_l, cri.beta)
+                paired = (self.win >= 0) & (self.lose >= 0)
+            stats = preference_statistics(logits, paired, theta_w[paired], theta_l[paired], ref_w[paired],
+                                          ref_l[paired])
             return loss, stats
         valid = (self.pair >= 0).all(dim=1)
         per_image_theta = err_theta.mean(dim=(2, 3))[valid]  # (B', J)
@@ -216,7 +222,8 @@ class DSPOModel(SRModel):
             return cri(per_image_theta[:, 0]), {'err_theta_w': per_image_theta[:, 0].detach().mean()}
         per_image_ref = err_ref.mean(dim=(2, 3))[valid]
         loss = cri(per_image_theta[:, 0], per_image_theta[:, 1], per_image_ref[:, 0], per_image_ref[:, 1])
-        logits = -cri.beta * ((per_image_theta[:, 0] - per_image_ref[:, 0]) - (per_image_theta[:, 1] - per_image_ref[:, 1]))
+        logits = diffusion_dpo_logits(per_image_theta[:, 0], per_image_theta[:, 1], per_image_ref[:, 0],
+                                      per_image_ref[:, 1], cri.beta)
         stats = preference_statistics(logits, torch.ones_like(logits, dtype=torch.bool), per_image_theta[:, 0],
                                       per_image_theta[:, 1], per_image_ref[:, 0], per_image_ref[:, 1])
         return loss, stats
@@ -246,9 +253,8 @@ class DSPOModel(SRModel):
             self._skip_update(current_iter, 'loss')
             return
         loss.backward()
-        params = [p for p in self.bare.parameters() if p.requires_grad]
         max_norm = self.opt['train'].get('grad_clip') or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
         if not torch.isfinite(grad_norm):
             self._skip_update(current_iter, 'gradient')
             return
