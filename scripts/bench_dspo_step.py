@@ -11,9 +11,9 @@ import argparse
 import time
 
 import torch
+from basicsr.models import build_model
 
 import dspo_basicsr  # noqa: F401  (registration)
-from basicsr.models import build_model
 from dspo_basicsr.bench_utils import bench_dspo_opt, synthetic_preference_batch
 from dspo_basicsr.losses import diffusion_sft_loss, dspo_loss, instance_coverage
 

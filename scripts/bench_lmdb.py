@@ -12,9 +12,14 @@ import os
 import tempfile
 
 from dspo_basicsr.preference import write_preference_lmdb
-from dspo_basicsr.preference.png_folder import (PreferenceLMDBDataset, PreferencePNGFolderDataset, folder_megabytes,
-                                                measure_samples_per_second, synthetic_samples,
-                                                write_preference_png_folders)
+from dspo_basicsr.preference.png_folder import (
+    PreferenceLMDBDataset,
+    PreferencePNGFolderDataset,
+    folder_megabytes,
+    measure_samples_per_second,
+    synthetic_samples,
+    write_preference_png_folders,
+)
 
 
 def main():

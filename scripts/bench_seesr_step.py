@@ -11,7 +11,9 @@ and loaded back through ``SeeSRArch`` (the real loading code); a synthetic prefe
 precomputed RAM embeddings (145, 512) feeds ``DSPOModel.optimize_parameters`` (trainable: ControlNet in fp32
 with AdamW; frozen UNet, VAE and text encoder in bf16 and every network under bf16 autocast through
 ``network_g.mixed_precision: bf16``; the frozen reference ControlNet is an fp32 copy run under the same
-autocast, so policy and reference compute identically at initialisation (loss ln 2)). One warm-up step, then ``--steps`` timed steps. Prints one JSON line: median / min step time
+autocast, so policy and reference compute identically at initialisation (loss ln 2)).
+One warm-up step, then ``--steps`` timed steps. Prints one JSON line:
+median / min step time
 (s) and peak allocated / reserved GPU memory (GiB).
 """
 import argparse
@@ -45,12 +47,16 @@ def sd2_text_config(vocab_size):
 
 def build_real_size_folders(work, device):
     """Random real-size SD2-base + SeeSR folders in the released layouts. Returns (sd_path, seesr_path)."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from dspo_basicsr.archs.control_sd2_arch import save_sd_components
-    from dspo_basicsr.archs.seesr_arch import (SD2_BASE_UNET_CONFIG, _strip_config, add_image_cross_attention,
-                                               save_seesr_networks)
+    from dspo_basicsr.archs.seesr_arch import (
+        SD2_BASE_UNET_CONFIG,
+        _strip_config,
+        add_image_cross_attention,
+        save_seesr_networks,
+    )
     from dspo_basicsr.archs.tiny_components import _byte_level_vocab, tiny_noise_scheduler
     vocab = _byte_level_vocab()
     with open(SD2_BASE_UNET_CONFIG, encoding='utf-8') as f:
@@ -126,6 +132,7 @@ def main(argv=None):
         return 1
 
     from basicsr.models import build_model
+
     from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
     work = args.work or tempfile.mkdtemp(prefix='bench_seesr_')
     os.makedirs(work, exist_ok=True)
@@ -133,7 +140,8 @@ def main(argv=None):
         if args.tiny:
             from dspo_basicsr.archs.seesr_arch import TINY_IMAGE_DIM, build_tiny_seesr_folders
             paths = build_tiny_seesr_folders(os.path.join(work, 'tiny'), ram=False)
-            sd_path, seesr_path, embeds = paths['pretrained_model_path'], paths['seesr_model_path'], (17, TINY_IMAGE_DIM)
+            sd_path, seesr_path = paths['pretrained_model_path'], paths['seesr_model_path']
+            embeds = (17, TINY_IMAGE_DIM)
             size = min(args.size, 64)
         else:
             sd_path, seesr_path = build_real_size_folders(work, args.device)

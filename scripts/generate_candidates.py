@@ -12,8 +12,13 @@ import json
 import sys
 
 import dspo_basicsr  # noqa: F401  (registers the archs and metrics)
-from dspo_basicsr.preference.pipeline import (build_framework, discover_inputs, load_chain_options,
-                                              run_candidate_step, sampling_settings)
+from dspo_basicsr.preference.pipeline import (
+    build_framework,
+    discover_inputs,
+    load_chain_options,
+    run_candidate_step,
+    sampling_settings,
+)
 
 
 def main(argv=None):

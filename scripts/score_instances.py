@@ -12,8 +12,12 @@ import argparse
 import sys
 
 import dspo_basicsr  # noqa: F401
-from dspo_basicsr.preference.pipeline import (feedback_from_options, load_chain_options, run_scoring_step,
-                                              scorer_from_options)
+from dspo_basicsr.preference.pipeline import (
+    feedback_from_options,
+    load_chain_options,
+    run_scoring_step,
+    scorer_from_options,
+)
 
 
 def main(argv=None):

@@ -2,8 +2,6 @@
 import copy
 import os
 
-import numpy as np
-
 from conftest import make_paired_folders
 from dspo_fixtures import dspo_options, write_tiny_preference_set
 

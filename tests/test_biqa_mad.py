@@ -8,8 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from dspo_basicsr.ranking.mad import (FeatureDistance, _greedy, default_perceptual_distance, run_mad_selection,
-                                      structure_texture_distance)
+from dspo_basicsr.ranking.mad import (
+    FeatureDistance,
+    _greedy,
+    default_perceptual_distance,
+    run_mad_selection,
+    structure_texture_distance,
+)
 
 
 def tiny_d1():

@@ -5,7 +5,6 @@ import shutil
 import sys
 
 import pytest
-
 from conftest import REPO, run_cli, write_options
 
 
@@ -79,7 +78,8 @@ def test_train_then_auto_resume_on_cpu(tmp_path, paired_folders):
 
 
 def test_two_process_gloo_run_with_torchrun(tmp_path, paired_folders):
-    if shutil.which('torchrun') is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), 'torchrun')):
+    local_torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    if shutil.which('torchrun') is None and not os.path.exists(local_torchrun):
         pytest.fail('torchrun is not installed next to the interpreter')
     torchrun = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--nproc_per_node=2',
                 '--master_port=29611']

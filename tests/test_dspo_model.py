@@ -3,15 +3,14 @@ import glob
 import math
 import os
 import re
-from collections import OrderedDict
 
 import pytest
 import torch
-
-import dspo_basicsr  # noqa: F401  (registration)
 from basicsr.models import build_model
 from conftest import make_paired_folders, run_cli, write_options
 from dspo_fixtures import dspo_options, in_process_options, make_tiny_preference_set, preference_batch
+
+import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.models.dspo_model import NonFiniteLossError
 
 

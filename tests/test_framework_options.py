@@ -3,10 +3,10 @@ import inspect
 import os
 
 import pytest
-
-import dspo_basicsr  # noqa: F401  (registration)
 from basicsr.utils.registry import ARCH_REGISTRY, METRIC_REGISTRY
 from conftest import REPO
+
+import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.cli import read_option_file
 
 FRAMEWORKS = ('seesr', 'addsr', 'osediff')

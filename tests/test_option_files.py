@@ -3,10 +3,10 @@ import glob
 import os
 
 import pytest
-
-import dspo_basicsr  # noqa: F401  (registration)
 from basicsr.utils import registry
 from conftest import REPO
+
+import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.cli import read_option_file
 
 OPTION_FILES = sorted(glob.glob(os.path.join(REPO, 'options', '*.yml')) +

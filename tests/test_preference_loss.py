@@ -4,8 +4,14 @@ import math
 import pytest
 import torch
 
-from dspo_basicsr.losses import (diffusion_dpo_loss, dspo_logits, dspo_loss, implicit_accuracy, instance_coverage,
-                                 instance_error)
+from dspo_basicsr.losses import (
+    diffusion_dpo_loss,
+    dspo_logits,
+    dspo_loss,
+    implicit_accuracy,
+    instance_coverage,
+    instance_error,
+)
 
 
 def _random_problem(b=3, k=4, m=5, h=8, w=8, factor=4, seed=0):

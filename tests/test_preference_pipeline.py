@@ -8,16 +8,38 @@ import pytest
 import torch
 from pipeline_fixtures import FakeFramework, make_image_folders, write_chain_yaml
 
-from dspo_basicsr.preference.candidates import (expand_settings_grid, generate_candidates, normalise_scores,
-                                                select_candidates)
+from dspo_basicsr.preference.candidates import (
+    expand_settings_grid,
+    generate_candidates,
+    normalise_scores,
+    select_candidates,
+)
 from dspo_basicsr.preference.contact_sheet import GREEN, RED, make_contact_sheet
-from dspo_basicsr.preference.feedback import (HashingEmbedder, cosine_similarities, description_feedback,
-                                              negative_prompt_from_instances)
-from dspo_basicsr.preference.instance_scoring import (BIQAInstanceScorer, HumanInstanceScorer, InstanceContext,
-                                                      MetricInstanceScorer, ScorerItemError, instance_box,
-                                                      load_biqa_quality, score_sample_instances)
-from dspo_basicsr.preference.pipeline import (WorkFolder, assemble_preference_set, discover_inputs, read_label_map,
-                                              run_candidate_step, run_scoring_step, run_segment_step)
+from dspo_basicsr.preference.feedback import (
+    HashingEmbedder,
+    cosine_similarities,
+    description_feedback,
+    negative_prompt_from_instances,
+)
+from dspo_basicsr.preference.instance_scoring import (
+    BIQAInstanceScorer,
+    HumanInstanceScorer,
+    InstanceContext,
+    MetricInstanceScorer,
+    ScorerItemError,
+    instance_box,
+    load_biqa_quality,
+    score_sample_instances,
+)
+from dspo_basicsr.preference.pipeline import (
+    WorkFolder,
+    assemble_preference_set,
+    discover_inputs,
+    read_label_map,
+    run_candidate_step,
+    run_scoring_step,
+    run_segment_step,
+)
 from dspo_basicsr.preference.segmentation import SLICSegmenter, is_partition
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -357,8 +379,9 @@ def test_chain_scripts_with_tiny_control_sd2(script_chain):
 
 def test_chain_preference_set_trains_dspo_steps(script_chain):
     """The set built by the chain trains DSPO through ``basicsr train`` (3 iterations on CPU)."""
-    import dspo_basicsr  # noqa: F401
     from basicsr.utils.registry import MODEL_REGISTRY
+
+    import dspo_basicsr  # noqa: F401
     if 'DSPOModel' not in MODEL_REGISTRY:
         pytest.skip('DSPOModel is not registered in this checkout')
     from conftest import run_cli, write_options

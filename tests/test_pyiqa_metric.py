@@ -10,10 +10,10 @@ import socket
 import numpy as np
 import pytest
 import torch
-
-import dspo_basicsr  # noqa: F401  (registers the metrics)
 from basicsr.metrics import calculate_metric
 from basicsr.utils.registry import METRIC_REGISTRY
+
+import dspo_basicsr  # noqa: F401  (registers the metrics)
 from dspo_basicsr.metrics import pyiqa_metric
 from dspo_basicsr.metrics.metric_table import METRIC_TABLE, MissingWeightsError, metric_table_markdown
 

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
+from basicsr.models import build_model
+from conftest import REPO, run_cli, write_options
+from dspo_fixtures import complete_for_in_process, preference_batch
+from framework_fixtures import TINY_RAM, framework_options, framework_setup, sr_test_options
 from safetensors.torch import load_file, save_file
 
 import dspo_basicsr  # noqa: F401  (registration)
-from basicsr.models import build_model
-from dspo_fixtures import complete_for_in_process, preference_batch
-from conftest import REPO, run_cli, write_options
-from framework_fixtures import TINY_RAM, framework_options, framework_setup, sr_test_options
 from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, merge_dape_lora, save_ram_checkpoint
 from dspo_basicsr.archs.seesr_arch import SeeSRArch, load_seesr_network, seesr_networks_on_meta
 
@@ -35,7 +35,8 @@ def test_meta_structure_has_the_released_seesr_sizes_and_keys():
     # ~489.0 M (364.2 M + 124.8 M), quoted to 0.1 M: +-0.05 M is exactly that rounding. The smallest
     # structural slip (one image transformer at width 320: ~2.4 M) is 50x larger than the tolerance.
     unet, controlnet = seesr_networks_on_meta()
-    image = lambda name: '.image_attentions.' in name
+    def image(name):
+        return '.image_attentions.' in name
     assert _millions(unet) == pytest.approx(1126.8, abs=0.05)
     assert _millions(controlnet) == pytest.approx(489.0, abs=0.05)
     assert _millions(unet, image) == pytest.approx(260.8, abs=0.05)
@@ -45,7 +46,8 @@ def test_meta_structure_has_the_released_seesr_sizes_and_keys():
                 'mid_block.image_attentions.0.proj_out.weight',
                 'up_blocks.3.image_attentions.2.transformer_blocks.0.attn2.to_v.weight'):
         assert key in keys
-    assert unet.state_dict()['down_blocks.0.image_attentions.0.transformer_blocks.0.attn2.to_k.weight'].shape == (320, 512)
+    key = 'down_blocks.0.image_attentions.0.transformer_blocks.0.attn2.to_k.weight'
+    assert unet.state_dict()[key].shape == (320, 512)
     assert 'down_blocks.3.image_attentions.0.norm.weight' not in keys  # DownBlock2D has no cross-attention
     assert unet.config.use_image_cross_attention and unet.config.image_cross_attention_dim == 512
     # A real-size forward on the meta device: text (B, 77, 1024) and RAM embeddings (B, 145, 512) fit every layer.

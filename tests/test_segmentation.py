@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from dspo_basicsr.preference.segmentation import (SAMSegmenter, SLICSegmenter, build_segmenter, is_partition,
-                                                  masks_to_partition, segment_instances)
+from dspo_basicsr.preference.segmentation import (
+    SAMSegmenter,
+    SLICSegmenter,
+    build_segmenter,
+    is_partition,
+    masks_to_partition,
+    segment_instances,
+)
 
 TINY_SAM_ARCH = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1, ), image_size=64, patch_size=16,
                      window_size=2, prompt_embed_dim=32, decoder_depth=1, decoder_mlp_dim=32, decoder_num_heads=2,
@@ -77,7 +83,7 @@ def test_no_mask_at_all_gives_one_instance():
 def test_random_masks_always_partition():
     rng = np.random.default_rng(0)
     shape = (24, 24)
-    for trial in range(20):
+    for _ in range(20):
         masks = []
         for _ in range(rng.integers(0, 8)):
             y0, x0 = rng.integers(0, 20, size=2)

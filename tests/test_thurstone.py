@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from dspo_basicsr.ranking import (ThurstoneError, bootstrap_intervals, read_count_matrix, read_pair_votes,
-                                  thurstone_nll, thurstone_scores)
+from dspo_basicsr.ranking import (
+    ThurstoneError,
+    bootstrap_intervals,
+    read_count_matrix,
+    read_pair_votes,
+    thurstone_nll,
+    thurstone_scores,
+)
 
 TRUE_MU = np.array([-1.0, -0.3, 0.2, 1.1])
 

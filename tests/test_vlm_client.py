@@ -7,10 +7,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from dspo_basicsr.preference.instance_scoring import (InstanceContext, VLMInstanceScorer, largest_instances,
-                                                      score_sample_instances)
-from dspo_basicsr.preference.vlm_client import (VLMClient, VLMReplyError, VLMRequestError, image_data_url,
-                                                parse_json_reply)
+from dspo_basicsr.preference.instance_scoring import (
+    InstanceContext,
+    VLMInstanceScorer,
+    largest_instances,
+    score_sample_instances,
+)
+from dspo_basicsr.preference.vlm_client import (
+    VLMClient,
+    VLMReplyError,
+    VLMRequestError,
+    image_data_url,
+    parse_json_reply,
+)
 
 
 class FakeVLM:
@@ -182,9 +191,15 @@ def test_scoring_step_with_vlm_and_feedback_resumes_failed_items_only(server, tm
     from pipeline_fixtures import FakeFramework, make_image_folders
 
     from dspo_basicsr.preference.candidates import expand_settings_grid
-    from dspo_basicsr.preference.pipeline import (WorkFolder, discover_inputs, feedback_from_options,
-                                                  run_candidate_step, run_scoring_step, run_segment_step,
-                                                  scorer_from_options)
+    from dspo_basicsr.preference.pipeline import (
+        WorkFolder,
+        discover_inputs,
+        feedback_from_options,
+        run_candidate_step,
+        run_scoring_step,
+        run_segment_step,
+        scorer_from_options,
+    )
     from dspo_basicsr.preference.segmentation import SLICSegmenter
 
     lq_dir, gt_dir = make_image_folders(str(tmp_path / 'data'), num=2, size=32)

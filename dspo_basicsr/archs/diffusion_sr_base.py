@@ -14,9 +14,8 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers import DDIMScheduler, DDPMScheduler
+from torch import nn
 
 DEFAULT_LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')
 
@@ -268,7 +267,8 @@ class DiffusionSRArch(nn.Module):
         predict = predict or self.predict_noise
         if guidance_scale == 1 or 'negative_prompt_embeds' not in cond:
             return predict(x_t, t, {k: v for k, v in cond.items() if k != 'negative_prompt_embeds'})
-        doubled = {k: torch.cat([v, v]) for k, v in cond.items() if k not in ('prompt_embeds', 'negative_prompt_embeds')}
+        text_keys = ('prompt_embeds', 'negative_prompt_embeds')
+        doubled = {k: torch.cat([v, v]) for k, v in cond.items() if k not in text_keys}
         doubled['prompt_embeds'] = torch.cat([cond['negative_prompt_embeds'], cond['prompt_embeds']])
         eps_negative, eps_prompt = predict(torch.cat([x_t, x_t]), torch.cat([t, t]), doubled).chunk(2)
         return eps_negative + guidance_scale * (eps_prompt - eps_negative)
@@ -323,7 +323,8 @@ class DiffusionSRArch(nn.Module):
     def initial_noise(self, lq, generator=None):
         """Standard normal latents (B, C, h*s/f, w*s/f) for the SR size of ``lq``, from ``generator``."""
         f = self.vae_scale_factor
-        shape = (lq.shape[0], self.unet.config.in_channels, lq.shape[2] * self.scale // f, lq.shape[3] * self.scale // f)
+        shape = (lq.shape[0], self.unet.config.in_channels,
+                 lq.shape[2] * self.scale // f, lq.shape[3] * self.scale // f)
         noise = torch.randn(shape, generator=generator, device=generator.device if generator else self.device)
         return noise.to(self.device)
 

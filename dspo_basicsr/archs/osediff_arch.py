@@ -37,8 +37,8 @@ import copy
 import os
 
 import torch
-
 from basicsr.utils.registry import ARCH_REGISTRY
+
 from dspo_basicsr.archs.control_sd2_arch import load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
 from dspo_basicsr.archs.seesr_arch import LowPrecisionFrozenPartsMixin

@@ -21,9 +21,8 @@ import json
 import os
 
 import torch
-from torch import nn
-
 from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn
 
 from dspo_basicsr.archs.clip_quality_arch import read_state_dict
 

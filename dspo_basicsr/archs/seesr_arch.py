@@ -25,11 +25,11 @@ import json
 import os
 
 import torch
-from torch import nn
-
 from basicsr.utils.registry import ARCH_REGISTRY
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import nn
+
 from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
@@ -237,7 +237,8 @@ def tiny_seesr_networks(unet=None, image_cross_attention_dim=TINY_IMAGE_DIM):
     components = tiny_sd_components(unet=unet)
     base = components['unet']
     factor = 2**(len(components['vae'].config.block_out_channels) - 1)
-    controlnet = ControlNetModel.from_unet(base, conditioning_embedding_out_channels=controlnet_embedding_channels(factor))
+    controlnet = ControlNetModel.from_unet(
+        base, conditioning_embedding_out_channels=controlnet_embedding_channels(factor))
     components['unet'] = add_image_cross_attention(base, image_cross_attention_dim)
     components['controlnet'] = add_image_cross_attention(controlnet, image_cross_attention_dim)
     return components
@@ -356,7 +357,8 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
     default_negative_prompt = 'dotted, noise, blur, lowres, smooth'
 
     def __init__(self, pretrained_model_path=None, seesr_model_path=None, ram_path=None, dape_path=None, tiny=False,
-                 ram_tiny=None, scale=4, trainable='controlnet', conditioning_scale=1.0, added_prompt=None, start_point='lr',
+                 ram_tiny=None, scale=4, trainable='controlnet', conditioning_scale=1.0, added_prompt=None,
+                 start_point='lr',
                  lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm',
                  prediction_type=None, default_steps=50, default_cfg=5.5, default_negative_prompt=None,
                  mixed_precision=None, gradient_checkpointing=False):
@@ -415,7 +417,8 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
     def image_embeddings(self, lq, ram_embeds=None):
         """RAM image embeddings (B, 145, 512): the precomputed ones when given, else from the RAM embedder."""
         if ram_embeds is not None:
-            if ram_embeds.ndim != 3 or ram_embeds.shape[0] != lq.shape[0] or ram_embeds.shape[2] != self.image_embed_dim:
+            if (ram_embeds.ndim != 3 or ram_embeds.shape[0] != lq.shape[0]
+                    or ram_embeds.shape[2] != self.image_embed_dim):
                 raise ValueError(f'ram_embeds has shape {tuple(ram_embeds.shape)}; expected ({lq.shape[0]}, L, '
                                  f'{self.image_embed_dim}) (RAM: L = 145). Recompute them with '
                                  'scripts/add_ram_embeddings.py.')

@@ -3,10 +3,9 @@
 They are the same diffusers / transformers classes as the released models, only small, so every code
 path (building, saving in the released folder layout, loading back) is the real one.
 """
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 TINY_TEXT_DIM = 32
 TINY_MAX_LENGTH = 16

@@ -9,9 +9,9 @@ import random
 
 import numpy as np
 import torch
+from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data as data
 
-from basicsr.utils.registry import DATASET_REGISTRY
 from dspo_basicsr.preference import PreferenceLMDB
 
 # Per-instance tables, padded across a batch: key -> padding value.

@@ -10,8 +10,18 @@ _modules = import_modules_with_suffix(__name__, os.path.dirname(os.path.abspath(
 
 from dspo_basicsr.losses.fidelity_loss import fidelity_loss  # noqa: E402
 from dspo_basicsr.losses.preference_loss import (  # noqa: E402
-    diffusion_dpo_logits, diffusion_dpo_loss, diffusion_dro_differences, diffusion_dro_loss, diffusion_sft_loss,
-    dspo_logits, dspo_loss, implicit_accuracy, instance_coverage, instance_error, preference_statistics)
+    diffusion_dpo_logits,
+    diffusion_dpo_loss,
+    diffusion_dro_differences,
+    diffusion_dro_loss,
+    diffusion_sft_loss,
+    dspo_logits,
+    dspo_loss,
+    implicit_accuracy,
+    instance_coverage,
+    instance_error,
+    preference_statistics,
+)
 
 __all__ = [
     'diffusion_dpo_logits', 'diffusion_dpo_loss', 'diffusion_dro_differences', 'diffusion_dro_loss',

@@ -12,9 +12,8 @@ variance per image). ``eps`` sits inside the roots so the gradient stays finite 
 import math
 
 import torch
-from torch import nn
-
 from basicsr.utils.registry import LOSS_REGISTRY
+from torch import nn
 
 __all__ = ['fidelity_loss', 'FidelityLoss']
 

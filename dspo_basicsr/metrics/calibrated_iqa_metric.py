@@ -18,7 +18,6 @@ import threading
 
 import numpy as np
 import torch
-
 from basicsr.utils.registry import METRIC_REGISTRY
 
 from dspo_basicsr.archs.rank_calibrated_iqa_arch import load_rank_calibrated_iqa

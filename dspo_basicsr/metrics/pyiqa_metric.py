@@ -32,8 +32,14 @@ import numpy as np
 import torch
 from basicsr.utils.registry import METRIC_REGISTRY
 
-from dspo_basicsr.metrics.metric_table import (HUGGINGFACE_URL, MissingWeightsError, WeightFile, missing_weights_error,
-                                               pyiqa_weights_dir, required_weight_files)
+from dspo_basicsr.metrics.metric_table import (
+    HUGGINGFACE_URL,
+    MissingWeightsError,
+    WeightFile,
+    missing_weights_error,
+    pyiqa_weights_dir,
+    required_weight_files,
+)
 
 __all__ = [
     'MissingWeightsError', 'calculate_pyiqa', 'calculate_lpips', 'calculate_dists', 'calculate_musiq',

@@ -19,15 +19,25 @@ first step from the resumed policy (pretrained frozen parts + the trainable weig
 the lag restarts at the resume point, and the buffer starts empty.
 """
 import torch
-
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
+
 from dspo_basicsr.archs.diffusion_sr_base import DiffusionSRArch, join_negative_prompts
-from dspo_basicsr.losses.preference_loss import (diffusion_dro_differences, instance_coverage, instance_error,
-                                                 preference_statistics)
+from dspo_basicsr.losses.preference_loss import (
+    diffusion_dro_differences,
+    instance_coverage,
+    instance_error,
+    preference_statistics,
+)
 from dspo_basicsr.models.dspo_model import DSPOModel, _gather_images
-from dspo_basicsr.models.online_negatives import (LaggedPolicy, OnlineNegative, OnlineNegativeBuffer, negative_key,
-                                                  sample_trajectory, trajectory_timesteps)
+from dspo_basicsr.models.online_negatives import (
+    LaggedPolicy,
+    OnlineNegative,
+    OnlineNegativeBuffer,
+    negative_key,
+    sample_trajectory,
+    trajectory_timesteps,
+)
 
 #: ``train.dro`` keys and their defaults.
 DRO_DEFAULTS = {

@@ -11,17 +11,22 @@ import os
 from collections import OrderedDict
 
 import torch
-from tqdm import tqdm
-
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
 from basicsr.models.base_model import BaseModel
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
+from tqdm import tqdm
+
 from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition
-from dspo_basicsr.losses.preference_loss import (diffusion_dpo_logits, dspo_logits, instance_coverage, instance_error,
-                                                  preference_statistics)
+from dspo_basicsr.losses.preference_loss import (
+    diffusion_dpo_logits,
+    dspo_logits,
+    instance_coverage,
+    instance_error,
+    preference_statistics,
+)
 
 
 class NonFiniteLossError(RuntimeError):

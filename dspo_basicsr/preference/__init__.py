@@ -20,6 +20,7 @@ Building preference data (imported on first use, so reading a set stays light)::
     contact_sheet    write_contact_sheets
 """
 import importlib
+
 from dspo_basicsr.preference.lmdb_set import PreferenceLMDB, resumable_ids, write_preference_lmdb
 from dspo_basicsr.preference.sample import PreferenceDataError, PreferenceSample, check_sample
 

@@ -21,8 +21,18 @@ import shutil
 import lmdb
 from tqdm import tqdm
 
-from dspo_basicsr.preference.sample import (PreferenceDataError, check_sample, decode_json, decode_npy, decode_png,
-                                            encode_json, encode_npy, encode_png, sample_from_meta, stored_meta)
+from dspo_basicsr.preference.sample import (
+    PreferenceDataError,
+    check_sample,
+    decode_json,
+    decode_npy,
+    decode_png,
+    encode_json,
+    encode_npy,
+    encode_png,
+    sample_from_meta,
+    stored_meta,
+)
 
 __all__ = ['PreferenceDataError', 'PreferenceLMDB', 'write_preference_lmdb', 'resumable_ids']
 

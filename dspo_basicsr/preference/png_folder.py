@@ -10,8 +10,18 @@ import os
 
 from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
 from dspo_basicsr.preference.lmdb_set import FORMAT_NAME, FORMAT_VERSION
-from dspo_basicsr.preference.sample import (PreferenceDataError, check_sample, decode_json, decode_npy, decode_png,
-                                            encode_json, encode_npy, encode_png, sample_from_meta, stored_meta)
+from dspo_basicsr.preference.sample import (
+    PreferenceDataError,
+    check_sample,
+    decode_json,
+    decode_npy,
+    decode_png,
+    encode_json,
+    encode_npy,
+    encode_png,
+    sample_from_meta,
+    stored_meta,
+)
 
 
 def write_preference_png_folders(root, samples, scale, png_compression=None):

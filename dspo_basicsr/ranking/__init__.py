@@ -2,12 +2,23 @@
 
 ("Learning from Model Rankings Improves Blind Super-Resolution Image Quality Assessment".)
 """
-from dspo_basicsr.ranking.mad import (FeatureDistance, MADResult, default_perceptual_distance,
-                                      default_semantic_distance, mad_select, run_mad_selection,
-                                      structure_texture_distance)
+from dspo_basicsr.ranking.mad import (
+                                      FeatureDistance,
+                                      MADResult,
+                                      default_perceptual_distance,
+                                      default_semantic_distance,
+                                      mad_select,
+                                      run_mad_selection,
+                                      structure_texture_distance,
+)
 from dspo_basicsr.ranking.ranking_report import format_ranking, plot_ranking, rank_methods, write_ranking_json
-from dspo_basicsr.ranking.thurstone import (ThurstoneError, bootstrap_intervals, comparison_components,
-                                            thurstone_nll, thurstone_scores)
+from dspo_basicsr.ranking.thurstone import (
+                                      ThurstoneError,
+                                      bootstrap_intervals,
+                                      comparison_components,
+                                      thurstone_nll,
+                                      thurstone_scores,
+)
 from dspo_basicsr.ranking.votes import PairVotes, read_count_matrix, read_pair_votes, read_votes
 
 __all__ = [
