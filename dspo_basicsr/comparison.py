@@ -168,10 +168,11 @@ def evaluate_checkpoint(opt, checkpoint, results_root, iteration=0):
         tuple[dict, dict]: values by column, and {column: (label, lower_better)}.
     """
     import torch
-    from basicsr.data import build_dataloader, build_dataset
-    from basicsr.models import build_model
 
     import dspo_basicsr  # noqa: F401  (compat first, then registration)
+
+    from basicsr.data import build_dataloader, build_dataset
+    from basicsr.models import build_model
 
     opt = evaluation_options(opt, checkpoint, results_root)
     os.makedirs(results_root, exist_ok=True)

@@ -72,6 +72,7 @@ def training_device():
 def load_resume_state(opt):
     """Device-aware, weights-only replacement of ``basicsr.train.load_resume_state``."""
     import torch
+
     from basicsr.utils import check_resume, scandir
 
     resume_state_path = None

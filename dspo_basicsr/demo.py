@@ -12,8 +12,9 @@ import os
 import cv2
 import numpy as np
 import torch
-from basicsr.data.degradations import add_gaussian_noise, add_jpg_compression, bivariate_Gaussian
 from tqdm import tqdm
+
+from basicsr.data.degradations import add_gaussian_noise, add_jpg_compression, bivariate_Gaussian
 
 #: (skimage.data function, prompt) of the photos the demo uses; all ship inside scikit-image.
 DEMO_PHOTOS = (
@@ -173,11 +174,11 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     Returns:
         dict: paths of the three parts and the number of training samples.
     """
-    from basicsr.archs import build_network
-
     from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch, save_sd_components
     from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
     from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
+
+    from basicsr.archs import build_network
 
     os.makedirs(root, exist_ok=True)
     crops = hq_crops(size, crops_per_photo + 1, seed)

@@ -11,11 +11,12 @@ import argparse
 import time
 
 import torch
-from basicsr.models import build_model
 
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.bench_utils import bench_dspo_opt, synthetic_preference_batch
 from dspo_basicsr.losses import diffusion_sft_loss, dspo_loss, instance_coverage
+
+from basicsr.models import build_model
 
 
 def _once(fn, device):

@@ -131,9 +131,9 @@ def main(argv=None):
                           '--device cpu to check the script)'}))
         return 1
 
-    from basicsr.models import build_model
-
     from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
+
+    from basicsr.models import build_model
     work = args.work or tempfile.mkdtemp(prefix='bench_seesr_')
     os.makedirs(work, exist_ok=True)
     try:

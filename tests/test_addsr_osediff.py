@@ -7,14 +7,16 @@ import re
 
 import pytest
 import torch
-from basicsr.models import build_model
-from conftest import run_cli, write_options
-from dspo_fixtures import complete_for_in_process, preference_batch
-from framework_fixtures import framework_options, framework_setup, sr_test_options
 
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.archs.addsr_arch import AddSRArch
 from dspo_basicsr.archs.osediff_arch import OSEDiffArch, equivalent_x0_beta, read_osediff_lora
+
+from basicsr.models import build_model
+
+from conftest import run_cli, write_options
+from dspo_fixtures import complete_for_in_process, preference_batch
+from framework_fixtures import framework_options, framework_setup, sr_test_options
 
 
 @pytest.fixture(scope='module')

@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from basicsr.losses import build_loss
 
 import dspo_basicsr  # noqa: F401  (registers everything)
 from dspo_basicsr.archs.clip_quality_arch import TINY_CLIP_CONFIG, CLIPQualityArch
@@ -19,6 +18,8 @@ from dspo_basicsr.metrics.calibrated_iqa_metric import calculate_calibrated_iqa
 from dspo_basicsr.metrics.two_afc import human_ceiling, model_choice, oracle_ceiling, pairs_csv_ceilings, two_afc_score
 from dspo_basicsr.models.rank_calibration_model import RankCalibrationModel
 from tests.biqa_fixtures import REPO, make_data, model_options, train_dataset_options, write_cli_option
+
+from basicsr.losses import build_loss
 
 
 @pytest.fixture(scope='module')

@@ -5,6 +5,7 @@ import shutil
 import sys
 
 import pytest
+
 from conftest import REPO, run_cli, write_options
 
 

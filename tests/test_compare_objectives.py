@@ -4,10 +4,11 @@ import os
 import runpy
 
 import pytest
-from conftest import REPO, make_paired_folders, write_options
-from dspo_fixtures import dspo_options, make_tiny_preference_set
 
 from dspo_basicsr.comparison import ComparisonError, load_objective_options, radar_plot, write_tables
+
+from conftest import REPO, make_paired_folders, write_options
+from dspo_fixtures import dspo_options, make_tiny_preference_set
 
 
 @pytest.fixture(scope='module')

@@ -1,10 +1,11 @@
 """Diffusion-DRO ranking loss: values by hand, margin, instance masks, registration."""
 import pytest
 import torch
-from basicsr.losses import build_loss
 
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.losses import diffusion_dro_differences, diffusion_dro_loss, dspo_logits, instance_coverage
+
+from basicsr.losses import build_loss
 
 
 def _image_errors(values):

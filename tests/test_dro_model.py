@@ -3,10 +3,12 @@ import math
 
 import pytest
 import torch
-from basicsr.models import build_model
-from dspo_fixtures import in_process_options, make_tiny_preference_set, preference_batch
 
 import dspo_basicsr  # noqa: F401  (registration)
+
+from basicsr.models import build_model
+
+from dspo_fixtures import in_process_options, make_tiny_preference_set, preference_batch
 
 
 @pytest.fixture(scope='module')

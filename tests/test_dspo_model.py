@@ -6,12 +6,14 @@ import re
 
 import pytest
 import torch
-from basicsr.models import build_model
-from conftest import make_paired_folders, run_cli, write_options
-from dspo_fixtures import dspo_options, in_process_options, make_tiny_preference_set, preference_batch
 
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.models.dspo_model import NonFiniteLossError
+
+from basicsr.models import build_model
+
+from conftest import make_paired_folders, run_cli, write_options
+from dspo_fixtures import dspo_options, in_process_options, make_tiny_preference_set, preference_batch
 
 
 @pytest.fixture(scope='module')

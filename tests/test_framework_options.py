@@ -3,11 +3,13 @@ import inspect
 import os
 
 import pytest
-from basicsr.utils.registry import ARCH_REGISTRY, METRIC_REGISTRY
-from conftest import REPO
 
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.cli import read_option_file
+
+from basicsr.utils.registry import ARCH_REGISTRY, METRIC_REGISTRY
+
+from conftest import REPO
 
 FRAMEWORKS = ('seesr', 'addsr', 'osediff')
 FILES = ([f'options/dspo_{f}.yml' for f in FRAMEWORKS] + ['options/dspo_seesr_m1.yml']

@@ -3,11 +3,13 @@ import glob
 import os
 
 import pytest
-from basicsr.utils import registry
-from conftest import REPO
 
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.cli import read_option_file
+
+from basicsr.utils import registry
+
+from conftest import REPO
 
 OPTION_FILES = sorted(glob.glob(os.path.join(REPO, 'options', '*.yml')) +
                       glob.glob(os.path.join(REPO, 'options', 'demo', '*.yml')))

@@ -3,14 +3,16 @@ import random
 
 import pytest
 import torch
-from basicsr.data import build_dataloader, build_dataset
-from basicsr.utils.registry import DATASET_REGISTRY
-from preference_fixtures import BLOCK, SCALE, block_id, coordinate_sample
 from torch.utils.data import DataLoader
 
 import dspo_basicsr  # noqa: F401,I001  (adapts basicsr 1.4.2 before it is imported)
 from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset, collate_preference_batch, preference_item
 from dspo_basicsr.preference import write_preference_lmdb
+
+from basicsr.data import build_dataloader, build_dataset
+from basicsr.utils.registry import DATASET_REGISTRY
+
+from preference_fixtures import BLOCK, SCALE, block_id, coordinate_sample
 
 
 @pytest.fixture(scope='module')

@@ -7,7 +7,6 @@ import re
 import cv2
 import numpy as np
 import pytest
-from preference_fixtures import coordinate_sample, lmdb_get, lmdb_put, noise_sample
 
 from dspo_basicsr.preference import (
     PreferenceDataError,
@@ -18,6 +17,8 @@ from dspo_basicsr.preference import (
     write_preference_lmdb,
 )
 from dspo_basicsr.preference.sample import encode_json, encode_png
+
+from preference_fixtures import coordinate_sample, lmdb_get, lmdb_put, noise_sample
 
 
 def _samples():

@@ -6,7 +6,6 @@ import runpy
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import FakeFramework, make_image_folders, write_chain_yaml
 
 from dspo_basicsr.preference.candidates import (
     expand_settings_grid,
@@ -41,6 +40,8 @@ from dspo_basicsr.preference.pipeline import (
     run_segment_step,
 )
 from dspo_basicsr.preference.segmentation import SLICSegmenter, is_partition
+
+from pipeline_fixtures import FakeFramework, make_image_folders, write_chain_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PSNR = {'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}
@@ -379,9 +380,9 @@ def test_chain_scripts_with_tiny_control_sd2(script_chain):
 
 def test_chain_preference_set_trains_dspo_steps(script_chain):
     """The set built by the chain trains DSPO through ``basicsr train`` (3 iterations on CPU)."""
-    from basicsr.utils.registry import MODEL_REGISTRY
-
     import dspo_basicsr  # noqa: F401
+
+    from basicsr.utils.registry import MODEL_REGISTRY
     if 'DSPOModel' not in MODEL_REGISTRY:
         pytest.skip('DSPOModel is not registered in this checkout')
     from conftest import run_cli, write_options

@@ -10,12 +10,13 @@ import socket
 import numpy as np
 import pytest
 import torch
-from basicsr.metrics import calculate_metric
-from basicsr.utils.registry import METRIC_REGISTRY
 
 import dspo_basicsr  # noqa: F401  (registers the metrics)
 from dspo_basicsr.metrics import pyiqa_metric
 from dspo_basicsr.metrics.metric_table import METRIC_TABLE, MissingWeightsError, metric_table_markdown
+
+from basicsr.metrics import calculate_metric
+from basicsr.utils.registry import METRIC_REGISTRY
 
 OUR_TYPES = ('calculate_pyiqa', 'calculate_lpips', 'calculate_dists', 'calculate_musiq', 'calculate_maniqa',
              'calculate_clipiqa', 'calculate_pyiqa_niqe')

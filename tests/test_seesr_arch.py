@@ -10,15 +10,17 @@ import sys
 
 import pytest
 import torch
-from basicsr.models import build_model
-from conftest import REPO, run_cli, write_options
-from dspo_fixtures import complete_for_in_process, preference_batch
-from framework_fixtures import TINY_RAM, framework_options, framework_setup, sr_test_options
 from safetensors.torch import load_file, save_file
 
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, merge_dape_lora, save_ram_checkpoint
 from dspo_basicsr.archs.seesr_arch import SeeSRArch, load_seesr_network, seesr_networks_on_meta
+
+from basicsr.models import build_model
+
+from conftest import REPO, run_cli, write_options
+from dspo_fixtures import complete_for_in_process, preference_batch
+from framework_fixtures import TINY_RAM, framework_options, framework_setup, sr_test_options
 
 
 @pytest.fixture(scope='module')

@@ -188,8 +188,6 @@ def test_scorer_keeps_scored_instances_and_reports_failed_ones(server, tmp_path)
 
 def test_scoring_step_with_vlm_and_feedback_resumes_failed_items_only(server, tmp_path):
     """Step level: a malformed reply fails one image (reported, left unfinished); the rerun asks only for it."""
-    from pipeline_fixtures import FakeFramework, make_image_folders
-
     from dspo_basicsr.preference.candidates import expand_settings_grid
     from dspo_basicsr.preference.pipeline import (
         WorkFolder,
@@ -201,6 +199,8 @@ def test_scoring_step_with_vlm_and_feedback_resumes_failed_items_only(server, tm
         scorer_from_options,
     )
     from dspo_basicsr.preference.segmentation import SLICSegmenter
+
+    from pipeline_fixtures import FakeFramework, make_image_folders
 
     lq_dir, gt_dir = make_image_folders(str(tmp_path / 'data'), num=2, size=32)
     work = WorkFolder(tmp_path / 'work')

@@ -18,9 +18,10 @@ Weights licence: AddSR's weights are released with its repository (check the ter
 Stable Diffusion 2 (CreativeML Open RAIL++-M licence).
 """
 import torch
-from basicsr.utils.registry import ARCH_REGISTRY
 
 from dspo_basicsr.archs.seesr_arch import SeeSRArch
+
+from basicsr.utils.registry import ARCH_REGISTRY
 
 ADDSR_TIMESTEPS = (999, 749, 499, 249)
 

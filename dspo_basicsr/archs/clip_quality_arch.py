@@ -27,8 +27,9 @@ import zipfile
 
 import torch
 import torch.nn.functional as F
-from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
+
+from basicsr.utils.registry import ARCH_REGISTRY
 
 QUALITY_LEVELS = ('bad', 'poor', 'fair', 'good', 'perfect')
 PROMPT_TEMPLATE = 'a photo with {} quality'

@@ -13,11 +13,12 @@ Weights licence: Stable Diffusion 2 weights are under the CreativeML Open RAIL++
 import os
 
 import torch
-from basicsr.utils.registry import ARCH_REGISTRY
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_component_folder
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
+
+from basicsr.utils.registry import ARCH_REGISTRY
 
 SD_SUBFOLDERS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
 

@@ -37,12 +37,13 @@ import copy
 import os
 
 import torch
-from basicsr.utils.registry import ARCH_REGISTRY
 
 from dspo_basicsr.archs.control_sd2_arch import load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
 from dspo_basicsr.archs.seesr_arch import LowPrecisionFrozenPartsMixin
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
+
+from basicsr.utils.registry import ARCH_REGISTRY
 
 OSEDIFF_TIMESTEP = 999
 OSEDIFF_UNET_ADAPTERS = (('default_encoder', 'unet_lora_encoder_modules'),

@@ -21,10 +21,11 @@ import json
 import os
 
 import torch
-from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from dspo_basicsr.archs.clip_quality_arch import read_state_dict
+
+from basicsr.utils.registry import ARCH_REGISTRY
 
 
 class PyIQAFeatureBackbone(nn.Module):

@@ -25,7 +25,6 @@ import json
 import os
 
 import torch
-from basicsr.utils.registry import ARCH_REGISTRY
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
@@ -33,6 +32,8 @@ from torch import nn
 from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
+
+from basicsr.utils.registry import ARCH_REGISTRY
 
 IMAGE_EMBEDS_KEY = 'image_encoder_hidden_states'
 SEESR_IMAGE_DIM = 512

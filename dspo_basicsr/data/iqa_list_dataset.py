@@ -16,8 +16,9 @@ import random
 import cv2
 import numpy as np
 import torch
-from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
+
+from basicsr.utils.registry import DATASET_REGISTRY
 
 __all__ = ['read_rgb', 'image_key', 'read_table', 'check_option_keys', 'IQAListDataset', 'TwoAFCPairDataset']
 

@@ -9,10 +9,11 @@ import random
 
 import numpy as np
 import torch
-from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data as data
 
 from dspo_basicsr.preference import PreferenceLMDB
+
+from basicsr.utils.registry import DATASET_REGISTRY
 
 # Per-instance tables, padded across a batch: key -> padding value.
 INSTANCE_KEYS = {'win': -1, 'lose': -1, 'instance_ids': -1, 'area': 0}

@@ -19,12 +19,13 @@ import os
 import random
 
 import torch
-from basicsr.utils.registry import DATASET_REGISTRY
 from scipy.stats import norm
 from torch.utils import data
 from torch.utils.data import default_collate
 
 from dspo_basicsr.data.iqa_list_dataset import IQAListDataset, check_option_keys, image_key, pair_label, read_rgb
+
+from basicsr.utils.registry import DATASET_REGISTRY
 
 __all__ = ['read_ranking_json', 'collate_method_groups', 'SRMethodGroupDataset']
 

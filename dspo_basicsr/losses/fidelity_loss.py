@@ -12,8 +12,9 @@ variance per image). ``eps`` sits inside the roots so the gradient stays finite 
 import math
 
 import torch
-from basicsr.utils.registry import LOSS_REGISTRY
 from torch import nn
+
+from basicsr.utils.registry import LOSS_REGISTRY
 
 __all__ = ['fidelity_loss', 'FidelityLoss']
 

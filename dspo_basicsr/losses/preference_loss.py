@@ -17,8 +17,9 @@ The registered ``nn.Module`` wrappers only add ``loss_weight`` and the hyper-par
 """
 import torch
 import torch.nn.functional as F
-from basicsr.utils.registry import LOSS_REGISTRY
 from torch import nn
+
+from basicsr.utils.registry import LOSS_REGISTRY
 
 
 def instance_coverage(labels, num_instances, factor):

@@ -18,9 +18,10 @@ import threading
 
 import numpy as np
 import torch
-from basicsr.utils.registry import METRIC_REGISTRY
 
 from dspo_basicsr.archs.rank_calibrated_iqa_arch import load_rank_calibrated_iqa
+
+from basicsr.utils.registry import METRIC_REGISTRY
 
 __all__ = ['calculate_calibrated_iqa', 'clear_calibrated_iqa_cache']
 

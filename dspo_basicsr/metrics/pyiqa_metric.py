@@ -30,7 +30,6 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from basicsr.utils.registry import METRIC_REGISTRY
 
 from dspo_basicsr.metrics.metric_table import (
     HUGGINGFACE_URL,
@@ -40,6 +39,8 @@ from dspo_basicsr.metrics.metric_table import (
     pyiqa_weights_dir,
     required_weight_files,
 )
+
+from basicsr.utils.registry import METRIC_REGISTRY
 
 __all__ = [
     'MissingWeightsError', 'calculate_pyiqa', 'calculate_lpips', 'calculate_dists', 'calculate_musiq',

@@ -19,8 +19,6 @@ first step from the resumed policy (pretrained frozen parts + the trainable weig
 the lag restarts at the resume point, and the buffer starts empty.
 """
 import torch
-from basicsr.utils import get_root_logger
-from basicsr.utils.registry import MODEL_REGISTRY
 
 from dspo_basicsr.archs.diffusion_sr_base import DiffusionSRArch, join_negative_prompts
 from dspo_basicsr.losses.preference_loss import (
@@ -38,6 +36,9 @@ from dspo_basicsr.models.online_negatives import (
     sample_trajectory,
     trajectory_timesteps,
 )
+
+from basicsr.utils import get_root_logger
+from basicsr.utils.registry import MODEL_REGISTRY
 
 #: ``train.dro`` keys and their defaults.
 DRO_DEFAULTS = {

@@ -11,12 +11,6 @@ import os
 from collections import OrderedDict
 
 import torch
-from basicsr.archs import build_network
-from basicsr.losses import build_loss
-from basicsr.models.base_model import BaseModel
-from basicsr.models.sr_model import SRModel
-from basicsr.utils import get_root_logger
-from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
 from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition
@@ -27,6 +21,13 @@ from dspo_basicsr.losses.preference_loss import (
     instance_error,
     preference_statistics,
 )
+
+from basicsr.archs import build_network
+from basicsr.losses import build_loss
+from basicsr.models.base_model import BaseModel
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger
+from basicsr.utils.registry import MODEL_REGISTRY
 
 
 class NonFiniteLossError(RuntimeError):

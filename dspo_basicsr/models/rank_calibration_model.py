@@ -23,12 +23,6 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from basicsr.archs import build_network
-from basicsr.losses import build_loss
-from basicsr.models.base_model import BaseModel
-from basicsr.utils import get_root_logger
-from basicsr.utils.dist_util import get_dist_info, master_only
-from basicsr.utils.registry import MODEL_REGISTRY
 from scipy import stats
 from tqdm import tqdm
 
@@ -36,6 +30,13 @@ from dspo_basicsr.archs.rank_calibrated_iqa_arch import network_options_path
 from dspo_basicsr.data.iqa_list_dataset import TwoAFCPairDataset
 from dspo_basicsr.metrics.two_afc import human_ceiling, model_choice, oracle_ceiling, two_afc_score
 from dspo_basicsr.models.backbone_feature_cache import BackboneFeatureCache
+
+from basicsr.archs import build_network
+from basicsr.losses import build_loss
+from basicsr.models.base_model import BaseModel
+from basicsr.utils import get_root_logger
+from basicsr.utils.dist_util import get_dist_info, master_only
+from basicsr.utils.registry import MODEL_REGISTRY
 
 
 @MODEL_REGISTRY.register()

@@ -170,9 +170,9 @@ class MetricInstanceScorer(InstanceScorer):
         self.min_crop = int(min_crop)
 
     def score_instance(self, context, instance_id):
-        from basicsr.metrics import calculate_metric
-
         from dspo_basicsr.preference.candidates import normalise_scores
+
+        from basicsr.metrics import calculate_metric
 
         mask = context.seg == instance_id
         y0, y1, x0, x1 = instance_box(mask, self.min_crop)
@@ -277,6 +277,7 @@ def load_biqa_quality(network_opt, checkpoint=None, device='cpu', param_key='par
 
     import torch
     import yaml
+
     from basicsr.archs import build_network
 
     if isinstance(network_opt, (str, os.PathLike)):

@@ -197,6 +197,7 @@ def build_framework(opt, device='cpu'):
     ``weights_only=True`` on top, e.g. a DSPO-fine-tuned ``net_g_*.pth``.
     """
     import torch
+
     from basicsr.archs import build_network
 
     if 'network' not in opt:
