@@ -1,16 +1,26 @@
 """Global ranking of SR methods (Thurstone Case V) from pairwise votes, with bootstrap intervals.
 
     python scripts/rank_methods.py VOTES.csv [--votes-per-pair 10] [--out results/ranking]
-                                   [--columns name1 name2 score1 score2] [--prior 0.5] [--bootstrap 1000]
+                                   [--format pairs|realsr1k] [--group mad] [--columns N1 N2 S1 S2]
+                                   [--prior 0.5] [--link-prior 1] [--bootstrap 1000]
 
-VOTES.csv is a pair list (one row per compared image: method names and vote fractions or counts) or a
-vote-count matrix (header of method names, one row of counts per method). Prints the ranking and writes
-OUT/ranking.json (read by SRMethodGroupDataset as ranking_json) and OUT/ranking.png (bar plot with error bars).
+VOTES.csv is a pair list (one row per compared image: method names or files <image>_<method>.png, and vote
+fractions or counts) or a vote-count matrix (header of method names, one row of counts per method). The
+RealSR-1K subjective results of the SR-IQA paper (sr_subjective_results.csv, 23 subjects per pair) are read
+as they are:
+
+    python scripts/rank_methods.py sr_subjective_results.csv --format realsr1k --votes-per-pair 23 --prior 0.5
+
+Prints the ranking and writes OUT/ranking.json (read by SRMethodGroupDataset as ranking_json) and
+OUT/ranking.png (bar plot with error bars).
 """
 import argparse
 import os
+import sys
 
 from dspo_basicsr.ranking.ranking_report import format_ranking, plot_ranking, rank_methods, write_ranking_json
+from dspo_basicsr.ranking.thurstone import ThurstoneError
+from dspo_basicsr.ranking.votes import PAIR_FORMATS, VoteFileError
 
 
 def main():
@@ -18,8 +28,13 @@ def main():
     parser.add_argument('votes', help='pair list or vote-count matrix (CSV/TSV)')
     parser.add_argument('--votes-per-pair', type=int, default=None,
                         help='subjects per pair, to turn vote fractions into counts')
-    parser.add_argument('--columns', nargs=4, default=['name1', 'name2', 'score1', 'score2'],
-                        metavar=('NAME1', 'NAME2', 'SCORE1', 'SCORE2'), help='pair-list header names')
+    parser.add_argument('--format', choices=sorted(PAIR_FORMATS), default=None,
+                        help='pair-list column preset (default: found from the header)')
+    parser.add_argument('--columns', nargs=4, default=None, metavar=('NAME1', 'NAME2', 'SCORE1', 'SCORE2'),
+                        help='pair-list header names (default: those of --format)')
+    parser.add_argument('--group', default=None, help="rank only rows of this group (RealSR-1K: 'mad' or 'mid')")
+    parser.add_argument('--method-from', choices=('auto', 'column', 'pair_name', 'suffix'), default='auto',
+                        help='where a side\'s method comes from when the name columns hold file names')
     parser.add_argument('--prior', type=float, default=0.0,
                         help='virtual votes per direction of every compared pair (keeps unanimous methods finite)')
     parser.add_argument('--link-prior', type=float, default=0.0,
@@ -29,8 +44,15 @@ def main():
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='results/ranking', help='output folder')
     args = parser.parse_args()
-    ranking = rank_methods(args.votes, args.votes_per_pair, tuple(args.columns), args.prior, args.link_prior,
-                           args.bootstrap, args.confidence, args.seed)
+    try:
+        ranking = rank_methods(args.votes, args.votes_per_pair, tuple(args.columns) if args.columns else None,
+                               args.prior, args.link_prior, args.bootstrap, args.confidence, args.seed,
+                               format=args.format, group=args.group, method_from=args.method_from)
+    except (VoteFileError, ThurstoneError, FileNotFoundError) as error:
+        sys.exit(f'rank_methods.py: {error}')
+    group = f', group {args.group}' if args.group else ''
+    print(f'{len(ranking["methods"])} methods, {ranking["num_pairs"]} compared pairs, '
+          f'{ranking["num_votes"]:.0f} votes{group}')
     print(format_ranking(ranking))
     write_ranking_json(ranking, os.path.join(args.out, 'ranking.json'))
     plot_ranking(ranking, os.path.join(args.out, 'ranking.png'))

@@ -20,7 +20,8 @@ from torch.utils import data
 
 from basicsr.utils.registry import DATASET_REGISTRY
 
-__all__ = ['read_rgb', 'image_key', 'read_table', 'check_option_keys', 'IQAListDataset', 'TwoAFCPairDataset']
+__all__ = ['read_rgb', 'image_key', 'read_table', 'check_option_keys', 'IQAListDataset', 'TWO_AFC_FORMATS',
+           'TwoAFCPairDataset']
 
 
 def read_rgb(path, crop_size=None):
@@ -155,6 +156,15 @@ class IQAListDataset(data.Dataset):
                 'key': image_key(path, self.crop_size), 'path': path}
 
 
+# column presets of 2AFC lists; realsr1k: cschenjunlin/SR-IQA-SMC25, sr_subjective_results.csv
+TWO_AFC_FORMATS = {
+    'pairs': {'pair': 'pair', 'group': 'group', 'image_a': 'image_a', 'image_b': 'image_b',
+              'fraction_a': 'fraction_a', 'fraction_b': 'fraction_b'},
+    'realsr1k': {'pair': 'sr_pair_names', 'group': 'group', 'image_a': 'name1_column', 'image_b': 'name2_column',
+                 'fraction_a': 'score1_column', 'fraction_b': 'score2_column'},
+}
+
+
 @DATASET_REGISTRY.register()
 class TwoAFCPairDataset(data.Dataset):
     """Human 2AFC pairs (RealSR-1K style list) for validating a quality model.
@@ -162,9 +172,13 @@ class TwoAFCPairDataset(data.Dataset):
     Options (``opt``):
         meta_file (str): CSV/TSV with a header row.
         dataroot (str): Folder the image names are relative to.
+        format (str, optional): Column preset: ``realsr1k`` for the RealSR-1K subjective results as
+            released (``sr_pair_names, group, name1_column, name2_column, score1_column, score2_column``).
         columns (dict, optional): Header names for ``pair`` (pair name), ``group`` (e.g. the LR image or
             the method pair), ``image_a``, ``image_b``, ``fraction_a`` (share preferring A) and optionally
-            ``fraction_b`` (used to normalise when both are given). Defaults are those words.
+            ``fraction_b`` (used to normalise when both are given). Defaults are those words, or those of
+            ``format``; given keys override the preset.
+        group (str, optional): Keep only rows of this group (RealSR-1K: ``mad`` or ``mid``).
         crop_size (int, optional): Centre crop side.
 
     Items: ``img_a``, ``img_b`` (3, H, W), ``fraction_a`` (float in [0, 1]), ``key_a``, ``key_b``,
@@ -173,17 +187,30 @@ class TwoAFCPairDataset(data.Dataset):
 
     def __init__(self, opt):
         super().__init__()
-        check_option_keys(opt, ('meta_file', 'dataroot', 'columns', 'crop_size', 'delimiter'), 'TwoAFCPairDataset')
+        check_option_keys(opt, ('meta_file', 'dataroot', 'format', 'columns', 'group', 'crop_size', 'delimiter'),
+                          'TwoAFCPairDataset')
         self.opt = opt
         self.meta_file = opt['meta_file']
         self.crop_size = opt.get('crop_size')
-        columns = {'pair': 'pair', 'group': 'group', 'image_a': 'image_a', 'image_b': 'image_b',
-                   'fraction_a': 'fraction_a', 'fraction_b': 'fraction_b', **(opt.get('columns') or {})}
+        preset = TWO_AFC_FORMATS.get(opt.get('format') or 'pairs')
+        if preset is None:
+            raise ValueError(f"TwoAFCPairDataset {opt.get('name', '')!r}: unknown format {opt.get('format')!r}; "
+                             f'choose one of {sorted(TWO_AFC_FORMATS)}.')
+        columns = {**preset, **(opt.get('columns') or {})}
         rows, header = read_table(self.meta_file, opt.get('delimiter'))
         _require_columns(self.meta_file, header, [columns[k] for k in ('image_a', 'image_b', 'fraction_a')])
+        rows = list(enumerate(rows, start=2))   # (file line, row)
+        group = opt.get('group')
+        if group is not None:
+            groups_found = sorted({row.get(columns['group'], '') for _, row in rows})
+            rows = [(line, row) for line, row in rows if row.get(columns['group']) == str(group)]
+            if not rows:
+                raise ValueError(f'2AFC list {self.meta_file!r} has no row of group {group!r} (column '
+                                 f"{columns['group']!r}); its groups are {groups_found[:5]}"
+                                 f"{' ...' if len(groups_found) > 5 else ''}.")
         root = opt.get('dataroot', '') or ''
         self.items = []
-        for line, row in enumerate(rows, start=2):
+        for line, row in rows:
             try:
                 frac_a = float(row[columns['fraction_a']])
                 frac_b = float(row[columns['fraction_b']]) if columns['fraction_b'] in row else 1 - frac_a

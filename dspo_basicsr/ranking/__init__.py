@@ -19,11 +19,20 @@ from dspo_basicsr.ranking.thurstone import (
                                       thurstone_nll,
                                       thurstone_scores,
 )
-from dspo_basicsr.ranking.votes import PairVotes, read_count_matrix, read_pair_votes, read_votes
+from dspo_basicsr.ranking.votes import (
+                                      PAIR_FORMATS,
+                                      PairVotes,
+                                      VoteFileError,
+                                      methods_from_file_names,
+                                      read_count_matrix,
+                                      read_pair_votes,
+                                      read_votes,
+)
 
 __all__ = [
     'ThurstoneError', 'bootstrap_intervals', 'comparison_components', 'thurstone_nll', 'thurstone_scores',
-    'PairVotes', 'read_count_matrix', 'read_pair_votes', 'read_votes',
+    'PAIR_FORMATS', 'PairVotes', 'VoteFileError', 'methods_from_file_names', 'read_count_matrix', 'read_pair_votes',
+    'read_votes',
     'rank_methods', 'format_ranking', 'write_ranking_json', 'plot_ranking',
     'FeatureDistance', 'MADResult', 'structure_texture_distance', 'default_perceptual_distance',
     'default_semantic_distance', 'mad_select', 'run_mad_selection',

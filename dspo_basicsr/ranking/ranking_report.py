@@ -14,15 +14,18 @@ from dspo_basicsr.ranking.votes import read_votes
 __all__ = ['rank_methods', 'format_ranking', 'write_ranking_json', 'plot_ranking']
 
 
-def rank_methods(votes_path, votes_per_pair=None, columns=('name1', 'name2', 'score1', 'score2'), prior=0.0,
-                 link_prior=0.0, num_samples=1000, confidence=0.95, seed=0):
+def rank_methods(votes_path, votes_per_pair=None, columns=None, prior=0.0, link_prior=0.0, num_samples=1000,
+                 confidence=0.95, seed=0, format=None, group=None, method_from='auto'):
     """Thurstone scores with bootstrap intervals from a vote file (pair list or count matrix).
+
+    ``columns``, ``format``, ``group`` and ``method_from`` are those of
+    :func:`dspo_basicsr.ranking.votes.read_votes`.
 
     Returns:
         dict: ``methods`` (names, best first), ``scores``, ``intervals`` (method -> [lower, upper]),
         ``confidence``, ``num_votes``, ``source``.
     """
-    votes = read_votes(votes_path, votes_per_pair, columns)
+    votes = read_votes(votes_path, votes_per_pair, columns, format=format, group=group, method_from=method_from)
     mu, lower, upper = bootstrap_intervals(votes.records, len(votes.names), num_samples, confidence, seed,
                                            prior=prior, link_prior=link_prior, names=votes.names)
     order = np.argsort(-mu)
@@ -31,6 +34,7 @@ def rank_methods(votes_path, votes_per_pair=None, columns=('name1', 'name2', 'sc
         'scores': {votes.names[i]: float(mu[i]) for i in order},
         'intervals': {votes.names[i]: [float(lower[i]), float(upper[i])] for i in order},
         'confidence': confidence, 'num_votes': float(votes.counts().sum()), 'source': os.path.abspath(votes_path),
+        'group': group, 'num_pairs': len(votes.records),
         'model': 'Thurstone Case V, P(i beats j) = Phi(mu_i - mu_j), sum(mu) = 0',
     }
 

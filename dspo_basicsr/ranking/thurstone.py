@@ -24,11 +24,13 @@ Two cases need care and are never returned as silent garbage:
   *uncompared* pair, which ties the components together under the documented assumption "uncompared
   methods are equal until shown otherwise" (the estimate then shrinks the gap between components).
 """
+import os
+
 import numpy as np
 from scipy import optimize
 from scipy.special import log_ndtr
 
-__all__ = ['ThurstoneError', 'comparison_components', 'thurstone_scores', 'thurstone_nll',
+__all__ = ['ThurstoneError', 'comparison_components', 'disconnected_message', 'thurstone_scores', 'thurstone_nll',
            'bootstrap_intervals']
 
 
@@ -76,6 +78,33 @@ def comparison_components(counts):
                 stack.append(j)
         components.append(sorted(component))
     return sorted(components, key=len, reverse=True)
+
+
+def disconnected_message(components, names, shown=3, per_group=6):
+    """A short error for a disconnected comparison graph: a few groups named, then counts.
+
+    Names with an image extension, or many groups, mean the name columns do not hold method names (e.g.
+    every file became its own "method"), so the hint is then about the columns, not about linking groups.
+    """
+    def describe(comp):
+        listed = ', '.join(names[i] for i in comp[:per_group])
+        return '{' + listed + (f', ... {len(comp) - per_group} more' if len(comp) > per_group else '') + '}'
+
+    listed = '; '.join(describe(c) for c in components[:shown])
+    if len(components) > shown:
+        rest = components[shown:]
+        listed += f'; and {len(rest)} more groups ({sum(len(c) for c in rest)} methods)'
+    message = (f'the comparison graph is disconnected: {len(components)} groups of methods never compared with '
+               f'each other ({listed}), so their scores have no common scale. ')
+    file_like = any(os.path.splitext(str(n))[1].lower() in ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.webp')
+                    for n in names)
+    if file_like or len(components) > 4:
+        return message + ('The name columns probably hold image or file names, not methods. Check --columns, '
+                          'or pass --format realsr1k (methods from the pair-name column or the '
+                          '<image>_<method>.png suffix).')
+    return message + ('Collect votes between the groups, rank each group separately (--group), or pass '
+                      '--link-prior 1 to scripts/rank_methods.py (link_prior in Python) to assume uncompared '
+                      'methods are equal.')
 
 
 def _strongly_connected(wins):
@@ -144,11 +173,7 @@ def thurstone_scores(counts, prior=0.0, link_prior=0.0, names=None, tol=1e-10):
 
     components = comparison_components(counts)
     if len(components) > 1 and link_prior <= 0:
-        listed = '; '.join('{' + ', '.join(names[i] for i in comp) + '}' for comp in components)
-        raise ThurstoneError(
-            f'the comparison graph is disconnected ({len(components)} groups of methods never compared with '
-            f'each other: {listed}), so their scores have no common scale. Collect votes between the groups, '
-            'rank each group separately, or pass link_prior > 0 to assume uncompared methods are equal.')
+        raise ThurstoneError(disconnected_message(components, names))
 
     fitted = counts + prior * compared + link_prior * (off_diagonal & ~compared)
     if not _strongly_connected(fitted > 0):
@@ -162,8 +187,8 @@ def thurstone_scores(counts, prior=0.0, link_prior=0.0, names=None, tol=1e-10):
         detail = f' ({"; ".join(detail)})' if detail else ''
         raise ThurstoneError(
             f'the maximum-likelihood scores are unbounded because some methods are separated by unanimous '
-            f'votes{detail}. Pass a small prior (e.g. prior=0.5 virtual votes per compared pair) to keep '
-            'the scores finite.')
+            f'votes{detail}. Pass a small prior to keep the scores finite: --prior 0.5 in '
+            'scripts/rank_methods.py (prior=0.5 in Python: virtual votes per compared pair).')
 
     def objective(free):
         # gauge: mu_0 = 0 during the fit, centred afterwards (the likelihood sees only differences)
@@ -232,7 +257,7 @@ def bootstrap_intervals(records, num_methods, num_samples=1000, confidence=0.95,
     if len(replicates) < 0.9 * num_samples:
         raise ThurstoneError(
             f'{num_samples - len(replicates)} of {num_samples} bootstrap replicates had unbounded scores '
-            '(unanimous votes); pass a small prior (e.g. 0.5) to bootstrap_intervals.')
+            '(unanimous votes); pass a small prior: --prior 0.5 in scripts/rank_methods.py (prior=0.5 in Python).')
     replicates = np.stack(replicates)
     tail = 100 * (1 - confidence) / 2
     lower, upper = np.percentile(replicates, [tail, 100 - tail], axis=0)

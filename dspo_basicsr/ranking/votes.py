@@ -9,6 +9,13 @@ Two layouts are read:
   fractions (or counts), columns ``name1, name2, score1, score2`` by default. Fractions are turned into
   counts with ``votes_per_pair`` (the number of subjects who judged each pair); integer counts are used
   as they are when ``votes_per_pair`` is not given.
+
+The name columns may hold method names, or image file names ``<image>_<method>.png`` as in the RealSR-1K
+subjective results released with the SR-IQA paper (github.com/cschenjunlin/SR-IQA-SMC25,
+``sr_subjective_results.csv``: ``sr_pair_names, group, name1_column, name2_column, score1_column,
+score2_column``, vote fractions of 23 subjects, ``group`` ``mad`` or ``mid``). Then the method of each
+side comes from the pair-name column (``BSRGAN_Real-ESRGAN``) when the file has one, else from the
+file-name suffix after the image id that both names share. ``PAIR_FORMATS`` holds the column presets.
 """
 import csv
 import os
@@ -16,7 +23,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ['PairVotes', 'read_count_matrix', 'read_pair_votes', 'read_votes']
+__all__ = ['PAIR_FORMATS', 'PairVotes', 'VoteFileError', 'methods_from_file_names', 'read_count_matrix',
+           'read_pair_votes', 'read_votes']
+
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+
+# column presets of pair lists: (name1, name2, score1, score2) and the optional pair-name / group columns
+PAIR_FORMATS = {
+    'pairs': {'columns': ('name1', 'name2', 'score1', 'score2'), 'pair_name': None, 'group': 'group'},
+    # RealSR-1K (cschenjunlin/SR-IQA-SMC25, sr_subjective_results.csv)
+    'realsr1k': {'columns': ('name1_column', 'name2_column', 'score1_column', 'score2_column'),
+                 'pair_name': 'sr_pair_names', 'group': 'group'},
+}
+
+
+class VoteFileError(ValueError):
+    """A vote file that cannot be read as any known layout; the message says what to pass instead."""
+
+
+def _short_list(items, limit=5):
+    items = list(items)
+    shown = ', '.join(repr(x) for x in items[:limit])
+    return shown + (f' ... ({len(items) - limit} more)' if len(items) > limit else '')
 
 
 @dataclass
@@ -91,55 +120,151 @@ def read_count_matrix(path, delimiter=None):
     return PairVotes(names, records)
 
 
-def read_pair_votes(path, votes_per_pair=None, columns=('name1', 'name2', 'score1', 'score2'),
-                    delimiter=None):
+def _looks_like_file(name):
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def methods_from_file_names(file1, file2, pair_name=None):
+    """Methods of the two sides of a 2AFC row whose names are files ``<image>_<method>.<ext>``.
+
+    Args:
+        file1, file2 (str): The two compared files of the same image, e.g. ``grass_72_BSRGAN.png``.
+        pair_name (str, optional): ``<method1>_<method2>`` (RealSR-1K's ``sr_pair_names``); method names
+            may contain '_' only when this is given.
+
+    Returns:
+        tuple[str, str] | None: The two methods, or None when the names do not fit the pattern.
+    """
+    stem1 = os.path.splitext(os.path.basename(file1))[0]
+    stem2 = os.path.splitext(os.path.basename(file2))[0]
+    if pair_name:
+        for cut in [k for k, ch in enumerate(pair_name) if ch == '_']:
+            m1, m2 = pair_name[:cut], pair_name[cut + 1:]
+            if (stem1 == m1 or stem1.endswith('_' + m1)) and (stem2 == m2 or stem2.endswith('_' + m2)):
+                return m1, m2
+        return None
+    # the image id is the longest common prefix of both stems that ends with '_'
+    common = os.path.commonprefix([stem1, stem2])
+    cut = common.rfind('_')
+    if cut < 0:
+        return None
+    m1, m2 = stem1[cut + 1:], stem2[cut + 1:]
+    return (m1, m2) if m1 and m2 and m1 != m2 else None
+
+
+def read_pair_votes(path, votes_per_pair=None, columns=None, delimiter=None, format=None, group=None,
+                    method_from='auto'):
     """Read a list of compared pairs with vote fractions or counts.
 
     Args:
         path (str): CSV/TSV file with a header row.
         votes_per_pair (int, optional): Subjects per pair; vote fractions are multiplied by it. When None,
             the scores must already be vote counts.
-        columns (tuple[str]): Header names of (method 1, method 2, score of 1, score of 2).
+        columns (tuple[str], optional): Header names of (name 1, name 2, score of 1, score of 2); default
+            those of ``format``.
         delimiter (str, optional): Field separator; default ',' (tab for .tsv/.txt).
+        format (str, optional): A key of ``PAIR_FORMATS`` ('pairs' by default, 'realsr1k').
+        group (str, optional): Keep only rows whose group column has this value (RealSR-1K: 'mad', 'mid').
+        method_from (str): 'auto' (file names -> method from the pair name or the suffix, otherwise the
+            names are methods), 'column' (the names are methods), 'pair_name' or 'suffix'.
 
     Returns:
         PairVotes: Method names in order of first appearance and one record per row.
     """
-    name1, name2, score1, score2 = columns
+    preset = PAIR_FORMATS.get(format or 'pairs')
+    if preset is None:
+        raise VoteFileError(f'unknown vote format {format!r}; choose one of {sorted(PAIR_FORMATS)} (--format).')
+    if method_from not in ('auto', 'column', 'pair_name', 'suffix'):
+        raise ValueError(f"method_from must be 'auto', 'column', 'pair_name' or 'suffix', got {method_from!r}.")
+    name1, name2, score1, score2 = columns or preset['columns']
     with open(path, newline='', encoding='utf-8') as f:
         reader = csv.DictReader(f, delimiter=_delimiter(path, delimiter))
         header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in columns if c not in header]
+        missing = [c for c in (name1, name2, score1, score2) if c not in header]
         if missing:
-            raise ValueError(f'pair list {path!r} has no column(s) {missing}; its header is {header}. '
-                             'Pass columns=(name1, name2, score1, score2) naming yours.')
-        names, index, records = [], {}, []
-        for line, row in enumerate(reader, start=2):
-            row = {k.strip(): (v or '').strip() for k, v in row.items() if k is not None}
-            try:
-                a, b = float(row[score1]), float(row[score2])
-            except ValueError:
-                raise ValueError(f'pair list {path!r}, line {line}: scores {row[score1]!r}, {row[score2]!r} '
-                                 'are not numbers.') from None
-            if votes_per_pair is not None:
-                a, b = a * votes_per_pair, b * votes_per_pair
-            elif (a % 1) or (b % 1):
-                raise ValueError(f'pair list {path!r}, line {line}: scores {a}, {b} look like vote fractions; '
-                                 'pass votes_per_pair (subjects per pair) to turn them into counts.')
-            for name in (row[name1], row[name2]):
-                if name not in index:
-                    index[name] = len(names)
-                    names.append(name)
-            records.append((index[row[name1]], index[row[name2]], a, b))
+            raise VoteFileError(f'pair list {path!r} has no column(s) {missing}; its header is '
+                                f'{_short_list(header, 8)}. Pass --columns NAME1 NAME2 SCORE1 SCORE2 naming yours, '
+                                f'or --format ({", ".join(sorted(PAIR_FORMATS))}).')
+        pair_column = preset['pair_name'] if preset['pair_name'] in header else None
+        group_column = preset['group']
+        if group is not None and group_column not in header:
+            raise VoteFileError(f'pair list {path!r} has no {group_column!r} column to select --group {group!r} '
+                                f'from; its header is {_short_list(header, 8)}.')
+        rows = [(line, {k.strip(): (v or '').strip() for k, v in row.items() if k is not None})
+                for line, row in enumerate(reader, start=2)]
+    if group is not None:
+        groups_found = sorted({row.get(group_column, '') for _, row in rows})
+        rows = [(line, row) for line, row in rows if row.get(group_column) == group]
+        if not rows:
+            raise VoteFileError(f'pair list {path!r} has no row with {group_column} == {group!r}; its groups are '
+                                f'{_short_list(groups_found)}. Pass one of them to --group, or leave --group out.')
+    names, index, records = [], {}, []
+    for line, row in rows:
+        try:
+            a, b = float(row[score1]), float(row[score2])
+        except ValueError:
+            raise VoteFileError(f'pair list {path!r}, line {line}: scores {row[score1]!r}, {row[score2]!r} '
+                                'are not numbers.') from None
+        if votes_per_pair is not None:
+            a, b = a * votes_per_pair, b * votes_per_pair
+        elif (a % 1) or (b % 1):
+            raise VoteFileError(f'pair list {path!r}, line {line}: scores {a}, {b} look like vote fractions; '
+                                'pass --votes-per-pair N (votes_per_pair in Python: subjects per pair) to turn '
+                                'them into counts.')
+        methods = _row_methods(path, line, row[name1], row[name2], row.get(pair_column) if pair_column else None,
+                               method_from)
+        for name in methods:
+            if name not in index:
+                index[name] = len(names)
+                names.append(name)
+        records.append((index[methods[0]], index[methods[1]], a, b))
     if not records:
-        raise ValueError(f'pair list {path!r} holds no pairs.')
+        raise VoteFileError(f'pair list {path!r} holds no pairs.')
     return PairVotes(names, records)
 
 
-def read_votes(path, votes_per_pair=None, columns=('name1', 'name2', 'score1', 'score2'), delimiter=None):
-    """Read either layout: a pair list when the header has ``columns``, a count matrix otherwise."""
+def _row_methods(path, line, side1, side2, pair_name, method_from):
+    if method_from == 'column' or (method_from == 'auto' and not (_looks_like_file(side1) and _looks_like_file(side2))):
+        return side1, side2
+    if method_from == 'pair_name' and not pair_name:
+        raise VoteFileError(f'pair list {path!r} has no pair-name column to take the methods from; use '
+                            '--method-from suffix or --format realsr1k.')
+    methods = methods_from_file_names(side1, side2, None if method_from == 'suffix' else pair_name)
+    if methods is None:
+        source = f'pair name {pair_name!r}' if pair_name and method_from != 'suffix' else 'file-name suffix'
+        raise VoteFileError(f'pair list {path!r}, line {line}: cannot tell the methods of {side1!r} and {side2!r} '
+                            f'from the {source}; files must be named <image>_<method>.<ext>. Pass '
+                            '--method-from column if the name columns hold method names.')
+    return methods
+
+
+def _count_matrix_shape(path, delimiter):
     with open(path, newline='', encoding='utf-8') as f:
-        header = next(csv.reader(f, delimiter=_delimiter(path, delimiter)), [])
-    if all(c in [h.strip() for h in header] for c in columns):
-        return read_pair_votes(path, votes_per_pair, columns, delimiter)
-    return read_count_matrix(path, delimiter)
+        rows = [row for row in csv.reader(f, delimiter=_delimiter(path, delimiter)) if row and any(row)]
+    return (len(rows[0]) - 1 if rows else 0), len(rows) - 1
+
+
+def read_votes(path, votes_per_pair=None, columns=None, delimiter=None, format=None, group=None,
+               method_from='auto'):
+    """Read either layout: a pair list (``columns``, ``format``, or any preset whose columns the header has),
+    else a square vote-count matrix; anything else is a :class:`VoteFileError` saying which layouts were tried.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'vote file {path!r} does not exist.')
+    with open(path, newline='', encoding='utf-8') as f:
+        header = [h.strip() for h in next(csv.reader(f, delimiter=_delimiter(path, delimiter)), [])]
+    if columns is not None or format is not None:
+        return read_pair_votes(path, votes_per_pair, columns, delimiter, format, group, method_from)
+    for name, preset in PAIR_FORMATS.items():
+        if all(c in header for c in preset['columns']):
+            return read_pair_votes(path, votes_per_pair, None, delimiter, name, group, method_from)
+    methods, rows = _count_matrix_shape(path, delimiter)
+    if methods >= 2 and methods == rows:
+        if group is not None:
+            raise VoteFileError(f'{path!r} is a vote-count matrix, which has no groups; leave --group out.')
+        return read_count_matrix(path, delimiter)
+    tried = '; '.join(f'{name} pair list (columns {", ".join(p["columns"])})' for name, p in PAIR_FORMATS.items())
+    raise VoteFileError(
+        f'cannot read {path!r}: its header is {_short_list(header, 8)}. Tried: {tried}; a square vote-count '
+        f'matrix (it has {methods} names in its header but {rows} rows). Pass --columns NAME1 NAME2 SCORE1 SCORE2 '
+        f'naming your pair-list columns, or --format ({", ".join(sorted(PAIR_FORMATS))}).')
