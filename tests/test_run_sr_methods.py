@@ -1,0 +1,154 @@
+"""SR outputs of BasicSR archs (tiny RRDBNet / MSRResNet saved as BasicSR saves them) and a diffusion framework."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import dspo_basicsr  # noqa: F401  (registers everything)
+from dspo_basicsr import sr_methods
+from dspo_basicsr.data.sr_method_group_dataset import SRMethodGroupDataset
+from dspo_basicsr.sr_methods import load_methods_file, run_sr_methods, tiled_forward
+
+from basicsr.archs.rrdbnet_arch import RRDBNet
+from basicsr.archs.srresnet_arch import MSRResNet
+from basicsr.models.sr_model import SRModel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RRDB = {'type': 'RRDBNet', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4,
+        'scale': 4}
+SRRESNET = {'type': 'MSRResNet', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 1, 'upscale': 4}
+
+
+def save_like_basicsr(nets, models_dir, param_key):
+    """BasicSR's own BaseModel.save_network: {param_key: state_dict} in <models>/net_g_latest.pth."""
+    models_dir.mkdir(parents=True)   # BasicSR's experiment folders exist before it saves
+    model = SRModel({'model_type': 'SRModel', 'is_train': False, 'dist': False, 'num_gpu': 0, 'network_g': dict(RRDB),
+                     'path': {'models': str(models_dir)}})
+    model.save_network(nets, 'net_g', 'latest', param_key=param_key)
+    return str(models_dir / 'net_g_latest.pth')
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('sr_methods')
+    torch.manual_seed(0)
+    rrdb = RRDBNet(**{k: v for k, v in RRDB.items() if k != 'type'})
+    rrdb_ema = RRDBNet(**{k: v for k, v in RRDB.items() if k != 'type'})
+    srresnet = MSRResNet(**{k: v for k, v in SRRESNET.items() if k != 'type'})
+    # Real-ESRGAN / ESRGANModel layout: params and params_ema side by side; SRModel layout: params only
+    rrdb_path = save_like_basicsr([rrdb, rrdb_ema], root / 'rrdb', ['params', 'params_ema'])
+    srresnet_path = save_like_basicsr(srresnet, root / 'srresnet', 'params')
+    lr_dir = root / 'lr'
+    lr_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        cv2.imwrite(str(lr_dir / f'img_{k}.png'), rng.integers(0, 256, (10, 12, 3), dtype=np.uint8))
+    methods = {'methods': {
+        'Real-ESRGAN-tiny': {'network_g': RRDB, 'path': rrdb_path, 'param_key': 'params_ema', 'scale': 4},
+        'SRResNet-tiny': {'network_g': SRRESNET, 'path': srresnet_path, 'param_key': 'params_ema',  # falls back
+                          'tile': 6, 'tile_pad': 8, 'scale': 4},
+    }}
+    methods_path = root / 'methods.yml'
+    methods_path.write_text(yaml.safe_dump(methods, sort_keys=False))
+    return {'root': root, 'lr': str(lr_dir), 'methods': str(methods_path), 'rrdb': rrdb, 'rrdb_ema': rrdb_ema,
+            'srresnet': srresnet}
+
+
+def read_png(path):
+    return torch.from_numpy(cv2.imread(path)[:, :, ::-1].astype(np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def test_tiles_match_the_whole_image():
+    torch.manual_seed(0)
+    net = MSRResNet(num_feat=8, num_block=1, upscale=4).eval()
+    lr = torch.rand(1, 3, 19, 26)
+    whole = tiled_forward(net, lr)
+    tiled = tiled_forward(net, lr, tile=8, tile_pad=8)
+    assert tiled.shape == whole.shape == (1, 3, 76, 104)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)     # context covers the receptive field
+    seams = tiled_forward(net, lr, tile=8, tile_pad=0)
+    assert (seams - whole).abs().max() > 1e-3                           # without context the tiles differ
+    padded = tiled_forward(net, lr, tile=8, tile_pad=8, pad_to=4)       # SwinIR-style window padding
+    assert padded.shape == whole.shape
+
+
+def test_outputs_resume_and_feed_method_groups(setup, tmp_path, monkeypatch):
+    out = tmp_path / 'sr_outputs'
+    real_write, writes = sr_methods._write_png, []
+
+    def interrupted_write(path, sr):
+        if len(writes) == 5:          # Ctrl-C during the second method
+            raise KeyboardInterrupt
+        writes.append(path)
+        real_write(path, sr)
+
+    monkeypatch.setattr(sr_methods, '_write_png', interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_sr_methods(setup['methods'], setup['lr'], str(out), progress=False)
+    monkeypatch.setattr(sr_methods, '_write_png', real_write)
+    report = run_sr_methods(setup['methods'], setup['lr'], str(out), progress=False)
+    assert report.written == {'Real-ESRGAN-tiny': 0, 'SRResNet-tiny': 3}
+    assert report.skipped == {'Real-ESRGAN-tiny': 4, 'SRResNet-tiny': 1}
+
+    # BasicSR's loading picked params_ema (and fell back to params for the SRModel checkpoint)
+    lr = read_png(os.path.join(setup['lr'], 'img_2.png'))
+    with torch.no_grad():
+        ema, plain = setup['rrdb_ema'](lr).clamp(0, 1), setup['rrdb'](lr).clamp(0, 1)
+        srresnet = setup['srresnet'](lr).clamp(0, 1)
+    written = read_png(str(out / 'Real-ESRGAN-tiny' / 'img_2.png'))
+    assert written.shape == (1, 3, 40, 48)
+    assert (written - ema).abs().max() <= 1 / 255 + 1e-6 < (written - plain).abs().max()
+    assert (read_png(str(out / 'SRResNet-tiny' / 'img_2.png')) - srresnet).abs().max() <= 1 / 255 + 1e-6
+
+    ranking = tmp_path / 'ranking.json'
+    ranking.write_text(json.dumps({'scores': {'Real-ESRGAN-tiny': 0.4, 'SRResNet-tiny': -0.4}}))
+    groups = SRMethodGroupDataset({'name': 'g', 'dataroot': str(out), 'ranking_json': str(ranking), 'group_size': 2})
+    assert groups.methods == ['Real-ESRGAN-tiny', 'SRResNet-tiny'] and len(groups.images) == 4
+    item = groups[0]
+    assert item['group_a'].shape == (2, 3, 40, 48) and item['label'] in (0.0, 1.0)
+
+    # the command line: everything is there, so a rerun only reports it
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'run_sr_methods.py'), '-opt',
+                             setup['methods'], '--lr', setup['lr'], '--out', str(out), '--no-progress'],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, 'PYTHONPATH': REPO})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'SRResNet-tiny: 0 written, 4 already there' in result.stdout
+
+
+def test_bad_methods_file_names_every_problem(tmp_path):
+    path = tmp_path / 'methods.yml'
+    path.write_text(yaml.safe_dump({'methods': {
+        'a': {'network_g': RRDB, 'path': str(tmp_path / 'missing_a.pth')},
+        'b': {'network_g': RRDB, 'path': str(tmp_path / 'missing_b.pth'), 'tiles': 4},
+        'c': {'sampling': {}}}}))
+    with pytest.raises(ValueError) as info:
+        load_methods_file(str(path))
+    message = str(info.value)
+    assert 'missing_a.pth' in message and 'missing_b.pth' in message and "['tiles']" in message
+    assert 'c: give either network_g' in message
+
+
+def test_wrong_param_key_is_named(setup, tmp_path):
+    entry = load_methods_file(setup['methods'])['Real-ESRGAN-tiny']
+    state = torch.load(entry['path'], weights_only=True)
+    bare = tmp_path / 'bare.pth'
+    torch.save({'state_dict': state['params']}, bare)
+    with pytest.raises(KeyError, match="no 'params_ema' \\(nor 'params'\\).*'state_dict'"):
+        sr_methods.build_method('x', {**entry, 'path': str(bare)})
+
+
+def test_diffusion_framework_entry(tmp_path):
+    lr_dir = tmp_path / 'lr'
+    lr_dir.mkdir()
+    cv2.imwrite(str(lr_dir / 'a.png'), np.full((8, 8, 3), 120, np.uint8))
+    methods = {'tiny-sd2': {'framework': {'network': {'type': 'ControlSD2Arch', 'tiny': True, 'scale': 4}},
+                            'sampling': {'steps': 2, 'cfg': 1.0, 'seed': 3, 'prompt': 'a photo'}, 'scale': 4}}
+    report = run_sr_methods(methods, str(lr_dir), str(tmp_path / 'out'), progress=False)
+    assert report.written == {'tiny-sd2': 1}
+    assert cv2.imread(str(tmp_path / 'out' / 'tiny-sd2' / 'a.png')).shape == (32, 32, 3)
