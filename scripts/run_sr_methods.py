@@ -4,7 +4,7 @@
                                      [--overwrite]
 
 Writes OUT_DIR/<method>/<image>.png, the layout of SRMethodGroupDataset and scripts/mad_select.py. Rerunning
-the same command resumes: outputs already there are skipped. methods.yml (see options/sr_methods_example.yml):
+the same command resumes: outputs already there are skipped. methods.yml (see options/sr_methods/example.yml):
 
     methods:
       Real-ESRGAN:

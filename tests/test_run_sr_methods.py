@@ -152,3 +152,15 @@ def test_diffusion_framework_entry(tmp_path):
     report = run_sr_methods(methods, str(lr_dir), str(tmp_path / 'out'), progress=False)
     assert report.written == {'tiny-sd2': 1}
     assert cv2.imread(str(tmp_path / 'out' / 'tiny-sd2' / 'a.png')).shape == (32, 32, 3)
+
+
+def test_example_methods_file_builds_with_basicsr_archs():
+    from basicsr.archs import build_network
+    with open(os.path.join(REPO, 'options', 'sr_methods', 'example.yml'), encoding='utf-8') as f:
+        methods = yaml.safe_load(f)['methods']
+    for name, entry in methods.items():
+        assert set(entry) <= sr_methods.NETWORK_KEYS, name
+        net = build_network(dict(entry['network_g']))
+        with torch.no_grad():
+            out = tiled_forward(net.eval(), torch.rand(1, 3, 12, 12), pad_to=entry.get('pad_to', 1))
+        assert out.shape == (1, 3, 12 * entry['scale'], 12 * entry['scale']), name
