@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from dspo_basicsr.ranking.mad import (
+    VGG16_WEIGHTS,
     FeatureDistance,
     _greedy,
+    _torch_hub_with_vgg16,
+    build_distances,
     default_perceptual_distance,
     run_mad_selection,
     structure_texture_distance,
@@ -63,10 +66,48 @@ def test_features_are_reused_across_pairs(tmp_path):
     assert len(rows) == pairs * 2 and rows[0]['group'] == 'method0_vs_method1'
     assert os.path.isfile(rows[0]['image_a']) and os.path.isfile(rows[0]['image_b'])
     sheet = cv2.imread(str(tmp_path / 'out' / 'contact_sheets' / 'method0_vs_method1.png'))
-    assert sheet.shape == (2 * (24 + 16), 3 * 24, 3)
+    assert sheet.shape == (2 * (16 + 16 + 24), 3 * 24, 3)   # per row: caption, tile labels, images
+    assert (sheet[:16] < 128).any() and (sheet[56:72] < 128).any()   # both captions are written
 
 
 def test_default_distance_names_missing_weights(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path))
     with pytest.raises(FileNotFoundError, match='vgg16-397923af.pth'):
         default_perceptual_distance()
+
+
+def test_every_missing_weight_file_is_named_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty'))
+    with pytest.raises(FileNotFoundError) as info:
+        build_distances('dists', 'vgg', dists_weights=str(tmp_path / 'my_dists.pth'))
+    message = str(info.value)
+    assert 'my_dists.pth' in message and 'vgg16-397923af.pth' in message
+    assert '--dists-weights' in message and '--vgg16-weights' in message and '--d1 l1 --d2 thumbnail' in message
+    d1, d2 = build_distances('l1', 'thumbnail')                     # no weights needed
+    assert d1.name == 'L1' and d2.name == 'thumbnail'
+
+
+def test_vgg16_file_elsewhere_is_found_by_torchvision(tmp_path):
+    weights = tmp_path / 'my_vgg16.pth'
+    weights.write_bytes(b'x')
+    before = torch.hub.get_dir()
+    with _torch_hub_with_vgg16(str(weights)):
+        linked = os.path.join(torch.hub.get_dir(), 'checkpoints', VGG16_WEIGHTS)
+        assert os.path.realpath(linked) == str(weights.resolve())
+    assert torch.hub.get_dir() == before
+
+
+def test_command_line_offline_distances(tmp_path):
+    import subprocess
+    import sys
+    write_folders(tmp_path, methods=3, images=4)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, os.path.join(repo, 'scripts', 'mad_select.py'), '--sr', str(tmp_path / 'sr'),
+               '--lr', str(tmp_path / 'lr'), '--out', str(tmp_path / 'mad'), '--k', '2', '--d1', 'l1',
+               '--d2', 'thumbnail']
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'PYTHONPATH': repo, 'TORCH_HOME': str(tmp_path / 'empty')})
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / 'mad' / 'mad_pairs.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 2 and float(rows[0]['d1']) > 0

@@ -14,9 +14,11 @@ Cost: the D1 backbone runs once per (image, method) and the features of the N ou
 reused for all N(N-1)/2 pairs; D2 features run once per image. That is O(N) backbone passes per image
 instead of O(N^2) for a per-pair loop (``reuse_features=False`` keeps that loop for benchmarking).
 """
+import contextlib
 import csv
 import itertools
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +32,7 @@ from tqdm import tqdm
 __all__ = ['FeatureDistance', 'structure_texture_distance', 'VGGStructureTextureNet', 'default_perceptual_distance',
            'default_semantic_distance', 'MADResult', 'mad_select', 'list_method_images', 'write_mad_csv',
            'contact_sheet', 'write_contact_sheets', 'folder_loaders', 'run_mad_selection', 'DISTS_WEIGHTS',
-           'VGG16_WEIGHTS']
+           'VGG16_WEIGHTS', 'D1_CHOICES', 'D2_CHOICES', 'build_distances', 'l1_distance', 'thumbnail_distance']
 
 DISTS_WEIGHTS = 'DISTS_weights-f5e65c96.pth'   # pyiqa's file, in $TORCH_HOME/hub/pyiqa
 VGG16_WEIGHTS = 'vgg16-397923af.pth'           # torchvision's ImageNet VGG16, in $TORCH_HOME/hub/checkpoints
@@ -119,23 +121,57 @@ def _weights_file(store, name):
     return os.path.join(folder, name)
 
 
+def _check_weight_files(needed):
+    """Raise one FileNotFoundError naming every missing file of ``needed`` [(what, path, flag)]."""
+    missing = [(what, path, flag) for what, path, flag in needed if not os.path.isfile(path)]
+    if missing:
+        lines = '\n'.join(f'  - {what}: {path} (or pass {flag} PATH)' for what, path, flag in missing)
+        raise FileNotFoundError(
+            f'MAD selection needs weight files that are not on this machine, and nothing is downloaded at run '
+            f'time:\n{lines}\nCopy them there (TORCH_HOME sets the root), pass their paths, or choose distances '
+            'without weights (--d1 l1 --d2 thumbnail).')
+
+
 def _require(path, what):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{what}: expected the weight file {path!r}, which does not exist. Nothing is '
-                                'downloaded at run time: copy the file there (TORCH_HOME sets the root), or pass '
-                                'your own distance.')
+    _check_weight_files([(what, path, 'the weight path')])
 
 
-def default_perceptual_distance(device='cpu'):
-    """D1 = DISTS (pyiqa's weights) between two SR outputs. Needs both weight files locally."""
-    dists_path = _weights_file('pyiqa', DISTS_WEIGHTS)
-    vgg_path = _weights_file('checkpoints', VGG16_WEIGHTS)
-    _require(vgg_path, 'DISTS (D1) backbone, torchvision VGG16')
-    _require(dists_path, 'DISTS (D1) weights')
+@contextlib.contextmanager
+def _torch_hub_with_vgg16(vgg_path):
+    """A torch hub folder where torchvision finds ``vgg_path`` as its ImageNet VGG16 (pyiqa's DISTS builds
+    ``vgg16(weights='IMAGENET1K_V1')`` itself, which reads only the hub folder)."""
+    default = _weights_file('checkpoints', VGG16_WEIGHTS)
+    if os.path.abspath(vgg_path) == os.path.abspath(default):
+        yield
+        return
+    previous = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory() as hub:
+        os.makedirs(os.path.join(hub, 'checkpoints'))
+        os.symlink(os.path.abspath(vgg_path), os.path.join(hub, 'checkpoints', VGG16_WEIGHTS))
+        torch.hub.set_dir(hub)
+        try:
+            yield
+        finally:
+            torch.hub.set_dir(previous)
+
+
+def default_perceptual_distance(device='cpu', dists_weights=None, vgg16_weights=None):
+    """D1 = DISTS (pyiqa's weights) between two SR outputs. Needs both weight files locally.
+
+    Args:
+        dists_weights (str, optional): DISTS alpha/beta file (default ``$TORCH_HOME/hub/pyiqa/`` + DISTS_WEIGHTS).
+        vgg16_weights (str, optional): torchvision VGG16 file (default ``$TORCH_HOME/hub/checkpoints/`` +
+            VGG16_WEIGHTS).
+    """
+    dists_path = dists_weights or _weights_file('pyiqa', DISTS_WEIGHTS)
+    vgg_path = vgg16_weights or _weights_file('checkpoints', VGG16_WEIGHTS)
+    _check_weight_files([('DISTS (D1) backbone, torchvision VGG16', vgg_path, '--vgg16-weights'),
+                         ('DISTS (D1) weights', dists_path, '--dists-weights')])
     from pyiqa.archs.dists_arch import DISTS
 
     from dspo_basicsr.archs.clip_quality_arch import read_state_dict
-    net = DISTS(pretrained=False)  # VGG16 from the local torchvision file; alpha/beta loaded below
+    with _torch_hub_with_vgg16(vgg_path):
+        net = DISTS(pretrained=False)  # VGG16 from the local torchvision file; alpha/beta loaded below
     state = read_state_dict(dists_path, 'DISTS (D1) weights')
     if 'alpha' not in state or 'beta' not in state:
         raise KeyError(f'{dists_path!r} holds no DISTS alpha/beta weights (keys: {list(state)[:6]}).')
@@ -148,13 +184,64 @@ def default_perceptual_distance(device='cpu'):
                            lambda f0, f1: structure_texture_distance(f0, f1, alpha, beta), name='DISTS')
 
 
-def default_semantic_distance(device='cpu'):
+def default_semantic_distance(device='cpu', vgg16_weights=None):
     """D2 = 1 - cosine of globally pooled VGG16 relu5_3 features of the LR inputs (torchvision weights)."""
-    vgg_path = _weights_file('checkpoints', VGG16_WEIGHTS)
-    _require(vgg_path, 'semantic distance (D2), torchvision VGG16')
+    vgg_path = vgg16_weights or _weights_file('checkpoints', VGG16_WEIGHTS)
+    _check_weight_files([('semantic distance (D2), torchvision VGG16', vgg_path, '--vgg16-weights')])
     net = VGGStructureTextureNet(torch.load(vgg_path, map_location='cpu', weights_only=True)).to(device)
     return FeatureDistance(lambda x: F.normalize(net(x.to(device))[-1].mean([2, 3]), dim=1)[0],
                            lambda a, b: 1 - torch.dot(a, b).item(), name='VGG16')
+
+
+def l1_distance():
+    """D1 without weights: mean absolute difference of the two SR outputs (a baseline, and for offline runs)."""
+    return FeatureDistance(lambda x: x.float(), lambda a, b: (a - b[..., :a.shape[-2], :a.shape[-1]]).abs().mean(),
+                           name='L1')
+
+
+def thumbnail_distance(size=8):
+    """D2 without weights: 1 - cosine of centred ``size`` x ``size`` colour thumbnails of the LR inputs."""
+    def features(x):
+        thumb = F.adaptive_avg_pool2d(x.float(), size).flatten()
+        return F.normalize(thumb - thumb.mean(), dim=0)
+    return FeatureDistance(features, lambda a, b: 1 - torch.dot(a, b).item(), name='thumbnail')
+
+
+D1_CHOICES = ('dists', 'vgg', 'l1')
+D2_CHOICES = ('vgg', 'thumbnail')
+
+
+def build_distances(d1='dists', d2='vgg', dists_weights=None, vgg16_weights=None, device='cpu'):
+    """The (D1, D2) distances by name, every missing weight file of both reported in one error.
+
+    Args:
+        d1 (str | None): 'dists' (pyiqa DISTS), 'vgg' (VGG16 structure/texture, uniform weights; VGG16 file
+            only) or 'l1' (no weights); None builds none (returned as None).
+        d2 (str | None): 'vgg' (VGG16 features of the LR) or 'thumbnail' (no weights); None builds none.
+        dists_weights, vgg16_weights (str, optional): Weight files instead of the ``$TORCH_HOME`` defaults.
+    """
+    if d1 not in D1_CHOICES + (None,) or d2 not in D2_CHOICES + (None,):
+        raise ValueError(f'unknown distance: --d1 is one of {D1_CHOICES}, --d2 one of {D2_CHOICES}; got {d1!r}, '
+                         f'{d2!r}.')
+    vgg_path = vgg16_weights or _weights_file('checkpoints', VGG16_WEIGHTS)
+    needed = []
+    if d1 == 'dists':
+        needed.append(('DISTS (D1) weights', dists_weights or _weights_file('pyiqa', DISTS_WEIGHTS),
+                       '--dists-weights'))
+    if d1 in ('dists', 'vgg') or d2 == 'vgg':
+        needed.append(('torchvision VGG16 (D1/D2 backbone)', vgg_path, '--vgg16-weights'))
+    _check_weight_files(needed)
+    if d1 == 'dists':
+        dist1 = default_perceptual_distance(device, dists_weights, vgg_path)
+    elif d1 == 'vgg':
+        net = VGGStructureTextureNet(torch.load(vgg_path, map_location='cpu', weights_only=True)).to(device)
+        dist1 = FeatureDistance(lambda x: net(x.to(device)), structure_texture_distance, name='VGG16 DISTS-like')
+    elif d1 == 'l1':
+        dist1 = l1_distance()
+    else:
+        dist1 = None
+    dist2 = default_semantic_distance(device, vgg_path) if d2 == 'vgg' else thumbnail_distance() if d2 else None
+    return dist1, dist2
 
 
 @dataclass
@@ -291,42 +378,52 @@ def _to_uint8(x):
     return (x[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy()[..., ::-1] * 255).round().astype(np.uint8)
 
 
-def contact_sheet(rows, labels=('LR', 'A', 'B')):
+def _text_strip(text, width, height=16):
+    strip = np.full((height, width, 3), 255, np.uint8)
+    cv2.putText(strip, text[:max(1, width // 7)], (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
+    return strip
+
+
+def contact_sheet(rows, labels=('LR', 'A', 'B'), captions=None):
     """Stack rows of (LR, SR_a, SR_b) images into one BGR uint8 sheet; the LR is upscaled (nearest) to SR size.
 
     Args:
         rows (list[tuple[Tensor]]): Per selected image, three (1, 3, H, W) tensors in [0, 1].
+        labels (tuple[str]): The three column labels, above every tile.
+        captions (list[str], optional): One line per row above it (e.g. the image name and its D1 / D2).
 
     Returns:
-        np.ndarray: (rows * (H + 16), 3 * W, 3) BGR uint8.
+        np.ndarray: (rows * (H + 16 [+ 16 with captions]), 3 * W, 3) BGR uint8.
     """
     lines = []
-    for lr, sr_a, sr_b in rows:
+    for r, (lr, sr_a, sr_b) in enumerate(rows):
         h, w = sr_a.shape[-2:]
         lr = F.interpolate(lr, size=(h, w), mode='nearest')
         tiles = []
         for tile, label in zip((lr, sr_a, sr_b[..., :h, :w]), labels):
             img = np.ascontiguousarray(_to_uint8(tile))
-            header = np.full((16, img.shape[1], 3), 255, np.uint8)
-            cv2.putText(header, label[:max(1, img.shape[1] // 7)], (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
-                        (0, 0, 0), 1)
-            tiles.append(np.concatenate([header, img], axis=0))
-        lines.append(np.concatenate(tiles, axis=1))
+            tiles.append(np.concatenate([_text_strip(label, img.shape[1]), img], axis=0))
+        line = np.concatenate(tiles, axis=1)
+        if captions is not None:
+            line = np.concatenate([_text_strip(captions[r], line.shape[1]), line], axis=0)
+        lines.append(line)
     width = max(line.shape[1] for line in lines)
     lines = [np.pad(line, ((0, 0), (0, width - line.shape[1]), (0, 0)), constant_values=255) for line in lines]
     return np.concatenate(lines, axis=0)
 
 
 def write_contact_sheets(result, load_sr, load_lr, out_dir):
-    """One PNG per method pair (``<a>_vs_<b>.png``): its selected images, LR | method a | method b per row."""
+    """One PNG per method pair (``<a>_vs_<b>.png``): its selected images, LR | method a | method b per row,
+    each row captioned with the image name and its D1 and D2 terms."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for (i, j), picks in result.selections.items():
         a, b = result.methods[i], result.methods[j]
         rows = [(load_lr(result.images[m]), load_sr(a, result.images[m]), load_sr(b, result.images[m]))
                 for m, _, _ in picks]
+        captions = [f'{result.images[m]}  D1 {d1:.3f}  D2 {d2:.3f}' for m, d1, d2 in picks]
         path = os.path.join(out_dir, f'{a}_vs_{b}.png')
-        cv2.imwrite(path, contact_sheet(rows, labels=('LR', a, b)))
+        cv2.imwrite(path, contact_sheet(rows, labels=('LR', a, b), captions=captions))
         written.append(path)
     return written
 
@@ -345,21 +442,25 @@ def folder_loaders(files, crop_size=None):
 
 
 def run_mad_selection(sr_root, lr_root, out_dir, k=5, lam=1.0, methods=None, d1=None, d2=None, device='cpu',
-                      reuse_features=True):
+                      reuse_features=True, dists_weights=None, vgg16_weights=None):
     """Select MAD pairs from folders and write ``mad_pairs.csv`` plus one contact sheet per pair.
 
     Args:
         sr_root (str): ``sr_root/<method>/<image>.png``.
         lr_root (str): ``lr_root/<image>.png``, the LR inputs (for D2 and the sheets).
         out_dir (str): Output folder.
-        d1, d2 (FeatureDistance, optional): Defaults: DISTS and VGG16 features from local weights.
+        d1, d2 (FeatureDistance | str, optional): Distances, or their names for :func:`build_distances`
+            (default 'dists' and 'vgg', from local weights).
+        dists_weights, vgg16_weights (str, optional): Weight files for named distances.
 
     Returns:
         MADResult
     """
     methods, images, files = list_method_images(sr_root, methods, lr_root)
-    d1 = d1 or default_perceptual_distance(device)
-    d2 = d2 or default_semantic_distance(device)
+    built = build_distances(None if isinstance(d1, FeatureDistance) else d1 or 'dists',
+                            None if isinstance(d2, FeatureDistance) else d2 or 'vgg',
+                            dists_weights, vgg16_weights, device)
+    d1, d2 = built[0] or d1, built[1] or d2
     load_sr, load_lr = folder_loaders(files)
     result = mad_select(images, methods, load_sr, load_lr, d1, d2, k=k, lam=lam, reuse_features=reuse_features)
     write_mad_csv(result, os.path.join(out_dir, 'mad_pairs.csv'), files)
