@@ -2,7 +2,7 @@
 
 Writes, under ``root``::
 
-    sr/<method>/img_XXX.png   "SR outputs": the same synthetic scenes, degraded more for worse methods
+    sr_outputs/<method>/img_XXX.png   "SR outputs": the same synthetic scenes, degraded more for worse methods
     votes.csv                 simulated 2AFC votes per image and method pair (name1,name2,score1,score2)
     ranking.json              Thurstone scores of the methods from votes.csv
     mos/img_XXX.png, mos.csv  images with a mean opinion score (path,score)
@@ -60,7 +60,7 @@ def make_biqa_demo_data(root, num_images=12, size=48, num_mos=16, votes_per_pair
     scenes = [_scene(rng, size) for _ in range(num_images)]
     for level, method in enumerate(methods):
         for k, scene in enumerate(scenes):
-            _write(os.path.join(root, 'sr', method, f'img_{k:03d}.png'), _degrade(scene, level, rng))
+            _write(os.path.join(root, 'sr_outputs', method, f'img_{k:03d}.png'), _degrade(scene, level, rng))
 
     votes_path = os.path.join(root, 'votes.csv')
     with open(votes_path, 'w', newline='') as f:
@@ -92,11 +92,11 @@ def make_biqa_demo_data(root, num_images=12, size=48, num_mos=16, votes_per_pair
             k = p % num_images
             a, b = rng.choice(methods, 2, replace=False)
             frac = rng.binomial(votes_per_pair, norm.cdf(TRUE_SCORES[a] - TRUE_SCORES[b])) / votes_per_pair
-            writer.writerow([f'pair_{p:03d}', f'img_{k:03d}', f'sr/{a}/img_{k:03d}.png', f'sr/{b}/img_{k:03d}.png',
-                             frac, 1 - frac])
+            writer.writerow([f'pair_{p:03d}', f'img_{k:03d}', f'sr_outputs/{a}/img_{k:03d}.png',
+                             f'sr_outputs/{b}/img_{k:03d}.png', frac, 1 - frac])
 
     clip_path = os.path.join(root, 'tiny_clip.pth')
     torch.manual_seed(seed)
     torch.save(CLIPQualityArch(**TINY_CLIP_CONFIG).clip.state_dict(), clip_path)
-    return {'sr': os.path.join(root, 'sr'), 'votes': votes_path, 'ranking': ranking_path, 'mos': mos_path,
+    return {'sr': os.path.join(root, 'sr_outputs'), 'votes': votes_path, 'ranking': ranking_path, 'mos': mos_path,
             'val_2afc': val_path, 'clip': clip_path}
