@@ -111,3 +111,24 @@ def test_command_line_offline_distances(tmp_path):
     with open(tmp_path / 'mad' / 'mad_pairs.csv', newline='') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 2 and float(rows[0]['d1']) > 0
+
+
+def test_mad_pairs_with_votes_rank(tmp_path):
+    """Step 3-4 of the loop in docs/biqa.md: votes added to mad_pairs.csv, ranked with --columns."""
+    from dspo_basicsr.ranking import rank_methods
+    write_folders(tmp_path, methods=3, images=5)
+    result = run_mad_selection(str(tmp_path / 'sr'), str(tmp_path / 'lr'), str(tmp_path / 'mad'), k=3,
+                               d1='l1', d2='thumbnail')
+    assert result.passes['d1'] == 15
+    with open(tmp_path / 'mad' / 'mad_pairs.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    quality = {'method0': 2, 'method1': 1, 'method2': 0}   # simulated subjects prefer the sharper method
+    with open(tmp_path / 'votes.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ['score_a', 'score_b'])
+        writer.writeheader()
+        for row in rows:
+            better = quality[row['method_a']] > quality[row['method_b']]
+            writer.writerow({**row, 'score_a': 0.8 if better else 0.2, 'score_b': 0.2 if better else 0.8})
+    ranking = rank_methods(str(tmp_path / 'votes.csv'), 10, ('method_a', 'method_b', 'score_a', 'score_b'),
+                           num_samples=20)
+    assert ranking['methods'] == ['method0', 'method1', 'method2']
