@@ -30,8 +30,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-__all__ = ['IMAGE_EXTENSIONS', 'SRMethodsReport', 'load_methods_file', 'list_lr_images', 'tiled_forward',
-           'build_method', 'run_sr_methods']
+__all__ = ['IMAGE_EXTENSIONS', 'SRMethodsReport', 'load_methods_file', 'check_method_entries', 'MultiSourceFramework',
+           'list_lr_images', 'tiled_forward', 'build_method', 'run_sr_methods']
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 NETWORK_KEYS = {'network_g', 'path', 'param_key', 'strict_load', 'scale', 'tile', 'tile_pad', 'pad_to'}
@@ -66,6 +66,15 @@ def load_methods_file(path):
     if not isinstance(methods, dict) or not methods:
         raise ValueError(f"methods file {path!r} needs a 'methods' mapping: name -> {{network_g, path, param_key}} "
                          'or name -> {framework, sampling}.')
+    return check_method_entries(methods, f'methods file {path!r}')
+
+
+def check_method_entries(methods, where):
+    """Check ``{name: entry}`` of a methods YAML (or a chain's ``sources``); one error naming every bad entry.
+
+    Returns:
+        dict: ``{name (str): entry (dict)}`` in the given order.
+    """
     problems = []
     for name, entry in methods.items():
         entry = entry or {}
@@ -90,8 +99,46 @@ def load_methods_file(path):
             problems.append(f'{name}: give either network_g (+ path, param_key) or framework (+ sampling)')
     if problems:
         shown = problems[:8] + ([f'... and {len(problems) - 8} more'] if len(problems) > 8 else [])
-        raise ValueError(f'methods file {path!r}:\n  ' + '\n  '.join(shown))
+        raise ValueError(f'{where}:\n  ' + '\n  '.join(shown))
     return {str(name): dict(entry or {}) for name, entry in methods.items()}
+
+
+class MultiSourceFramework:
+    """Candidates from several models: a framework plus named sources (methods-YAML entries).
+
+    ``sample`` is the framework's, except for a setting with ``source: <name>``, which runs that source
+    instead (a BasicSR network ignores the prompt and the sampling options; a framework source uses its own).
+    The preference chain's candidate step needs no change: a source is one more setting of the grid.
+
+    Args:
+        framework: The chain's diffusion framework (``sample``, ``scale``, ``default_steps``, ...).
+        sources (dict): ``{name: callable (1, 3, h, w) -> (1, 3, H, W)}`` (:func:`build_method`).
+    """
+
+    def __init__(self, framework, sources):
+        self.framework = framework
+        self.sources = dict(sources)
+
+    def __getattr__(self, name):          # scale, default_steps, default_cfg, parameters, ...
+        if name == 'framework':           # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.framework, name)
+
+    def source_settings(self):
+        """One candidate setting per source, appended after the framework's grid."""
+        return [{'source': name} for name in self.sources]
+
+    def sample(self, lq, prompt=None, negative_prompt=None, generator=None, source=None, **kwargs):
+        if source is None:
+            return self.framework.sample(lq, prompt, negative_prompt=negative_prompt, generator=generator, **kwargs)
+        if source not in self.sources:
+            raise KeyError(f'candidate source {source!r} is not in the sources section ({list(self.sources)}).')
+        sr = self.sources[source](lq)
+        scale = getattr(self.framework, 'scale', None)
+        if scale and tuple(sr.shape[-2:]) != (lq.shape[-2] * scale, lq.shape[-1] * scale):
+            raise ValueError(f'candidate source {source!r} gives {tuple(sr.shape[-2:])} for an LQ of '
+                             f'{tuple(lq.shape[-2:])}; the framework upscales x{scale}, so every source must too.')
+        return sr.to(lq.device)
 
 
 def list_lr_images(lr_dir):

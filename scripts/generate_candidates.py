@@ -5,7 +5,9 @@
 
 Samples the framework of the YAML (``framework.network``, any registered arch such as ControlSD2Arch) under
 ``sampling.default`` plus ``sampling.grid``, scores the outputs with ``metrics`` and keeps the top
-``sampling.num_keep`` in WORK/candidates/<sid>/. Rerunning skips finished images.
+``sampling.num_keep`` in WORK/candidates/<sid>/. Rerunning skips finished images. An optional ``sources``
+section (entries as in scripts/run_sr_methods.py's methods YAML: a BasicSR network_g with its checkpoint, or a
+framework) adds one candidate per source beside the settings grid, for candidates from several models.
 """
 import argparse
 import json
@@ -42,8 +44,15 @@ def main(argv=None):
         with open(args.prompts, encoding='utf-8') as handle:
             prompts = json.load(handle)
     framework = build_framework(opt.get('framework') or {}, device=args.device)
+    settings = sampling_settings(framework, sampling)
+    if opt.get('sources'):
+        from dspo_basicsr.sr_methods import MultiSourceFramework, build_method, check_method_entries
+        sources = check_method_entries(opt['sources'], f'{args.opt}, sources')
+        framework = MultiSourceFramework(framework, {name: build_method(name, entry, args.device)
+                                                     for name, entry in sources.items()})
+        settings = settings + framework.source_settings()
     report = run_candidate_step(
-        args.work, discover_inputs(args.lq, args.gt), framework, sampling_settings(framework, sampling),
+        args.work, discover_inputs(args.lq, args.gt), framework, settings,
         num_keep=args.num_keep or sampling.get('num_keep', 4), metrics=opt.get('metrics'),
         prompt=sampling.get('prompt', ''), prompts=prompts, negative_prompt=sampling.get('negative_prompt'),
         overwrite=args.overwrite, progress=not args.no_progress)

@@ -164,3 +164,36 @@ def test_example_methods_file_builds_with_basicsr_archs():
         with torch.no_grad():
             out = tiled_forward(net.eval(), torch.rand(1, 3, 12, 12), pad_to=entry.get('pad_to', 1))
         assert out.shape == (1, 3, 12 * entry['scale'], 12 * entry['scale']), name
+
+
+def test_candidate_sources_beside_the_settings_grid(setup, tmp_path):
+    """generate_candidates.py with a `sources:` section: one more candidate per source model."""
+    import runpy
+    lq_dir = tmp_path / 'lq'
+    lq_dir.mkdir()
+    rng = np.random.default_rng(1)
+    gt_dir = tmp_path / 'gt'
+    gt_dir.mkdir()
+    gt = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    cv2.imwrite(str(gt_dir / 'img0.png'), gt)
+    cv2.imwrite(str(lq_dir / 'img0.png'), cv2.resize(gt, (8, 8), interpolation=cv2.INTER_AREA))
+    source = load_methods_file(setup['methods'])['SRResNet-tiny']
+    chain = {'framework': {'network': {'type': 'ControlSD2Arch', 'tiny': True, 'scale': 4}},
+             'sampling': {'default': {'steps': 2, 'cfg': 2.0, 'seed': 0}, 'grid': {'cfg': [1.0]}, 'num_keep': 3},
+             'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0}},
+             'sources': {'SRResNet-tiny': source}}
+    chain_path = tmp_path / 'chain.yml'
+    chain_path.write_text(yaml.safe_dump(chain, sort_keys=False))
+    main = runpy.run_path(os.path.join(REPO, 'scripts', 'generate_candidates.py'), run_name='dspo_test')['main']
+    work = tmp_path / 'work'
+    assert main(['-opt', str(chain_path), '--lq', str(lq_dir), '--gt', str(gt_dir), '--work', str(work),
+                 '--no-progress']) == 0
+    record = json.loads((work / 'candidates' / 'img0' / 'candidates.json').read_text())
+    assert record['grid'][-1] == {'source': 'SRResNet-tiny'} and len(record['grid']) == 3
+    assert len(record['all_scores']['psnr']) == 3
+    n = record['settings'].index({'source': 'SRResNet-tiny'})
+    candidate = cv2.imread(str(work / 'candidates' / 'img0' / f'c{n}.png'))[:, :, ::-1].astype(np.float32) / 255
+    lr = torch.from_numpy(cv2.imread(str(lq_dir / 'img0.png'))[:, :, ::-1].astype(np.float32) / 255)
+    with torch.no_grad():
+        expected = setup['srresnet'](lr.permute(2, 0, 1)[None]).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    assert np.abs(candidate - expected).max() <= 1 / 255 + 1e-6
