@@ -41,6 +41,7 @@ def test_methods_from_file_names():
     assert methods_from_file_names('x_Real-ESRGAN.png', 'x_ResShift.png') == ('Real-ESRGAN', 'ResShift')
     # only the pair name can tell methods whose names hold '_'
     assert methods_from_file_names('im_1_my_net.png', 'im_1_other.png', 'my_net_other') == ('my_net', 'other')
+    assert methods_from_file_names('sr_outputs/SeeSR/img_1.png', 'sr_outputs/LDL/img_1.png') == ('SeeSR', 'LDL')
     assert methods_from_file_names('a.png', 'b.png') is None
     assert methods_from_file_names('01450_BSRGAN.png', '01450_DASR.png', 'DASR_BSRGAN') is None
 
@@ -67,6 +68,9 @@ def test_realsr1k_header_is_found_and_groups_selected(tmp_path):
     assert len(mad.records) == 36
     by_suffix = read_votes(votes, SUBJECTS, format='realsr1k', method_from='suffix')
     np.testing.assert_array_equal(by_suffix.counts(), everything.counts())
+    # the command: the columns named, no --format: the methods still come from the file names
+    named = read_votes(votes, SUBJECTS, columns=('name1_column', 'name2_column', 'score1_column', 'score2_column'))
+    np.testing.assert_array_equal(named.counts(), everything.counts())
     ranking = rank_methods(votes, SUBJECTS, group='mid', num_samples=20)
     assert ranking['methods'][0] == 'SeeSR' and ranking['group'] == 'mid'
     with pytest.raises(VoteFileError, match=r"groups are 'mad', 'mid'.*--group"):

@@ -125,7 +125,8 @@ def _looks_like_file(name):
 
 
 def methods_from_file_names(file1, file2, pair_name=None):
-    """Methods of the two sides of a 2AFC row whose names are files ``<image>_<method>.<ext>``.
+    """Methods of the two sides of a 2AFC row whose names are files ``<image>_<method>.<ext>`` (or
+    ``<method>/<image>.<ext>``, the layout of ``scripts/run_sr_methods.py``).
 
     Args:
         file1, file2 (str): The two compared files of the same image, e.g. ``grass_72_BSRGAN.png``.
@@ -137,6 +138,9 @@ def methods_from_file_names(file1, file2, pair_name=None):
     """
     stem1 = os.path.splitext(os.path.basename(file1))[0]
     stem2 = os.path.splitext(os.path.basename(file2))[0]
+    folder1, folder2 = os.path.basename(os.path.dirname(file1)), os.path.basename(os.path.dirname(file2))
+    if stem1 == stem2 and folder1 and folder2 and folder1 != folder2:
+        return folder1, folder2          # sr_outputs/<method>/<image>.png
     if pair_name:
         for cut in [k for k, ch in enumerate(pair_name) if ch == '_']:
             m1, m2 = pair_name[:cut], pair_name[cut + 1:]
@@ -233,7 +237,8 @@ def _row_methods(path, line, side1, side2, pair_name, method_from):
     if methods is None:
         source = f'pair name {pair_name!r}' if pair_name and method_from != 'suffix' else 'file-name suffix'
         raise VoteFileError(f'pair list {path!r}, line {line}: cannot tell the methods of {side1!r} and {side2!r} '
-                            f'from the {source}; files must be named <image>_<method>.<ext>. Pass '
+                            f'from the {source}; files must be named <image>_<method>.<ext> or '
+                            '<method>/<image>.<ext>. Pass '
                             '--method-from column if the name columns hold method names.')
     return methods
 
