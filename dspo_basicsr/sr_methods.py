@@ -315,4 +315,5 @@ def run_sr_methods(methods, lr_dir, out_dir, device='cpu', only=None, overwrite=
                                  f'x the LR {tuple(lr.shape[-2:])}; check network_g (upscale/scale) and scale.')
             _write_png(os.path.join(folder, f'{stem}.png'), sr)
             report.written[name] += 1
+        del run   # one method's network in memory at a time
     return report

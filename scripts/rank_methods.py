@@ -19,8 +19,7 @@ import os
 import sys
 
 from dspo_basicsr.ranking.ranking_report import format_ranking, plot_ranking, rank_methods, write_ranking_json
-from dspo_basicsr.ranking.thurstone import ThurstoneError
-from dspo_basicsr.ranking.votes import PAIR_FORMATS, VoteFileError
+from dspo_basicsr.ranking.votes import PAIR_FORMATS
 
 
 def main():
@@ -48,7 +47,7 @@ def main():
         ranking = rank_methods(args.votes, args.votes_per_pair, tuple(args.columns) if args.columns else None,
                                args.prior, args.link_prior, args.bootstrap, args.confidence, args.seed,
                                format=args.format, group=args.group, method_from=args.method_from)
-    except (VoteFileError, ThurstoneError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:   # VoteFileError, ThurstoneError: messages say what to do
         sys.exit(f'rank_methods.py: {error}')
     group = f', group {args.group}' if args.group else ''
     print(f'{len(ranking["methods"])} methods, {ranking["num_pairs"]} compared pairs, '
