@@ -271,3 +271,44 @@ def test_win_rate_study_report_per_round_and_plot(tmp_path):
     assert plot is not None and plot.shape[1] > 200
     with pytest.raises(StudyError, match='two different names'):
         WinRateStudy(os.path.join(sr, 'ours'), os.path.join(sr, 'ours'), lr)
+
+
+def test_demo_work_folder_and_write_instances_from_the_vote(tmp_path):
+    """``annotate.py demo``'s work folder comes from the demo set; ``report --write-instances`` closes the chain."""
+    from dspo_basicsr.annotation.studio import demo_work_folder
+    from dspo_basicsr.preference.lmdb_set import write_preference_lmdb
+    from dspo_basicsr.preference.pipeline import assemble_preference_set
+
+    from preference_fixtures import coordinate_sample
+
+    samples = [coordinate_sample('a', sr_h=32, sr_w=48), coordinate_sample('b', sr_h=32, sr_w=48, seed=1)]
+    for sample in samples:  # the chain's label maps number instances 0..M-1
+        ids, seg = np.unique(sample.seg, return_inverse=True)
+        sample.seg = seg.reshape(sample.seg.shape).astype(np.uint16)
+        sample.instances = [dict(i, id=ids.tolist().index(i['id'])) for i in sample.instances]
+    write_preference_lmdb(str(tmp_path / 'demo_pref.lmdb'), samples, progress=False)
+    work = demo_work_folder(str(tmp_path))
+    assert demo_work_folder(str(tmp_path)) == work  # a second call reuses it
+    study, store = open_study(str(tmp_path / 'db.sqlite'), {'kind': 'instances', 'work': work, 'top_k': 2})
+    assert len(study.items) == 4
+    key = study.items[0]
+    import cv2
+    crop = cv2.imdecode(np.frombuffer(study.image_png(key, 'c1', full=True), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    assert crop.shape == samples[0].candidates[1].shape and (crop[..., 2] == 11).mean() > 0.8  # the candidate
+    for n, key in enumerate(study.order('ann', 0)[:3]):  # sample of the 4th item stays incomplete
+        store.add_answer('ann', key, 0, study.validate(key, {'best': n % 3, 'worst': (n + 1) % 3}), {}, 1.0)
+    done_sid = study.split(study.order('ann', 0)[0])[0]
+    assert script_main('annotate')(['report', '--db', str(tmp_path / 'db.sqlite'), '--out', str(tmp_path / 'out'),
+                                    '--write-instances']) == 0
+    with open(tmp_path / 'out' / 'human_annotations.json') as handle:
+        assert list(json.load(handle)['samples']) == [done_sid]
+    preference_set, report = assemble_preference_set(work, str(tmp_path / 'set.lmdb'), progress=False)
+    assert report.done == [done_sid]
+    answers = {study.split(a.item)[1]: (a.answer['best'], a.answer['worst']) for a in store.answers()
+               if study.split(a.item)[0] == done_sid}
+    pairs = {i['id']: (i['win'], i['lose']) for i in preference_set[done_sid].instances if i['win'] >= 0}
+    assert pairs == answers
+
+
+def script_main(name):
+    return runpy.run_path(os.path.join(ROOT, 'scripts', f'{name}.py'), run_name='dspo_test')['main']
