@@ -178,7 +178,10 @@ def create_app(study, store, token=None):
             if not authorised(request):
                 return PlainTextResponse('Access token required: open the address printed by the server '
                                          '(it ends with ?token=...).', status_code=403)
+            start = time.perf_counter()
             response = await handler(request)
+            # what the server spent on the request, for scripts/bench_annotation.py and browser dev tools
+            response.headers['Server-Timing'] = f'app;dur={1000 * (time.perf_counter() - start):.2f}'
             if token and request.query_params.get('token'):
                 response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite='strict')
             return response
