@@ -194,6 +194,9 @@ def test_server_answers_undo_resume_token_and_refusals(tmp_path):
             assert request(server.url + 'image?' + query)[0] == 404
         assert request(server.url + 'static/..%2Fserver.py')[0] == 404
         assert request(server.url + 'static/annotate.js')[0] == 200
+        # a loopback server: other host names and non-JSON posts (a cross-site form) are refused
+        assert request(server.url + 'api/progress', headers={'Host': 'evil.example:80'})[0] == 400
+        assert request(server.url + 'api/undo', {'annotator': 'ann'}, headers={'Content-Type': 'text/plain'})[0] == 400
     finally:
         server.stop()
     # a token server refuses requests without it, accepts it once as ?token= then by cookie or header

@@ -4,6 +4,8 @@ Every text put into a page (names, prompts, descriptions, methods) goes through 
 images are addressed by item key and role, resolved by the study and checked to lie inside its folders.
 When an access token is set (always when the server listens on more than the loopback interface) every
 request needs it: ``?token=`` once (it is then kept in a cookie) or the ``X-Annotation-Token`` header.
+Without a token the server answers only requests addressed to a loopback name, and posts must be JSON, so
+a web page elsewhere cannot send answers to it.
 
 Routes::
 
@@ -222,6 +224,9 @@ def create_app(study, store, token=None):
             return Response(handle.read(), media_type=_STATIC_FILES[name])
 
     async def read_json(request):
+        # JSON only: a cross-site form or text/plain post (no CORS preflight) is refused
+        if request.headers.get('content-type', '').split(';')[0].strip() != 'application/json':
+            raise ValueError('Send the answer as application/json.')
         try:
             body = json.loads(await request.body())
         except ValueError:
@@ -264,6 +269,12 @@ def create_app(study, store, token=None):
     routes = [Route('/', guarded(start)), Route('/annotate', guarded(annotate)), Route('/image', guarded(image)),
               Route('/static/{name}', guarded(static)), Route('/api/answer', guarded(answer), methods=['POST']),
               Route('/api/undo', guarded(undo), methods=['POST']), Route('/api/progress', guarded(progress))]
-    app = Starlette(routes=routes)
+    middleware = []
+    if not token:
+        # a loopback server answers only to loopback names (no DNS rebinding from a web page)
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=['127.0.0.1', 'localhost', '::1', '[::1]']))
+    app = Starlette(routes=routes, middleware=middleware)
     app.state.study, app.state.store = study, store
     return app

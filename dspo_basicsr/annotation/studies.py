@@ -79,7 +79,7 @@ class Study:
     kind = 'study'
     rounds = 1
 
-    def __init__(self, roots, seed=0, cache_size=512):
+    def __init__(self, roots, seed=0, cache_size=256):
         self.roots = [os.path.abspath(r) for r in roots]
         self.seed = seed
         self.png_cache = _LRU(cache_size)
