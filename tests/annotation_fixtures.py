@@ -93,7 +93,7 @@ class ServerProcess:
         self.process = subprocess.Popen([sys.executable, os.path.join(REPO, 'scripts', 'annotate.py'), 'serve',
                                          *args, '--port', str(self.port)], env=env, stdout=self.log,
                                         stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
+        deadline = time.time() + 180  # importing the package (torch, diffusers) is slow on a busy machine
         while True:
             try:
                 urllib.request.urlopen(self.url + 'api/progress', timeout=2).read()
