@@ -251,7 +251,11 @@ def test_pair_study_export_feeds_rank_methods_and_the_2afc_dataset(tmp_path, mon
                                              'image_b': 'name2_column', 'fraction_a': 'score1_column',
                                              'fraction_b': 'score2_column'}})
     assert len(dataset) == 6
-    item = next(dataset[i] for i in range(6) if dataset.items[i]['pair'] == 'ours_vs_sharp_04')
+    with open(report['files']['realsr1k_votes']) as handle:
+        rows = [line.strip().split(',') for line in handle]
+    assert rows[0] == ['sr_pair_names', 'group', 'name1_column', 'name2_column', 'score1_column', 'score2_column']
+    assert ['ours_sharp', 'mad', '0001_ours.png', '0001_sharp.png', '0.666667', '0.333333'] in rows
+    item = next(dataset[i] for i in range(6) if dataset.items[i]['path_a'].endswith('0001_ours.png'))
     assert item['fraction_a'] == pytest.approx(2 / 3, abs=1e-5) and '/images/0001_ours.png' in item['key_a']
     assert item['img_a'].shape == (3, 32, 32)
 

@@ -10,7 +10,8 @@
 
 Exports: the ``dspo-human-annotation`` JSON read by ``score_instances.py --scorer human``; for 2AFC, the
 vote list in the RealSR-1K layout (``sr_pair_names, group, name1_column, name2_column, score1_column,
-score2_column``; file names ``<image>_<method>.png``; vote fractions) with those files copied beside it,
+score2_column``; pair names ``<method1>_<method2>``, group ``mad``, file names ``<image>_<method>.png``;
+vote fractions) with those files copied beside it,
 and the vote-count matrix read by ``rank_methods.py``.
 """
 import csv
@@ -181,6 +182,11 @@ def _flat_name(image, method):
 def write_realsr1k_votes(study, answers, path, copy_images=True):
     """The 2AFC vote list in the RealSR-1K layout, one row per answered pair, vote fractions as scores.
 
+    As in ``sr_subjective_results.csv`` of cschenjunlin/SR-IQA-SMC25: ``sr_pair_names`` is
+    ``<method1>_<method2>``, ``group`` the selection (``mad``: the pairs come from ``mad_select.py``), the
+    names ``<image>_<method>.png`` and the scores each side's share of the pair's votes (the number of
+    votes differs between pairs when annotators skipped some; ``vote_counts.csv`` keeps the exact counts).
+
     With ``copy_images`` the SR images are copied beside the list as ``images/<image>_<method>.png`` (the
     names in the list), so ``TwoAFCPairDataset`` reads it with ``dataroot: <folder>/images``.
 
@@ -200,7 +206,8 @@ def write_realsr1k_votes(study, answers, path, copy_images=True):
             pair = study.pairs[key]
             total = sum(votes[key].values())
             a, b = pair['method_a'], pair['method_b']
-            writer.writerow([key, pair['group'], _flat_name(pair['image'], a), _flat_name(pair['image'], b),
+            # RealSR-1K names a row by its method pair and its selection (``mad``), not by a unique id
+            writer.writerow([f'{a}_{b}', 'mad', _flat_name(pair['image'], a), _flat_name(pair['image'], b),
                              f'{votes[key][a] / total:.6f}', f'{votes[key][b] / total:.6f}'])
             rows += 1
             if copy_images:
