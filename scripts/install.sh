@@ -6,6 +6,15 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$here/.venv}
 python3 -m venv "$venv"
 py="$venv/bin/python"
+# The annotation studio's browser tests drive Debian's headless Chromium through its chromedriver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+  else
+    echo "note: the browser tests need Debian's chromium and chromium-driver (apt-get install chromium chromium-driver as root)"
+  fi
+fi
 pip_install() {
   # Hide pip's notes about index folders of this machine's pip configuration that do not exist.
   "$py" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
