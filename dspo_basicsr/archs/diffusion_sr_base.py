@@ -19,6 +19,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 DEFAULT_LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')
+# The keyword arguments of DiffusionSRArch.sample beyond steps / cfg / sampler: the official test protocol.
+SAMPLE_PROTOCOL_KEYS = ('prompt_source', 'color_fix', 'process_size', 'tile_size', 'tile_overlap', 'vae_tile')
 
 
 def missing_weights_error(path, expected, what):

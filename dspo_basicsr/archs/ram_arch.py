@@ -411,7 +411,7 @@ def save_dape_checkpoint(embedder, path, seed=0):
     return path
 
 
-def samples_with_ram_embeddings(store, embedder, prompts=None, device='cpu', extra_name='ram_embeds'):
+def samples_with_ram_embeddings(store, embedder, prompts=None, device='cpu', extra_name='ram_embeds', tags=False):
     """The samples of a preference set with RAM embeddings of their LQ images (and tag prompts) added.
 
     Args:
@@ -421,6 +421,8 @@ def samples_with_ram_embeddings(store, embedder, prompts=None, device='cpu', ext
             a sample without an entry keeps its prompt.
         device (str | torch.device): Where the embedder runs.
         extra_name (str): Name of the extra array. Default: ``ram_embeds``.
+        tags (bool): Replace each prompt by the embedder's RAM / DAPE tags of the LQ (``tagging=True`` needed),
+            followed by ", " and the sample's own prompt when it has one (``prompts`` wins over both).
 
     Yields:
         PreferenceSample: With ``extras[extra_name]`` a float32 array (1 + N, D) (RAM: (145, 512)).
@@ -433,5 +435,47 @@ def samples_with_ram_embeddings(store, embedder, prompts=None, device='cpu', ext
         lq = torch.from_numpy(np.ascontiguousarray(sample.lq)).permute(2, 0, 1)[None].float().div(255)  # (1, 3, h, w)
         embeds = embedder(lq.to(device))[0].float().cpu().numpy()  # (1 + N, D)
         extras = dict(sample.extras or {}, **{extra_name: embeds.astype(np.float32)})
-        prompt = prompts.get(sid, sample.prompt) if prompts else sample.prompt
+        prompt = sample.prompt
+        if tags:
+            prompt = ', '.join(p for p in (embedder.tags(lq.to(device))[0], (sample.prompt or '').strip()) if p)
+        prompt = prompts.get(sid, prompt) if prompts else prompt
         yield dataclasses.replace(sample, extras=extras, prompt=prompt)
+
+
+TAG_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def read_rgb(path):
+    """(1, 3, H, W) float image in [0, 1] of an image file, or a ValueError naming it."""
+    import cv2
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"'{path}' is not a readable image; remove it from the folder or convert it to PNG.")
+    return torch.from_numpy(image[:, :, ::-1].copy()).permute(2, 0, 1)[None].float().div(255)
+
+
+def tag_image_folder(folder, out, embedder, upscale=1, device='cpu', progress=True):
+    """Write {stem: tags} of the images in ``folder`` to ``out`` (resuming from it); returns the mapping."""
+    import json
+
+    from tqdm import tqdm
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(TAG_IMAGE_EXTENSIONS))
+    if not names:
+        raise FileNotFoundError(f"'{folder}' holds no images ({', '.join(TAG_IMAGE_EXTENSIONS)}).")
+    tags = {}
+    if os.path.isfile(out):
+        with open(out, encoding='utf-8') as f:
+            tags = json.load(f)
+    for name in tqdm(names, desc='tagging', disable=not progress):
+        stem = os.path.splitext(name)[0]
+        if stem in tags:
+            continue
+        image = read_rgb(os.path.join(folder, name)).to(device)
+        if upscale > 1:
+            image = F.interpolate(image, scale_factor=upscale, mode='bicubic', align_corners=False).clamp(0, 1)
+        tags[stem] = embedder.tags(image)[0]
+        tmp = out + '.tmp'
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(tags, f, indent=1, ensure_ascii=False)
+        os.replace(tmp, out)  # written after each image: an interrupted run loses nothing
+    return tags
