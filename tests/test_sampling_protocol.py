@@ -323,3 +323,22 @@ def test_tiled_and_untiled_sampling_agree_where_tiles_overlap():
     with_fix = arch.sample(lq, generator=torch.Generator().manual_seed(0), color_fix='adain', process_size=128,
                            vae_tile=True)
     assert with_fix.shape == whole.shape  # sampled from a 32 x 32 LQ, resized back
+
+
+# ------------------------------------------------------------------ basicsr test with the official protocol
+@pytest.mark.parametrize('framework', ['seesr', 'osediff'])
+def test_basicsr_test_runs_with_tag_prompts_and_colour_fix(framework, tmp_path):
+    import glob
+
+    from conftest import run_cli, write_options
+    from framework_fixtures import build_framework_checkpoints, sr_test_options
+    paths = build_framework_checkpoints(str(tmp_path), framework)
+    assert paths['dape_path'] and all('lora_' in k for k in torch.load(paths['dape_path'], weights_only=True))
+    opt = sr_test_options(framework, paths, None, str(tmp_path))
+    opt['network_g'].update(ram_path=paths['ram_path'], dape_path=paths['dape_path'], ram_tiny=True)
+    opt['path']['pretrain_network_g'] = None  # the released networks themselves
+    opt['val']['sample'].update(prompt_source='tags', color_fix='adain', process_size=64, tile_size=8,
+                                tile_overlap=4)
+    result = run_cli(['test', '-opt', write_options(tmp_path / 'test.yml', opt)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(glob.glob(str(tmp_path / 'results' / opt['name'] / 'visualization' / 'tiny_pairs' / '*.png'))) == 2

@@ -249,13 +249,14 @@ def build_tiny_seesr_folders(folder, seed=0, ram=True):
     """Save a tiny random SeeSR in the released layouts.
 
     Writes ``folder/sd2`` (SD2-base layout), ``folder/seesr/{unet,controlnet}`` (SeeSR layout) and, with
-    ``ram``, ``folder/ram/ram_tiny.pth`` (RAM checkpoint layout, tiny Swin) for :class:`RAMImageEmbedder`.
+    ``ram``, ``folder/ram/ram_tiny.pth`` (RAM checkpoint layout, tiny Swin and tagging head) and
+    ``folder/ram/DAPE_tiny.pth`` (LoRA only, as SeeSR's DAPE trainer writes it) for :class:`RAMImageEmbedder`.
 
     Returns:
-        dict: ``pretrained_model_path``, ``seesr_model_path``, ``ram_path`` (or None).
+        dict: ``pretrained_model_path``, ``seesr_model_path``, ``ram_path`` and ``dape_path`` (or None).
     """
     from dspo_basicsr.archs.control_sd2_arch import save_sd_components
-    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
+    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_dape_checkpoint, save_ram_checkpoint
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         components = tiny_seesr_networks()
@@ -266,11 +267,12 @@ def build_tiny_seesr_folders(folder, seed=0, ram=True):
     unet_plain = UNet2DConditionModel.from_config(_strip_config(unet.config))
     unet_plain.save_pretrained(os.path.join(sd_folder, 'unet'))  # the SD2 folder's own UNet (unused by SeeSR)
     seesr_folder = save_seesr_networks(os.path.join(folder, 'seesr'), unet, controlnet)
-    ram_path = None
+    ram_path = dape_path = None
     if ram:
-        ram_path = os.path.join(folder, 'ram', 'ram_tiny.pth')
-        save_ram_checkpoint(embedder, ram_path)
-    return {'pretrained_model_path': sd_folder, 'seesr_model_path': seesr_folder, 'ram_path': ram_path}
+        ram_path = save_ram_checkpoint(embedder, os.path.join(folder, 'ram', 'ram_tiny.pth'))
+        dape_path = save_dape_checkpoint(embedder, os.path.join(folder, 'ram', 'DAPE_tiny.pth'), seed=seed)
+    return {'pretrained_model_path': sd_folder, 'seesr_model_path': seesr_folder, 'ram_path': ram_path,
+            'dape_path': dape_path}
 
 
 # ---------------------------------------------------------------------------- frozen parts in low precision
