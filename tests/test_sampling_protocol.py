@@ -342,3 +342,45 @@ def test_basicsr_test_runs_with_tag_prompts_and_colour_fix(framework, tmp_path):
     result = run_cli(['test', '-opt', write_options(tmp_path / 'test.yml', opt)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(glob.glob(str(tmp_path / 'results' / opt['name'] / 'visualization' / 'tiny_pairs' / '*.png'))) == 2
+
+
+def test_tag_images_script_writes_tags_per_image_and_resumes(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    from conftest import REPO, make_paired_folders
+    _, lq_dir = make_paired_folders(str(tmp_path / 'pairs'), num=3)
+    ram = save_ram_checkpoint(_perturbed_tagger(), str(tmp_path / 'ram.pth'))
+    dape = save_dape_checkpoint(_perturbed_tagger(), str(tmp_path / 'DAPE.pth'))
+    spec = importlib.util.spec_from_file_location('tag_images', os.path.join(REPO, 'scripts', 'tag_images.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = str(tmp_path / 'tags.json')
+    args = [lq_dir, out, '--ram-path', ram, '--dape-path', dape, '--tiny', json.dumps(TINY_RAM), '--device', 'cpu',
+            '--no-progress']
+    assert script.main(args) == 0
+    tags = json.load(open(out, encoding='utf-8'))
+    tagger = RAMImageEmbedder(ram_path=ram, dape_path=dape, tiny=TINY_RAM, tagging=True)
+    from dspo_basicsr.archs.ram_arch import read_rgb
+    names = sorted(os.listdir(lq_dir))
+    assert sorted(tags) == sorted(os.path.splitext(n)[0] for n in names)
+    for name in names:
+        assert tags[os.path.splitext(name)[0]] == tagger.tags(read_rgb(os.path.join(lq_dir, name)))[0]
+    json.dump({os.path.splitext(names[0])[0]: 'kept'}, open(out, 'w', encoding='utf-8'))
+    assert script.main(args) == 0  # resumes: the stem already there is not tagged again
+    assert json.load(open(out, encoding='utf-8'))[os.path.splitext(names[0])[0]] == 'kept'
+
+
+def test_preference_set_gets_tag_prompts(tmp_path):
+    from dspo_basicsr.archs.ram_arch import samples_with_ram_embeddings
+    from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
+
+    from dspo_fixtures import write_tiny_preference_set
+    store = PreferenceLMDB(write_tiny_preference_set(str(tmp_path / 'pref.lmdb')))
+    tagger = _perturbed_tagger()
+    samples = list(samples_with_ram_embeddings(store, tagger, tags=True))
+    for sample in samples:
+        lq = torch.from_numpy(sample.lq).permute(2, 0, 1)[None].float() / 255
+        own = store[sample.sid].prompt
+        assert sample.prompt == ', '.join(p for p in (tagger.tags(lq)[0], own) if p)
