@@ -384,3 +384,15 @@ def test_preference_set_gets_tag_prompts(tmp_path):
         lq = torch.from_numpy(sample.lq).permute(2, 0, 1)[None].float() / 255
         own = store[sample.sid].prompt
         assert sample.prompt == ', '.join(p for p in (tagger.tags(lq)[0], own) if p)
+
+
+def test_controlsd2_can_tag_with_a_ram_file(tmp_path):
+    from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
+    tagger = _perturbed_tagger()
+    ram = save_ram_checkpoint(tagger, str(tmp_path / 'ram.pth'))
+    arch = ControlSD2Arch(tiny=True, ram_path=ram, ram_tiny=TINY_RAM, sampler='ddim')
+    lq = torch.rand(1, 3, 8, 8)
+    prompts, _ = arch.sampling_prompts(lq, 'p', None, prompt_source='tags')
+    assert prompts == [f'{tagger.tags(lq)[0]}, p,']
+    out = arch.sample(lq, steps=2, cfg=1.0, prompt_source='tags', color_fix='wavelet')
+    assert out.shape == (1, 3, 32, 32)
