@@ -396,3 +396,11 @@ def test_controlsd2_can_tag_with_a_ram_file(tmp_path):
     assert prompts == [f'{tagger.tags(lq)[0]}, p,']
     out = arch.sample(lq, steps=2, cfg=1.0, prompt_source='tags', color_fix='wavelet')
     assert out.shape == (1, 3, 32, 32)
+
+
+def test_tags_run_with_the_frozen_ram_in_bf16():
+    from dspo_basicsr.archs.seesr_arch import SeeSRArch
+    arch = SeeSRArch(tiny=True, mixed_precision='bf16')
+    assert arch.ram.image_proj.weight.dtype == torch.bfloat16
+    prompts, _ = arch.sampling_prompts(torch.rand(1, 3, 8, 8), 'x', None, prompt_source='tags')
+    assert prompts[0].endswith(', x,clean, high-resolution, 8k')

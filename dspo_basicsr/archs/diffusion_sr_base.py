@@ -340,7 +340,8 @@ class DiffusionSRArch(nn.Module):
             raise ValueError(f"prompt_source 'tags' needs RAM's tagging head, but {type(self).__name__} has none: set "
                              'network_g.ram_path (ram_swin_large_14m.pth, and dape_path for DAPE), or use '
                              "prompt_source: prompt.")
-        with torch.no_grad():
+        autocast = getattr(self, 'autocast', contextlib.nullcontext)  # frozen RAM in bf16 under mixed precision
+        with torch.no_grad(), autocast():
             return ram.tags(lq.to(self.device))
 
     def sampling_prompts(self, lq, prompt=None, negative_prompt=None, prompt_source='prompt'):
