@@ -404,3 +404,23 @@ def test_tags_run_with_the_frozen_ram_in_bf16():
     assert arch.ram.image_proj.weight.dtype == torch.bfloat16
     prompts, _ = arch.sampling_prompts(torch.rand(1, 3, 8, 8), 'x', None, prompt_source='tags')
     assert prompts[0].endswith(', x,clean, high-resolution, 8k')
+
+
+def test_process_size_samples_small_lq_larger_and_candidate_settings_carry_the_protocol():
+    from dspo_basicsr.archs.osediff_arch import OSEDiffArch
+    from dspo_basicsr.preference.pipeline import sampling_settings
+    arch = OSEDiffArch(tiny=True).eval()
+    seen = []
+    real = arch.sample_images
+
+    def record(lq, *args, **kwargs):
+        seen.append(tuple(lq.shape[2:]))
+        return real(lq, *args, **kwargs)
+    arch.sample_images = record
+    out = arch.sample(torch.rand(1, 3, 8, 12), process_size=64)  # shorter side 8 < 64 / 4: resized to 16 x 24
+    assert seen == [(16, 24)] and out.shape == (1, 3, 32, 48)
+    arch.sample(torch.rand(1, 3, 20, 20), process_size=64)
+    assert seen[-1] == (20, 20)  # large enough: untouched
+    settings = sampling_settings(arch, {'prompt_source': 'tags', 'color_fix': 'adain',
+                                        'default': {'steps': 1, 'cfg': 1.0, 'seed': 0}, 'grid': {'seed': [0, 1]}})
+    assert settings and all(s['prompt_source'] == 'tags' and s['color_fix'] == 'adain' for s in settings)
