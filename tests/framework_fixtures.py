@@ -18,7 +18,11 @@ def build_framework_checkpoints(root, framework, seed=0):
     sd_path, _ = build_tiny_control_sd2_folder(os.path.join(root, 'sd21'), seed=seed)
     components = load_sd_components(sd_path)
     lora = save_osediff_lora(components['unet'], components['vae'], os.path.join(root, 'osediff.pkl'), seed=seed)
-    return {'pretrained_model_path': sd_path, 'osediff_path': lora}
+    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_dape_checkpoint, save_ram_checkpoint
+    tagger = RAMImageEmbedder(tiny=True, tagging=True)  # OSEDiff's test prompts are DAPE tags
+    ram = save_ram_checkpoint(tagger, os.path.join(root, 'ram', 'ram_tiny.pth'))
+    dape = save_dape_checkpoint(tagger, os.path.join(root, 'ram', 'DAPE_tiny.pth'), seed=seed)
+    return {'pretrained_model_path': sd_path, 'osediff_path': lora, 'ram_path': ram, 'dape_path': dape}
 
 
 def network_options(framework, paths, **overrides):

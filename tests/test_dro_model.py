@@ -143,3 +143,25 @@ def test_same_lq_twice_in_a_batch_is_sampled_once(tiny_set, tmp_path):
     model.feed_data(dataset.collate_fn([dataset[0], dataset[0]]))
     model.optimize_parameters(1)
     assert model.negative_buffer.generated == 1 and len(model.negative_buffer) == 1
+
+
+def test_upstream_sampler_dpm_solver_with_perturbed_timesteps(tiny_set, tmp_path):
+    # Diffusion-DRO as its authors sample online negatives (basiclab/DiffusionDRO train.py): DPM-Solver++ on
+    # evenly spaced timesteps shifted per trajectory by an offset in [0, T // S).
+    from dspo_basicsr.models.online_negatives import perturbed_timesteps
+    ts = perturbed_timesteps(1000, 4, torch.Generator().manual_seed(0))
+    assert ts.tolist() == [750 + ts[-1].item(), 500 + ts[-1].item(), 250 + ts[-1].item(), ts[-1].item()]
+    assert 0 <= ts[-1] < 250
+    model = build_model(_dro_opt(tiny_set, tmp_path, margin=0.01, online_ratio=1.0, sampler='dpmsolver++',
+                                 perturb_timesteps=True, cfg=1.0))
+    model.feed_data(preference_batch(tiny_set))
+    model.refresh_lagged_policy(1)
+    loss, stats = model.preference_loss()
+    entries = list(model.negative_buffer.entries.values())
+    assert len(entries) >= 2 and len({tuple(e.timesteps.tolist()) for e in entries}) > 1  # own timesteps each
+    # On its own perturbed trajectory the lagged copy (= policy = reference at start) has zero error.
+    assert stats['err_theta_l'].item() == pytest.approx(0.0, abs=1e-10)
+    assert loss.item() == pytest.approx(0.01, abs=1e-6)
+    with pytest.raises(ValueError, match='perturb_timesteps needs'):
+        from dspo_basicsr.models.online_negatives import sample_trajectory
+        sample_trajectory(model.bare, {}, (1, 4, 8, 8), 4, 'ddim', perturb_timesteps=True)

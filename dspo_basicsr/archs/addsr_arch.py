@@ -7,9 +7,12 @@ Preference Optimization for Real-World Image Super-Resolution".
 Sampler (AddSR's ``pipeline_addsr``): timesteps 999, 749, 499, 249; the start is the LQ latent noised to
 t = 999 (``start_point: lr``); at each step the network predicts x0, and the next step starts from x0
 re-noised with fresh noise to the next timestep. Prediction-based self-refinement (PSR): from the second step
-on, the ControlNet condition is ``w * decode(x0_prev) + (1 - w) * LQ_up`` (``psr_weight`` w = 0.5) and the RAM
-embeddings are recomputed from that refined image. No classifier-free guidance by default (AddSR's
-``guidance_scale`` 0).
+on, the ControlNet condition is ``w * decode(x0_prev) + (1 - w) * LQ_up`` and the RAM embeddings are recomputed
+from that refined image. ``psr_weight`` w = 0.4: AddSR's paper and ``test_addsr.py`` name a ``--PSR_weight``
+argument, but the script never passes it to the pipeline, so the released numbers come from the pipeline
+default ``PSR_weight=0.4`` (``pipelines/pipeline_addsr.py``, ``__call__``). The start latent is sampled from
+the VAE posterior (``latent_dist.sample()``) as upstream, with the generator. No classifier-free guidance by
+default (AddSR's ``guidance_scale`` 0).
 
 Checkpoint layout: SeeSR's (``addsr_model_path/unet`` and ``addsr_model_path/controlnet``, config +
 safetensors), loaded strictly (a key that AddSR's release adds or lacks relative to SeeSR's layout is named in
@@ -33,13 +36,13 @@ class AddSRArch(SeeSRArch):
     Args:
         addsr_model_path (str | None): Folder with AddSR's ``unet/`` and ``controlnet/`` (SeeSR layout).
         seesr_model_path (str | None): Accepted as an alias of ``addsr_model_path``.
-        psr_weight (float): w of the self-refinement blend. Default: 0.5.
+        psr_weight (float): w of the self-refinement blend. Default: 0.4 (see the module docstring).
         sampling_timesteps (list[int]): Default: [999, 749, 499, 249].
         Other arguments: see :class:`SeeSRArch` (``default_cfg`` defaults to 1: no guidance; ``added_prompt``
         to AddSR's "clean, high-resolution, 8k, extremely detailed, best quality, sharp").
     """
 
-    def __init__(self, addsr_model_path=None, seesr_model_path=None, psr_weight=0.5,
+    def __init__(self, addsr_model_path=None, seesr_model_path=None, psr_weight=0.4,
                  sampling_timesteps=ADDSR_TIMESTEPS, default_cfg=1.0, added_prompt=None, **kwargs):
         if added_prompt is None:
             added_prompt = 'clean, high-resolution, 8k, extremely detailed, best quality, sharp'
@@ -57,21 +60,22 @@ class AddSRArch(SeeSRArch):
         return (x_t - (1 - alphas).sqrt() * eps) / alphas.sqrt()
 
     @torch.no_grad()
-    def sample(self, lq, prompt=None, negative_prompt=None, steps=None, cfg=None, generator=None, sampler=None):
+    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None):
         """AddSR sampling of LQ images (B, 3, h, w) in [0, 1] -> (B, 3, h*s, w*s) in [0, 1].
 
         ``steps`` (if given) takes the first ``steps`` of the sampling timesteps; ``sampler`` is ignored.
         """
         cfg = self.default_cfg if cfg is None else cfg
         timesteps = self.sampling_timesteps[:steps] if steps else self.sampling_timesteps
-        prompts, negatives = self._prompt_lists(lq.shape[0], prompt, negative_prompt)
         cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
         lq_up = cond['control_image']
         b = lq.shape[0]
         first = torch.full((b,), timesteps[0], device=self.device, dtype=torch.long)
         noise = self.initial_noise(lq, generator)
-        latents = self.noise_scheduler.add_noise(self.encode_images(lq_up), noise, first) \
-            if self.start_point == 'lr' else noise
+        latents = noise
+        if self.start_point == 'lr':
+            lq_latents = self.encode_images(lq_up, sample_posterior=True, generator=generator)
+            latents = self.noise_scheduler.add_noise(lq_latents, noise, first)
         x0 = None
         for i, step in enumerate(timesteps):
             t = torch.full((b,), step, device=self.device, dtype=torch.long)
@@ -80,7 +84,7 @@ class AddSRArch(SeeSRArch):
                 cond = dict(cond, control_image=refined)
                 if self.ram is not None:
                     cond['image_embeds'] = self.image_embeddings(refined)
-            eps = self.guided_prediction(latents, t, cond, cfg)
+            eps = self.tiled_prediction(lambda x, c, t=t: self.guided_prediction(x, t, c, cfg), latents, cond, tiling)
             x0 = self.predicted_x0(latents, eps, t)
             if i + 1 < len(timesteps):
                 next_t = torch.full((b,), timesteps[i + 1], device=self.device, dtype=torch.long)

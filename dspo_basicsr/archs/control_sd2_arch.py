@@ -97,11 +97,14 @@ class ControlSD2Arch(DiffusionSRArch):
         prediction_type (str | None): Override the schedule's ``epsilon`` / ``v_prediction``.
         default_steps (int): Sampling steps of :meth:`sample`. Default: 50 (DDPM).
         default_cfg (float): Guidance scale of :meth:`sample`. Default: 5.5.
+        ram_path, dape_path (str | None): RAM (+ DAPE) checkpoints of a tagger for ``prompt_source: tags``.
+        ram_tiny (bool | dict | None): The RAM checkpoint is a tiny one (tests, demo); None: as ``tiny``.
     """
 
     def __init__(self, pretrained_model_path=None, controlnet_path=None, tiny=False, scale=4, trainable='controlnet',
                  conditioning_scale=1.0, lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS,
-                 sampler='ddpm', prediction_type=None, default_steps=50, default_cfg=5.5):
+                 sampler='ddpm', prediction_type=None, default_steps=50, default_cfg=5.5, ram_path=None,
+                 dape_path=None, ram_tiny=None):
         if tiny:
             tiny = tiny if isinstance(tiny, dict) else {}
             with torch.random.fork_rng(devices=[]):
@@ -124,6 +127,11 @@ class ControlSD2Arch(DiffusionSRArch):
         else:
             self.controlnet = ControlNetModel.from_unet(
                 self.unet, conditioning_embedding_out_channels=controlnet_embedding_channels(self.vae_scale_factor))
+        self.ram = None
+        if ram_path:  # only a tagger (tag prompts); this framework has no image cross-attention
+            from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
+            ram_tiny = bool(tiny) if ram_tiny is None else ram_tiny
+            self.ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=ram_tiny, tagging=True)
         self.setup_trainable()
 
     def condition(self, lq, prompts, negative_prompts=None, **extras):

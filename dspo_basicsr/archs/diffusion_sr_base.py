@@ -10,6 +10,7 @@ Conditions are dicts of batch-first tensors; by convention the text embeddings a
 """
 import contextlib
 import copy
+import math
 import os
 
 import torch
@@ -18,6 +19,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 DEFAULT_LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')
+# The keyword arguments of DiffusionSRArch.sample beyond steps / cfg / sampler: the official test protocol.
+SAMPLE_PROTOCOL_KEYS = ('prompt_source', 'color_fix', 'process_size', 'tile_size', 'tile_overlap', 'vae_tile')
 
 
 def missing_weights_error(path, expected, what):
@@ -65,6 +68,34 @@ def check_state_dict_matches(expected, state, source, what, hint=''):
         if tuple(value.shape) != tuple(expected[key].shape):
             raise ValueError(f"{source}: key '{key}' has shape {tuple(value.shape)}, expected "
                              f'{tuple(expected[key].shape)} in {what}.')
+
+
+def tile_starts(length, tile, overlap):
+    """Offsets of tiles of size ``tile`` every ``tile - overlap`` along ``length``, the last flush with the end."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, max(1, tile - overlap)))
+    return starts + [length - tile]
+
+
+def gaussian_tile_weights(height, width, device=None):
+    """(height, width) Gaussian blending weights of a tile, variance 0.01 in tile-size units (SeeSR's
+    ``pipeline_seesr.py`` ``_gaussian_weights``, centred at (n - 1) / 2 on both axes)."""
+    def axis(n):
+        x = torch.arange(n, dtype=torch.float64)
+        return torch.exp(-((x - (n - 1) / 2) ** 2) / (n * n) / (2 * 0.01)) / math.sqrt(2 * math.pi * 0.01)
+    return torch.outer(axis(height), axis(width)).float().to(device)
+
+
+def crop_condition(value, latent_size, top, left, tile):
+    """The window of a spatial condition tensor (N, C, h * k, w * k) matching latent window (top, left, tile);
+    other values (text and RAM embeddings) are returned whole."""
+    if not torch.is_tensor(value) or value.ndim != 4:
+        return value
+    k = value.shape[2] // latent_size[0]
+    if k < 1 or value.shape[2] != k * latent_size[0] or value.shape[3] != k * latent_size[1]:
+        return value
+    return value[:, :, top * k:(top + tile) * k, left * k:(left + tile) * k]
 
 
 def repeat_condition(cond, repeats):
@@ -280,19 +311,61 @@ class DiffusionSRArch(nn.Module):
             raise ValueError(f"unknown sampler '{kind}': choose one of {sorted(classes)}.")
         return classes[kind].from_config(self.noise_scheduler.config)
 
+    @staticmethod
+    def _as_list(value, batch):
+        if value is None or isinstance(value, str):
+            return [value or ''] * batch
+        if len(value) != batch:
+            raise ValueError(f'got {len(value)} prompts for a batch of {batch} images.')
+        return list(value)
+
     def _prompt_lists(self, batch, prompt, negative_prompt):
-        def as_list(value):
-            if value is None or isinstance(value, str):
-                return [value or ''] * batch
-            if len(value) != batch:
-                raise ValueError(f'got {len(value)} prompts for a batch of {batch} images.')
-            return list(value)
-        negatives = [join_negative_prompts(self.default_negative_prompt, n) for n in as_list(negative_prompt)]
-        return as_list(prompt), negatives
+        negatives = [join_negative_prompts(self.default_negative_prompt, n)
+                     for n in self._as_list(negative_prompt, batch)]
+        return [self.compose_prompt(p) for p in self._as_list(prompt, batch)], negatives
+
+    def compose_prompt(self, prompt):
+        """The prompt sampled with for a user / data-set prompt (frameworks may append a suffix)."""
+        return prompt
+
+    def compose_tag_prompt(self, tags, prompt):
+        """The prompt of the official test scripts from RAM tags and the user prompt: ``f"{tags}, {prompt},"``
+        (cswry/SeeSR ``test_seesr.py`` and cswry/OSEDiff ``test_osediff.py``, ``get_validation_prompt``)."""
+        return f'{tags}, {prompt},'
+
+    def image_tags(self, lq):
+        """RAM (DAPE) tags of LQ images (B, 3, h, w) in [0, 1]: B strings "tag, tag, ..."."""
+        ram = getattr(self, 'ram', None)
+        if ram is None or not getattr(ram, 'tagging', False):
+            raise ValueError(f"prompt_source 'tags' needs RAM's tagging head, but {type(self).__name__} has none: set "
+                             'network_g.ram_path (ram_swin_large_14m.pth, and dape_path for DAPE), or use '
+                             "prompt_source: prompt.")
+        autocast = getattr(self, 'autocast', contextlib.nullcontext)  # frozen RAM in bf16 under mixed precision
+        with torch.no_grad(), autocast():
+            return ram.tags(lq.to(self.device))
+
+    def sampling_prompts(self, lq, prompt=None, negative_prompt=None, prompt_source='prompt'):
+        """Prompts and negative prompts of a batch of LQ images (B, 3, h, w).
+
+        Args:
+            prompt_source (str): ``prompt`` (the given prompt, with the framework's suffix) or ``tags`` (the
+                official test scripts' prompt: RAM / DAPE tags of the LQ, then ``prompt``; see
+                :meth:`compose_tag_prompt`).
+        """
+        prompt_source = prompt_source or 'prompt'
+        if prompt_source not in ('prompt', 'tags'):
+            raise ValueError(f"prompt_source must be 'prompt' or 'tags', got {prompt_source!r}.")
+        prompts, negatives = self._prompt_lists(lq.shape[0], prompt, negative_prompt)
+        if prompt_source == 'tags':
+            users = self._as_list(prompt, lq.shape[0])
+            prompts = [self.compose_tag_prompt(t, u) for t, u in zip(self.image_tags(lq), users)]
+        return prompts, negatives
 
     @torch.no_grad()
-    def sample(self, lq, prompt=None, negative_prompt=None, steps=None, cfg=None, generator=None, sampler=None):
-        """Super-resolve LQ images by sampling the diffusion model.
+    def sample(self, lq, prompt=None, negative_prompt=None, steps=None, cfg=None, generator=None, sampler=None,
+               prompt_source='prompt', color_fix='none', process_size=None, tile_size=None, tile_overlap=4,
+               vae_tile=False):
+        """Super-resolve LQ images by sampling the diffusion model, as the official test scripts do.
 
         Args:
             lq (Tensor): (B, 3, h, w) low-quality images in [0, 1].
@@ -302,23 +375,117 @@ class DiffusionSRArch(nn.Module):
             cfg (float | None): Classifier-free guidance scale (framework default if None).
             generator (torch.Generator | None): Seeded generator for reproducible samples.
             sampler (str | None): ``ddpm`` or ``ddim`` (framework default if None).
+            prompt_source (str): ``prompt`` or ``tags`` (see :meth:`sampling_prompts`).
+            color_fix (str): ``adain``, ``wavelet`` or ``none``, against the bicubic-upsampled LQ
+                (:mod:`dspo_basicsr.archs.color_fix`).
+            process_size (int | None): An LQ whose shorter side is below ``process_size / scale`` is first resized
+                (bicubic) so that it is that long, and the output resized back (the test scripts' 512).
+            tile_size (int | None): Latent tile size: a latent larger than tile_size^2 is denoised in overlapping
+                tiles blended with Gaussian weights (SeeSR / OSEDiff: 96, AddSR: 320). None: no tiling.
+            tile_overlap (int): Overlap of latent tiles (SeeSR / AddSR: 4, OSEDiff: 32).
+            vae_tile (bool): Encode and decode with diffusers' tiled VAE (less memory on large images).
 
         Returns:
             Tensor: (B, 3, h*scale, w*scale) SR images in [0, 1].
         """
+        from dspo_basicsr.archs.color_fix import color_fix as apply_color_fix
+        prompts, negatives = self.sampling_prompts(lq, prompt, negative_prompt, prompt_source)
+        lq_in = self.resize_to_process_size(lq, process_size)
+        tiling = (int(tile_size), int(tile_overlap)) if tile_size else None
+        with self.vae_tiling(vae_tile):
+            sr = self.sample_images(lq_in, prompts, negatives, steps=steps, cfg=cfg, generator=generator,
+                                    sampler=sampler, tiling=tiling)
+        sr = apply_color_fix(sr, self.upsample_lq(lq_in), color_fix)
+        out_size = (lq.shape[2] * self.scale, lq.shape[3] * self.scale)
+        if tuple(sr.shape[2:]) != out_size:
+            sr = F.interpolate(sr, size=out_size, mode='bicubic', align_corners=False).clamp(0, 1)
+        return sr
+
+    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None):
+        """The framework's sampler on prepared prompts: DDPM / DDIM with guidance from :meth:`initial_latents`.
+
+        Runs the ``scheduler.timesteps`` not after :meth:`sampling_start` (SeeSR's ``pipeline_seesr.py``
+        skips ``t > start_steps``).
+        """
         steps = steps or self.default_steps
         cfg = self.default_cfg if cfg is None else cfg
-        prompts, negatives = self._prompt_lists(lq.shape[0], prompt, negative_prompt)
         cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
         scheduler = self._sampling_scheduler(sampler)
         scheduler.set_timesteps(steps, device=self.device)
         latents = self.initial_latents(lq, scheduler, generator)
+        start = self.sampling_start(scheduler)
         for t in scheduler.timesteps:
+            if t > start:
+                continue
             model_input = scheduler.scale_model_input(latents, t)
             t_batch = t.expand(latents.shape[0]).to(self.device)
-            eps = self.guided_prediction(model_input, t_batch, cond, cfg)
+            eps = self.tiled_prediction(
+                lambda x, c, t_batch=t_batch: self.guided_prediction(x, t_batch, c, cfg), model_input, cond, tiling)
             latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
         return self.decode_latents(latents)
+
+    def sampling_start(self, scheduler):
+        """The last timestep sampling may start at (timesteps after it are skipped): the first of ``scheduler``."""
+        return int(scheduler.timesteps[0])
+
+    def resize_to_process_size(self, lq, process_size):
+        """LQ (B, 3, h, w) resized up (bicubic) so its shorter side is ``process_size // scale``, when shorter
+        (``test_seesr.py``, ``test_osediff.py``); sizes are kept to multiples that the latent grid needs."""
+        if not process_size:
+            return lq
+        h, w = lq.shape[2:]
+        low = process_size // self.scale
+        if min(h, w) >= low:
+            return lq
+        ratio = low / min(h, w)
+        step = max(1, self.vae_scale_factor // math.gcd(self.vae_scale_factor, self.scale))
+        size = (max(step, int(ratio * h) // step * step), max(step, int(ratio * w) // step * step))
+        return F.interpolate(lq, size=size, mode='bicubic', align_corners=False).clamp(0, 1)
+
+    @contextlib.contextmanager
+    def vae_tiling(self, enabled):
+        """Inside the block the VAE encodes / decodes in tiles (diffusers' ``enable_tiling``) when ``enabled``."""
+        vaes = [m for m in (self.vae, getattr(self, 'lq_vae', None)) if m is not None]
+        if not enabled:
+            yield
+            return
+        for vae in vaes:
+            vae.enable_tiling()
+        try:
+            yield
+        finally:
+            for vae in vaes:
+                vae.disable_tiling()
+
+    def tiled_prediction(self, predict, x_t, cond, tiling):
+        """``predict(x_t, cond)`` over overlapping latent tiles blended with Gaussian weights.
+
+        Follows SeeSR's ``pipeline_seesr.py`` (and OSEDiff's ``osediff.py``): a latent of at most tile^2 pixels
+        is predicted whole; otherwise tiles of ``tile`` x ``tile`` start every ``tile - overlap`` pixels (the last
+        one flush with the border), every spatial condition (ControlNet image, LQ latent) is cut to the same
+        window, the non-spatial ones (text, RAM embeddings) are shared, and the tile predictions are averaged
+        with the weights of :func:`gaussian_tile_weights`.
+
+        Args:
+            predict (callable): (N, C, th, tw) latents and a condition -> (N, C, th, tw).
+            x_t (Tensor): (N, C, h, w).
+            cond (dict): Condition of the whole image.
+            tiling (tuple[int, int] | None): (tile size, overlap) in latent pixels.
+        """
+        h, w = x_t.shape[2:]
+        if not tiling or h * w <= tiling[0] ** 2:
+            return predict(x_t, cond)
+        tile, overlap = min(tiling[0], h, w), tiling[1]
+        weights = gaussian_tile_weights(tile, tile, x_t.device)  # (tile, tile)
+        total = torch.zeros_like(x_t)
+        contributors = torch.zeros_like(x_t)
+        for top in tile_starts(h, tile, overlap):
+            for left in tile_starts(w, tile, overlap):
+                window = {k: crop_condition(v, x_t.shape[2:], top, left, tile) for k, v in cond.items()}
+                out = predict(x_t[:, :, top:top + tile, left:left + tile], window)
+                total[:, :, top:top + tile, left:left + tile] += out * weights
+                contributors[:, :, top:top + tile, left:left + tile] += weights
+        return total / contributors
 
     def initial_noise(self, lq, generator=None):
         """Standard normal latents (B, C, h*s/f, w*s/f) for the SR size of ``lq``, from ``generator``."""

@@ -27,6 +27,8 @@ Checkpoint layout (local paths only):
                             ``default_others`` and ``conv_in``), ``state_dict_vae`` (LoRA of
                             ``default_encoder``). Every key is checked; the LoRA is merged into the weights
                             (as OSEDiff's ``merge_and_unload_lora``), so the base network is OSEDiff itself.
+    ram_path / dape_path    RAM and DAPE (:mod:`dspo_basicsr.archs.ram_arch`), only for ``prompt_source: tags``:
+                            ``test_osediff.py`` prompts with DAPE's tags of the bicubic x4 LQ, ``f"{tags}, {prompt},"``.
 Weights licence: OSEDiff's LoRA is released with its repository (Apache-2.0, check there); Stable Diffusion
 2.1 weights are under the CreativeML Open RAIL++-M licence.
 
@@ -240,12 +242,17 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
 
     def __init__(self, pretrained_model_path=None, osediff_path=None, tiny=False, scale=4, trainable='unet_lora',
                  timestep_mode='operating_point', lora_rank=4, lora_alpha=None,
-                 lora_target_modules=DEFAULT_LORA_TARGETS, default_cfg=1.0, mixed_precision=None):
+                 lora_target_modules=DEFAULT_LORA_TARGETS, default_cfg=1.0, mixed_precision=None, ram_path=None,
+                 dape_path=None, ram_tiny=None):
+        from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
+        ram = None
         if tiny:
             tiny = tiny if isinstance(tiny, dict) else {}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(tiny.get('seed', 0))
                 components = tiny_sd_components()
+                if tiny.get('ram', True) and not ram_path:  # a random tiny RAM tagger, for prompt_source: tags
+                    ram = RAMImageEmbedder(tiny=True, tagging=True)
         elif pretrained_model_path:
             components = load_sd_components(pretrained_model_path)
         else:
@@ -261,6 +268,10 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         # The LQ encoder carries OSEDiff's VAE-encoder LoRA; candidates are encoded by the original encoder,
         # the inverse of the (original) decoder that renders the output.
         self.lq_vae = lq_vae
+        if ram_path:
+            ram_tiny = bool(tiny) if ram_tiny is None else ram_tiny
+            ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=ram_tiny, tagging=True)
+        self.ram = ram
         self.timestep_mode = timestep_mode
         self.default_cfg = default_cfg
         self.setup_trainable()
@@ -273,17 +284,20 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         return self.noise_scheduler.alphas_cumprod[OSEDIFF_TIMESTEP]
 
     @torch.no_grad()
-    def lq_latents(self, lq):
-        """LQ (B, 3, h, w) in [0, 1] -> z_L (B, C, h*s/f, w*s/f): OSEDiff's encoder on the bicubic x s LQ."""
+    def lq_latents(self, lq, generator=None):
+        """LQ (B, 3, h, w) in [0, 1] -> z_L (B, C, h*s/f, w*s/f): OSEDiff's encoder on the bicubic x s LQ
+        (the posterior mode, or a sample drawn with ``generator`` when one is given)."""
         images = self.upsample_lq(lq) * 2 - 1
         with self.autocast():
-            latents = self.lq_vae.encode(images).latent_dist.mode() * self.lq_vae.config.scaling_factor
+            dist = self.lq_vae.encode(images).latent_dist
+            latents = (dist.sample(generator) if generator is not None else dist.mode()) \
+                * self.lq_vae.config.scaling_factor
         return latents.float()
 
-    def condition(self, lq, prompts, negative_prompts=None, **extras):
+    def condition(self, lq, prompts, negative_prompts=None, generator=None, **extras):
         """LQ (B, 3, h, w) and B prompts -> ``lq_latents`` (B, C, h', w'), ``prompt_embeds`` (B, L, D)
         and, with negative prompts, ``negative_prompt_embeds`` (B, L, D)."""
-        cond = {'lq_latents': self.lq_latents(lq), 'prompt_embeds': self.encode_prompts(prompts)}
+        cond = {'lq_latents': self.lq_latents(lq, generator), 'prompt_embeds': self.encode_prompts(prompts)}
         if negative_prompts is not None:
             cond['negative_prompt_embeds'] = self.encode_prompts(negative_prompts)
         return cond
@@ -314,15 +328,22 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
             return x_t, alpha.sqrt() * implied_noise - (1 - alpha).sqrt() * latents
         return x_t, implied_noise
 
+    def image_tags(self, lq):
+        """DAPE tags of the bicubic x s LQ, the image ``test_osediff.py`` tags."""
+        return super().image_tags(self.upsample_lq(lq))
+
     @torch.no_grad()
-    def sample(self, lq, prompt=None, negative_prompt=None, steps=None, cfg=None, generator=None, sampler=None):
-        """One step: LQ (B, 3, h, w) in [0, 1] -> SR (B, 3, h*s, w*s) in [0, 1]; ``steps``/``sampler`` ignored."""
+    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None):
+        """One step: LQ (B, 3, h, w) in [0, 1] -> SR (B, 3, h*s, w*s) in [0, 1]; ``steps``/``sampler`` ignored.
+
+        As ``OSEDiff_test.forward``, the LQ latent is sampled from the (LoRA) VAE encoder's posterior
+        (``latent_dist.sample()``, here with the generator); training keeps its mode (a fixed operating point).
+        """
         cfg = self.default_cfg if cfg is None else cfg
-        prompts, negatives = self._prompt_lists(lq.shape[0], prompt, negative_prompt)
-        cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
+        cond = self.condition(lq, prompts, negatives if cfg != 1 else None, generator=generator)
         z_lq = cond['lq_latents']
         t = torch.full((lq.shape[0],), OSEDIFF_TIMESTEP, device=self.device, dtype=torch.long)
-        eps = self.guided_prediction(z_lq, t, cond, cfg)
+        eps = self.tiled_prediction(lambda x, c: self.guided_prediction(x, t, c, cfg), z_lq, cond, tiling)
         alpha = self.operating_alpha.to(self.device).float()
         if self.noise_scheduler.config.prediction_type == 'v_prediction':
             x0 = alpha.sqrt() * z_lq - (1 - alpha).sqrt() * eps

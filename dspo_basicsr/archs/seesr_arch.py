@@ -249,28 +249,30 @@ def build_tiny_seesr_folders(folder, seed=0, ram=True):
     """Save a tiny random SeeSR in the released layouts.
 
     Writes ``folder/sd2`` (SD2-base layout), ``folder/seesr/{unet,controlnet}`` (SeeSR layout) and, with
-    ``ram``, ``folder/ram/ram_tiny.pth`` (RAM checkpoint layout, tiny Swin) for :class:`RAMImageEmbedder`.
+    ``ram``, ``folder/ram/ram_tiny.pth`` (RAM checkpoint layout, tiny Swin and tagging head) and
+    ``folder/ram/DAPE_tiny.pth`` (LoRA only, as SeeSR's DAPE trainer writes it) for :class:`RAMImageEmbedder`.
 
     Returns:
-        dict: ``pretrained_model_path``, ``seesr_model_path``, ``ram_path`` (or None).
+        dict: ``pretrained_model_path``, ``seesr_model_path``, ``ram_path`` and ``dape_path`` (or None).
     """
     from dspo_basicsr.archs.control_sd2_arch import save_sd_components
-    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
+    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_dape_checkpoint, save_ram_checkpoint
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         components = tiny_seesr_networks()
-        embedder = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM}) if ram else None
+        embedder = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM}, tagging=True) if ram else None
     unet, controlnet = components.pop('unet'), components.pop('controlnet')
     sd_folder = os.path.join(folder, 'sd2')
     save_sd_components(sd_folder, components)
     unet_plain = UNet2DConditionModel.from_config(_strip_config(unet.config))
     unet_plain.save_pretrained(os.path.join(sd_folder, 'unet'))  # the SD2 folder's own UNet (unused by SeeSR)
     seesr_folder = save_seesr_networks(os.path.join(folder, 'seesr'), unet, controlnet)
-    ram_path = None
+    ram_path = dape_path = None
     if ram:
-        ram_path = os.path.join(folder, 'ram', 'ram_tiny.pth')
-        save_ram_checkpoint(embedder, ram_path)
-    return {'pretrained_model_path': sd_folder, 'seesr_model_path': seesr_folder, 'ram_path': ram_path}
+        ram_path = save_ram_checkpoint(embedder, os.path.join(folder, 'ram', 'ram_tiny.pth'))
+        dape_path = save_dape_checkpoint(embedder, os.path.join(folder, 'ram', 'DAPE_tiny.pth'), seed=seed)
+    return {'pretrained_model_path': sd_folder, 'seesr_model_path': seesr_folder, 'ram_path': ram_path,
+            'dape_path': dape_path}
 
 
 # ---------------------------------------------------------------------------- frozen parts in low precision
@@ -342,10 +344,13 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         scale (int): SR factor. Default: 4.
         trainable (str | list[str]): ``controlnet`` (default), ``unet_lora``, ``unet``, ``controlnet_lora``, or a list.
         conditioning_scale (float): Multiplier of the ControlNet residuals. Default: 1.
-        added_prompt (str): Appended to every prompt at sampling (SeeSR: "clean, high-resolution, 8k, best
-            quality, masterpiece").
-        start_point (str): ``lr`` (SeeSR's LR-embedding start: the LQ latent noised to the first timestep) or
-            ``noise``.
+        added_prompt (str): Appended to every prompt at sampling (``test_seesr.py``'s ``--added_prompt``:
+            "clean, high-resolution, 8k"; the gradio demo's longer suffix is not the test protocol).
+        start_point (str): ``lr`` (SeeSR's LR-embedding start: the LQ latent, sampled from the VAE posterior with
+            the generator, noised to ``start_timestep``) or ``noise``.
+        start_timestep (int): Where ``start_point: lr`` noises to; sampler timesteps after it are skipped. Default:
+            999 (``pipeline_seesr.py``, ``start_steps=999``; the 50-step DDPM schedule itself starts at 981).
+        ram_tagging (bool): Load RAM's tagging head with ``ram_path`` (for ``prompt_source: tags``). Default: True.
         lora_rank, lora_alpha, lora_target_modules, sampler: see :class:`DiffusionSRArch`.
         default_steps (int): 50. default_cfg (float): 5.5.
         mixed_precision (str | None): ``bf16`` (or ``fp16``): frozen networks stored in that precision and every
@@ -359,7 +364,7 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
 
     def __init__(self, pretrained_model_path=None, seesr_model_path=None, ram_path=None, dape_path=None, tiny=False,
                  ram_tiny=None, scale=4, trainable='controlnet', conditioning_scale=1.0, added_prompt=None,
-                 start_point='lr',
+                 start_point='lr', start_timestep=999, ram_tagging=True,
                  lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm',
                  prediction_type=None, default_steps=50, default_cfg=5.5, default_negative_prompt=None,
                  mixed_precision=None, gradient_checkpointing=False):
@@ -376,11 +381,11 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         self.conditioning_scale = conditioning_scale
         if default_negative_prompt is not None:
             self.default_negative_prompt = default_negative_prompt
-        self.added_prompt = ('clean, high-resolution, 8k, best quality, masterpiece' if added_prompt is None
-                             else added_prompt)
+        self.added_prompt = 'clean, high-resolution, 8k' if added_prompt is None else added_prompt
         if start_point not in ('lr', 'noise'):
             raise ValueError(f"start_point must be 'lr' or 'noise', got {start_point!r}.")
         self.start_point = start_point
+        self.start_timestep = int(start_timestep)
         self.image_embed_dim = self.unet.config.get('image_cross_attention_dim', SEESR_IMAGE_DIM)
         self.ram = tiny_ram
         if ram_path:
@@ -388,7 +393,7 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
             ram_tiny = bool(tiny) if ram_tiny is None else ram_tiny
             tiny_ram = dict(ram_tiny if isinstance(ram_tiny, dict) else {}, embed_dim=self.image_embed_dim) \
                 if ram_tiny else False
-            self.ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=tiny_ram)
+            self.ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=tiny_ram, tagging=ram_tagging)
         self.setup_trainable()
         self.setup_mixed_precision(mixed_precision)
         if gradient_checkpointing:  # recompute activations in the backward pass: less memory, ~30% more time
@@ -404,7 +409,7 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
                 components = tiny_seesr_networks(unet=tiny.get('unet'))
                 if tiny.get('ram', True):  # a random tiny RAM embedder, the same as build_tiny_seesr_folders saves
                     from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
-                    components['ram'] = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM})
+                    components['ram'] = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM}, tagging=True)
                 return components
         if not (pretrained_model_path and seesr_model_path):
             raise ValueError('SeeSRArch needs pretrained_model_path (an SD2-base folder) and seesr_model_path (the '
@@ -460,17 +465,27 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         return eps.float()
 
     # ------------------------------------------------------------------ sampling
-    def _prompt_lists(self, batch, prompt, negative_prompt):
-        prompts, negatives = super()._prompt_lists(batch, prompt, negative_prompt)
-        return [', '.join(p for p in (text.strip(), self.added_prompt) if p) for text in prompts], negatives
+    def compose_prompt(self, prompt):
+        return ', '.join(p for p in (prompt.strip(), self.added_prompt) if p)
+
+    def compose_tag_prompt(self, tags, prompt):
+        """``test_seesr.py`` / ``test_addsr.py``: ``f"{tags}, {prompt},"`` then ``+= added_prompt`` (no space)."""
+        return super().compose_tag_prompt(tags, prompt) + self.added_prompt
+
+    def sampling_start(self, scheduler):
+        return self.start_timestep if self.start_point == 'lr' else super().sampling_start(scheduler)
 
     def initial_latents(self, lq, scheduler, generator=None):
-        """Start of sampling: pure noise, or (``start_point: lr``) the LQ latent noised to the first timestep."""
+        """Start of sampling: pure noise, or (``start_point: lr``) the LQ latent noised to ``start_timestep``.
+
+        As ``pipeline_seesr.py``: the noise is drawn first (``prepare_latents``), then the LQ latent is sampled
+        from the VAE posterior (``latent_dist.sample()``; here with the same generator) and noised to t = 999.
+        """
         noise = self.initial_noise(lq, generator)
         if self.start_point == 'noise':
             return noise * scheduler.init_noise_sigma
-        lq_latents = self.encode_images(self.upsample_lq(lq))
-        t = scheduler.timesteps[:1].expand(lq.shape[0]).to(self.device)
+        lq_latents = self.encode_images(self.upsample_lq(lq), sample_posterior=True, generator=generator)
+        t = torch.full((lq.shape[0],), self.start_timestep, device=self.device, dtype=torch.long)
         return self.noise_scheduler.add_noise(lq_latents, noise, t)
 
 

@@ -4,7 +4,9 @@ References:
     * DSPO: "DSPO: Direct Semantic Preference Optimization for Real-World Image Super-Resolution".
       Instance-level Diffusion-DPO: one DPO term per SAM instance, weighted by instance area.
     * Diffusion-DPO: Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization",
-      CVPR 2024, Eq. 14. We use the diffusers convention (no 0.5 factor in front of beta).
+      CVPR 2024, Eq. 14. We use the diffusers convention (no 0.5 factor in front of beta): the authors' code
+      (SalesforceAIResearch/DiffusionDPO ``train.py``, ``scale_term = -0.5 * args.beta_dpo``) halves its
+      ``beta_dpo``, so their ``beta_dpo`` is twice our ``beta`` (their 5000 is our 2500).
     * Diffusion-DRO: Wu et al., "Ranking-based Preference Optimization for Diffusion Models from Implicit
       User Feedback", arXiv:2510.18353, 2025: a hinge ranking of denoising errors (expert vs negative).
 

@@ -47,7 +47,8 @@ DRO_DEFAULTS = {
     'buffer_size': 64,       # replay buffer entries (one per LQ input)
     'refresh_every': 100,    # K: iterations between syncs of the lagged copy (the buffer is emptied then)
     'sampler_steps': 10,     # steps of the lagged copy's sampler
-    'sampler': 'ddim',       # ddim | ddpm
+    'sampler': 'ddim',       # ddim | ddpm | dpmsolver++ (Diffusion-DRO's authors: dpmsolver++, 20 steps)
+    'perturb_timesteps': False,  # each online trajectory on its own shifted timesteps (the authors': true)
     'cfg': 1.0,              # guidance scale of the lagged copy's sampling (~: the framework's default)
     'seed': 0,               # seed of the online choices and of the lagged copy's sampling noise
 }
@@ -174,12 +175,15 @@ class DiffusionDROModel(DSPOModel):
             with self.lagged.swapped_into(bare):
                 trajectory = sample_trajectory(
                     bare, cond, shape, int(self.dro_opt['sampler_steps']), self.dro_opt['sampler'],
-                    self.online_cfg, self.feedback_scale, self.dro_generator)
+                    self.online_cfg, self.feedback_scale, self.dro_generator,
+                    perturb_timesteps=bool(self.dro_opt['perturb_timesteps']))
             bare.train(was_training)
             for n, i in enumerate(missing):
                 key = keys[rows.index(i)]
+                timesteps = trajectory['timesteps']
                 self.negative_buffer.put(key, OnlineNegative(
-                    trajectory['latents'][:, n], trajectory['predictions'][:, n], trajectory['timesteps'],
+                    trajectory['latents'][:, n], trajectory['predictions'][:, n],
+                    timesteps[n] if timesteps.ndim == 2 else timesteps,
                     trajectory['final'][n], self.lagged.version))
                 found[key] = self.negative_buffer.entries[key]
         return [found[key] for key in keys]
@@ -268,8 +272,14 @@ class DiffusionDROModel(DSPOModel):
         if rows:
             entries = self.online_negatives(rows)
             draws = torch.randint(len(self.online_timesteps), (len(rows),), generator=self.dro_generator, device=device)
-            picks = [int(self.online_timesteps[int(d)]) for d in draws]
-            steps = [int((entry.timesteps == t).nonzero()[0]) for entry, t in zip(entries, picks)]
+            # The d-th of each trajectory's timesteps in the range (its own ones when they are perturbed).
+            low, high = self.timestep_range
+            valid = [((e.timesteps >= low) & (e.timesteps < high)).nonzero().flatten() for e in entries]
+            if any(len(v) == 0 for v in valid):
+                raise ValueError(f'train.dro: an online trajectory visits no timestep inside train.timestep_range '
+                                 f'[{low}, {high}) (perturbed timesteps); widen the range.')
+            steps = [int(v[min(int(d), len(v) - 1)]) for v, d in zip(valid, draws)]
+            picks = [int(e.timesteps[st]) for e, st in zip(entries, steps)]
             timesteps[online] = torch.tensor(picks, device=device, dtype=timesteps.dtype)
             flat_rows = torch.tensor([row * j + online_column for row in rows], device=device)
             self._online_inputs = (flat_rows, torch.stack([e.latents[s] for e, s in zip(entries, steps)]),

@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 from tqdm import tqdm
 
-from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition
+from dspo_basicsr.archs.diffusion_sr_base import SAMPLE_PROTOCOL_KEYS, join_negative_prompts, repeat_condition
 from dspo_basicsr.losses.preference_loss import (
     diffusion_dpo_logits,
     dspo_logits,
@@ -53,7 +53,9 @@ class DSPOModel(SRModel):
         train.reference_dtype: ``bfloat16`` / ``float16`` to run the frozen reference at lower precision.
         train.grad_clip: max gradient norm. Default: none.
         train.max_nonfinite_steps: stop after this many non-finite losses in a row. Default: 10.
-        val.sample: ``steps``, ``cfg``, ``seed``, ``prompt``, ``negative_prompt``, ``sampler`` for SR validation.
+        val.sample: ``steps``, ``cfg``, ``seed``, ``prompt``, ``negative_prompt``, ``sampler`` for SR validation,
+            and ``prompt_source`` (``prompt`` | ``tags``), ``color_fix`` (``adain`` | ``wavelet`` | ``none``),
+            ``process_size``, ``tile_size``, ``tile_overlap``, ``vae_tile`` (see ``DiffusionSRArch.sample``).
         val.preference_timesteps: timesteps at which a preference validation set is scored.
     """
 
@@ -277,10 +279,12 @@ class DSPOModel(SRModel):
         generator = torch.Generator(device=self.device).manual_seed(int(sample_opt.get('seed', 0)))
         bare = self.bare
         bare.eval()
+        # The official test scripts' inference settings (docs/frameworks.md): tag prompts, colour fix, tiling.
+        protocol = {k: sample_opt[k] for k in SAMPLE_PROTOCOL_KEYS if sample_opt.get(k) is not None}
         self.output = bare.sample(
             self.lq, prompt=sample_opt.get('prompt', ''), negative_prompt=sample_opt.get('negative_prompt'),
             steps=sample_opt.get('steps'), cfg=sample_opt.get('cfg'), generator=generator,
-            sampler=sample_opt.get('sampler'))
+            sampler=sample_opt.get('sampler'), **protocol)
         bare.train(self.is_train)
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):

@@ -16,9 +16,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-SAMPLERS = {'ddpm': DDPMScheduler, 'ddim': DDIMScheduler}
+# 'dpmsolver++': the sampler Diffusion-DRO's authors draw online samples with (basiclab/DiffusionDRO train.py,
+# --buffer_scheduler DPMSolver++, 20 steps), diffusers' DPMSolverMultistepScheduler (algorithm dpmsolver++).
+SAMPLERS = {'ddpm': DDPMScheduler, 'ddim': DDIMScheduler, 'dpmsolver++': DPMSolverMultistepScheduler}
 
 
 class LaggedPolicy:
@@ -63,10 +65,23 @@ class LaggedPolicy:
 
 
 def make_sampling_scheduler(framework, sampler):
-    """A DDPM or DDIM scheduler from the framework's training noise schedule."""
+    """A DDPM, DDIM or DPM-Solver++ scheduler from the framework's training noise schedule."""
     if sampler not in SAMPLERS:
         raise ValueError(f"train.dro.sampler '{sampler}' is unknown; choose one of {sorted(SAMPLERS)}.")
-    return SAMPLERS[sampler].from_config(framework.noise_scheduler.config)
+    extra = {'algorithm_type': 'dpmsolver++'} if sampler == 'dpmsolver++' else {}
+    return SAMPLERS[sampler].from_config(framework.noise_scheduler.config, **extra)
+
+
+def perturbed_timesteps(num_train_timesteps, steps, generator=None, device=None):
+    """Diffusion-DRO's per-trajectory timesteps (``train.py``, ``--buffer_perturb_timesteps``): the evenly spaced
+    ``round(arange(S) * r)`` (r = T // S), descending, all shifted by one offset drawn uniformly from [0, r).
+
+    Returns:
+        Tensor: (S,) long, descending.
+    """
+    ratio = num_train_timesteps // steps
+    offset = torch.randint(0, ratio, (1,), generator=generator, device=generator.device if generator else None)
+    return ((torch.arange(steps) * ratio).flip(0) + offset.cpu()).long().to(device)
 
 
 def trajectory_timesteps(framework, sampler, steps):
@@ -114,7 +129,7 @@ def guided(eps_negative, eps_prompt, scale):
 
 @torch.no_grad()
 def sample_trajectory(framework, cond, latent_shape, steps, sampler='ddim', cfg=1.0, target_scale=None,
-                      generator=None):
+                      generator=None, perturb_timesteps=False):
     """Sample latents with DDPM/DDIM and record the trajectory: latents and the model's own predictions.
 
     Args:
@@ -127,14 +142,39 @@ def sample_trajectory(framework, cond, latent_shape, steps, sampler='ddim', cfg=
         target_scale (float | None): Guidance scale of the recorded prediction (the training target): the
             conditional prediction when None, the same guided form as the training errors otherwise.
         generator (torch.Generator | None): Seeded generator (on the framework's device).
+        perturb_timesteps (bool): Each of the N samples is drawn on its own :func:`perturbed_timesteps`
+            (``ddpm`` or ``dpmsolver++``), one sample at a time.
 
     Returns:
         dict: ``latents`` (S, N, C, h, w) the model input x_t at each step, ``predictions`` (S, N, C, h, w)
-        the recorded target at that input, ``timesteps`` (S,) long, ``final`` (N, C, h, w) the sampled latent.
+        the recorded target at that input, ``timesteps`` (S,) long (or (N, S) with ``perturb_timesteps``),
+        ``final`` (N, C, h, w) the sampled latent.
     """
+    if perturb_timesteps:
+        if sampler == 'ddim':
+            raise ValueError("train.dro.perturb_timesteps needs sampler 'ddpm' or 'dpmsolver++' (DDIM takes no "
+                             'custom timesteps).')
+        parts = []
+        for n in range(latent_shape[0]):
+            one = {k: v[n:n + 1] if torch.is_tensor(v) else v for k, v in cond.items()}
+            timesteps = perturbed_timesteps(framework.noise_scheduler.config.num_train_timesteps, steps, generator)
+            parts.append(_trajectory(framework, one, (1,) + tuple(latent_shape[1:]), timesteps, sampler, cfg,
+                                     target_scale, generator))
+        return {'latents': torch.cat([p['latents'] for p in parts], 1),
+                'predictions': torch.cat([p['predictions'] for p in parts], 1),
+                'timesteps': torch.stack([p['timesteps'] for p in parts]),
+                'final': torch.cat([p['final'] for p in parts])}
+    return _trajectory(framework, cond, latent_shape, steps, sampler, cfg, target_scale, generator)
+
+
+def _trajectory(framework, cond, latent_shape, steps, sampler, cfg, target_scale, generator):
+    """:func:`sample_trajectory` on ``steps`` (an int, or a (S,) tensor of custom timesteps)."""
     scheduler = make_sampling_scheduler(framework, sampler)
     device = framework.device
-    scheduler.set_timesteps(steps, device=device)
+    if torch.is_tensor(steps):
+        scheduler.set_timesteps(timesteps=steps.tolist(), device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device)
     latents = torch.randn(latent_shape, generator=generator, device=device) * scheduler.init_noise_sigma
     recorded_x, recorded_target = [], []
     for t in scheduler.timesteps:

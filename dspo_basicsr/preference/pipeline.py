@@ -217,7 +217,9 @@ def build_framework(opt, device='cpu'):
 def sampling_settings(framework, sampling_opt):
     """The candidate settings of the ``sampling`` section: ``default`` first, then the ``grid``.
 
-    ``default`` falls back to the framework's own (``default_steps``, ``default_cfg``, seed 0).
+    ``default`` falls back to the framework's own (``default_steps``, ``default_cfg``, seed 0). The section's
+    ``prompt_source`` (``tags``: RAM / DAPE tags at sampling time), ``color_fix``, ``process_size``,
+    ``tile_size``, ``tile_overlap`` and ``vae_tile`` are added to every setting.
     """
     from dspo_basicsr.preference.candidates import expand_settings_grid
 
@@ -226,7 +228,11 @@ def sampling_settings(framework, sampling_opt):
     if default is None:
         default = {'steps': getattr(framework, 'default_steps', 50), 'cfg': getattr(framework, 'default_cfg', 5.5),
                    'seed': 0}
-    return expand_settings_grid(sampling_opt.get('grid'), default)
+    settings = expand_settings_grid(sampling_opt.get('grid'), default)
+    # prompt_source / color_fix / tiling of the section apply to every candidate (framework.sample keywords).
+    from dspo_basicsr.archs.diffusion_sr_base import SAMPLE_PROTOCOL_KEYS
+    protocol = {k: sampling_opt[k] for k in SAMPLE_PROTOCOL_KEYS if sampling_opt.get(k) is not None}
+    return [dict(protocol, **setting) for setting in settings]
 
 
 def scorer_from_options(opt, scorer_type=None, annotations=None):
