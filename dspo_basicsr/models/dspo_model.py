@@ -28,6 +28,7 @@ from basicsr.losses import build_loss
 from basicsr.models.base_model import BaseModel
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
+from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 
@@ -128,6 +129,7 @@ class DSPOModel(SRModel):
             raise ValueError(f'train.total_iter ({total_iter}) counts micro-batches; make it a multiple of '
                              f'train.accumulate_grad_batches ({self.accumulate}) so the last update is applied.')
         self.window = None
+        self.log_dict = OrderedDict()  # filled at the end of each window; empty until the first update
         self.setup_optimizers()
         self.setup_schedulers()
 
@@ -435,6 +437,7 @@ class DSPOModel(SRModel):
         self.save_training_state(epoch, current_iter)
         self.save_accumulation_window(current_iter)
 
+    @master_only  # as BasicSR's: under DDP the ranks hold the same weights, and rank 0 writes them
     def save_network(self, net, net_label, current_iter, param_key='params'):
         """Save only the trained parameters (never the reference), refusing non-finite values."""
         state = {k: v.cpu() for k, v in self.get_bare_model(net).trainable_state_dict().items()}

@@ -313,7 +313,7 @@ def _fail(report, bar, sid, err):
     bar.write(f'[{report.step}] {sid} failed: {report.failed[sid]}')
 
 
-def _run_resumable(work, report, sids, finished, process, overwrite=False, progress=True, desc=None):
+def _run_resumable(work, report, sids, finished, process, overwrite=False, progress=True, desc=None, workers=1):
     """The loop every step shares: skip finished items, process the others, report failures per item.
 
     Args:
@@ -324,10 +324,14 @@ def _run_resumable(work, report, sids, finished, process, overwrite=False, progr
         process (callable): ``process(sid)`` does the step for one item and writes its marker last.
         overwrite (bool): Redo finished items.
         progress (bool): Show a progress bar.
+        workers (int): Items processed at once in a thread pool (for steps waiting on a server, such as VLM
+            scoring); the report lists the ids in input order whatever order they finish in.
 
     Returns:
         StepReport: ``report``.
     """
+    if workers > 1:
+        return _run_concurrently(work, report, list(sids), finished, process, overwrite, progress, desc, workers)
     bar = _progress(sids, desc or report.step, enabled=progress)
     for sid in bar:
         if not overwrite and os.path.isfile(finished(sid)):
@@ -338,6 +342,45 @@ def _run_resumable(work, report, sids, finished, process, overwrite=False, progr
             report.done.append(sid)
         except Exception as err:  # noqa: BLE001  (one bad image must not stop the others)
             _fail(report, bar, sid, err)
+    work.write_errors(report)
+    return report
+
+
+def _run_concurrently(work, report, sids, finished, process, overwrite, progress, desc, workers):
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    todo = []
+    for sid in sids:
+        if not overwrite and os.path.isfile(finished(sid)):
+            report.skipped.append(sid)
+        else:
+            todo.append(sid)
+    outcome = {}
+    bar = _progress(None, desc or report.step, total=len(sids), enabled=progress)
+    bar.update(len(report.skipped))
+    with ThreadPoolExecutor(workers) as pool:
+        pending, queue = {}, iter(todo)
+        while True:
+            while len(pending) < 2 * workers:  # a bounded queue: items are read only shortly before their turn
+                sid = next(queue, None)
+                if sid is None:
+                    break
+                pending[pool.submit(process, sid)] = sid
+            if not pending:
+                break
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                sid = pending.pop(future)
+                outcome[sid] = future.exception()
+                if outcome[sid] is not None:
+                    bar.write(f'[{report.step}] {sid} failed: {type(outcome[sid]).__name__}: {outcome[sid]}')
+                bar.update(1)
+    bar.close()
+    for sid in todo:
+        if outcome[sid] is None:
+            report.done.append(sid)
+        else:
+            report.failed[sid] = f'{type(outcome[sid]).__name__}: {outcome[sid]}'
     work.write_errors(report)
     return report
 
@@ -440,7 +483,7 @@ def run_segment_step(work, segmenter, min_area=0, uncovered='background', source
 
 
 # -- step 3: instance preferences --------------------------------------------------------------------------
-def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, progress=True):
+def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, progress=True, max_concurrency=None):
     """Pick the preferred / dispreferred candidate of the K largest instances of every segmented item.
 
     Args:
@@ -452,6 +495,8 @@ def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, prog
             ``min_crop`` (default 64). Applied to the paired instances of items with a GT.
         overwrite (bool): Redo finished items.
         progress (bool): Show a progress bar.
+        max_concurrency (int, optional): Items scored at once (threads); default: the scorer's
+            ``max_concurrency`` (a VLM client's, 8 by default), 1 for the other scorers.
 
     Returns:
         StepReport: an item with any failed instance is reported and stays unfinished (a VLM's
@@ -489,8 +534,9 @@ def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, prog
             'instances': instances, 'negative_prompt': negative_prompt_from_instances(instances, base),
             'top_k': top_k, 'scorer': scorer.describe()})
 
+    workers = int(max_concurrency or getattr(scorer, 'max_concurrency', 1))
     return _run_resumable(work, StepReport('instances'), work.sids('seg'), work.instances_json, process, overwrite,
-                          progress, desc='scoring')
+                          progress, desc='scoring', workers=workers)
 
 
 # -- step 4: assembly --------------------------------------------------------------------------------------
