@@ -5,7 +5,8 @@
 
 Samples the framework of the YAML (``framework.network``, any registered arch such as ControlSD2Arch) under
 ``sampling.default`` plus ``sampling.grid``, scores the outputs with ``metrics`` and keeps the top
-``sampling.num_keep`` in WORK/candidates/<sid>/. Rerunning skips finished images.
+``sampling.num_keep`` in WORK/candidates/<sid>/. Settings that differ only in seed are sampled as one batch of
+at most ``sampling.batch_size`` (default 8). Rerunning skips finished images.
 """
 import argparse
 import json
@@ -46,7 +47,7 @@ def main(argv=None):
         args.work, discover_inputs(args.lq, args.gt), framework, sampling_settings(framework, sampling),
         num_keep=args.num_keep or sampling.get('num_keep', 4), metrics=opt.get('metrics'),
         prompt=sampling.get('prompt', ''), prompts=prompts, negative_prompt=sampling.get('negative_prompt'),
-        overwrite=args.overwrite, progress=not args.no_progress)
+        overwrite=args.overwrite, progress=not args.no_progress, batch_size=int(sampling.get('batch_size', 8)))
     print(report.summary())
     return 1 if report.failed else 0
 

@@ -387,7 +387,7 @@ def _run_concurrently(work, report, sids, finished, process, overwrite, progress
 
 # -- step 1: candidates ------------------------------------------------------------------------------------
 def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=None, prompt='', prompts=None,
-                       negative_prompt=None, overwrite=False, progress=True):
+                       negative_prompt=None, overwrite=False, progress=True, batch_size=8):
     """Generate, score and select candidates for every input not finished yet.
 
     Args:
@@ -403,6 +403,7 @@ def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=No
         negative_prompt (str, optional): Negative prompt used when sampling (and the base of the set's).
         overwrite (bool): Redo finished items.
         progress (bool): Show a progress bar.
+        batch_size (int): Most settings differing only in seed sampled as one batch (``sampling.batch_size``).
 
     Returns:
         StepReport: What was done, skipped and failed.
@@ -418,7 +419,7 @@ def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=No
         gt = read_image(gt_path) if gt_path else None
         text = (prompts or {}).get(sid, prompt)
         result = generate_candidates(framework, lq, settings, num_keep=num_keep, gt=gt, prompt=text,
-                                     negative_prompt=negative_prompt, metrics=metrics)
+                                     negative_prompt=negative_prompt, metrics=metrics, batch_size=batch_size)
         os.makedirs(work.candidate_dir(sid), exist_ok=True)
         # redoing an item: it is unfinished until its new record is written, and later steps redo it
         _invalidate(work.candidates_json(sid), work.seg_json(sid), work.instances_json(sid))
