@@ -20,6 +20,7 @@ from dspo_basicsr.preference.pipeline import (
     run_candidate_step,
     sampling_settings,
 )
+from dspo_basicsr.utils.distributed import add_launcher_argument, data_shard
 
 
 def main(argv=None):
@@ -34,7 +35,9 @@ def main(argv=None):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--overwrite', action='store_true', help='redo images already finished')
     parser.add_argument('--no-progress', action='store_true')
+    add_launcher_argument(parser)
     args = parser.parse_args(argv)
+    shard = data_shard(args.launcher)
 
     opt = load_chain_options(args.opt)
     sampling = dict(opt.get('sampling') or {})
@@ -42,12 +45,13 @@ def main(argv=None):
     if args.prompts:
         with open(args.prompts, encoding='utf-8') as handle:
             prompts = json.load(handle)
-    framework = build_framework(opt.get('framework') or {}, device=args.device)
+    framework = build_framework(opt.get('framework') or {}, device=shard.device(args.device))
     report = run_candidate_step(
         args.work, discover_inputs(args.lq, args.gt), framework, sampling_settings(framework, sampling),
         num_keep=args.num_keep or sampling.get('num_keep', 4), metrics=opt.get('metrics'),
         prompt=sampling.get('prompt', ''), prompts=prompts, negative_prompt=sampling.get('negative_prompt'),
-        overwrite=args.overwrite, progress=not args.no_progress, batch_size=int(sampling.get('batch_size', 8)))
+        overwrite=args.overwrite, progress=not args.no_progress, shard=shard,
+        batch_size=int(sampling.get('batch_size', 8)))
     print(report.summary())
     return 1 if report.failed else 0
 

@@ -14,6 +14,7 @@ import sys
 import dspo_basicsr  # noqa: F401
 from dspo_basicsr.preference.pipeline import load_chain_options, run_segment_step
 from dspo_basicsr.preference.segmentation import build_segmenter
+from dspo_basicsr.utils.distributed import add_launcher_argument, data_shard
 
 
 def main(argv=None):
@@ -26,7 +27,9 @@ def main(argv=None):
                         help='image to segment: GT when present (auto), GT, or the default candidate')
     parser.add_argument('--overwrite', action='store_true')
     parser.add_argument('--no-progress', action='store_true')
+    add_launcher_argument(parser)
     args = parser.parse_args(argv)
+    shard = data_shard(args.launcher)
 
     opt = load_chain_options(args.opt)
     section = dict(opt.get('segmentation') or {})
@@ -35,7 +38,7 @@ def main(argv=None):
         min_area=args.min_area if args.min_area is not None else section.get('min_area', 0),
         uncovered=args.uncovered or section.get('uncovered', 'background'),
         source=args.source or section.get('source', 'auto'), overwrite=args.overwrite,
-        progress=not args.no_progress)
+        progress=not args.no_progress, shard=shard)
     print(report.summary())
     return 1 if report.failed else 0
 
