@@ -35,6 +35,9 @@ def main(argv=None):
     shard = data_shard(args.launcher)
 
     opt = load_chain_options(args.opt)
+    for key, section in opt.items():  # a scorer's ``device: cuda`` -> this rank's GPU
+        if (key == 'scorer' or key.startswith('scorer_')) and isinstance(section, dict) and 'device' in section:
+            opt[key] = dict(section, device=shard.device(section['device']))
     top_k = args.top_k if args.top_k is not None else (opt.get('scoring') or {}).get('top_k', 5)
     report = run_scoring_step(args.work, scorer_from_options(opt, args.scorer, args.annotations), top_k=top_k,
                               feedback=feedback_from_options(opt), overwrite=args.overwrite,

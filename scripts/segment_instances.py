@@ -17,6 +17,14 @@ from dspo_basicsr.preference.segmentation import build_segmenter
 from dspo_basicsr.utils.distributed import add_launcher_argument, data_shard
 
 
+def _on_local_gpu(section, shard):
+    """``device: cuda`` of a section -> this rank's GPU (``cuda:LOCAL_RANK``)."""
+    section = dict(section)
+    if 'device' in section:
+        section['device'] = shard.device(section['device'])
+    return section
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('-opt', '--opt', required=True, help='chain YAML (segmenter, segmentation sections)')
@@ -34,7 +42,7 @@ def main(argv=None):
     opt = load_chain_options(args.opt)
     section = dict(opt.get('segmentation') or {})
     report = run_segment_step(
-        args.work, build_segmenter(opt.get('segmenter') or {'type': 'SLIC'}),
+        args.work, build_segmenter(_on_local_gpu(opt.get('segmenter') or {'type': 'SLIC'}, shard)),
         min_area=args.min_area if args.min_area is not None else section.get('min_area', 0),
         uncovered=args.uncovered or section.get('uncovered', 'background'),
         source=args.source or section.get('source', 'auto'), overwrite=args.overwrite,
