@@ -350,7 +350,8 @@ def _run_resumable(work, report, sids, finished, process, overwrite=False, progr
         else:
             todo.append(sid)
     if shard.array:  # no common start: every task shards all ids the same way and skips the finished ones
-        mine = [sid for sid in shard.take(sids) if sid in set(todo)]
+        unfinished = set(todo)
+        mine = [sid for sid in shard.take(sids) if sid in unfinished]
     else:
         mine = shard.take(todo)
     if shard.distributed:
