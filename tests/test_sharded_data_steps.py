@@ -88,3 +88,11 @@ def test_two_process_steps_process_each_sample_once_and_equal_one_process(tmp_pa
     one, two = _tree(tmp_path / 'one'), _tree(tmp_path / 'two')
     assert sorted(one) == sorted(two) and len([p for p in one if p.startswith('instances')]) == 5
     assert [path for path in one if one[path] != two[path]] == []
+
+    # One process afterwards writes the whole report and drops the per-rank ones.
+    assert os.path.isfile(tmp_path / 'two' / 'errors' / 'instances.rank1.json')
+    score = runpy.run_path(_script('score_instances'), run_name='dspo_test')['main']
+    assert score(argv('score_instances', tmp_path / 'two', '--overwrite')[1:]) == 0
+    assert sorted(os.listdir(tmp_path / 'two' / 'errors')) == [
+        'candidates.json', 'candidates.rank0.json', 'candidates.rank1.json', 'instances.json', 'seg.json',
+        'seg.rank0.json', 'seg.rank1.json']

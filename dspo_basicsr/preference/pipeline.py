@@ -380,6 +380,9 @@ def _run_resumable(work, report, sids, finished, process, overwrite=False, progr
         shard.barrier()  # a next step in the same launch lists the items of every rank's shard
     else:
         work.write_errors(report)
+        for name in os.listdir(os.path.dirname(work.errors_json(report.step))):  # of an earlier sharded run
+            if re.fullmatch(rf'{re.escape(report.step)}\.rank\d+\.json', name):
+                _remove(os.path.join(os.path.dirname(work.errors_json(report.step)), name))
     return report
 
 
