@@ -208,8 +208,9 @@ def test_scoring_step_with_vlm_and_feedback_resumes_failed_items_only(server, tm
                        expand_settings_grid({'cfg': [1.0, 4.0]}, {'steps': 2, 'cfg': 0.5, 'seed': 0}), num_keep=3,
                        metrics={'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}, progress=False)
     run_segment_step(work, SLICSegmenter(n_segments=3), min_area=64, progress=False)
+    # max_concurrency 1: the injected replies below are consumed in the order of the items
     vlm_opt = {'base_url': server.base_url, 'model': 'tiny-vlm', 'api_key_env': None, 'timeout': 2, 'max_retries': 0,
-               'backoff': 0.01, 'cache_dir': str(tmp_path / 'vlm_cache')}
+               'backoff': 0.01, 'cache_dir': str(tmp_path / 'vlm_cache'), 'max_concurrency': 1}
     opt = {'scorer': dict(vlm_opt, type='vlm', min_crop=8),
            'feedback': {'vlm': vlm_opt, 'embedder': 'hashing', 'threshold': 0.1, 'min_crop': 8}}
     top_k = 2

@@ -130,6 +130,8 @@ class DiffusionSRArch(nn.Module):
     default_negative_prompt = ''
     default_steps = 50
     default_cfg = 5.5
+    #: ``sample`` takes a list of generators, one per image (candidate batches: each row equals its own sample)
+    accepts_generator_list = True
 
     def __init__(self, unet, vae, text_encoder, tokenizer, noise_scheduler, scale=4, trainable='controlnet',
                  lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm'):
@@ -373,7 +375,8 @@ class DiffusionSRArch(nn.Module):
             negative_prompt (str | list[str] | None): Appended to the framework's default negative prompt.
             steps (int | None): Sampling steps (framework default if None).
             cfg (float | None): Classifier-free guidance scale (framework default if None).
-            generator (torch.Generator | None): Seeded generator for reproducible samples.
+            generator (torch.Generator | list[torch.Generator] | None): Seeded generator for reproducible
+                samples, or one per image (each image's noise then equals its batch-of-one draw).
             sampler (str | None): ``ddpm`` or ``ddim`` (framework default if None).
             prompt_source (str): ``prompt`` or ``tags`` (see :meth:`sampling_prompts`).
             color_fix (str): ``adain``, ``wavelet`` or ``none``, against the bicubic-upsampled LQ
@@ -489,6 +492,8 @@ class DiffusionSRArch(nn.Module):
 
     def initial_noise(self, lq, generator=None):
         """Standard normal latents (B, C, h*s/f, w*s/f) for the SR size of ``lq``, from ``generator``."""
+        if isinstance(generator, (list, tuple)):  # one generator per image, as diffusers' randn_tensor
+            return torch.cat([self.initial_noise(lq[i:i + 1], g) for i, g in enumerate(generator)])
         f = self.vae_scale_factor
         shape = (lq.shape[0], self.unet.config.in_channels,
                  lq.shape[2] * self.scale // f, lq.shape[3] * self.scale // f)

@@ -6,6 +6,7 @@ candidates and by policy and reference), compute the condition once per LQ, push
 the policy in one call (and through the frozen reference without gradient), turn predictions into
 per-pixel errors and hand them to the objective chosen by ``train.preference_opt.type``.
 """
+import contextlib
 import math
 import os
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from basicsr.losses import build_loss
 from basicsr.models.base_model import BaseModel
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
+from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 
@@ -38,6 +40,21 @@ def _gather_images(candidates, index):
     """candidates (B, K, 3, H, W), index (B, J) -> (B, J, 3, H, W)."""
     b, _, c, h, w = candidates.shape
     return candidates.gather(1, index.view(b, -1, 1, 1, 1).expand(-1, -1, c, h, w))
+
+
+class AccumulationWindow:
+    """The micro-batches of one optimizer update so far: whether all were finite, and their summed logs."""
+
+    def __init__(self, finite=True, count=0, sums=None):
+        self.finite, self.count, self.sums = finite, count, sums if sums is not None else OrderedDict()
+
+    def add(self, log):
+        for key, value in log.items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        self.count += 1
+
+    def mean(self):
+        return OrderedDict((key, value / self.count) for key, value in self.sums.items())
 
 
 @MODEL_REGISTRY.register()
@@ -53,6 +70,11 @@ class DSPOModel(SRModel):
         train.reference_dtype: ``bfloat16`` / ``float16`` to run the frozen reference at lower precision.
         train.grad_clip: max gradient norm. Default: none.
         train.max_nonfinite_steps: stop after this many non-finite losses in a row. Default: 10.
+        train.accumulate_grad_batches: k, micro-batches (BasicSR iterations) per optimizer update; each
+            micro-batch's loss is scaled by 1/k, the scheduler, warm-up, clipping and the non-finite guard act
+            once per update, and the logs average the k micro-batches. ``total_iter``, ``print_freq``,
+            ``save_checkpoint_freq`` and ``val_freq`` count micro-batches; scheduler milestones and
+            ``warmup_iter`` count updates. Default: 1.
         val.sample: ``steps``, ``cfg``, ``seed``, ``prompt``, ``negative_prompt``, ``sampler`` for SR validation,
             and ``prompt_source`` (``prompt`` | ``tags``), ``color_fix`` (``adain`` | ``wavelet`` | ``none``),
             ``process_size``, ``tile_size``, ``tile_overlap``, ``vae_tile`` (see ``DiffusionSRArch.sample``).
@@ -101,6 +123,15 @@ class DSPOModel(SRModel):
         self.max_nonfinite = int(train_opt.get('max_nonfinite_steps', 10))
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.accumulate = int(train_opt.get('accumulate_grad_batches', 1))
+        if self.accumulate < 1:
+            raise ValueError(f'train.accumulate_grad_batches must be at least 1, got {self.accumulate}.')
+        total_iter = int(train_opt.get('total_iter', 0))
+        if total_iter % self.accumulate:
+            raise ValueError(f'train.total_iter ({total_iter}) counts micro-batches; make it a multiple of '
+                             f'train.accumulate_grad_batches ({self.accumulate}) so the last update is applied.')
+        self.window = None
+        self.log_dict = OrderedDict()  # filled at the end of each window; empty until the first update
         self.setup_optimizers()
         self.setup_schedulers()
 
@@ -254,13 +285,40 @@ class DSPOModel(SRModel):
                 f'{self.max_nonfinite}); stopping. The last saved checkpoint holds finite weights. Lower the '
                 'learning rate or beta, or check the preference set for broken samples.')
 
+    def update_learning_rate(self, current_iter, warmup_iter=-1):
+        """BasicSR's schedule, advanced once per optimizer update (at the first micro-batch of a window)."""
+        k = getattr(self, 'accumulate', 1)
+        if (current_iter - 1) % k == 0:
+            super().update_learning_rate((current_iter - 1) // k + 1, warmup_iter)
+
+    def _gradient_sync(self, enabled):
+        """DDP averages gradients only on the last micro-batch of a window; earlier ones run in ``no_sync``."""
+        if enabled or not isinstance(self.net_g, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.net_g.no_sync()
+
     def optimize_parameters(self, current_iter):
-        self.optimizer_g.zero_grad(set_to_none=True)
-        loss, stats = self.preference_loss()
-        if not self._finite_everywhere(loss):
+        k = self.accumulate
+        position = (current_iter - 1) % k
+        if position == 0 or self.window is None:
+            self.optimizer_g.zero_grad(set_to_none=True)
+            self.window = AccumulationWindow()
+        window = self.window
+        last = position == k - 1
+        if window.finite:  # agreed by all ranks, so they skip the rest of a broken window together
+            with self._gradient_sync(last):
+                loss, stats = self.preference_loss()
+                if self._finite_everywhere(loss):
+                    (loss / k).backward()
+                    window.add(OrderedDict([(self.cri_pref.log_key, loss.detach()), *stats.items()]))
+                else:
+                    window.finite = False
+        if not last:
+            return
+        self.window = None
+        if not window.finite:
             self._skip_update(current_iter, 'loss')
             return
-        loss.backward()
         max_norm = self.opt['train'].get('grad_clip') or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
         if not torch.isfinite(grad_norm):
@@ -268,10 +326,50 @@ class DSPOModel(SRModel):
             return
         self.optimizer_g.step()
         self.nonfinite_in_row = 0
-        log = OrderedDict([(self.cri_pref.log_key, loss.detach())])
-        log.update(stats)
+        log = window.mean()
         log['grad_norm'] = grad_norm.detach()
         self.log_dict = self.reduce_loss_dict(log)
+
+    def _window_path(self, current_iter):
+        rank = self.opt.get('rank', 0)
+        return os.path.join(self.opt['path']['training_states'], f'{current_iter}.window_rank{rank}.pth')
+
+    def save_accumulation_window(self, current_iter):
+        """Save this rank's gradients of an unfinished accumulation window next to ``{iter}.state``.
+
+        A checkpoint can fall inside a window (``save_checkpoint_freq`` counts micro-batches); the resumed run
+        then continues the window with these gradients instead of applying a part of it on its own.
+        """
+        if self.window is None or current_iter == -1:
+            return
+        names = dict(self.bare.named_parameters())
+        state = {'grads': {name: p.grad.detach().cpu() for name, p in names.items()
+                           if p.requires_grad and p.grad is not None},
+                 'logs': {key: value.cpu() for key, value in self.window.sums.items()},
+                 'count': self.window.count, 'finite': self.window.finite}
+        path = self._window_path(current_iter)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(state, path + '.tmp')
+        os.replace(path + '.tmp', path)
+
+    def resume_training(self, resume_state):
+        super().resume_training(resume_state)
+        current_iter = int(resume_state['iter'])
+        if current_iter % self.accumulate == 0:
+            return
+        path = self._window_path(current_iter)
+        if not os.path.isfile(path):
+            get_root_logger().warning(
+                f'resuming at iteration {current_iter}, inside an accumulation window of '
+                f'{self.accumulate} micro-batches, but {path} is missing; that window is applied with only the '
+                'micro-batches still to come.')
+            return
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        names = dict(self.bare.named_parameters())
+        for name, grad in state['grads'].items():
+            names[name].grad = grad.to(names[name].device, names[name].dtype)
+        self.window = AccumulationWindow(finite=bool(state['finite']), count=int(state['count']),
+                                         sums=OrderedDict((k, v.to(self.device)) for k, v in state['logs'].items()))
 
     # ------------------------------------------------------------------ sampling validation
     def test(self):
@@ -341,7 +439,9 @@ class DSPOModel(SRModel):
     def save(self, epoch, current_iter):
         self.save_network(self.net_g, 'net_g', current_iter)
         self.save_training_state(epoch, current_iter)
+        self.save_accumulation_window(current_iter)
 
+    @master_only  # as BasicSR's: under DDP the ranks hold the same weights, and rank 0 writes them
     def save_network(self, net, net_label, current_iter, param_key='params'):
         """Save only the trained parameters (never the reference), refusing non-finite values."""
         state = {k: v.cpu() for k, v in self.get_bare_model(net).trainable_state_dict().items()}

@@ -333,6 +333,11 @@ class VLMInstanceScorer(InstanceScorer):
         self.client = client
         self.min_crop = int(min_crop)
 
+    @property
+    def max_concurrency(self):
+        """Items the scoring step scores at once: the client's ``max_concurrency`` (1 without one)."""
+        return int(getattr(self.client, 'max_concurrency', 1))
+
     def score_instance(self, context, instance_id):
         from dspo_basicsr.preference.vlm_client import VLMError
 

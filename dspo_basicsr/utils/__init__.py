@@ -1,0 +1,1 @@
+"""Helpers below the models and the preference pipeline (they import neither)."""
