@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition
+from dspo_basicsr.compat import atomic_torch_save, is_main_process
 from dspo_basicsr.losses.preference_loss import (
     diffusion_dpo_logits,
     dspo_logits,
@@ -335,8 +336,9 @@ class DSPOModel(SRModel):
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch, current_iter):
+        """Rank 0 writes ``net_g_<iter>.pth`` and ``<iter>.state``; every rank leaves once both are complete."""
         self.save_network(self.net_g, 'net_g', current_iter)
-        self.save_training_state(epoch, current_iter)
+        self.save_training_state(epoch, current_iter)  # ends at a barrier (dspo_basicsr.compat)
 
     def save_network(self, net, net_label, current_iter, param_key='params'):
         """Save only the trained parameters (never the reference), refusing non-finite values."""
@@ -346,10 +348,8 @@ class DSPOModel(SRModel):
         if broken:
             raise NonFiniteLossError(f'refusing to save {net_label} at iteration {label}: non-finite values in '
                                      f'{broken[:3]}; earlier checkpoints are kept.')
-        path = os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth')
-        tmp = path + '.tmp'
-        torch.save({param_key: state}, tmp)
-        os.replace(tmp, path)
+        if is_main_process():  # every rank holds the same weights; one writes, the others wait in save()
+            atomic_torch_save({param_key: state}, os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
         """Load trained parameters saved by :meth:`save_network` into the freshly built framework."""

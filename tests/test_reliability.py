@@ -1,0 +1,123 @@
+"""Training survives kills and races: rank-0 atomic checkpoints, resume fallback, exact resume."""
+import glob
+import os
+import sys
+
+import torch
+from test_cli import msrresnet_options
+
+from conftest import run_cli, write_options
+
+KILL_AT = '''
+import os, signal, sys
+import dspo_basicsr  # noqa: F401
+from basicsr.models.sr_model import SRModel
+from dspo_basicsr.cli import main
+step = SRModel.optimize_parameters
+def optimize_then_die(self, current_iter):
+    step(self, current_iter)
+    if current_iter == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as a pre-empted job dies
+SRModel.optimize_parameters = optimize_then_die
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def torchrun(nproc, port):
+    return [os.path.join(os.path.dirname(sys.executable), 'torchrun'), f'--nproc_per_node={nproc}',
+            f'--master_port={port}']
+
+
+def augmenting_options(paired_folders, name, total_iter, save_every):
+    """MSRResNet with random crops, flips and a shuffled, enlarged set (6 batches an epoch)."""
+    opt = msrresnet_options(*paired_folders, name=name, total_iter=total_iter, save_every=save_every)
+    opt['datasets']['train']['dataset_enlarge_ratio'] = 3
+    opt.pop('val')
+    return opt
+
+
+def test_two_processes_write_every_checkpoint_once_and_completely(tmp_path, paired_folders):
+    opt = augmenting_options(paired_folders, 'ddp_ckpt', total_iter=40, save_every=2)
+    result = run_cli(['train', '-opt', write_options(tmp_path / 'ddp.yml', opt), '--launcher', 'pytorch'],
+                     cwd=tmp_path, launcher=torchrun(2, 29621))
+    assert result.returncode == 0, result.stderr[-3000:]
+    exp = tmp_path / 'experiments' / 'ddp_ckpt'
+    iters = list(range(2, 41, 2))
+    assert sorted(os.listdir(exp / 'models')) == sorted([f'net_g_{i}.pth' for i in iters] + ['net_g_latest.pth'])
+    assert sorted(os.listdir(exp / 'training_states')) == sorted(f'{i}.state' for i in iters)
+    for i in iters:
+        assert torch.load(exp / 'models' / f'net_g_{i}.pth', weights_only=True)['params']
+        state = torch.load(exp / 'training_states' / f'{i}.state', weights_only=True)
+        assert state['iter'] == i and len(state['rng']) == 2
+    # every rank's own RNG state is kept (the seeds are manual_seed + rank)
+    assert not torch.equal(state['rng'][0]['torch'], state['rng'][1]['torch'])
+
+
+def test_auto_resume_falls_back_past_truncated_state_and_empty_network(tmp_path, paired_folders):
+    opt_file = write_options(tmp_path / 'msr.yml', augmenting_options(paired_folders, 'fallback', 6, 2))
+    assert run_cli(['train', '-opt', opt_file], cwd=tmp_path).returncode == 0
+    exp = tmp_path / 'experiments' / 'fallback'
+    with open(exp / 'training_states' / '6.state', 'r+b') as f:  # killed while writing (old BasicSR)
+        f.truncate(os.path.getsize(f.name) // 2)
+    open(exp / 'models' / 'net_g_4.pth', 'wb').close()
+    opt_file = write_options(tmp_path / 'msr.yml', augmenting_options(paired_folders, 'fallback', 8, 2))
+    resumed = run_cli(['train', '-opt', opt_file, '--auto_resume'], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    notice = [line for line in resumed.stdout.splitlines() if line.startswith('auto_resume:')]
+    assert len(notice) == 1
+    assert '6.state: unreadable' in notice[0] and 'net_g_4.pth: empty' in notice[0] and '2.state' in notice[0]
+    log = ''.join(open(f).read() for f in glob.glob(str(exp / 'train_*.log')))
+    assert 'Resuming training from epoch: 0, iter: 2.' in log
+    assert (exp / 'training_states' / '8.state').is_file()
+    assert not glob.glob(str(tmp_path / 'experiments' / '*archived*'))
+
+
+def test_auto_resume_with_no_usable_state_refuses_instead_of_starting_from_zero(tmp_path, paired_folders):
+    opt_file = write_options(tmp_path / 'msr.yml', augmenting_options(paired_folders, 'broken', 2, 2))
+    assert run_cli(['train', '-opt', opt_file], cwd=tmp_path).returncode == 0
+    exp = tmp_path / 'experiments' / 'broken'
+    open(exp / 'training_states' / '2.state', 'wb').close()
+    resumed = run_cli(['train', '-opt', opt_file, '--auto_resume'], cwd=tmp_path)
+    assert resumed.returncode != 0
+    assert 'no training state' in resumed.stderr and '2.state: empty' in resumed.stderr
+    assert (exp / 'models' / 'net_g_2.pth').is_file()  # nothing archived, nothing overwritten
+    assert not glob.glob(str(tmp_path / 'experiments' / '*archived*'))
+
+
+def test_run_killed_between_checkpoints_resumes_to_the_uninterrupted_weights(tmp_path, paired_folders):
+    kill_at, save_every = 9, 4  # 6 batches an epoch: resumed from iteration 8, 2 batches into the second epoch
+    whole = write_options(tmp_path / 'whole.yml', augmenting_options(paired_folders, 'whole', 12, save_every))
+    assert run_cli(['train', '-opt', whole], cwd=tmp_path).returncode == 0
+    killed = write_options(tmp_path / 'killed.yml', augmenting_options(paired_folders, 'killed', 12, save_every))
+    script = tmp_path / 'kill_at.py'
+    script.write_text(KILL_AT.format(kill_at=kill_at))
+    first = run_cli(['train', '-opt', killed], cwd=tmp_path, launcher=[sys.executable, str(script)], module=False)
+    assert first.returncode == -9
+    second = run_cli(['train', '-opt', killed, '--auto_resume'], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    exp = tmp_path / 'experiments'
+    a = torch.load(exp / 'whole' / 'models' / 'net_g_latest.pth', weights_only=True)['params']
+    b = torch.load(exp / 'killed' / 'models' / 'net_g_latest.pth', weights_only=True)['params']
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resumed_sampler_skips_the_trained_batches_and_restores_rng_before_the_first():
+    import random
+
+    from dspo_basicsr import compat
+
+    from basicsr.data.data_sampler import EnlargedSampler
+    sampler = EnlargedSampler(list(range(12)), num_replicas=1, rank=0)
+    sampler.set_epoch(1)
+    whole = list(sampler)
+    random.seed(5)
+    saved = compat.rng_states()
+    expected = random.random()
+    compat._pending_resume.update(epoch=1, iter=12 // 2 + 2, batch_size=2, rng=saved)
+    random.seed(0)
+    resumed = iter(sampler)
+    random.seed(1)  # what the loader draws between iter() and the first batch is overwritten
+    assert next(resumed) == whole[4]
+    assert random.random() == expected
+    assert list(resumed) == whole[5:]
+    assert not compat._pending_resume and list(sampler) == whole
