@@ -60,6 +60,14 @@ class DSPOModel(SRModel):
 
     #: the ``level`` values of the preference losses this model's :meth:`preference_loss` handles.
     supported_levels = ('instance', 'image', 'preferred')
+    #: option keys this model reads beyond BasicSR's, by section (checked at start: dspo_basicsr.option_check)
+    known_options = {
+        'train': ('preference_opt', 'timestep_range', 'feedback_guidance_scale', 'reference_dtype', 'grad_clip',
+                  'max_nonfinite_steps', 'accumulate_grad_batches'),
+        'val': ('sample', 'preference_timesteps', 'preference_seed'),
+        'val.sample': ('steps', 'cfg', 'seed', 'prompt', 'negative_prompt', 'sampler', 'color_fix', 'tile_size',
+                       'tile_overlap', 'vae_tile', 'process_size', 'prompt_source', 'start_timestep'),
+    }
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)

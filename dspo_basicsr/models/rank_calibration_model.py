@@ -44,6 +44,9 @@ from basicsr.utils.registry import MODEL_REGISTRY
 class RankCalibrationModel(BaseModel):
     """Frozen IQA backbone + trainable rectifier, trained on model rankings and MOS pairs."""
 
+    #: option keys this model reads beyond BasicSR's, by section (checked at start: dspo_basicsr.option_check)
+    known_options = {'top': ('feature_cache',), 'train': ('fidelity_opt', 'lambda2')}
+
     def __init__(self, opt):
         super().__init__(opt)
         # Only the rectifier trains, so no DDP wrapper: its few gradients are averaged by hand.
