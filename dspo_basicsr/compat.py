@@ -113,6 +113,16 @@ def wait_for_all_ranks():
         dist.barrier()
 
 
+def gather_in_sample_order(results):
+    """``[(sample index, result), ...]`` of every rank, as one list of results in sample order (on all ranks)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    return [result for _, result in sorted(results, key=lambda r: r[0])]
+
+
 def _save_network(self, net, net_label, current_iter, param_key='params'):
     """``BaseModel.save_network``: rank 0 only, atomic (1.4.2 writes in place)."""
     if not is_main_process():

@@ -64,6 +64,7 @@ VALUE_CHECKS = {
     'train.optim_g.lr': (_positive_number, 'a positive number'),
     'val.val_freq': (_positive_number, 'a positive number'),
     'val.preference_seed': (_is_number, 'an integer'),
+    'val.preference_beta': (_positive_number, 'a positive number'),
     'val.preference_timesteps': (lambda v: isinstance(v, list) and v and all(_positive_int(t) or t == 0 for t in v),
                                  'a non-empty list of timesteps'),
     'logger.save_checkpoint_freq': (_positive_number, 'a positive number'),
