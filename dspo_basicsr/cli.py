@@ -153,13 +153,19 @@ def main(argv=None):
 
     import dspo_basicsr  # noqa: F401  (adapts basicsr and fills its registries)
     sys.argv = basicsr_argv
+    from dspo_basicsr.compat import ResumeStateError
+    from dspo_basicsr.metrics.metric_table import MissingWeightsError
     root_path = os.getcwd()
-    if args.command == 'train':
-        from basicsr.train import train_pipeline
-        train_pipeline(root_path)
-    else:
-        from basicsr.test import test_pipeline
-        test_pipeline(root_path)
+    try:
+        if args.command == 'train':
+            from basicsr.train import train_pipeline
+            train_pipeline(root_path)
+        else:
+            from basicsr.test import test_pipeline
+            test_pipeline(root_path)
+    except (MissingWeightsError, ResumeStateError) as err:  # found at start, before any iteration
+        print(f'basicsr {args.command}: error: {err}', file=sys.stderr)
+        return 2
     return 0
 
 

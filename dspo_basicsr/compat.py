@@ -23,6 +23,7 @@ Adaptations:
       sampler's epoch; the resumed sampler skips the batches of that epoch already trained on and restores
       the RNG states just before the first batch is drawn, so the run continues the same sequence.
     * ``--force_yml`` values are read as YAML literals (1.4.2 ``eval``s them).
+    * ``calculate_niqe`` refuses images under :data:`NIQE_MIN_SIZE` px with a message (1.4.2's SVD fails).
 """
 import collections
 import difflib
@@ -316,6 +317,25 @@ def _enlarged_sampler_iter(self):
     yield from indices
 
 
+#: BasicSR's NIQE fits a Gaussian to 96-px block features of the image and of its half; below this side
+#: there are too few blocks and its SVD does not converge (basicsr/metrics/niqe.py, block_size_h=96)
+NIQE_MIN_SIZE = 192
+
+
+def _niqe_with_min_size(calculate_niqe):
+    def calculate(img, crop_border, input_order='HWC', convert_to='y', **kwargs):
+        h, w = (img.shape[:2] if input_order == 'HWC' else img.shape[1:3])
+        h, w = h - 2 * crop_border, w - 2 * crop_border
+        if min(h, w) < NIQE_MIN_SIZE:
+            raise ValueError(f'calculate_niqe needs images of at least {NIQE_MIN_SIZE}x{NIQE_MIN_SIZE} px after '
+                             f'crop_border, got {h}x{w}; validate on larger images or drop niqe from val.metrics.')
+        return calculate_niqe(img, crop_border, input_order=input_order, convert_to=convert_to, **kwargs)
+
+    calculate.__wrapped__ = calculate_niqe
+    calculate.__doc__ = calculate_niqe.__doc__
+    return calculate
+
+
 def _postprocess_yml_value(value):
     """``--force_yml`` values as YAML literals (``1e-4``, ``[1, 2]``, ``~``, ``true``), never evaluated."""
     parsed = yaml.load(value, Loader=SafeOrderedLoader) if value.strip() else value
@@ -438,6 +458,8 @@ def apply():
     BaseModel.save_training_state = _save_training_state
     EnlargedSampler.__iter__ = _enlarged_sampler_iter
     options._postprocess_yml_value = _postprocess_yml_value
+    from basicsr.utils.registry import METRIC_REGISTRY
+    METRIC_REGISTRY._obj_map['calculate_niqe'] = _niqe_with_min_size(METRIC_REGISTRY._obj_map['calculate_niqe'])
     Registry.get = _registry_get
     build = _with_dataset_collate(basicsr.data.build_dataloader)
     for module in (basicsr.data, basicsr.train, basicsr.test):

@@ -17,6 +17,7 @@ from dspo_basicsr.preference.pipeline import (
     discover_inputs,
     load_chain_options,
     run_candidate_step,
+    run_interruptible,
     sampling_settings,
 )
 
@@ -52,4 +53,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_interruptible(main))

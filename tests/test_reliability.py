@@ -3,6 +3,7 @@ import glob
 import os
 import sys
 
+import pytest
 import torch
 from test_cli import msrresnet_options
 
@@ -121,3 +122,43 @@ def test_resumed_sampler_skips_the_trained_batches_and_restores_rng_before_the_f
     assert random.random() == expected
     assert list(resumed) == whole[5:]
     assert not compat._pending_resume and list(sampler) == whole
+
+
+def test_missing_pyiqa_weights_fail_before_the_first_iteration_in_one_report(tmp_path):
+    from dspo_fixtures import dspo_options, make_tiny_preference_set
+    opt = dspo_options(make_tiny_preference_set(str(tmp_path / 'set')), name='no_weights', total_iter=2)
+    opt['val']['metrics'] = {'lpips': {'type': 'calculate_lpips'}, 'musiq': {'type': 'calculate_musiq'},
+                             'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}
+    empty = {'TORCH_HOME': str(tmp_path / 'torch'), 'HF_HUB_CACHE': str(tmp_path / 'hf'), 'HF_HUB_OFFLINE': '1'}
+    result = run_cli(['train', '-opt', write_options(tmp_path / 'o.yml', opt)], cwd=tmp_path, env=empty)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    for name in ('val.metrics.lpips (lpips)', 'LPIPS_v0.1_alex', 'val.metrics.musiq (musiq)', 'musiq_koniq'):
+        assert name in result.stderr
+    exp = tmp_path / 'experiments' / 'no_weights'
+    log = ''.join(open(f).read() for f in glob.glob(str(exp / 'train_*.log')))
+    assert 'musiq_koniq' in log and 'Start training' not in log
+    assert not os.listdir(exp / 'models')
+
+
+def test_niqe_refuses_small_images_naming_the_size():
+    import numpy as np
+
+    from basicsr.metrics import calculate_metric
+    small = np.random.default_rng(0).integers(0, 256, (128, 160, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r'at least 192x192 px after crop_border, got 120x152'):
+        calculate_metric({'img': small}, {'type': 'calculate_niqe', 'crop_border': 4})
+
+
+def test_ctrl_c_in_a_data_step_is_one_line(capsys):
+    from dspo_basicsr.preference.pipeline import run_interruptible
+
+    def step():
+        raise KeyboardInterrupt
+
+    assert run_interruptible(step) == 130
+    assert capsys.readouterr().err == 'interrupted: rerun to resume\n'
+    scripts = glob.glob(os.path.join(os.path.dirname(__file__), '..', 'scripts', '*.py'))
+    data_steps = [s for s in scripts if os.path.basename(s) in ('add_ram_embeddings.py', 'build_preference_set.py',
+                                                                'generate_candidates.py', 'score_instances.py',
+                                                                'segment_instances.py')]
+    assert len(data_steps) == 5 and all('sys.exit(run_interruptible(main))' in open(s).read() for s in data_steps)

@@ -22,6 +22,8 @@ from dspo_basicsr.losses.preference_loss import (
     instance_error,
     preference_statistics,
 )
+from dspo_basicsr.metrics.metric_table import MissingWeightsError
+from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
 
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
@@ -75,6 +77,11 @@ class DSPOModel(SRModel):
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
+        try:  # before anything is built or trained: every missing weight file of every metric, in the log too
+            check_metric_weights((opt.get('val') or {}).get('metrics'))
+        except MissingWeightsError as err:
+            get_root_logger().error(str(err))
+            raise
         net = build_network(opt['network_g']).to(self.device)
         # The reference is taken from the pretrained source before any fine-tuned weight is loaded, so a
         # resumed run gets the same reference as the first one, never the resumed policy.

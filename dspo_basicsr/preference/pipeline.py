@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import cv2
@@ -528,3 +529,18 @@ def assemble_preference_set(work, path, overwrite=False, resume=True, progress=T
     preference_set = write_preference_lmdb(path, samples, scale=scales.pop(), overwrite=overwrite, resume=resume,
                                            total=len(report.done), progress=progress, **write_opt)
     return preference_set, report
+
+
+def run_interruptible(main):
+    """Run a data script's ``main``; Ctrl-C ends it with one line, not a traceback.
+
+    Every step commits each finished item, so what was done survives and a rerun resumes from it.
+
+    Returns:
+        int: ``main()``'s exit code, or 130 after Ctrl-C.
+    """
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print('interrupted: rerun to resume', file=sys.stderr, flush=True)
+        return 130
