@@ -279,6 +279,10 @@ def load_resume_state(opt):
                 print(f'auto_resume: skipped {", ".join(skipped)}; resuming from {resume_state_path}.', flush=True)
     elif opt['path'].get('resume_state'):
         resume_state_path = opt['path']['resume_state']
+        why = _why_unloadable(resume_state_path)
+        if why is not None:
+            raise ResumeStateError(f"path.resume_state '{resume_state_path}' is {why}; point it to a complete "
+                                   'state, or use --auto_resume to take the newest one that loads.')
 
     if resume_state_path is None:
         return None

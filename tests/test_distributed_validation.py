@@ -59,4 +59,8 @@ def test_two_process_validation_matches_one_process_test_of_the_same_weights(tin
     one_process = metric_lines(''.join(open(f).read() for f in glob.glob(str(tmp_path / 'results' / 'ddp_val_test'
                                                                                   / 'test_*.log'))))
     assert sorted(one_process) == sorted(at_end)
-    assert torch.load(exp / 'models' / 'net_g_1.pth', weights_only=True)['params']
+    # DSPOModel's own save_network under 2 processes: each checkpoint once, complete, no temporary left
+    assert sorted(os.listdir(exp / 'models')) == ['net_g_1.pth', 'net_g_2.pth', 'net_g_latest.pth']
+    assert sorted(os.listdir(exp / 'training_states')) == ['1.state', '2.state']
+    for name in ('net_g_1.pth', 'net_g_2.pth'):
+        assert torch.load(exp / 'models' / name, weights_only=True)['params']

@@ -162,3 +162,12 @@ def test_ctrl_c_in_a_data_step_is_one_line(capsys):
                                                                 'generate_candidates.py', 'score_instances.py',
                                                                 'segment_instances.py')]
     assert len(data_steps) == 5 and all('sys.exit(run_interruptible(main))' in open(s).read() for s in data_steps)
+
+
+def test_broken_explicit_resume_state_is_named(tmp_path):
+    from dspo_basicsr.compat import ResumeStateError, load_resume_state
+    state = tmp_path / '10.state'
+    state.write_bytes(b'PK\x03\x04 cut short')
+    opt = {'auto_resume': False, 'name': 'x', 'path': {'resume_state': str(state)}}
+    with pytest.raises(ResumeStateError, match=r"path.resume_state '.*10.state' is unreadable"):
+        load_resume_state(opt)
