@@ -462,8 +462,10 @@ def apply():
     BaseModel.save_training_state = _save_training_state
     EnlargedSampler.__iter__ = _enlarged_sampler_iter
     options._postprocess_yml_value = _postprocess_yml_value
+    import basicsr.metrics
     from basicsr.utils.registry import METRIC_REGISTRY
-    METRIC_REGISTRY._obj_map['calculate_niqe'] = _niqe_with_min_size(METRIC_REGISTRY._obj_map['calculate_niqe'])
+    niqe = _niqe_with_min_size(METRIC_REGISTRY._obj_map['calculate_niqe'])
+    METRIC_REGISTRY._obj_map['calculate_niqe'] = basicsr.metrics.calculate_niqe = niqe
     Registry.get = _registry_get
     build = _with_dataset_collate(basicsr.data.build_dataloader)
     for module in (basicsr.data, basicsr.train, basicsr.test):

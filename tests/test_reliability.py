@@ -143,6 +143,8 @@ def test_missing_pyiqa_weights_fail_before_the_first_iteration_in_one_report(tmp
 def test_niqe_refuses_small_images_naming_the_size():
     import numpy as np
 
+    import dspo_basicsr  # noqa: F401  (adapts basicsr)
+
     from basicsr.metrics import calculate_metric
     small = np.random.default_rng(0).integers(0, 256, (128, 160, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match=r'at least 192x192 px after crop_border, got 120x152'):
@@ -171,3 +173,19 @@ def test_broken_explicit_resume_state_is_named(tmp_path):
     opt = {'auto_resume': False, 'name': 'x', 'path': {'resume_state': str(state)}}
     with pytest.raises(ResumeStateError, match=r"path.resume_state '.*10.state' is unreadable"):
         load_resume_state(opt)
+
+
+def test_candidate_step_with_missing_metric_weights_fails_before_sampling(tmp_path, monkeypatch):
+    from dspo_basicsr.metrics.metric_table import MissingWeightsError
+    from dspo_basicsr.preference.pipeline import run_candidate_step
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+
+    class NeverSampled:
+        def sample(self, *args, **kwargs):
+            raise AssertionError('sampled before the metrics were checked')
+
+    metrics = {'lpips': {'type': 'calculate_lpips'}, 'dists': {'type': 'calculate_dists'}}
+    with pytest.raises(MissingWeightsError) as err:
+        run_candidate_step(str(tmp_path / 'work'), [('a', 'a.png', None)], NeverSampled(), [{}], metrics=metrics,
+                           progress=False)
+    assert 'metrics.lpips (lpips)' in str(err.value) and 'metrics.dists (dists)' in str(err.value)

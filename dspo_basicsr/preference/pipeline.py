@@ -365,8 +365,11 @@ def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=No
     Returns:
         StepReport: What was done, skipped and failed.
     """
-    from dspo_basicsr.preference.candidates import generate_candidates
+    from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
+    from dspo_basicsr.preference.candidates import DEFAULT_METRICS, generate_candidates
 
+    # before the first image is sampled: every missing weight file of every metric, in one error
+    check_metric_weights(DEFAULT_METRICS if metrics is None else metrics, where='metrics')
     work = work if isinstance(work, WorkFolder) else WorkFolder(work)
     paths = {sid: (lq_path, gt_path) for sid, lq_path, gt_path in inputs}
 
