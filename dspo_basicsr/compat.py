@@ -23,6 +23,7 @@ Adaptations:
       sampler's epoch; the resumed sampler skips the batches of that epoch already trained on and restores
       the RNG states just before the first batch is drawn, so the run continues the same sequence.
     * ``--force_yml`` values are read as YAML literals (1.4.2 ``eval``s them).
+    * Training runs enough epochs to reach ``train.total_iter`` (1.4.2 counts the dropped last batch).
     * ``calculate_niqe`` refuses images under :data:`NIQE_MIN_SIZE` px with a message (1.4.2's SVD fails).
 """
 import collections
@@ -340,6 +341,22 @@ def _niqe_with_min_size(calculate_niqe):
     return calculate
 
 
+def _with_epochs_that_reach_total_iter(create_train_val_dataloader):
+    """BasicSR counts ``ceil(len(set) / batch)`` iterations an epoch, but its train loader drops the last
+    partial batch; with fewer epochs than needed a run (and a resumed one) ends before ``total_iter``."""
+    import math
+
+    def create(opt, logger):
+        train_loader, train_sampler, val_loaders, total_epochs, total_iters = create_train_val_dataloader(opt, logger)
+        per_epoch = len(train_loader) if train_loader is not None else 0
+        if per_epoch:
+            total_epochs = max(total_epochs, math.ceil(total_iters / per_epoch))
+        return train_loader, train_sampler, val_loaders, total_epochs, total_iters
+
+    create.__wrapped__ = create_train_val_dataloader
+    return create
+
+
 def _postprocess_yml_value(value):
     """``--force_yml`` values as YAML literals (``1e-4``, ``[1, 2]``, ``~``, ``true``), never evaluated."""
     parsed = yaml.load(value, Loader=SafeOrderedLoader) if value.strip() else value
@@ -462,6 +479,8 @@ def apply():
     BaseModel.save_training_state = _save_training_state
     EnlargedSampler.__iter__ = _enlarged_sampler_iter
     options._postprocess_yml_value = _postprocess_yml_value
+    basicsr.train.create_train_val_dataloader = _with_epochs_that_reach_total_iter(
+        basicsr.train.create_train_val_dataloader)
     import basicsr.metrics
     from basicsr.utils.registry import METRIC_REGISTRY
     niqe = _niqe_with_min_size(METRIC_REGISTRY._obj_map['calculate_niqe'])
