@@ -336,9 +336,8 @@ def _niqe_with_min_size(calculate_niqe):
                              f'crop_border, got {h}x{w}; validate on larger images or drop niqe from val.metrics.')
         return calculate_niqe(img, crop_border, input_order=input_order, convert_to=convert_to, **kwargs)
 
-    calculate.__wrapped__ = calculate_niqe
-    calculate.__doc__ = calculate_niqe.__doc__
-    return calculate
+    import functools
+    return functools.update_wrapper(calculate, calculate_niqe)  # still BasicSR's metric (name, module, doc)
 
 
 def _with_epochs_that_reach_total_iter(create_train_val_dataloader):
