@@ -12,14 +12,15 @@ from conftest import run_cli, write_options
 KILL_AT = '''
 import os, signal, sys
 import dspo_basicsr  # noqa: F401
-from basicsr.models.sr_model import SRModel
+from basicsr.utils.registry import MODEL_REGISTRY
 from dspo_basicsr.cli import main
-step = SRModel.optimize_parameters
+model_class = MODEL_REGISTRY.get('{model}')
+step = model_class.optimize_parameters
 def optimize_then_die(self, current_iter):
     step(self, current_iter)
     if current_iter == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as a pre-empted job dies
-SRModel.optimize_parameters = optimize_then_die
+model_class.optimize_parameters = optimize_then_die
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -91,7 +92,7 @@ def test_run_killed_between_checkpoints_resumes_to_the_uninterrupted_weights(tmp
     assert run_cli(['train', '-opt', whole], cwd=tmp_path).returncode == 0
     killed = write_options(tmp_path / 'killed.yml', augmenting_options(paired_folders, 'killed', 12, save_every))
     script = tmp_path / 'kill_at.py'
-    script.write_text(KILL_AT.format(kill_at=kill_at))
+    script.write_text(KILL_AT.format(kill_at=kill_at, model='SRModel'))
     first = run_cli(['train', '-opt', killed], cwd=tmp_path, launcher=[sys.executable, str(script)], module=False)
     assert first.returncode == -9
     second = run_cli(['train', '-opt', killed, '--auto_resume'], cwd=tmp_path)
@@ -189,3 +190,24 @@ def test_candidate_step_with_missing_metric_weights_fails_before_sampling(tmp_pa
         run_candidate_step(str(tmp_path / 'work'), [('a', 'a.png', None)], NeverSampled(), [{}], metrics=metrics,
                            progress=False)
     assert 'metrics.lpips (lpips)' in str(err.value) and 'metrics.dists (dists)' in str(err.value)
+
+
+def test_killed_dspo_run_resumes_to_the_same_weights_noise_and_timesteps_included(tmp_path):
+    from dspo_fixtures import dspo_options, make_tiny_preference_set
+    tiny = make_tiny_preference_set(str(tmp_path / 'set'))
+    for name in ('whole', 'killed'):
+        write_options(tmp_path / f'{name}.yml', dspo_options(tiny, name=f'dspo_{name}', total_iter=6, save_every=2,
+                                                              val=False))
+    assert run_cli(['train', '-opt', str(tmp_path / 'whole.yml')], cwd=tmp_path).returncode == 0
+    script = tmp_path / 'kill_at.py'
+    script.write_text(KILL_AT.format(kill_at=5, model='DSPOModel'))
+    first = run_cli(['train', '-opt', str(tmp_path / 'killed.yml')], cwd=tmp_path,
+                    launcher=[sys.executable, str(script)],
+                    module=False)
+    assert first.returncode == -9
+    second = run_cli(['train', '-opt', str(tmp_path / 'killed.yml'), '--auto_resume'], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    exp = tmp_path / 'experiments'
+    a = torch.load(exp / 'dspo_whole' / 'models' / 'net_g_latest.pth', weights_only=True)['params']
+    b = torch.load(exp / 'dspo_killed' / 'models' / 'net_g_latest.pth', weights_only=True)['params']
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
