@@ -17,7 +17,7 @@ import sys
 import yaml
 
 USAGE = __doc__.split('Usage::', 1)[1].split('Experiments', 1)[0].rstrip()
-_FORCE_YML_ENTRY = re.compile(r'^[\w.\-]+(:[\w.\-]+)*=[^\n]*$')
+_FORCE_YML_ENTRY = re.compile(r'^[\w.\-]+(:[\w.\-]+)*=[^\n=]*$')
 
 
 class OptionFileError(ValueError):
@@ -39,25 +39,58 @@ def read_option_file(path):
     from dspo_basicsr.compat import SafeOrderedLoader
     if not os.path.isfile(path):
         raise OptionFileError(f'option file {path!r} does not exist.')
-    with open(path, encoding='utf-8') as f:
-        loader = SafeOrderedLoader(f)
-        try:
-            opt = loader.get_single_data()
-        except yaml.constructor.ConstructorError as err:
-            mark = err.problem_mark
-            where = f' (line {mark.line + 1})' if mark is not None else ''
-            raise OptionFileError(
-                f'option file {path!r}{where}: {err.problem}. Option files are read with a safe YAML loader, '
-                'so tags that build Python objects are refused; write plain values instead.') from None
-        except yaml.YAMLError as err:
-            raise OptionFileError(f'option file {path!r} is not valid YAML: {err}') from None
-        finally:
-            loader.dispose()
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError as err:
+        raise OptionFileError(f'option file {path!r} is not UTF-8 text (byte {err.start}); give the YAML option '
+                              'file, saved as UTF-8.') from None
+    if '\0' in text:
+        raise OptionFileError(f'option file {path!r} is a binary file, not a YAML option file.')
+    loader = SafeOrderedLoader(text)
+    try:
+        opt = loader.get_single_data()
+    except yaml.constructor.ConstructorError as err:
+        mark = err.problem_mark
+        where = f' (line {mark.line + 1})' if mark is not None else ''
+        raise OptionFileError(
+            f'option file {path!r}{where}: {err.problem}. Option files are read with a safe YAML loader, '
+            'so tags that build Python objects are refused; write plain values instead.') from None
+    except yaml.YAMLError as err:
+        raise OptionFileError(f'option file {path!r} is not valid YAML: {err}') from None
+    finally:
+        loader.dispose()
     if not isinstance(opt, dict):
         raise OptionFileError(f'option file {path!r} must hold a mapping of options, got {type(opt).__name__}.')
     for key in ('name', 'model_type'):
         if key not in opt:
             raise OptionFileError(f"option file {path!r} has no '{key}' key, which every BasicSR option file needs.")
+    return opt
+
+
+def apply_force_yml(opt, entries):
+    """Apply ``--force_yml section:key=value`` entries to ``opt``; values are YAML literals, never evaluated.
+
+    Raises:
+        OptionFileError: A malformed entry, a section that does not exist, or a value that is not YAML.
+    """
+    from dspo_basicsr.compat import _postprocess_yml_value
+    for entry in entries or ():
+        if not _FORCE_YML_ENTRY.match(entry):
+            raise OptionFileError(f'--force_yml entries must look like section:key=value (one =); refused: {entry!r}')
+        keys, value = entry.split('=', 1)
+        parts = keys.strip().split(':')
+        node = opt
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise OptionFileError(f"--force_yml {entry!r}: there is no section '{':'.join(parts[:depth + 1])}' "
+                                      'in the option file.')
+            node = node[part]
+        try:
+            node[parts[-1]] = _postprocess_yml_value(value.strip())
+        except yaml.YAMLError as err:
+            raise OptionFileError(f'--force_yml {entry!r}: the value is not a YAML literal ({err}).') from None
     return opt
 
 
@@ -91,9 +124,6 @@ def _basicsr_argv(args):
         os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
         argv += ['--local_rank', str(args.local_rank)]
     if args.force_yml:
-        bad = [entry for entry in args.force_yml if not _FORCE_YML_ENTRY.match(entry)]
-        if bad:
-            raise OptionFileError(f'--force_yml entries must look like section:key=value; refused: {bad}')
         argv += ['--force_yml', *args.force_yml]
     return argv
 
@@ -105,22 +135,37 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    from dspo_basicsr.option_check import OptionCheckError, check_options
     try:
-        read_option_file(args.opt)
+        opt = apply_force_yml(read_option_file(args.opt), args.force_yml)
         basicsr_argv = _basicsr_argv(args)
+        # Before BasicSR makes (and archives) any experiment folder: a refused run leaves the last one intact.
+        warnings = check_options(opt)
     except OptionFileError as err:
         print(f'basicsr {args.command}: error: {err}', file=sys.stderr)
         return 2
+    except OptionCheckError as err:
+        print(f'basicsr {args.command}: error: {args.opt}: {err}', file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(f'basicsr {args.command}: warning: {args.opt}: {warning} (BasicSR class; not checked further)',
+              file=sys.stderr)
 
     import dspo_basicsr  # noqa: F401  (adapts basicsr and fills its registries)
     sys.argv = basicsr_argv
+    from dspo_basicsr.compat import ResumeStateError
+    from dspo_basicsr.metrics.metric_table import MissingWeightsError
     root_path = os.getcwd()
-    if args.command == 'train':
-        from basicsr.train import train_pipeline
-        train_pipeline(root_path)
-    else:
-        from basicsr.test import test_pipeline
-        test_pipeline(root_path)
+    try:
+        if args.command == 'train':
+            from basicsr.train import train_pipeline
+            train_pipeline(root_path)
+        else:
+            from basicsr.test import test_pipeline
+            test_pipeline(root_path)
+    except (MissingWeightsError, ResumeStateError) as err:  # found at start, before any iteration
+        print(f'basicsr {args.command}: error: {err}', file=sys.stderr)
+        return 2
     return 0
 
 

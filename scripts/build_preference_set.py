@@ -12,7 +12,7 @@ import sys
 import dspo_basicsr  # noqa: F401
 from dspo_basicsr.preference.contact_sheet import write_contact_sheets
 from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
-from dspo_basicsr.preference.pipeline import assemble_preference_set
+from dspo_basicsr.preference.pipeline import assemble_preference_set, run_interruptible
 
 
 def main(argv=None):
@@ -37,4 +37,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_interruptible(main))

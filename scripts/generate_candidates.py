@@ -20,6 +20,7 @@ from dspo_basicsr.preference.pipeline import (
     discover_inputs,
     load_chain_options,
     run_candidate_step,
+    run_interruptible,
     sampling_settings,
 )
 from dspo_basicsr.utils.distributed import add_launcher_argument, data_shard
@@ -66,4 +67,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_interruptible(main))

@@ -15,6 +15,7 @@ import dspo_basicsr  # noqa: F401
 from dspo_basicsr.preference.pipeline import (
     feedback_from_options,
     load_chain_options,
+    run_interruptible,
     run_scoring_step,
     scorer_from_options,
 )
@@ -47,4 +48,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_interruptible(main))

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 import dspo_basicsr  # noqa: F401
-from dspo_basicsr.preference.pipeline import load_chain_options, run_segment_step
+from dspo_basicsr.preference.pipeline import load_chain_options, run_interruptible, run_segment_step
 from dspo_basicsr.preference.segmentation import build_segmenter
 from dspo_basicsr.utils.distributed import add_launcher_argument, data_shard
 
@@ -52,4 +52,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_interruptible(main))

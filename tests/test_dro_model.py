@@ -109,7 +109,8 @@ def test_resume_rebuilds_the_lagged_copy_from_the_resumed_policy(tiny_set, tmp_p
     saved = torch.load(tmp_path / 'models' / 'net_g_3.pth', weights_only=True)['params']
     assert set(saved) == set(trained)  # the policy's trainable weights only: no lagged copy, no reference
     state = torch.load(tmp_path / 'states' / '3.state', weights_only=True)
-    assert set(state) == {'epoch', 'iter', 'optimizers', 'schedulers'}
+    # BasicSR's keys and the exact-resume bookkeeping (docs/reliability.md); no lagged copy, no buffer
+    assert set(state) == {'epoch', 'iter', 'optimizers', 'schedulers', 'rng', 'world_size', 'batch_size_per_gpu'}
 
     opt = _dro_opt(tiny_set, tmp_path, online_ratio=1.0, refresh_every=100)
     opt['path']['pretrain_network_g'] = str(tmp_path / 'models' / 'net_g_3.pth')

@@ -211,6 +211,8 @@ class PreferenceLMDBDataset(data.Dataset):
     """
 
     reader_class = PreferenceLMDB
+    #: option keys read beyond BasicSR's loader keys (checked at start: dspo_basicsr.option_check)
+    known_options = ('dataroot', 'gt_size', 'use_hflip', 'use_rot', 'max_instances')
     collate_fn = staticmethod(collate_preference_batch)
 
     def __init__(self, opt):

@@ -76,6 +76,7 @@ class DiffusionDROModel(DSPOModel):
     """
 
     supported_levels = DSPOModel.supported_levels + ('ranking',)
+    known_options = {**DSPOModel.known_options, 'train': DSPOModel.known_options['train'] + ('dro',)}
 
     def init_training_settings(self):
         super().init_training_settings()

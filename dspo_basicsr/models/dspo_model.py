@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from dspo_basicsr.archs.diffusion_sr_base import SAMPLE_PROTOCOL_KEYS, join_negative_prompts, repeat_condition
+from dspo_basicsr.compat import atomic_torch_save, gather_in_sample_order, is_main_process, wait_for_all_ranks
 from dspo_basicsr.losses.preference_loss import (
     diffusion_dpo_logits,
     dspo_logits,
@@ -22,13 +23,16 @@ from dspo_basicsr.losses.preference_loss import (
     instance_error,
     preference_statistics,
 )
+from dspo_basicsr.metrics.metric_table import MissingWeightsError
+from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
 
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
+from basicsr.metrics import calculate_metric
 from basicsr.models.base_model import BaseModel
 from basicsr.models.sr_model import SRModel
-from basicsr.utils import get_root_logger
-from basicsr.utils.dist_util import master_only
+from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils.dist_util import get_dist_info
 from basicsr.utils.registry import MODEL_REGISTRY
 
 
@@ -79,13 +83,28 @@ class DSPOModel(SRModel):
             and ``prompt_source`` (``prompt`` | ``tags``), ``color_fix`` (``adain`` | ``wavelet`` | ``none``),
             ``process_size``, ``tile_size``, ``tile_overlap``, ``vae_tile`` (see ``DiffusionSRArch.sample``).
         val.preference_timesteps: timesteps at which a preference validation set is scored.
+        val.preference_seed: seed of its latents and noise (sample i uses seed + i). Default: 0.
+        val.preference_beta: beta of its logits. Default: the training loss's, else 8000.
     """
 
     #: the ``level`` values of the preference losses this model's :meth:`preference_loss` handles.
     supported_levels = ('instance', 'image', 'preferred')
+    #: option keys this model reads beyond BasicSR's, by section (checked at start: dspo_basicsr.option_check)
+    known_options = {
+        'train': ('preference_opt', 'timestep_range', 'feedback_guidance_scale', 'reference_dtype', 'grad_clip',
+                  'max_nonfinite_steps', 'accumulate_grad_batches'),
+        'val': ('sample', 'preference_timesteps', 'preference_seed', 'preference_beta'),
+        'val.sample': ('steps', 'cfg', 'seed', 'prompt', 'negative_prompt', 'sampler', 'color_fix', 'tile_size',
+                       'tile_overlap', 'vae_tile', 'process_size', 'prompt_source', 'start_timestep'),
+    }
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
+        try:  # before anything is built or trained: every missing weight file of every metric, in the log too
+            check_metric_weights((opt.get('val') or {}).get('metrics'))
+        except MissingWeightsError as err:
+            get_root_logger().error(str(err))
+            raise
         net = build_network(opt['network_g']).to(self.device)
         # The reference is taken from the pretrained source before any fine-tuned weight is loaded, so a
         # resumed run gets the same reference as the first one, never the resumed policy.
@@ -172,10 +191,14 @@ class DSPOModel(SRModel):
             return torch.arange(k, device=self.device).expand(b, k)
         return self.pair.clamp_min(0) if level == 'image' else self.pair[:, :1].clamp_min(0)
 
-    def encode_candidates(self, index, generator=None):
-        """VAE latents of the chosen candidates: index (B, J) -> (B*J, C, h, w), candidate-major per LQ."""
+    def encode_candidates(self, index, generator=None, sample_posterior=None):
+        """VAE latents of the chosen candidates: index (B, J) -> (B*J, C, h, w), candidate-major per LQ.
+
+        The posterior is sampled in training (``sample_posterior`` None: ``is_train``), from ``generator``.
+        """
         images = _gather_images(self.candidates, index).flatten(0, 1)
-        return self.bare.encode_images(images, sample_posterior=self.is_train, generator=generator)
+        sample = self.is_train if sample_posterior is None else sample_posterior
+        return self.bare.encode_images(images, sample_posterior=sample, generator=generator)
 
     def preference_condition(self, repeats):
         """The condition of each LQ image, computed once and repeated over its candidates."""
@@ -185,7 +208,8 @@ class DSPOModel(SRModel):
             negatives = [join_negative_prompts(bare.default_negative_prompt, n) for n in self.negative_prompts]
         return repeat_condition(bare.condition(self.lq, self.prompts, negatives, **self.extras), repeats)
 
-    def denoising_errors(self, index, with_reference=True, generator=None, timesteps=None, latents=None, cond=None):
+    def denoising_errors(self, index, with_reference=True, generator=None, timesteps=None, latents=None, cond=None,
+                         policy=None):
         """Per-pixel denoising errors of the chosen candidates, for the policy and the reference.
 
         Args:
@@ -195,6 +219,7 @@ class DSPOModel(SRModel):
             timesteps (Tensor | None): (B,) fixed timesteps; drawn from ``timestep_range`` when None.
             latents (Tensor | None): Precomputed :meth:`encode_candidates` output.
             cond (dict | None): Precomputed :meth:`preference_condition` output.
+            policy (nn.Module | None): The policy to call; ``net_g`` (the DDP wrapper in training) when None.
 
         Returns:
             tuple[Tensor, Tensor | None]: err_theta, err_ref, each (B, J, h, w).
@@ -215,10 +240,11 @@ class DSPOModel(SRModel):
         def errors(prediction):
             return (prediction.float() - target.float()).pow(2).mean(dim=1).view(b, j, h, w)
 
+        policy = self.net_g if policy is None else policy
         if scale:
-            err_theta = errors(bare.guided_prediction(x_t, t, cond, scale, predict=self.net_g))
+            err_theta = errors(bare.guided_prediction(x_t, t, cond, scale, predict=policy))
         else:
-            err_theta = errors(self.net_g(x_t, t, cond))
+            err_theta = errors(policy(x_t, t, cond))
         err_ref = None
         if with_reference:
             with torch.no_grad():
@@ -385,43 +411,106 @@ class DSPOModel(SRModel):
             sampler=sample_opt.get('sampler'), **protocol)
         bare.train(self.is_train)
 
+    def dist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        """Every rank validates its share of the set; rank 0 logs the gathered result (see below)."""
+        self.nondist_validation(dataloader, current_iter, tb_logger, save_img)
+
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        """Validation on a preference set (implicit accuracy) or an image set (SR samples and metrics).
+
+        Under a distributed launcher rank r takes samples r, r + W, ... and rank 0 reduces the results in
+        sample order, so the numbers are those of one process; the bare network is used (no DDP collective
+        outside training) and every rank leaves together.
+        """
         from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
         if isinstance(dataloader.dataset, PreferenceLMDBDataset):
             self.preference_validation(dataloader, current_iter, tb_logger)
         else:
-            super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+            self.image_validation(dataloader, current_iter, tb_logger, save_img)
+        wait_for_all_ranks()
+
+    def _my_share(self, dataloader, desc):
+        """(sample index, collated batch of that one sample) for this rank's share of the set."""
+        rank, world = get_dist_info()
+        dataset = dataloader.dataset
+        show = bool(self.opt['val'].get('pbar', False)) and rank == 0
+        for i in tqdm(range(rank, len(dataset), world), desc=desc, leave=False, disable=not show):
+            yield i, dataloader.collate_fn([dataset[i]])
+
+    @torch.no_grad()
+    def image_validation(self, dataloader, current_iter, tb_logger, save_img):
+        """SRModel's validation (sampling, saved PNGs, ``val.metrics``), split over the ranks."""
+        dataset_name = dataloader.dataset.opt['name']
+        metrics = self.opt['val'].get('metrics') or {}
+        per_image = []
+        for i, val_data in self._my_share(dataloader, f'validation {dataset_name}'):
+            img_name = os.path.splitext(os.path.basename(val_data['lq_path'][0]))[0]
+            self.feed_data(val_data)
+            self.test()
+            visuals = self.get_current_visuals()
+            metric_data = {'img': tensor2img([visuals['result']])}
+            if 'gt' in visuals:
+                metric_data['img2'] = tensor2img([visuals['gt']])
+                del self.gt
+            del self.lq, self.output
+            if save_img:
+                if self.opt['is_train']:
+                    path = os.path.join(self.opt['path']['visualization'], img_name, f'{img_name}_{current_iter}.png')
+                else:
+                    suffix = self.opt['val'].get('suffix') or self.opt['name']
+                    path = os.path.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{suffix}.png')
+                imwrite(metric_data['img'], path)
+            per_image.append((i, {name: float(calculate_metric(metric_data, o)) for name, o in metrics.items()}))
+        per_image = gather_in_sample_order(per_image)
+        if not metrics or get_dist_info()[0] != 0:
+            return
+        self._initialize_best_metric_results(dataset_name)
+        self.metric_results = {name: sum(m[name] for m in per_image) / max(len(per_image), 1) for name in metrics}
+        for name, value in self.metric_results.items():
+            self._update_best_metric_result(dataset_name, name, value, current_iter)
+        self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
 
     @torch.no_grad()
     def preference_validation(self, dataloader, current_iter, tb_logger):
-        """Implicit accuracy of the DSPO logits on a preference set, at fixed timesteps and noise.
+        """Implicit accuracy of the DSPO logits on a preference set, at fixed timesteps, latents and noise.
 
-        Logs ``implicit_acc`` (share of paired instances where the policy prefers the preferred candidate
-        more than the reference does; 0.5 = no preference learned) and ``logit_mean``.
+        Sample i draws its VAE latents and noise from a generator seeded with ``val.preference_seed + i``,
+        so the same weights give the same numbers in training, at the end, in ``basicsr test`` and on any
+        number of ranks. Logs ``implicit_acc`` (share of paired instances where the policy prefers the
+        preferred candidate more than the reference does; 0.5 = no preference learned) and ``logit_mean``.
         """
         val_opt = self.opt['val']
         dataset_name = dataloader.dataset.opt['name']
         timesteps = val_opt.get('preference_timesteps', [100, 300, 500, 700, 900])
-        beta = getattr(getattr(self, 'cri_pref', None), 'beta', 8000.0)
-        generator = torch.Generator(device=self.device).manual_seed(int(val_opt.get('preference_seed', 0)))
+        # beta scales logit_mean (not implicit_acc): the training loss's, or val.preference_beta in basicsr test
+        beta = float(val_opt.get('preference_beta') or getattr(getattr(self, 'cri_pref', None), 'beta', 8000.0))
+        seed = int(val_opt.get('preference_seed', 0))
+        generator = torch.Generator(device=self.device)
         saved_scale, self.feedback_scale = getattr(self, 'feedback_scale', None), None
-        self.bare.eval()
-        all_logits = []
-        for data in tqdm(dataloader, desc=f'preference validation {dataset_name}', leave=False,
-                         disable=not val_opt.get('pbar', False)):
+        bare = self.bare
+        bare.eval()
+        per_sample = []
+        for i, data in self._my_share(dataloader, f'preference validation {dataset_name}'):
+            generator.manual_seed(seed + i)
             self.feed_data(data)
             index = self._candidate_index('instance')
-            coverage = instance_coverage(self.seg, self.win.shape[1], self.bare.vae_scale_factor)
-            latents, cond = self.encode_candidates(index), self.preference_condition(index.shape[1])
+            coverage = instance_coverage(self.seg, self.win.shape[1], bare.vae_scale_factor)
+            latents = self.encode_candidates(index, generator, sample_posterior=True)
+            cond = self.preference_condition(index.shape[1])
+            sample_logits = []
             for step in timesteps:
                 t = torch.full((self.lq.shape[0],), int(step), device=self.device, dtype=torch.long)
                 err_theta, err_ref = self.denoising_errors(index, generator=generator, timesteps=t, latents=latents,
-                                                           cond=cond)
+                                                           cond=cond, policy=bare)
                 logits, _, paired = dspo_logits(err_theta, err_ref, coverage, self.win, self.lose, beta)
-                all_logits.append(logits[paired])
-        self.bare.train(self.is_train)
+                sample_logits.append(logits[paired].cpu())
+            per_sample.append((i, torch.cat(sample_logits)))
+        bare.train(self.is_train)
         self.feedback_scale = saved_scale
-        logits = torch.cat(all_logits) if all_logits else torch.zeros(0)
+        per_sample = gather_in_sample_order(per_sample)
+        if get_dist_info()[0] != 0:
+            return
+        logits = torch.cat(per_sample) if per_sample else torch.zeros(0)
         stats = preference_statistics(logits, torch.ones_like(logits, dtype=torch.bool), logits, logits, logits, logits)
         self.metric_results = {'implicit_acc': stats['implicit_acc'].item(), 'logit_mean': stats['logit_mean'].item()}
         if not hasattr(self, 'best_metric_results'):
@@ -437,11 +526,11 @@ class DSPOModel(SRModel):
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch, current_iter):
+        """Rank 0 writes ``net_g_<iter>.pth`` and ``<iter>.state``; every rank leaves once both are complete."""
         self.save_network(self.net_g, 'net_g', current_iter)
-        self.save_training_state(epoch, current_iter)
-        self.save_accumulation_window(current_iter)
+        self.save_accumulation_window(current_iter)  # this rank's gradients of an unfinished window
+        self.save_training_state(epoch, current_iter)  # ends at a barrier (dspo_basicsr.compat)
 
-    @master_only  # as BasicSR's: under DDP the ranks hold the same weights, and rank 0 writes them
     def save_network(self, net, net_label, current_iter, param_key='params'):
         """Save only the trained parameters (never the reference), refusing non-finite values."""
         state = {k: v.cpu() for k, v in self.get_bare_model(net).trainable_state_dict().items()}
@@ -450,10 +539,8 @@ class DSPOModel(SRModel):
         if broken:
             raise NonFiniteLossError(f'refusing to save {net_label} at iteration {label}: non-finite values in '
                                      f'{broken[:3]}; earlier checkpoints are kept.')
-        path = os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth')
-        tmp = path + '.tmp'
-        torch.save({param_key: state}, tmp)
-        os.replace(tmp, path)
+        if is_main_process():  # every rank holds the same weights; one writes, the others wait in save()
+            atomic_torch_save({param_key: state}, os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
         """Load trained parameters saved by :meth:`save_network` into the freshly built framework."""

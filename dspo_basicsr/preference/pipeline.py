@@ -21,6 +21,7 @@ import copy
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import cv2
@@ -493,8 +494,11 @@ def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=No
     Returns:
         StepReport: What was done, skipped and failed.
     """
-    from dspo_basicsr.preference.candidates import generate_candidates
+    from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
+    from dspo_basicsr.preference.candidates import DEFAULT_METRICS, generate_candidates
 
+    # before the first image is sampled: every missing weight file of every metric, in one error
+    check_metric_weights(DEFAULT_METRICS if metrics is None else metrics, where='metrics')
     work = work if isinstance(work, WorkFolder) else WorkFolder(work)
     paths = {sid: (lq_path, gt_path) for sid, lq_path, gt_path in inputs}
 
@@ -663,3 +667,18 @@ def assemble_preference_set(work, path, overwrite=False, resume=True, progress=T
     preference_set = write_preference_lmdb(path, samples, scale=scales.pop(), overwrite=overwrite, resume=resume,
                                            total=len(report.done), progress=progress, **write_opt)
     return preference_set, report
+
+
+def run_interruptible(main):
+    """Run a data script's ``main``; Ctrl-C ends it with one line, not a traceback.
+
+    Every step commits each finished item, so what was done survives and a rerun resumes from it.
+
+    Returns:
+        int: ``main()``'s exit code, or 130 after Ctrl-C.
+    """
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print('interrupted: rerun to resume', file=sys.stderr, flush=True)
+        return 130

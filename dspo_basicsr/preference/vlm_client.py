@@ -114,6 +114,18 @@ class RateLimit:
             time.sleep(start - now)
 
 
+_BEARER = re.compile(r'(Bearer\s+)[^\s"\'\\,;]+', re.IGNORECASE)
+
+
+def redact_secrets(text, secrets=()):
+    """``text`` with every secret and any ``Bearer`` token replaced by ``***`` (before it is stored or shown)."""
+    text = str(text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, '***')
+    return _BEARER.sub(r'\1***', text)
+
+
 class VLMClient:
     """OpenAI-compatible chat-completions client with retries, backoff and a disk cache.
 
@@ -165,6 +177,11 @@ class VLMClient:
             headers['Authorization'] = f'Bearer {key}'
         return headers
 
+    def _remote(self, text):
+        """Text from the server, clipped and with the API key and Bearer tokens redacted."""
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return _clip(redact_secrets(text, [key]))
+
     def _post(self, body):
         """POST with retries; returns the decoded JSON response."""
         import requests
@@ -185,16 +202,17 @@ class VLMClient:
                 last = f'connection failed ({err.__class__.__name__})'
                 continue
             if response.status_code == 429 or response.status_code >= 500:
-                last = f'HTTP {response.status_code}: {_clip(response.text)!r}'
+                last = f'HTTP {response.status_code}: {self._remote(response.text)!r}'
                 continue
             if response.status_code != 200:
                 raise VLMRequestError(f'{self.url} answered HTTP {response.status_code} (not retried): '
-                                      f'{_clip(response.text)!r}; check base_url, model and the key in '
+                                      f'{self._remote(response.text)!r}; check base_url, model and the key in '
                                       f'${self.api_key_env}.')
             try:
                 return response.json()
             except ValueError as err:
-                raise VLMReplyError(f'{self.url} returned a body that is not JSON: {_clip(response.text)!r}') from err
+                raise VLMReplyError(f'{self.url} returned a body that is not JSON: '
+                                    f'{self._remote(response.text)!r}') from err
         raise VLMRequestError(f'{self.url}: {last} ({self.max_retries + 1} attempts).')
 
     def _cache_path(self, body):
@@ -230,8 +248,11 @@ class VLMClient:
             text = response['choices'][0]['message']['content']
         except (KeyError, IndexError, TypeError) as err:
             raise VLMReplyError(f'{self.url} returned no choices[0].message.content: '
-                                f'{_clip(json.dumps(response))!r}') from err
-        value = parse(text)
+                                f'{self._remote(json.dumps(response))!r}') from err
+        try:
+            value = parse(text)
+        except VLMReplyError as err:  # its message quotes the reply, which may echo the key
+            raise VLMReplyError(redact_secrets(str(err), [os.environ.get(self.api_key_env or '')])) from None
         if path:
             tmp = f'{path}.tmp{os.getpid()}-{threading.get_ident()}'
             with open(tmp, 'w', encoding='utf-8') as handle:
