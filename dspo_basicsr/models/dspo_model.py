@@ -21,6 +21,7 @@ from dspo_basicsr.losses.preference_loss import (
     instance_error,
     preference_statistics,
 )
+from dspo_basicsr.models.run_summary import summary_due, write_training_curves, write_validation_summary
 
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
@@ -55,6 +56,8 @@ class DSPOModel(SRModel):
         train.max_nonfinite_steps: stop after this many non-finite losses in a row. Default: 10.
         val.sample: ``steps``, ``cfg``, ``seed``, ``prompt``, ``negative_prompt``, ``sampler`` for SR validation.
         val.preference_timesteps: timesteps at which a preference validation set is scored.
+        val.summary: ``end`` (default), ``every`` or ``false``: when an image validation set also gets
+            ``visualization/summary_<iter>.png`` (LQ | reference | current | GT) and ``training_curves.png``.
     """
 
     #: the ``level`` values of the preference losses this model's :meth:`preference_loss` handles.
@@ -289,6 +292,9 @@ class DSPOModel(SRModel):
             self.preference_validation(dataloader, current_iter, tb_logger)
         else:
             super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+            if summary_due(self.opt, current_iter):
+                write_validation_summary(self, dataloader, current_iter)
+                write_training_curves(self.opt)
 
     @torch.no_grad()
     def preference_validation(self, dataloader, current_iter, tb_logger):

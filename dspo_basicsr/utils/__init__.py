@@ -1,0 +1,1 @@
+"""Helpers below the models: pictures of runs (:mod:`dspo_basicsr.utils.visualization`)."""
