@@ -97,6 +97,30 @@ def instance_pairs_by_psnr(candidates, gt, seg):
     return instances
 
 
+def instance_win_rate(current, reference, gts, segs):
+    """Instance-level win rate of ``current`` over ``reference`` by the rule that labels the demo set.
+
+    An instance is won when the current image's PSNR against the GT inside it is higher than the
+    reference's (:func:`instance_pairs_by_psnr`'s rule), lost when lower, tied when equal.
+
+    Args:
+        current, reference, gts (list[np.ndarray]): (H, W, 3) uint8 images, one per crop.
+        segs (list[np.ndarray]): (H, W) label maps with ids 0..M-1.
+
+    Returns:
+        dict: ``wins``, ``losses``, ``ties`` and ``win_rate`` = (wins + ties / 2) / instances.
+    """
+    wins = losses = ties = 0
+    for cur, ref, gt, seg in zip(current, reference, gts, segs):
+        for instance in instance_pairs_by_psnr([cur, ref], gt, seg):
+            psnr_current, psnr_reference = instance['scores']['psnr']
+            wins += psnr_current > psnr_reference
+            losses += psnr_current < psnr_reference
+            ties += psnr_current == psnr_reference
+    total = wins + losses + ties
+    return dict(wins=wins, losses=losses, ties=ties, win_rate=(wins + ties / 2) / total if total else float('nan'))
+
+
 def _augmented_batch(images, batch, generator):
     """Random flips / 90-degree rotations of ``batch`` images drawn from (N, 3, H, W) ``images``."""
     index = torch.randint(0, images.shape[0], (batch,), generator=generator)
@@ -106,7 +130,8 @@ def _augmented_batch(images, batch, generator):
     return out.rot90(int(torch.randint(0, 4, (), generator=generator)), dims=(-2, -1))
 
 
-def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion_steps=300, batch=8, seed=0):
+def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion_steps=300, batch=8, seed=0,
+                            max_timestep=None, lr=1e-3):
     """Give a tiny random ControlSD2 the rudiments of a pretrained SR model, in about a minute on a CPU.
 
     First the VAE learns to reconstruct the HQ crops (MSE + a small KL term) and its latent scaling factor
@@ -122,8 +147,11 @@ def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion
     generator = torch.Generator().manual_seed(seed)
     vae = framework.vae.requires_grad_(True)
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    # Half of each batch is bicubic-upsampled LQ: sampling starts from the latent of that image.
+    bicubic = framework.upsample_lq(lq)
     for _ in tqdm(range(vae_steps), desc='pretrain tiny VAE', leave=False):
-        x = _augmented_batch(hq, batch, generator) * 2 - 1
+        x = torch.cat([_augmented_batch(hq, batch - batch // 2, generator),
+                       _augmented_batch(bicubic, batch // 2, generator)]) * 2 - 1
         posterior = vae.encode(x).latent_dist
         loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample(generator)).sample, x)
         loss = loss + 1e-6 * posterior.kl().mean()
@@ -131,18 +159,19 @@ def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion
         loss.backward()
         optimizer.step()
     vae.requires_grad_(False)
-    with torch.no_grad():
-        std = vae.encode(hq * 2 - 1).latent_dist.mode().std().item()
-    vae.register_to_config(scaling_factor=1.0 / std)
+    if vae_steps:
+        with torch.no_grad():
+            std = vae.encode(hq * 2 - 1).latent_dist.mode().std().item()
+        vae.register_to_config(scaling_factor=1.0 / std)
 
     denoiser = list(framework.unet.parameters()) + list(framework.controlnet.parameters())
     for p in denoiser:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(denoiser, lr=1e-3)
+    optimizer = torch.optim.Adam(denoiser, lr=lr)
     with torch.no_grad():
         latents = framework.encode_images(hq)
         prompt_embeds = framework.encode_prompts(prompts)
-    num_train = framework.noise_scheduler.config.num_train_timesteps
+    num_train = max_timestep or framework.noise_scheduler.config.num_train_timesteps
     for _ in tqdm(range(diffusion_steps), desc='pretrain tiny denoiser', leave=False):
         index = torch.randint(0, latents.shape[0], (batch,), generator=generator)
         noise = torch.randn(latents[index].shape, generator=generator)
