@@ -67,7 +67,9 @@ def write_validation_summary(model, dataloader, current_iter):
     dataset_name = dataloader.dataset.opt['name']
     folder = model.opt['path']['visualization']
     path = os.path.join(folder, f'summary_{current_iter}.png')
-    if len(model.opt['datasets']) > 2 or os.path.exists(path):  # several image sets: one file each
+    image_sets = [d for phase, d in model.opt['datasets'].items()
+                  if not phase.startswith('train') and d.get('type') != 'PreferenceLMDBDataset']
+    if len(image_sets) > 1:  # several image sets: one file each
         path = os.path.join(folder, f'summary_{dataset_name}_{current_iter}.png')
     layout = draw_summary(rows, path, scale=model.opt['scale'])
     for row, drawn in zip(rows, layout['rows']):
