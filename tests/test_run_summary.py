@@ -31,6 +31,7 @@ def test_summary_tiles_in_order_with_their_metrics(tmp_path):
     layout = draw_summary(rows, path, tile_size=64)
     picture = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
     assert layout == json.load(open(str(tmp_path / 'vis' / 'summary_7.json')))
+    assert layout['rows'][1]['metrics']['current'] == pytest.approx({'psnr': 23.0, 'ssim': 0.7})
     assert layout['columns'] == ['lq', 'reference', 'current', 'gt']
     for r, row in enumerate(layout['rows']):
         for c, key in enumerate(layout['columns']):
@@ -86,6 +87,7 @@ def test_final_validation_writes_summary_from_the_validation_results(tmp_path):
     assert [r['name'] for r in layout['rows']] == ['000', '001']
     current = [r['captions']['current'][1] for r in layout['rows']]
     psnrs = [float(c.split()[1]) for c in current]
+    assert psnrs == pytest.approx([r['metrics']['current']['psnr'] for r in layout['rows']], abs=0.005)
     # the tiles' values are the validation's: their mean is the logged PSNR of the current model
     assert np.mean(psnrs) == pytest.approx(model.metric_results['psnr'], abs=0.01)
     assert [r['captions']['reference'] for r in layout['rows']] != [r['captions']['current'] for r in layout['rows']]

@@ -72,8 +72,6 @@ def write_validation_summary(model, dataloader, current_iter):
     if len(image_sets) > 1:  # several image sets: one file each
         path = os.path.join(folder, f'summary_{dataset_name}_{current_iter}.png')
     layout = draw_summary(rows, path, scale=model.opt['scale'])
-    for row, drawn in zip(rows, layout['rows']):
-        drawn['metrics'] = row['metrics']
     get_root_logger().info(f'Validation summary of {dataset_name} (LQ | reference | current | GT): {path}')
     return layout
 

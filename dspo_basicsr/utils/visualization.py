@@ -42,7 +42,7 @@ def draw_summary(rows, path, tile_size=192, scale=4):
 
     Returns:
         dict: The layout: ``tile_size``, ``caption_height``, ``columns`` and per row ``top`` (pixel row of the
-        tiles) and the caption lines drawn under each tile, as written to ``path`` with ``.json``.
+        tiles), the caption lines drawn under each tile and the metrics, as written to ``path`` with ``.json``.
     """
     keys = ('lq', 'reference', 'current', 'gt')
     titles = [c.format(scale=scale) for c in SUMMARY_COLUMNS]
@@ -64,7 +64,8 @@ def draw_summary(rows, path, tile_size=192, scale=4):
             captions[key] = lines
             tiles.append(np.concatenate([tile, band], axis=0))
             tiles.append(np.full((tile.shape[0] + caption, 4, 3), 255, np.uint8))  # gutter
-        layout['rows'].append({'name': row['name'], 'top': sum(r.shape[0] for r in canvas_rows), 'captions': captions})
+        layout['rows'].append({'name': row['name'], 'top': sum(r.shape[0] for r in canvas_rows), 'captions': captions,
+                               'metrics': row.get('metrics', {})})
         canvas_rows.append(np.concatenate(tiles[:-1], axis=1))
     width = max(r.shape[1] for r in canvas_rows)
     canvas = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255)
