@@ -23,11 +23,10 @@ DEMO_PHOTOS = (
     ('hubble_deep_field', 'galaxies'),
 )
 
-#: Sampling settings of the demo candidates; the first is the framework's default (the option files'
-#: ``start_strength``). Starting from more noise (``strength``) makes candidates differ where it matters.
+#: Sampling settings of the demo candidates; the first is the framework's default.
 DEMO_CANDIDATE_SETTINGS = (
-    dict(steps=8, cfg=3.0, seed=0, strength=0.375), dict(steps=8, cfg=1.0, seed=1, strength=0.5),
-    dict(steps=8, cfg=5.5, seed=2, strength=0.625), dict(steps=4, cfg=3.0, seed=3, strength=0.5),
+    dict(steps=8, cfg=3.0, seed=0), dict(steps=4, cfg=1.0, seed=1), dict(steps=8, cfg=5.5, seed=2),
+    dict(steps=4, cfg=3.0, seed=3),
 )
 
 
@@ -198,7 +197,7 @@ def _to_uint8(image):
 
 
 #: The demo base: tiny VAE widths, pretraining steps, and where sampling starts (see ControlSD2Arch).
-DEMO_BASE = dict(vae_widths=(16, 32, 32), vae_steps=300, diffusion_steps=200, max_timestep=400, start_strength=0.375)
+DEMO_BASE = dict(vae_widths=(16, 32, 32), vae_steps=200, diffusion_steps=200, max_timestep=400, start_strength=0.375)
 
 
 def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n_segments=8, seed=0,
@@ -257,7 +256,6 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
             candidates = []
             for setting in DEMO_CANDIDATE_SETTINGS:
                 generator = torch.Generator().manual_seed(setting['seed'])
-                framework.start_strength = setting['strength']
                 sr = framework.sample(lq_tensor, prompt, steps=setting['steps'], cfg=setting['cfg'],
                                       generator=generator)
                 candidates.append(_to_uint8(sr[0]))
