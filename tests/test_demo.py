@@ -61,3 +61,23 @@ def test_instance_win_rate_counts_instances_by_their_psnr():
     current = gt.copy()
     current[:6, :4] += 5  # instance 0: the current model is off; instance 2: a tie
     assert instance_win_rate([current], [reference], [gt], [seg]) == dict(wins=1, losses=1, ties=1, win_rate=0.5)
+
+
+def test_build_preference_set_rerun_says_to_pass_overwrite(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import os
+
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location('build_preference_set',
+                                                  os.path.join(REPO, 'scripts', 'build_preference_set.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def finished_set(work, out, overwrite=False, **kwargs):
+        if not overwrite:
+            raise FileExistsError(f"preference set '{out}' already exists; pass overwrite=True to replace it.")
+        raise AssertionError('not reached in this test')
+
+    monkeypatch.setattr(script, 'assemble_preference_set', finished_set)
+    assert script.main(['--work', str(tmp_path), '--out', str(tmp_path / 'set.lmdb')]) == 2
+    assert 'pass --overwrite' in capsys.readouterr().err
