@@ -50,3 +50,11 @@ def test_neighbouring_instances_get_distinct_colours():
     for a, b in ((seg[:, :-1], seg[:, 1:]), (seg[:-1], seg[1:])):
         for u, v in set(zip(a[a != b].tolist(), b[a != b].tolist())):
             assert tuple(colours[u]) != tuple(colours[v]), (u, v)
+
+
+def test_score_band_reads_both_score_layouts():
+    lq, candidates, seg, instances, gt = _sample()
+    instances[0]['scores'] = [{'psnr': 20.0, 'lpips': 0.3}, {'psnr': 25.5, 'lpips': 0.2}, {'psnr': 22.0, 'lpips': 0.25}]
+    instances[1]['scores'] = {'vlm_reason': 'sharper fur'}  # no numbers: nothing to write for it
+    sheet = make_contact_sheet(lq, candidates, seg, instances, default_candidate=0, height=64)
+    assert sheet.shape[0] == 64 + 14 + 6  # one line (instance 0) under each candidate

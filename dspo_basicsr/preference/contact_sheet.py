@@ -161,19 +161,30 @@ def make_contact_sheet(lq, candidates, seg, instances, default_candidate=None, h
     return np.concatenate(row[:-1], axis=1)
 
 
+def _candidate_scores(scores, n):
+    """Candidate n's numeric scores from an instance's ``scores``: a list with one dict per candidate
+    (the metric / BIQA scorers) or a dict of metric name -> one value per candidate (the demo)."""
+    if isinstance(scores, (list, tuple)):
+        entry = scores[n] if n < len(scores) and isinstance(scores[n], dict) else {}
+    elif isinstance(scores, dict):
+        entry = {k: v[n] for k, v in scores.items() if isinstance(v, (list, tuple)) and n < len(v)}
+    else:
+        entry = {}
+    return {k: v for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _score_band(candidates, paired, width, num_tiles, has_gt):
     """White bands under the tiles; under candidate n, ``#m metric value`` per paired instance.
 
     Returns:
         list[np.ndarray] | None: one band per tile, or None when no instance has scores.
     """
-    scored = [inst for inst in paired if inst.get('scores')]
-    if not scored:
+    lines_per_candidate = [[f'#{inst["id"]} ' + ' '.join(f'{name} {value:.2f}' for name, value in numbers.items())
+                            for inst in paired for numbers in [_candidate_scores(inst.get('scores'), n)] if numbers]
+                           for n in range(len(candidates))]
+    if not any(lines_per_candidate):
         return None
     line = 14
-    lines_per_candidate = [[f'#{inst["id"]} ' + ' '.join(f'{name} {values[n]:.2f}' for name, values in
-                                                        inst['scores'].items()) for inst in scored]
-                           for n in range(len(candidates))]
     band_h = line * max(len(lines) for lines in lines_per_candidate) + 6
     bands = [np.full((band_h, width, 3), 255, np.uint8) for _ in range(num_tiles + has_gt + 1)]
     for n, lines in enumerate(lines_per_candidate):
