@@ -25,8 +25,13 @@ def main(argv=None):
     parser.add_argument('--no-progress', action='store_true')
     args = parser.parse_args(argv)
 
-    _, report = assemble_preference_set(args.work, args.out, overwrite=args.overwrite, resume=not args.no_resume,
-                                        progress=not args.no_progress)
+    try:
+        _, report = assemble_preference_set(args.work, args.out, overwrite=args.overwrite,
+                                            resume=not args.no_resume, progress=not args.no_progress)
+    except FileExistsError:
+        print(f"preference set '{args.out}' already exists; pass --overwrite to replace it (the old set is kept "
+              'until the new one is complete).', file=sys.stderr)
+        return 2
     print(report.summary().replace('failed', 'left out (unfinished)'))
     if args.sheets:
         preference_set = PreferenceLMDB(args.out)

@@ -164,6 +164,7 @@ def test_cli_trains_saves_auto_resumes_with_same_reference_and_tests(tiny_set, t
     assert tested.returncode == 0, tested.stderr[-3000:]
     results = tmp_path / 'results' / 'dspo_tiny_test'
     assert len(glob.glob(str(results / 'visualization' / 'paired' / '*.png'))) == 2
+    assert (results / 'visualization' / 'summary_dspo_tiny_test.png').is_file()  # LQ | reference | current | GT
     log = '\n'.join(open(f).read() for f in glob.glob(str(results / 'test_*.log')))
     assert re.search(r'# psnr: [0-9.]+', log) and re.search(r'# implicit_acc: [0-9.]+', log)
     assert "Loading trained parameters of ControlSD2Arch from" in log

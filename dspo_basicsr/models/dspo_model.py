@@ -25,6 +25,7 @@ from dspo_basicsr.losses.preference_loss import (
 )
 from dspo_basicsr.metrics.metric_table import MissingWeightsError
 from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
+from dspo_basicsr.models.run_summary import summary_due, write_training_curves, write_validation_summary
 
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
@@ -85,6 +86,8 @@ class DSPOModel(SRModel):
         val.preference_timesteps: timesteps at which a preference validation set is scored.
         val.preference_seed: seed of its latents and noise (sample i uses seed + i). Default: 0.
         val.preference_beta: beta of its logits. Default: the training loss's, else 8000.
+        val.summary: ``end`` (default), ``every`` or ``false``: when an image validation set also gets
+            ``visualization/summary_<iter>.png`` (LQ | reference | current | GT) and ``training_curves.png``.
     """
 
     #: the ``level`` values of the preference losses this model's :meth:`preference_loss` handles.
@@ -427,6 +430,9 @@ class DSPOModel(SRModel):
             self.preference_validation(dataloader, current_iter, tb_logger)
         else:
             self.image_validation(dataloader, current_iter, tb_logger, save_img)
+            if get_dist_info()[0] == 0 and summary_due(self.opt, current_iter):
+                write_validation_summary(self, dataloader, current_iter)
+                write_training_curves(self.opt)
         wait_for_all_ranks()
 
     def _my_share(self, dataloader, desc):

@@ -1,1 +1,2 @@
-"""Helpers below the models and the preference pipeline (they import neither)."""
+"""Helpers below the models and the preference pipeline (they import neither): distributed data
+sharding, pictures of runs."""
