@@ -50,7 +50,7 @@ def timed_side_by_side(fn_a, fn_b, repeats, device):
 def sft_step(model):
     """Plain diffusion loss on the same B x K candidates: one policy forward + backward, no reference."""
     model.optimizer_g.zero_grad(set_to_none=True)
-    index = model._candidate_index('instance')
+    index = model._all_candidates()
     err_theta, _ = model.denoising_errors(index, with_reference=False)
     diffusion_sft_loss(err_theta).backward()
     model.optimizer_g.step()
@@ -61,7 +61,7 @@ def per_instance_loop_step(model, beta):
     model.optimizer_g.zero_grad(set_to_none=True)
     bare = model.bare
     coverage = instance_coverage(model.seg, model.win.shape[1], bare.vae_scale_factor)
-    latents = model.encode_candidates(model._candidate_index('instance'))
+    latents = model.encode_candidates(model._all_candidates())
     b, k = model.candidates.shape[:2]
     latents = latents.view(b, k, *latents.shape[1:])
     total = 0
