@@ -89,7 +89,7 @@ class DSPOModel(SRModel):
         needed = getattr(self.cri_pref, 'model_type', 'DSPOModel')
         if needed not in {cls.__name__ for cls in type(self).__mro__}:
             raise ValueError(f"train.preference_opt.type {train_opt['preference_opt']['type']} is not handled by "
-                             f'model_type {type(self).__name__}; use model_type: {needed}.')
+                             f'model_type {type(self).__name__}; use {needed} (model_type: {needed}).')
         self.feedback_scale = train_opt.get('feedback_guidance_scale')
         low, high = train_opt.get('timestep_range', [0, self.bare.noise_scheduler.config.num_train_timesteps])
         self.timestep_range = (int(low), int(high))
