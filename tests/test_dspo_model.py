@@ -206,3 +206,23 @@ def test_cli_trains_saves_auto_resumes_with_same_reference_and_tests(tiny_set, t
     log = '\n'.join(open(f).read() for f in glob.glob(str(results / 'test_*.log')))
     assert re.search(r'# psnr: [0-9.]+', log) and re.search(r'# implicit_acc: [0-9.]+', log)
     assert "Loading trained parameters of ControlSD2Arch from" in log
+
+
+def test_top_bottom_pairs_from_the_sets_score_tables_train_like_best_worst(tiny_set, tmp_path):
+    # The tiny set stores only each instance's pair, so its score tables rank to the same pairs with top_n 1.
+    data = preference_batch(tiny_set)
+    losses = []
+    for pairs in ('best_worst', 'top_bottom'):
+        opt = in_process_options(tiny_set, tmp_path)
+        opt['train']['preference_opt'].update(pairs=pairs, top_n=1)
+        model = build_model(opt)
+        model.feed_data(data)
+        assert model.scores.shape == (2, 4, 3)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # policy != reference: a loss away from ln 2
+            for p in model.trainable_params:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        torch.manual_seed(3)
+        losses.append(model.preference_loss().loss)
+    assert losses[0].item() != pytest.approx(math.log(2), abs=1e-4)
+    assert torch.equal(losses[0], losses[1])
