@@ -320,3 +320,129 @@ def run_comparison(option_files, out_dir, iters=None, workdir='.', include_base=
     radar_plot(rows, facts, radar)
     return {'rows': rows, 'facts': facts, 'table': table, 'table_md': os.path.join(out_dir, 'table.md'),
             'table_csv': os.path.join(out_dir, 'table.csv'), 'radar': radar}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps: one option file, one key, several values (the DSPO paper's beta study, its Fig. 7).
+
+
+def parse_sweep(text):
+    """``KEY=V1,V2,...`` -> (key path list, values); each value is read as YAML (``500`` -> 500, ``none`` stays)."""
+    key, sep, values = text.partition('=')
+    parts = [p for p in key.strip().split('.') if p]
+    if not sep or not parts or not values.strip():
+        raise ComparisonError(f"--sweep {text!r}: write KEY=V1,V2,... (e.g. train.preference_opt.beta=500,2000).")
+    parsed = [_sweep_value(v.strip()) for v in values.split(',') if v.strip()]
+    if len(set(map(str, parsed))) != len(parsed):
+        raise ComparisonError(f'--sweep {text!r}: a value is given twice.')
+    return parts, parsed
+
+
+def _sweep_value(text):
+    """One sweep value as YAML reads it, with YAML 1.1's strings like ``8e3`` taken as numbers."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def set_option(opt, parts, value, source='the option file'):
+    """``opt`` with ``opt[parts[0]]...[parts[-1]] = value`` (a copy); the parent sections must exist."""
+    opt = copy.deepcopy(opt)
+    node = opt
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise ComparisonError(f"--sweep key {'.'.join(parts)}: {source} has no section "
+                                  f"'{'.'.join(parts[:i + 1])}'.")
+        node = node[part]
+    node[parts[-1]] = value
+    return opt
+
+
+def run_sweep(option_file, sweep, out_dir, iters=None, workdir='.', include_base=True, prefix='sweep', note=''):
+    """Train one run per value of ``sweep`` on the same setup, evaluate all identically, tabulate and plot.
+
+    Args:
+        option_file (str): The training option file (one objective).
+        sweep (str): ``KEY=V1,V2,...``, e.g. ``train.preference_opt.beta=500,2000,8000,32000``.
+        out_dir, iters, workdir, include_base, prefix, note: as :func:`run_comparison`.
+
+    Returns:
+        dict: ``rows``, ``facts``, ``table`` and the paths of ``table.md``, ``table.csv`` and ``sweep.png``.
+    """
+    from tqdm import tqdm
+
+    from dspo_basicsr.cli import read_option_file
+    parts, values = parse_sweep(sweep)
+    base_opt = _plain(read_option_file(option_file))
+    key = '.'.join(parts)
+    out_dir = os.path.abspath(out_dir)
+    for sub in ('options', 'logs', 'eval'):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    workdir = os.path.abspath(workdir)
+    runs = [(value, set_option(base_opt, parts, value, option_file)) for value in values]
+    rows, facts = [], {}
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        if include_base:
+            values_base, facts = evaluate_checkpoint(base_opt, None, os.path.join(out_dir, 'eval', BASE[0]))
+            rows.append({'label': BASE[1], 'key': BASE[0], 'value': None, 'iterations': 0, 'seconds': 0.0,
+                         'metrics': values_base, 'file': option_file, 'checkpoint': None})
+        for value, opt in tqdm(runs, desc=f'sweep {key}', unit='run'):
+            tag = str(value).replace('/', '_').replace(' ', '_')
+            name = f'{prefix}_{parts[-1]}_{tag}'
+            train_opt = training_options(opt, name, iters)
+            run_file = os.path.join(out_dir, 'options', f'{name}.yml')
+            with open(run_file, 'w', encoding='utf-8') as f:
+                yaml.safe_dump(train_opt, f, sort_keys=False)
+            checkpoint, seconds = train_run(run_file, name, workdir, os.path.join(out_dir, 'logs', f'{name}.log'))
+            metrics, run_facts = evaluate_checkpoint(opt, checkpoint, os.path.join(out_dir, 'eval', name),
+                                                     train_opt['train']['total_iter'])
+            facts.update(run_facts)
+            rows.append({'label': f'{parts[-1]} = {value}', 'key': tag, 'value': value,
+                         'iterations': train_opt['train']['total_iter'], 'seconds': seconds, 'metrics': metrics,
+                         'file': option_file, 'checkpoint': checkpoint})
+    finally:
+        os.chdir(cwd)
+    table = write_tables(rows, facts, out_dir, note)
+    plot = os.path.join(out_dir, 'sweep.png')
+    sweep_plot(rows, facts, key, plot)
+    return {'rows': rows, 'facts': facts, 'table': table, 'table_md': os.path.join(out_dir, 'table.md'),
+            'table_csv': os.path.join(out_dir, 'table.csv'), 'plot': plot}
+
+
+def sweep_plot(rows, facts, key, path):
+    """Metric against the swept value, one panel per metric; the pretrained model as a horizontal line."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    swept = [row for row in rows if row['key'] != BASE[0]]
+    base = next((row for row in rows if row['key'] == BASE[0]), None)
+    values = [row['value'] for row in swept]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    x = values if numeric else list(range(len(values)))
+    columns = list(facts)
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.2), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        label, lower = facts[column]
+        ax.plot(x, [row['metrics'].get(column, math.nan) for row in swept], 'o-', label='fine-tuned')
+        if base is not None and column in base['metrics']:
+            ax.axhline(base['metrics'][column], color='gray', linestyle='--', label='pretrained')
+        if numeric and min(values) > 0 and max(values) / min(values) >= 10:
+            ax.set_xscale('log')
+        if not numeric:
+            ax.set_xticks(x, [str(v) for v in values])
+        ax.set_xlabel(key.split('.')[-1])
+        ax.set_title(f"{label} {'↓' if lower else '↑'}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f'Sweep of {key}', fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
