@@ -168,7 +168,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     Layout::
 
         root/tiny_sd2/            tiny pretrained SD2-base folder (diffusers layout) + controlnet/
-        root/demo_pref.lmdb       the preference set (DESIGN.md section 4)
+        root/demo_pref.lmdb       the preference set (docs/preference_lmdb.md)
         root/val/gt, root/val/lq  paired PNG folders for SR validation (other crops)
 
     Returns:

@@ -3,8 +3,9 @@
 References:
     * DSPO: Cai et al., "DSPO: Direct Semantic Preference Optimization for Real-World Image
       Super-Resolution", arXiv:2504.15176, 2025. Instance-level Diffusion-DPO: one DPO term per SAM
-      instance, weighted by instance area (the paper's Eqs. (3)-(8): the DPO and Diffusion-DPO objectives it
-      starts from, the instance weights ``w_m`` and the instance-level objective).
+      instance, weighted by instance area. The paper's Eqs. (3)-(8) run from the DPO and Diffusion-DPO
+      objectives it starts from to the instance weights ``w_m`` and the instance-level objective; the
+      contract as implemented here, symbol by symbol, is ``docs/objectives.md``.
     * Diffusion-DPO: Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization",
       CVPR 2024, Eq. 14. We use the diffusers convention (no 0.5 factor in front of beta).
     * Diffusion-DRO: Wu et al., "Ranking-based Preference Optimization for Diffusion Models from Implicit
@@ -140,8 +141,8 @@ def dspo_loss(err_theta, err_ref, coverage, win, lose, beta=DEFAULT_BETA):
     """DSPO: area-weighted Diffusion-DPO over semantic instances (``docs/objectives.md``).
 
     ``L = mean_b -sum_m w_m log sigmoid(-beta ((e_theta[w] - e_ref[w]) - (e_theta[l] - e_ref[l])))``
-    with ``w_m = |s_m| / sum_{paired} |s_m|`` (the DSPO paper's instance weights and instance-level
-    objective, its Eqs. (6)-(8), in the Diffusion-DPO form of its Eqs. (4)-(5)). The mean runs over samples
+    with ``w_m = |s_m| / sum_{paired} |s_m|`` (the instance-level objective at the end of the DSPO paper's
+    Eqs. (3)-(8), in the Diffusion-DPO form; ``docs/objectives.md``). The mean runs over samples
     with at least one paired instance; a sample without any contributes nothing (and a batch without any
     gives 0 with a graph).
 
@@ -273,7 +274,9 @@ def diffusion_dpo_logits(err_theta_w, err_theta_l, err_ref_w, err_ref_l, beta=DE
 
 
 def diffusion_dpo_loss(err_theta_w, err_theta_l, err_ref_w, err_ref_l, beta=DEFAULT_BETA):
-    """Diffusion-DPO (Wallace et al. 2024, Eq. 14; the DSPO paper's Eqs. (4)-(5)): ``mean_b -log sigmoid(logit_b)``.
+    """Diffusion-DPO (Wallace et al. 2024, Eq. 14; restated among the DSPO paper's Eqs. (3)-(8)).
+
+    ``L = mean_b -log sigmoid(logit_b)``, logits from :func:`diffusion_dpo_logits`.
 
     Args:
         err_theta_w, err_theta_l, err_ref_w, err_ref_l (Tensor): (B,) per-sample mean errors.

@@ -1,6 +1,6 @@
 """One preference sample, its checks, and the codecs that store it (PNG, UTF-8 JSON, ``.npy``).
 
-A sample is what DSPO trains on (DESIGN.md section 4): a low-quality input, N candidate SR outputs of
+A sample is what DSPO trains on (docs/preference_lmdb.md): a low-quality input, N candidate SR outputs of
 it, a SAM-style instance label map at SR size, and, for each instance, the preferred (``win``) and
 dispreferred (``lose``) candidate. The same checks run when a set is written and when it is read, so a
 set that was written can always be read back.
