@@ -34,8 +34,14 @@ SHARED_SECTIONS = ('scale', 'manual_seed', 'network_g', 'datasets', 'val')
 PREFERENCE_METRICS = {'implicit_acc': ('Implicit acc.', False), 'logit_mean': ('Logit mean', False)}
 RADAR_EXCLUDED = ('logit_mean', )
 
+#: objective options shown in a variant's label only when they differ from these values.
+VARIANT_DEFAULTS = {'beta': 8000, 'margin': 1e-3, 'pairs': 'best_worst', 'top_n': 1, 'weighting': 'none',
+                    'instance_level': False}
+
 PRESETS = {
     'demo': [f'options/demo/compare_{k}.yml' for k in ('sft', 'dpo', 'dspo', 'dro')],
+    # DSPO's best/worst pair against several pairs per instance, without and with hierarchical weights
+    'demo_pairs': [f'options/demo/compare_{k}.yml' for k in ('dspo', 'dspo_top_bottom', 'dspo_hierarchical')],
     'sd21': [f'options/compare_{k}_sd21.yml' for k in ('sft', 'dpo', 'dspo', 'dro')],
 }
 
@@ -74,9 +80,15 @@ def load_objective_options(option_files):
             raise ComparisonError(f"{path}: train.preference_opt.type is {loss_type!r}; the comparison knows "
                                   f'{sorted(OBJECTIVES)}.')
         key, label = OBJECTIVES[loss_type]
-        if any(run['key'] == key for run in runs):
-            raise ComparisonError(f'{path}: objective {label} is given twice; pass one option file per objective.')
-        runs.append({'file': path, 'opt': opt, 'key': key, 'label': label})
+        same = [run for run in runs if run['opt']['train']['preference_opt'].get('type') == loss_type]
+        if any(run['opt']['train']['preference_opt'] == opt['train']['preference_opt'] for run in same):
+            raise ComparisonError(f'{path}: objective {label} is given twice with the same train.preference_opt; '
+                                  'pass one option file per objective or variant.')
+        if same:  # a variant of an objective already compared (e.g. DSPO's pairs / weighting)
+            key = f'{key}_{len(same) + 1}'
+        options = {k: v for k, v in opt['train']['preference_opt'].items() if k not in ('type', 'loss_weight')}
+        variant = ', '.join(f'{k} {v}' for k, v in options.items() if VARIANT_DEFAULTS.get(k, object()) != v)
+        runs.append({'file': path, 'opt': opt, 'key': key, 'label': f'{label} ({variant})' if variant else label})
     if not runs:
         raise ComparisonError('no option files to compare.')
     first = runs[0]

@@ -53,7 +53,7 @@ def main(argv=None):
 
 
 def _sweep(args):
-    files = PRESETS[args.preset][2:3] if args.preset else args.options  # a preset sweeps its DSPO file
+    files = [f for f in PRESETS[args.preset] if 'compare_dspo' in f][:1] if args.preset else args.options  # its DSPO
     if len(files) != 1:
         print('compare_objectives: error: --sweep takes exactly one option file (--options FILE).', file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from dspo_basicsr.comparison import (
+    PRESETS,
     ComparisonError,
     load_objective_options,
     parse_sweep,
@@ -132,3 +133,18 @@ def test_beta_sweep_trains_one_run_per_value_and_plots(tiny_set, tmp_path):
         assert yaml.safe_load(f)['train']['preference_opt']['beta'] == 10000
     assert (out / 'sweep.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert main(['--options', option_file, option_file, '--sweep', 'train.preference_opt.beta=1,2']) == 2
+
+
+def test_variants_of_one_objective_are_compared_under_their_own_labels(tiny_set, tmp_path):
+    best_worst = _objective_options(tiny_set, 'dspo')
+    multi = _objective_options(tiny_set, 'dspo')
+    multi['train']['preference_opt'].update(pairs='top_bottom', top_n=2, weighting='hierarchical')
+    runs = load_objective_options([write_options(tmp_path / 'a.yml', best_worst),
+                                   write_options(tmp_path / 'b.yml', multi)])
+    assert [(r['key'], r['label']) for r in runs] == [
+        ('dspo', 'DSPO (beta 500.0)'),
+        ('dspo_2', 'DSPO (beta 500.0, pairs top_bottom, top_n 2, weighting hierarchical)')]
+    assert [os.path.basename(f) for f in PRESETS['demo_pairs']] == [
+        'compare_dspo.yml', 'compare_dspo_top_bottom.yml', 'compare_dspo_hierarchical.yml']
+    assert [r['key'] for r in load_objective_options([os.path.join(REPO, f) for f in PRESETS['demo_pairs']])] == \
+        ['dspo', 'dspo_2', 'dspo_3']
