@@ -86,11 +86,16 @@ def load_objective_options(option_files):
                                   'pass one option file per objective or variant.')
         if same:  # a variant of an objective already compared (e.g. DSPO's pairs / weighting)
             key = f'{key}_{len(same) + 1}'
-        options = {k: v for k, v in opt['train']['preference_opt'].items() if k not in ('type', 'loss_weight')}
-        variant = ', '.join(f'{k} {v}' for k, v in options.items() if VARIANT_DEFAULTS.get(k, object()) != v)
-        runs.append({'file': path, 'opt': opt, 'key': key, 'label': f'{label} ({variant})' if variant else label})
+        runs.append({'file': path, 'opt': opt, 'key': key, 'label': label})
     if not runs:
         raise ComparisonError('no option files to compare.')
+    types = [run['opt']['train']['preference_opt']['type'] for run in runs]
+    for run, loss_type in zip(runs, types):
+        if types.count(loss_type) > 1:  # variants of one objective: name them by what differs from the defaults
+            options = run['opt']['train']['preference_opt']
+            variant = ', '.join(f'{k} {v}' for k, v in options.items()
+                                if k not in ('type', 'loss_weight') and VARIANT_DEFAULTS.get(k, object()) != v)
+            run['label'] = f"{run['label']} ({variant})" if variant else run['label']
     first = runs[0]
     for run in runs[1:]:
         for section in SHARED_SECTIONS:
