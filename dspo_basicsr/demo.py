@@ -82,7 +82,7 @@ def instance_pairs_by_psnr(candidates, gt, seg):
         seg (np.ndarray): (H, W) label map with ids 0..M-1.
 
     Returns:
-        list[dict]: ``{id, win, lose, scores}`` per instance (scores: PSNR of each candidate, dB).
+        list[dict]: ``{id, win, lose, scores, candidate_scores?}`` per instance (PSNR of each candidate, dB).
     """
     diff = (np.stack(candidates).astype(np.float64) - gt.astype(np.float64)[None])**2  # (N, H, W, 3)
     instances = []
@@ -93,7 +93,10 @@ def instance_pairs_by_psnr(candidates, gt, seg):
         win, lose = int(np.argmax(psnr)), int(np.argmin(psnr))
         if win == lose:
             win = lose = -1
-        instances.append({'id': m, 'win': win, 'lose': lose, 'scores': {'psnr': [round(float(p), 4) for p in psnr]}})
+        row = {'id': m, 'win': win, 'lose': lose, 'scores': {'psnr': [round(float(p), 4) for p in psnr]}}
+        if win >= 0:
+            row['candidate_scores'] = row['scores']['psnr']  # what DSPOLoss pairs: top_bottom ranks
+        instances.append(row)
     return instances
 
 

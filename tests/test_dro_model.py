@@ -58,7 +58,8 @@ def test_online_negative_target_is_the_lagged_copys_own_prediction(tiny_set, tmp
                                  cfg=3.0))
     model.feed_data(preference_batch(tiny_set))
     model.refresh_lagged_policy(1)
-    loss, stats = model.preference_loss()
+    result = model.preference_loss()
+    loss, stats = result.loss, model.training_statistics(result)
     assert stats['online_share'].item() == 1.0
     assert stats['err_theta_l'].item() == pytest.approx(0.0, abs=1e-10)
     assert stats['err_ref_l'].item() == pytest.approx(0.0, abs=1e-10)

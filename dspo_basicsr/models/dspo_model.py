@@ -17,10 +17,10 @@ from tqdm import tqdm
 from dspo_basicsr.archs.diffusion_sr_base import SAMPLE_PROTOCOL_KEYS, join_negative_prompts, repeat_condition
 from dspo_basicsr.compat import atomic_torch_save, gather_in_sample_order, is_main_process, wait_for_all_ranks
 from dspo_basicsr.losses.preference_loss import (
-    diffusion_dpo_logits,
+    DEFAULT_BETA,
+    PreferenceBatch,
     dspo_logits,
     instance_coverage,
-    instance_error,
     preference_statistics,
 )
 from dspo_basicsr.metrics.metric_table import MissingWeightsError
@@ -90,8 +90,6 @@ class DSPOModel(SRModel):
             ``visualization/summary_<iter>.png`` (LQ | reference | current | GT) and ``training_curves.png``.
     """
 
-    #: the ``level`` values of the preference losses this model's :meth:`preference_loss` handles.
-    supported_levels = ('instance', 'image', 'preferred')
     #: option keys this model reads beyond BasicSR's, by section (checked at start: dspo_basicsr.option_check)
     known_options = {
         'train': ('preference_opt', 'timestep_range', 'feedback_guidance_scale', 'reference_dtype', 'grad_clip',
@@ -135,10 +133,10 @@ class DSPOModel(SRModel):
             raise ValueError('train.ema_decay is not supported by DSPOModel; remove it from the option file.')
         self.net_g.train()
         self.cri_pref = build_loss(train_opt['preference_opt']).to(self.device)
-        if self.cri_pref.level not in self.supported_levels:
-            raise ValueError(f"train.preference_opt.type {train_opt['preference_opt']['type']} (level "
-                             f"'{self.cri_pref.level}') is not handled by model_type {type(self).__name__}; "
-                             'use DiffusionDROModel for DiffusionDROLoss.')
+        needed = getattr(self.cri_pref, 'model_type', 'DSPOModel')
+        if needed not in {cls.__name__ for cls in type(self).__mro__}:
+            raise ValueError(f"train.preference_opt.type {train_opt['preference_opt']['type']} is not handled by "
+                             f'model_type {type(self).__name__}; use {needed} (model_type: {needed}).')
         self.feedback_scale = train_opt.get('feedback_guidance_scale')
         low, high = train_opt.get('timestep_range', [0, self.bare.noise_scheduler.config.num_train_timesteps])
         self.timestep_range = (int(low), int(high))
@@ -183,16 +181,22 @@ class DSPOModel(SRModel):
             self.win = data['win'].to(self.device)
             self.lose = data['lose'].to(self.device)
             self.pair = data['pair'].to(self.device)
+            self.scores = data['scores'].to(self.device) if 'scores' in data else None
             self.prompts = list(data['prompt'])
             self.negative_prompts = list(data['negative_prompt'])
 
     # ------------------------------------------------------------------ the step
-    def _candidate_index(self, level):
-        """Which candidates go through the networks: all (instance level), the pair, or the preferred."""
+    def _all_candidates(self):
+        """(B, K) indices of every candidate of each LQ image."""
         b, k = self.candidates.shape[:2]
-        if level == 'instance':
-            return torch.arange(k, device=self.device).expand(b, k)
-        return self.pair.clamp_min(0) if level == 'image' else self.pair[:, :1].clamp_min(0)
+        return torch.arange(k, device=self.device).expand(b, k)
+
+    def preference_batch(self):
+        """What the objective reads of the current batch besides the errors (:class:`PreferenceBatch`)."""
+        return PreferenceBatch(
+            coverage=instance_coverage(self.seg, self.win.shape[1], self.bare.vae_scale_factor), win=self.win,
+            lose=self.lose, pair=self.pair, num_candidates=self.candidates.shape[1],
+            scores=getattr(self, 'scores', None))
 
     def encode_candidates(self, index, generator=None, sample_posterior=None):
         """VAE latents of the chosen candidates: index (B, J) -> (B*J, C, h, w), candidate-major per LQ.
@@ -265,36 +269,19 @@ class DSPOModel(SRModel):
         return self.bare.diffusion_inputs(latents, noise, t, cond)
 
     def preference_loss(self):
-        """The objective's loss and the logged statistics on the current batch."""
+        """The objective's :class:`~dspo_basicsr.losses.preference_loss.PreferenceResult` on the current batch.
+
+        The objective says which candidates go through the networks (``columns``) and returns the loss with
+        the logits, mask and errors it used; the model logs those as they are.
+        """
         cri = self.cri_pref
-        index = self._candidate_index(cri.level)
-        err_theta, err_ref = self.denoising_errors(index, with_reference=cri.needs_reference)
-        if cri.level == 'instance':
-            coverage = instance_coverage(self.seg, self.win.shape[1], self.bare.vae_scale_factor)
-            loss = cri(err_theta, err_ref, coverage, self.win, self.lose)
-            with torch.no_grad():
-                # Per-instance errors of the preferred / dispreferred candidates, (B, M) each; the logits
-                # follow from them elementwise, so they are not reduced a second time.
-                theta_w, theta_l, ref_w, ref_l = [
-                    e.gather(1, i.clamp_min(0).unsqueeze(1)).squeeze(1)
-                    for e in (instance_error(err_theta, coverage), instance_error(err_ref, coverage))
-                    for i in (self.win, self.lose)]
-                logits = diffusion_dpo_logits(theta_w, theta_l, ref_w, ref_l, cri.beta)
-                paired = (self.win >= 0) & (self.lose >= 0)
-            stats = preference_statistics(logits, paired, theta_w[paired], theta_l[paired], ref_w[paired],
-                                          ref_l[paired])
-            return loss, stats
-        valid = (self.pair >= 0).all(dim=1)
-        per_image_theta = err_theta.mean(dim=(2, 3))[valid]  # (B', J)
-        if cri.level == 'preferred':
-            return cri(per_image_theta[:, 0]), {'err_theta_w': per_image_theta[:, 0].detach().mean()}
-        per_image_ref = err_ref.mean(dim=(2, 3))[valid]
-        loss = cri(per_image_theta[:, 0], per_image_theta[:, 1], per_image_ref[:, 0], per_image_ref[:, 1])
-        logits = diffusion_dpo_logits(per_image_theta[:, 0], per_image_theta[:, 1], per_image_ref[:, 0],
-                                      per_image_ref[:, 1], cri.beta)
-        stats = preference_statistics(logits, torch.ones_like(logits, dtype=torch.bool), per_image_theta[:, 0],
-                                      per_image_theta[:, 1], per_image_ref[:, 0], per_image_ref[:, 1])
-        return loss, stats
+        batch = self.preference_batch()
+        err_theta, err_ref = self.denoising_errors(cri.columns(batch), with_reference=cri.needs_reference)
+        return cri(err_theta, err_ref, batch)
+
+    def training_statistics(self, result):
+        """What is logged next to the loss: the objective's own statistics (a hook for subclasses)."""
+        return result.statistics()
 
     def _finite_everywhere(self, value):
         finite = torch.isfinite(value.detach()).all().float()
@@ -336,10 +323,12 @@ class DSPOModel(SRModel):
         last = position == k - 1
         if window.finite:  # agreed by all ranks, so they skip the rest of a broken window together
             with self._gradient_sync(last):
-                loss, stats = self.preference_loss()
+                result = self.preference_loss()
+                loss = result.loss
                 if self._finite_everywhere(loss):
                     (loss / k).backward()
-                    window.add(OrderedDict([(self.cri_pref.log_key, loss.detach()), *stats.items()]))
+                    window.add(OrderedDict([(self.cri_pref.log_key, loss.detach()),
+                                            *self.training_statistics(result).items()]))
                 else:
                     window.finite = False
         if not last:
@@ -489,7 +478,7 @@ class DSPOModel(SRModel):
         dataset_name = dataloader.dataset.opt['name']
         timesteps = val_opt.get('preference_timesteps', [100, 300, 500, 700, 900])
         # beta scales logit_mean (not implicit_acc): the training loss's, or val.preference_beta in basicsr test
-        beta = float(val_opt.get('preference_beta') or getattr(getattr(self, 'cri_pref', None), 'beta', 8000.0))
+        beta = float(val_opt.get('preference_beta') or getattr(getattr(self, 'cri_pref', None), 'beta', DEFAULT_BETA))
         seed = int(val_opt.get('preference_seed', 0))
         generator = torch.Generator(device=self.device)
         saved_scale, self.feedback_scale = getattr(self, 'feedback_scale', None), None
@@ -499,7 +488,7 @@ class DSPOModel(SRModel):
         for i, data in self._my_share(dataloader, f'preference validation {dataset_name}'):
             generator.manual_seed(seed + i)
             self.feed_data(data)
-            index = self._candidate_index('instance')
+            index = self._all_candidates()
             coverage = instance_coverage(self.seg, self.win.shape[1], bare.vae_scale_factor)
             latents = self.encode_candidates(index, generator, sample_posterior=True)
             cond = self.preference_condition(index.shape[1])

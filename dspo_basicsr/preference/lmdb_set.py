@@ -1,4 +1,4 @@
-"""Preference sets in LMDB (DESIGN.md section 4): the atomic, resumable writer and the lazy reader.
+"""Preference sets in LMDB (docs/preference_lmdb.md): the atomic, resumable writer and the lazy reader.
 
 A set is a folder ``NAME.lmdb/`` with one LMDB environment and a human-readable ``meta_info.txt``.
 Values are PNG bytes, UTF-8 JSON or ``.npy`` bytes written without pickle; nothing is pickled.
