@@ -89,7 +89,7 @@ def test_two_micro_batches_of_two_equal_one_batch_of_four(tiny_set, tmp_path, dr
     whole_state, micro_state = whole.bare.trainable_state_dict(), micro.bare.trainable_state_dict()
     assert any(not torch.equal(whole_state[key], initial[key]) for key in initial)
     for key in whole_state:
-        torch.testing.assert_close(micro_state[key], whole_state[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(micro_state[key], whole_state[key], rtol=1e-4, atol=1e-5)
     log_whole, log_micro = whole.get_current_log(), micro.get_current_log()
     assert set(log_whole) == set(log_micro)
     for key in log_whole:  # the logs average the micro-batches (every sample has the same instance count)
@@ -106,7 +106,7 @@ def test_nonfinite_micro_batch_skips_its_whole_window(tiny_set, tmp_path):
     assert whole.nonfinite_in_row == micro.nonfinite_in_row == 0
     whole_state, micro_state = whole.bare.trainable_state_dict(), micro.bare.trainable_state_dict()
     for key in whole_state:
-        torch.testing.assert_close(micro_state[key], whole_state[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(micro_state[key], whole_state[key], rtol=1e-4, atol=1e-5)
 
 
 def test_scheduler_steps_once_per_update(tiny_set, tmp_path):

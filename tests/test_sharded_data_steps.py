@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dspo_basicsr.utils.distributed import DataShard, data_shard
 
@@ -68,8 +69,14 @@ def test_two_process_steps_process_each_sample_once_and_equal_one_process(tmp_pa
         return [_script(step), '-opt', chain, '--work', str(work), '--no-progress', *inputs, *extra]
 
     # One process (in this one), then the three scripts under torchrun with two processes (one launch).
-    for step, _ in STEPS:
-        assert runpy.run_path(_script(step), run_name='dspo_test')['main'](argv(step, tmp_path / 'one')[1:]) == 0
+    # Both runs on one thread each: thread counts change floating-point sums, hence scores and PNG bytes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step, _ in STEPS:
+            assert runpy.run_path(_script(step), run_name='dspo_test')['main'](argv(step, tmp_path / 'one')[1:]) == 0
+    finally:
+        torch.set_num_threads(threads)
     runs = [argv(step, tmp_path / 'two', '--launcher', 'pytorch') for step, _ in STEPS]
     runs.append(argv('score_instances', tmp_path / 'two', '--launcher', 'pytorch'))  # a rerun: nothing to do
     (tmp_path / 'driver.py').write_text(DRIVER)
