@@ -30,6 +30,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from dspo_basicsr.utils.distributed import DataShard
+
 __all__ = ['IMAGE_EXTENSIONS', 'SRMethodsReport', 'load_methods_file', 'check_method_entries', 'MultiSourceFramework',
            'list_lr_images', 'tiled_forward', 'build_method', 'run_sr_methods']
 
@@ -273,7 +275,7 @@ def _write_png(path, sr):
     os.replace(partial, path)   # a killed run leaves no half-written output under the final name
 
 
-def run_sr_methods(methods, lr_dir, out_dir, device='cpu', only=None, overwrite=False, progress=True):
+def run_sr_methods(methods, lr_dir, out_dir, device='cpu', only=None, overwrite=False, progress=True, shard=None):
     """Write ``out_dir/<method>/<image>.png`` for every method and LR image, skipping outputs already there.
 
     Args:
@@ -283,10 +285,13 @@ def run_sr_methods(methods, lr_dir, out_dir, device='cpu', only=None, overwrite=
         device (str): 'cpu' or 'cuda'.
         only (list[str], optional): Run only these methods.
         overwrite (bool): Redo outputs that exist.
-        progress (bool): tqdm bars.
+        progress (bool): tqdm bars (rank 0 only when sharded).
+        shard (DataShard, optional): This process's share under ``--launcher pytorch|slurm``
+            (:mod:`dspo_basicsr.utils.distributed`): rank r of W writes the unfinished images r, r + W, ...
+            of each method, on GPU ``LOCAL_RANK``.
 
     Returns:
-        SRMethodsReport
+        SRMethodsReport: this process's counts.
     """
     if isinstance(methods, str):
         methods = load_methods_file(methods)
@@ -295,13 +300,25 @@ def run_sr_methods(methods, lr_dir, out_dir, device='cpu', only=None, overwrite=
         if unknown:
             raise KeyError(f'methods {unknown} are not in the methods file; it has {list(methods)}.')
         methods = {m: methods[m] for m in only}
+    shard = shard or DataShard()
+    device = shard.device(device)
+    progress = progress and shard.is_main
     images = list_lr_images(lr_dir)
     report = SRMethodsReport(os.path.abspath(out_dir))
-    for name, entry in methods.items():
+    todo_of = {}
+    for name in methods:
         folder = os.path.join(out_dir, name)
         os.makedirs(folder, exist_ok=True)
-        todo = [stem for stem in images
-                if overwrite or not os.path.isfile(os.path.join(folder, f'{stem}.png'))]
+        todo_of[name] = [stem for stem in images
+                         if overwrite or not os.path.isfile(os.path.join(folder, f'{stem}.png'))]
+    if shard.array:  # job-array tasks start at different times: shard all ids, skip the finished ones
+        todo_of = {name: [stem for stem in shard.take(images) if stem in set(todo)] for name, todo in todo_of.items()}
+    else:
+        todo_of = {name: shard.take(todo) for name, todo in todo_of.items()}
+        shard.barrier()  # every rank has listed before any writes
+    for name, entry in methods.items():
+        folder = os.path.join(out_dir, name)
+        todo = todo_of[name]
         report.written[name], report.skipped[name] = 0, len(images) - len(todo)
         if not todo:
             continue
@@ -316,4 +333,5 @@ def run_sr_methods(methods, lr_dir, out_dir, device='cpu', only=None, overwrite=
             _write_png(os.path.join(folder, f'{stem}.png'), sr)
             report.written[name] += 1
         del run   # one method's network in memory at a time
+    shard.barrier()
     return report

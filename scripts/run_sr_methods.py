@@ -1,7 +1,8 @@
 """SR outputs of several methods (any BasicSR arch, or our diffusion frameworks) on the same LR images.
 
     python scripts/run_sr_methods.py -opt methods.yml --lr LR_DIR --out OUT_DIR [--methods A B] [--device cuda]
-                                     [--overwrite]
+                                     [--overwrite] [--launcher none|pytorch|slurm]
+    torchrun --nproc_per_node=G scripts/run_sr_methods.py ... --device cuda --launcher pytorch   # G GPUs
 
 Writes OUT_DIR/<method>/<image>.png, the layout of SRMethodGroupDataset and scripts/mad_select.py. Rerunning
 the same command resumes: outputs already there are skipped. methods.yml (see options/sr_methods/example.yml):
@@ -21,6 +22,7 @@ import sys
 
 import dspo_basicsr  # noqa: F401  (registers our archs; BasicSR's are registered by basicsr itself)
 from dspo_basicsr.sr_methods import run_sr_methods
+from dspo_basicsr.utils.distributed import add_launcher_argument, data_shard
 
 
 def main(argv=None):
@@ -32,10 +34,12 @@ def main(argv=None):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--overwrite', action='store_true', help='redo outputs that exist')
     parser.add_argument('--no-progress', action='store_true')
+    add_launcher_argument(parser)
     args = parser.parse_args(argv)
     try:
         report = run_sr_methods(args.opt, args.lr, args.out, device=args.device, only=args.methods,
-                                overwrite=args.overwrite, progress=not args.no_progress)
+                                overwrite=args.overwrite, progress=not args.no_progress,
+                                shard=data_shard(args.launcher))
     except KeyboardInterrupt:
         print(f'interrupted; the outputs written so far are kept under {args.out}. Run the same command again to '
               'resume.', file=sys.stderr)

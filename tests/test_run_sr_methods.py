@@ -197,3 +197,45 @@ def test_candidate_sources_beside_the_settings_grid(setup, tmp_path):
     with torch.no_grad():
         expected = setup['srresnet'](lr.permute(2, 0, 1)[None]).clamp(0, 1)[0].permute(1, 2, 0).numpy()
     assert np.abs(candidate - expected).max() <= 1 / 255 + 1e-6
+
+
+def test_sharded_ranks_write_each_output_once_and_equal_one_process(setup, tmp_path, monkeypatch):
+    """Two ranks (threads here, meeting at a thread barrier instead of gloo's) split the unfinished images."""
+    import threading
+
+    from dspo_basicsr.utils.distributed import DataShard
+
+    class ThreadShard(DataShard):
+        meeting = threading.Barrier(2)
+
+        def barrier(self):
+            self.meeting.wait(timeout=120)
+
+    one = tmp_path / 'one'
+    run_sr_methods(setup['methods'], setup['lr'], str(one), progress=False)
+    two, writes = tmp_path / 'two', []
+    real_write = sr_methods._write_png
+
+    def counted_write(path, sr):
+        writes.append(os.path.relpath(path, two))
+        real_write(path, sr)
+
+    monkeypatch.setattr(sr_methods, '_write_png', counted_write)
+    reports = [None, None]
+
+    def rank_run(rank):
+        reports[rank] = run_sr_methods(setup['methods'], setup['lr'], str(two), progress=False,
+                                       shard=ThreadShard(rank, 2))
+
+    threads = [threading.Thread(target=rank_run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert [r.written['SRResNet-tiny'] for r in reports] == [2, 2]
+    assert sorted(writes) == sorted(set(writes)) and len(writes) == 8
+    for method in ('Real-ESRGAN-tiny', 'SRResNet-tiny'):
+        names = sorted(n for n in os.listdir(one / method) if n.endswith('.png'))
+        assert names == sorted(n for n in os.listdir(two / method) if n.endswith('.png')) and len(names) == 4
+        for name in names:
+            assert (one / method / name).read_bytes() == (two / method / name).read_bytes()
