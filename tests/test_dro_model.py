@@ -158,12 +158,13 @@ def test_upstream_sampler_dpm_solver_with_perturbed_timesteps(tiny_set, tmp_path
                                  perturb_timesteps=True, cfg=1.0))
     model.feed_data(preference_batch(tiny_set))
     model.refresh_lagged_policy(1)
-    loss, stats = model.preference_loss()
+    result = model.preference_loss()
+    stats = model.training_statistics(result)
     entries = list(model.negative_buffer.entries.values())
     assert len(entries) >= 2 and len({tuple(e.timesteps.tolist()) for e in entries}) > 1  # own timesteps each
     # On its own perturbed trajectory the lagged copy (= policy = reference at start) has zero error.
     assert stats['err_theta_l'].item() == pytest.approx(0.0, abs=1e-10)
-    assert loss.item() == pytest.approx(0.01, abs=1e-6)
+    assert result.loss.item() == pytest.approx(0.01, abs=1e-6)
     with pytest.raises(ValueError, match='perturb_timesteps needs'):
         from dspo_basicsr.models.online_negatives import sample_trajectory
         sample_trajectory(model.bare, {}, (1, 4, 8, 8), 4, 'ddim', perturb_timesteps=True)
