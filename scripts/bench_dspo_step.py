@@ -13,7 +13,7 @@ import time
 import torch
 
 import dspo_basicsr  # noqa: F401  (registration)
-from dspo_basicsr.bench_utils import bench_dspo_opt, synthetic_preference_batch
+from dspo_basicsr.bench.dspo_step import bench_dspo_opt, synthetic_preference_batch
 from dspo_basicsr.losses import diffusion_sft_loss, dspo_loss, instance_coverage
 
 from basicsr.models import build_model
