@@ -58,8 +58,8 @@ def bench_feature_cache(epochs=4, methods=4, images=8, group_size=4, batch_size=
         backbone passes of each.
     """
     from dspo_basicsr.archs.clip_quality_arch import CLIPQualityArch
-    from dspo_basicsr.data.biqa_demo import TRUE_SCORES, make_biqa_demo_data
     from dspo_basicsr.data.sr_method_group_dataset import SRMethodGroupDataset
+    from dspo_basicsr.demo.biqa import TRUE_SCORES, make_biqa_demo_data
     from dspo_basicsr.models.rank_calibration_model import RankCalibrationModel
 
     work_dir = work_dir or tempfile.mkdtemp(prefix='bench_calibration_')
