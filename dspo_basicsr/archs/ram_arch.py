@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspo_basicsr.utils.checkpoint import read_checkpoint
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SWIN_L_384 = dict(img_size=384, patch_size=4, window_size=12, embed_dim=192, depths=(2, 2, 18, 2),
@@ -62,24 +64,6 @@ TAGGING_PREFIXES = ('label_embed', 'wordvec_proj.', 'tagging_head.', 'fc.')
 def tiny_swin_config(img_size=32):
     """A two-stage Swin with width 16 (tests): 32 x 32 input -> 4 x 4 tokens + 1 = 17 tokens."""
     return dict(img_size=img_size, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2))
-
-
-def read_torch_checkpoint(path, what):
-    """``torch.load(weights_only=True)`` of a local file, with errors that say what to do."""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: expected the file '{path}', but it is not there. Nothing is downloaded at "
-                                'run time: download it yourself and put it at that path (see docs/frameworks.md).')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # noqa: BLE001  (weights_only refuses pickled Python objects)
-        raise ValueError(f"{what}: '{path}' holds more than tensors and plain values ({error}). It is not loaded, "
-                         'because unpickling arbitrary objects can run code; extract its state dict with a trusted '
-                         'tool and save that instead.') from None
-    if isinstance(state, dict) and isinstance(state.get('model'), dict):
-        state = state['model']
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise ValueError(f"{what}: '{path}' is not a state dict (a mapping from parameter names to tensors).")
-    return state
 
 
 def ram_to_timm_key(key):
@@ -246,11 +230,11 @@ class RAMImageEmbedder(nn.Module):
     def load_ram_checkpoints(self, ram_path, dape_path=None):
         """Load RAM, then merge DAPE's LoRA into it, with a strictly checked key mapping (see the module docstring)."""
         own = self.state_dict()
-        found = self._map_checkpoint(read_torch_checkpoint(ram_path, 'RAM checkpoint'), own, ram_path,
+        found = self._map_checkpoint(read_checkpoint(ram_path, 'RAM checkpoint'), own, ram_path,
                                      'RAM checkpoint', self.tagging)
         sources = [ram_path]
         if dape_path:
-            dape = read_torch_checkpoint(dape_path, 'DAPE checkpoint')
+            dape = read_checkpoint(dape_path, 'DAPE checkpoint')
             sources.append(dape_path)
             loras = {k: v for k, v in dape.items() if 'lora_' in k}
             found.update(self._map_checkpoint({k: v for k, v in dape.items() if 'lora_' not in k}, own, dape_path,

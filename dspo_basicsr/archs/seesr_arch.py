@@ -32,6 +32,7 @@ from torch import nn
 from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
+from dspo_basicsr.utils.checkpoint import missing_weights_error, read_checkpoint
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
@@ -152,29 +153,19 @@ def seesr_networks_on_meta(unet_config_path=SD2_BASE_UNET_CONFIG):
 # ---------------------------------------------------------------------------- strict folder loading
 def _read_weights(folder):
     """The state dict of a diffusers model folder (safetensors, .bin or sharded), read without pickle."""
-    from safetensors.torch import load_file
     index = os.path.join(folder, 'diffusion_pytorch_model.safetensors.index.json')
     if os.path.isfile(index):
         with open(index, encoding='utf-8') as f:
             shards = sorted(set(json.load(f)['weight_map'].values()))
         state = {}
         for shard in shards:
-            state.update(load_file(os.path.join(folder, shard)))
+            state.update(read_checkpoint(os.path.join(folder, shard), f'SeeSR weight shard of {index}', unwrap=()))
         return state, index
     for name in WEIGHT_NAMES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            if name.endswith('.safetensors'):
-                return load_file(path), path
-            try:
-                return torch.load(path, map_location='cpu', weights_only=True), path
-            except Exception as error:  # noqa: BLE001  (weights_only refuses pickled objects)
-                raise ValueError(f"'{path}' holds more than tensors and plain values ({error}); it is not loaded "
-                                 'because unpickling arbitrary objects is unsafe. Convert it to safetensors '
-                                 'with a trusted tool first.') from None
-    raise FileNotFoundError(f"expected '{WEIGHT_NAMES[0]}' (or '{WEIGHT_NAMES[1]}') under '{folder}', but it is not "
-                            'there. Nothing is downloaded at run time: download the released weights yourself and '
-                            'put them at that path (see docs/frameworks.md).')
+            return read_checkpoint(path, 'SeeSR weights', unwrap=()), path
+    raise missing_weights_error(folder, f"{WEIGHT_NAMES[0]}' (or '{WEIGHT_NAMES[1]}", 'SeeSR weights')
 
 
 def load_state_dict_strictly(model, state, source):

@@ -1,0 +1,1 @@
+"""Helpers shared by every layer (checkpoint reading, option files, image I/O); they import no other subpackage."""
