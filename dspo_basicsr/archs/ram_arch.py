@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspo_basicsr.utils.checkpoint import read_checkpoint
+from dspo_basicsr.utils.image_io import read_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -429,15 +430,6 @@ def samples_with_ram_embeddings(store, embedder, prompts=None, device='cpu', ext
 TAG_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 
-def read_rgb(path):
-    """(1, 3, H, W) float image in [0, 1] of an image file, or a ValueError naming it."""
-    import cv2
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"'{path}' is not a readable image; remove it from the folder or convert it to PNG.")
-    return torch.from_numpy(image[:, :, ::-1].copy()).permute(2, 0, 1)[None].float().div(255)
-
-
 def tag_image_folder(folder, out, embedder, upscale=1, device='cpu', progress=True):
     """Write {stem: tags} of the images in ``folder`` to ``out`` (resuming from it); returns the mapping."""
     import json
@@ -454,7 +446,7 @@ def tag_image_folder(folder, out, embedder, upscale=1, device='cpu', progress=Tr
         stem = os.path.splitext(name)[0]
         if stem in tags:
             continue
-        image = read_rgb(os.path.join(folder, name)).to(device)
+        image = read_rgb(os.path.join(folder, name))[None].to(device)  # (1, 3, H, W)
         if upscale > 1:
             image = F.interpolate(image, scale_factor=upscale, mode='bicubic', align_corners=False).clamp(0, 1)
         tags[stem] = embedder.tags(image)[0]

@@ -430,7 +430,7 @@ def write_contact_sheets(result, load_sr, load_lr, out_dir):
 
 def folder_loaders(files, crop_size=None):
     """``(load_sr, load_lr)`` reading the files found by :func:`list_method_images` as (1, 3, H, W) tensors."""
-    from dspo_basicsr.data.iqa_list_dataset import read_rgb
+    from dspo_basicsr.utils.image_io import read_rgb
 
     def load_sr(method, image):
         return read_rgb(files[method][image], crop_size)[None]
