@@ -374,7 +374,7 @@ def test_tag_images_script_writes_tags_per_image_and_resumes(tmp_path):
 
 def test_preference_set_gets_tag_prompts(tmp_path):
     from dspo_basicsr.archs.ram_arch import samples_with_ram_embeddings
-    from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
+    from dspo_basicsr.data.preference_set import PreferenceLMDB
 
     from dspo_fixtures import write_tiny_preference_set
     store = PreferenceLMDB(write_tiny_preference_set(str(tmp_path / 'pref.lmdb')))

@@ -78,7 +78,7 @@ def demo_work_folder(root='datasets/demo', work=None, progress=True):
     """
     import numpy as np
 
-    from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
+    from dspo_basicsr.data.preference_set import PreferenceLMDB
     from dspo_basicsr.preference.pipeline import WorkFolder, _write_json, write_image
 
     lmdb_path = os.path.join(root, 'demo_pref.lmdb')

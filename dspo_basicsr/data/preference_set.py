@@ -21,7 +21,7 @@ import shutil
 import lmdb
 from tqdm import tqdm
 
-from dspo_basicsr.preference.sample import (
+from dspo_basicsr.data.preference_sample import (
     PreferenceDataError,
     check_sample,
     decode_json,
