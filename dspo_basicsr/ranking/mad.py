@@ -169,10 +169,10 @@ def default_perceptual_distance(device='cpu', dists_weights=None, vgg16_weights=
                          ('DISTS (D1) weights', dists_path, '--dists-weights')])
     from pyiqa.archs.dists_arch import DISTS
 
-    from dspo_basicsr.archs.clip_quality_arch import read_state_dict
+    from dspo_basicsr.utils.checkpoint import read_checkpoint
     with _torch_hub_with_vgg16(vgg_path):
         net = DISTS(pretrained=False)  # VGG16 from the local torchvision file; alpha/beta loaded below
-    state = read_state_dict(dists_path, 'DISTS (D1) weights')
+    state = read_checkpoint(dists_path, 'DISTS (D1) weights')
     if 'alpha' not in state or 'beta' not in state:
         raise KeyError(f'{dists_path!r} holds no DISTS alpha/beta weights (keys: {list(state)[:6]}).')
     net.load_state_dict(state, strict=False)
