@@ -138,7 +138,8 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     try:
         if args.tiny:
-            from dspo_basicsr.archs.seesr_arch import TINY_IMAGE_DIM, build_tiny_seesr_folders
+            from dspo_basicsr.archs.seesr_arch import TINY_IMAGE_DIM
+            from dspo_basicsr.demo.tiny_seesr import build_tiny_seesr_folders
             paths = build_tiny_seesr_folders(os.path.join(work, 'tiny'), ram=False)
             sd_path, seesr_path = paths['pretrained_model_path'], paths['seesr_model_path']
             embeds = (17, TINY_IMAGE_DIM)

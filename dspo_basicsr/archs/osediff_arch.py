@@ -41,7 +41,7 @@ import torch
 
 from dspo_basicsr.archs.control_sd2_arch import load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
-from dspo_basicsr.archs.seesr_arch import LowPrecisionFrozenPartsMixin
+from dspo_basicsr.archs.precision import LowPrecisionFrozenPartsMixin
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
 from dspo_basicsr.utils.checkpoint import read_checkpoint
 

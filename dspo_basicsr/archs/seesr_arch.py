@@ -31,6 +31,7 @@ from torch import nn
 
 from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
+from dspo_basicsr.archs.precision import LowPrecisionFrozenPartsMixin
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
 from dspo_basicsr.utils.checkpoint import missing_weights_error, read_checkpoint
 
@@ -234,87 +235,6 @@ def tiny_seesr_networks(unet=None, image_cross_attention_dim=TINY_IMAGE_DIM):
     components['unet'] = add_image_cross_attention(base, image_cross_attention_dim)
     components['controlnet'] = add_image_cross_attention(controlnet, image_cross_attention_dim)
     return components
-
-
-def build_tiny_seesr_folders(folder, seed=0, ram=True):
-    """Save a tiny random SeeSR in the released layouts.
-
-    Writes ``folder/sd2`` (SD2-base layout), ``folder/seesr/{unet,controlnet}`` (SeeSR layout) and, with
-    ``ram``, ``folder/ram/ram_tiny.pth`` (RAM checkpoint layout, tiny Swin and tagging head) and
-    ``folder/ram/DAPE_tiny.pth`` (LoRA only, as SeeSR's DAPE trainer writes it) for :class:`RAMImageEmbedder`.
-
-    Returns:
-        dict: ``pretrained_model_path``, ``seesr_model_path``, ``ram_path`` and ``dape_path`` (or None).
-    """
-    from dspo_basicsr.archs.control_sd2_arch import save_sd_components
-    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_dape_checkpoint, save_ram_checkpoint
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        components = tiny_seesr_networks()
-        embedder = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM}, tagging=True) if ram else None
-    unet, controlnet = components.pop('unet'), components.pop('controlnet')
-    sd_folder = os.path.join(folder, 'sd2')
-    save_sd_components(sd_folder, components)
-    unet_plain = UNet2DConditionModel.from_config(_strip_config(unet.config))
-    unet_plain.save_pretrained(os.path.join(sd_folder, 'unet'))  # the SD2 folder's own UNet (unused by SeeSR)
-    seesr_folder = save_seesr_networks(os.path.join(folder, 'seesr'), unet, controlnet)
-    ram_path = dape_path = None
-    if ram:
-        ram_path = save_ram_checkpoint(embedder, os.path.join(folder, 'ram', 'ram_tiny.pth'))
-        dape_path = save_dape_checkpoint(embedder, os.path.join(folder, 'ram', 'DAPE_tiny.pth'), seed=seed)
-    return {'pretrained_model_path': sd_folder, 'seesr_model_path': seesr_folder, 'ram_path': ram_path,
-            'dape_path': dape_path}
-
-
-# ---------------------------------------------------------------------------- frozen parts in low precision
-MIXED_PRECISION = {None: None, 'no': None, 'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-class LowPrecisionFrozenPartsMixin:
-    """Keep the frozen networks in bf16 / fp16 and run them (and the trained parts) under autocast.
-
-    Trained parameters stay float32 (so do their gradients and optimiser state); inputs and outputs of
-    every public method stay float32. This is what lets the real-size step fit one GPU (docs/frameworks.md).
-    """
-
-    compute_dtype = None
-
-    def setup_mixed_precision(self, mixed_precision):
-        """Call after ``setup_trainable``: cast every submodule not fine-tuned in full to the compute dtype."""
-        if mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {sorted(k for k in MIXED_PRECISION if k)} or null, "
-                             f'got {mixed_precision!r}.')
-        self.compute_dtype = MIXED_PRECISION[mixed_precision]
-        if self.compute_dtype is None:
-            return
-        for name, module in self.named_children():
-            if name not in self.full_trainable_modules:
-                module.to(self.compute_dtype)
-        for param in self.parameters():
-            if param.requires_grad:  # LoRA inside a cast network: back to float32
-                param.data = param.data.float()
-
-    def autocast(self):
-        """Autocast to the compute dtype on this framework's device (a no-op context without one)."""
-        import contextlib
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
-
-    @torch.no_grad()
-    def encode_images(self, images, sample_posterior=False, generator=None):
-        with self.autocast():
-            return super().encode_images(images, sample_posterior, generator).float()
-
-    @torch.no_grad()
-    def decode_latents(self, latents):
-        with self.autocast():
-            return super().decode_latents(latents).float()
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts):
-        with self.autocast():
-            return super().encode_prompts(prompts).float()
 
 
 # ---------------------------------------------------------------------------- the framework
