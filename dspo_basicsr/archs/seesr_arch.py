@@ -166,7 +166,7 @@ def _read_weights(folder):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return read_checkpoint(path, 'SeeSR weights', unwrap=()), path
-    raise missing_weights_error(folder, f"{WEIGHT_NAMES[0]}' (or '{WEIGHT_NAMES[1]}", 'SeeSR weights')
+    raise missing_weights_error(folder, f'{WEIGHT_NAMES[0]} (or {WEIGHT_NAMES[1]})', 'SeeSR weights')
 
 
 def load_state_dict_strictly(model, state, source):
