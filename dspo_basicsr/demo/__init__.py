@@ -22,8 +22,6 @@ def _sr_demo():
 
 
 def __getattr__(name):
-    if not name.startswith('_') and os.path.isfile(_SR_DEMO_FILE):
-        value = getattr(_sr_demo(), name, None)
-        if value is not None:
-            return value
+    if not name.startswith('_') and os.path.isfile(_SR_DEMO_FILE) and hasattr(_sr_demo(), name):
+        return getattr(_sr_demo(), name)
     raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
