@@ -198,9 +198,7 @@ def load_seesr_network(folder, kind):
     """
     config_path = os.path.join(folder, 'config.json')
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"SeeSR {kind}: expected 'config.json' under '{folder}', but it is not there. "
-                                'Download the released SeeSR folders (unet/ and controlnet/) yourself and put them '
-                                'there (see docs/frameworks.md); nothing is downloaded at run time.')
+        raise missing_weights_error(folder, 'config.json', f'SeeSR {kind} (the released unet/ and controlnet/ folders)')
     with open(config_path, encoding='utf-8') as f:
         config = json.load(f)
     state, source = _read_weights(folder)
