@@ -144,7 +144,8 @@ def _torch_hub_with_vgg16(vgg_path):
     if os.path.abspath(vgg_path) == os.path.abspath(default):
         yield
         return
-    previous = torch.hub.get_dir()
+    # the unset state, not get_dir()'s resolved path: set_dir(that path) would pin it and hide later TORCH_HOME
+    previous = torch.hub._hub_dir
     with tempfile.TemporaryDirectory() as hub:
         os.makedirs(os.path.join(hub, 'checkpoints'))
         os.symlink(os.path.abspath(vgg_path), os.path.join(hub, 'checkpoints', VGG16_WEIGHTS))
@@ -152,7 +153,7 @@ def _torch_hub_with_vgg16(vgg_path):
         try:
             yield
         finally:
-            torch.hub.set_dir(previous)
+            torch.hub._hub_dir = previous
 
 
 def default_perceptual_distance(device='cpu', dists_weights=None, vgg16_weights=None):
