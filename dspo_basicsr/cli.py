@@ -14,10 +14,37 @@ import os
 import re
 import sys
 
+import yaml
+
 from dspo_basicsr.utils.options import OptionFileError, read_option_file  # noqa: F401  (re-exported)
 
 USAGE = __doc__.split('Usage::', 1)[1].split('Experiments', 1)[0].rstrip()
-_FORCE_YML_ENTRY = re.compile(r'^[\w.\-]+(:[\w.\-]+)*=[^\n]*$')
+_FORCE_YML_ENTRY = re.compile(r'^[\w.\-]+(:[\w.\-]+)*=[^\n=]*$')
+
+
+def apply_force_yml(opt, entries):
+    """Apply ``--force_yml section:key=value`` entries to ``opt``; values are YAML literals, never evaluated.
+
+    Raises:
+        OptionFileError: A malformed entry, a section that does not exist, or a value that is not YAML.
+    """
+    from dspo_basicsr.compat import _postprocess_yml_value
+    for entry in entries or ():
+        if not _FORCE_YML_ENTRY.match(entry):
+            raise OptionFileError(f'--force_yml entries must look like section:key=value (one =); refused: {entry!r}')
+        keys, value = entry.split('=', 1)
+        parts = keys.strip().split(':')
+        node = opt
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise OptionFileError(f"--force_yml {entry!r}: there is no section '{':'.join(parts[:depth + 1])}' "
+                                      'in the option file.')
+            node = node[part]
+        try:
+            node[parts[-1]] = _postprocess_yml_value(value.strip())
+        except yaml.YAMLError as err:
+            raise OptionFileError(f'--force_yml {entry!r}: the value is not a YAML literal ({err}).') from None
+    return opt
 
 
 def _build_parser():
@@ -50,9 +77,6 @@ def _basicsr_argv(args):
         os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
         argv += ['--local_rank', str(args.local_rank)]
     if args.force_yml:
-        bad = [entry for entry in args.force_yml if not _FORCE_YML_ENTRY.match(entry)]
-        if bad:
-            raise OptionFileError(f'--force_yml entries must look like section:key=value; refused: {bad}')
         argv += ['--force_yml', *args.force_yml]
     return argv
 
@@ -64,22 +88,37 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    from dspo_basicsr.option_check import OptionCheckError, check_options
     try:
-        read_option_file(args.opt)
+        opt = apply_force_yml(read_option_file(args.opt), args.force_yml)
         basicsr_argv = _basicsr_argv(args)
+        # Before BasicSR makes (and archives) any experiment folder: a refused run leaves the last one intact.
+        warnings = check_options(opt)
     except OptionFileError as err:
         print(f'basicsr {args.command}: error: {err}', file=sys.stderr)
         return 2
+    except OptionCheckError as err:
+        print(f'basicsr {args.command}: error: {args.opt}: {err}', file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(f'basicsr {args.command}: warning: {args.opt}: {warning} (BasicSR class; not checked further)',
+              file=sys.stderr)
 
     import dspo_basicsr  # noqa: F401  (adapts basicsr and fills its registries)
     sys.argv = basicsr_argv
+    from dspo_basicsr.compat import ResumeStateError
+    from dspo_basicsr.metrics.metric_table import MissingWeightsError
     root_path = os.getcwd()
-    if args.command == 'train':
-        from basicsr.train import train_pipeline
-        train_pipeline(root_path)
-    else:
-        from basicsr.test import test_pipeline
-        test_pipeline(root_path)
+    try:
+        if args.command == 'train':
+            from basicsr.train import train_pipeline
+            train_pipeline(root_path)
+        else:
+            from basicsr.test import test_pipeline
+            test_pipeline(root_path)
+    except (MissingWeightsError, ResumeStateError) as err:  # found at start, before any iteration
+        print(f'basicsr {args.command}: error: {err}', file=sys.stderr)
+        return 2
     return 0
 
 

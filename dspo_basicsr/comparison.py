@@ -34,8 +34,14 @@ SHARED_SECTIONS = ('scale', 'manual_seed', 'network_g', 'datasets', 'val')
 PREFERENCE_METRICS = {'implicit_acc': ('Implicit acc.', False), 'logit_mean': ('Logit mean', False)}
 RADAR_EXCLUDED = ('logit_mean', )
 
+#: objective options shown in a variant's label only when they differ from these values.
+VARIANT_DEFAULTS = {'beta': 8000, 'margin': 1e-3, 'pairs': 'best_worst', 'top_n': 1, 'weighting': 'none',
+                    'instance_level': False}
+
 PRESETS = {
     'demo': [f'options/demo/compare_{k}.yml' for k in ('sft', 'dpo', 'dspo', 'dro')],
+    # DSPO's best/worst pair against several pairs per instance, without and with hierarchical weights
+    'demo_pairs': [f'options/demo/compare_{k}.yml' for k in ('dspo', 'dspo_top_bottom', 'dspo_hierarchical')],
     'sd21': [f'options/compare_{k}_sd21.yml' for k in ('sft', 'dpo', 'dspo', 'dro')],
 }
 
@@ -74,11 +80,22 @@ def load_objective_options(option_files):
             raise ComparisonError(f"{path}: train.preference_opt.type is {loss_type!r}; the comparison knows "
                                   f'{sorted(OBJECTIVES)}.')
         key, label = OBJECTIVES[loss_type]
-        if any(run['key'] == key for run in runs):
-            raise ComparisonError(f'{path}: objective {label} is given twice; pass one option file per objective.')
+        same = [run for run in runs if run['opt']['train']['preference_opt'].get('type') == loss_type]
+        if any(run['opt']['train']['preference_opt'] == opt['train']['preference_opt'] for run in same):
+            raise ComparisonError(f'{path}: objective {label} is given twice with the same train.preference_opt; '
+                                  'pass one option file per objective or variant.')
+        if same:  # a variant of an objective already compared (e.g. DSPO's pairs / weighting)
+            key = f'{key}_{len(same) + 1}'
         runs.append({'file': path, 'opt': opt, 'key': key, 'label': label})
     if not runs:
         raise ComparisonError('no option files to compare.')
+    types = [run['opt']['train']['preference_opt']['type'] for run in runs]
+    for run, loss_type in zip(runs, types):
+        if types.count(loss_type) > 1:  # variants of one objective: name them by what differs from the defaults
+            options = run['opt']['train']['preference_opt']
+            variant = ', '.join(f'{k} {v}' for k, v in options.items()
+                                if k not in ('type', 'loss_weight') and VARIANT_DEFAULTS.get(k, object()) != v)
+            run['label'] = f"{run['label']} ({variant})" if variant else run['label']
     first = runs[0]
     for run in runs[1:]:
         for section in SHARED_SECTIONS:
@@ -320,3 +337,129 @@ def run_comparison(option_files, out_dir, iters=None, workdir='.', include_base=
     radar_plot(rows, facts, radar)
     return {'rows': rows, 'facts': facts, 'table': table, 'table_md': os.path.join(out_dir, 'table.md'),
             'table_csv': os.path.join(out_dir, 'table.csv'), 'radar': radar}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps: one option file, one key, several values (the DSPO paper's beta study, its Fig. 7).
+
+
+def parse_sweep(text):
+    """``KEY=V1,V2,...`` -> (key path list, values); each value is read as YAML (``500`` -> 500, ``none`` stays)."""
+    key, sep, values = text.partition('=')
+    parts = [p for p in key.strip().split('.') if p]
+    if not sep or not parts or not values.strip():
+        raise ComparisonError(f"--sweep {text!r}: write KEY=V1,V2,... (e.g. train.preference_opt.beta=500,2000).")
+    parsed = [_sweep_value(v.strip()) for v in values.split(',') if v.strip()]
+    if len(set(map(str, parsed))) != len(parsed):
+        raise ComparisonError(f'--sweep {text!r}: a value is given twice.')
+    return parts, parsed
+
+
+def _sweep_value(text):
+    """One sweep value as YAML reads it, with YAML 1.1's strings like ``8e3`` taken as numbers."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def set_option(opt, parts, value, source='the option file'):
+    """``opt`` with ``opt[parts[0]]...[parts[-1]] = value`` (a copy); the parent sections must exist."""
+    opt = copy.deepcopy(opt)
+    node = opt
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise ComparisonError(f"--sweep key {'.'.join(parts)}: {source} has no section "
+                                  f"'{'.'.join(parts[:i + 1])}'.")
+        node = node[part]
+    node[parts[-1]] = value
+    return opt
+
+
+def run_sweep(option_file, sweep, out_dir, iters=None, workdir='.', include_base=True, prefix='sweep', note=''):
+    """Train one run per value of ``sweep`` on the same setup, evaluate all identically, tabulate and plot.
+
+    Args:
+        option_file (str): The training option file (one objective).
+        sweep (str): ``KEY=V1,V2,...``, e.g. ``train.preference_opt.beta=500,2000,8000,32000``.
+        out_dir, iters, workdir, include_base, prefix, note: as :func:`run_comparison`.
+
+    Returns:
+        dict: ``rows``, ``facts``, ``table`` and the paths of ``table.md``, ``table.csv`` and ``sweep.png``.
+    """
+    from tqdm import tqdm
+
+    from dspo_basicsr.cli import read_option_file
+    parts, values = parse_sweep(sweep)
+    base_opt = _plain(read_option_file(option_file))
+    key = '.'.join(parts)
+    out_dir = os.path.abspath(out_dir)
+    for sub in ('options', 'logs', 'eval'):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    workdir = os.path.abspath(workdir)
+    runs = [(value, set_option(base_opt, parts, value, option_file)) for value in values]
+    rows, facts = [], {}
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        if include_base:
+            values_base, facts = evaluate_checkpoint(base_opt, None, os.path.join(out_dir, 'eval', BASE[0]))
+            rows.append({'label': BASE[1], 'key': BASE[0], 'value': None, 'iterations': 0, 'seconds': 0.0,
+                         'metrics': values_base, 'file': option_file, 'checkpoint': None})
+        for value, opt in tqdm(runs, desc=f'sweep {key}', unit='run'):
+            tag = str(value).replace('/', '_').replace(' ', '_')
+            name = f'{prefix}_{parts[-1]}_{tag}'
+            train_opt = training_options(opt, name, iters)
+            run_file = os.path.join(out_dir, 'options', f'{name}.yml')
+            with open(run_file, 'w', encoding='utf-8') as f:
+                yaml.safe_dump(train_opt, f, sort_keys=False)
+            checkpoint, seconds = train_run(run_file, name, workdir, os.path.join(out_dir, 'logs', f'{name}.log'))
+            metrics, run_facts = evaluate_checkpoint(opt, checkpoint, os.path.join(out_dir, 'eval', name),
+                                                     train_opt['train']['total_iter'])
+            facts.update(run_facts)
+            rows.append({'label': f'{parts[-1]} = {value}', 'key': tag, 'value': value,
+                         'iterations': train_opt['train']['total_iter'], 'seconds': seconds, 'metrics': metrics,
+                         'file': option_file, 'checkpoint': checkpoint})
+    finally:
+        os.chdir(cwd)
+    table = write_tables(rows, facts, out_dir, note)
+    plot = os.path.join(out_dir, 'sweep.png')
+    sweep_plot(rows, facts, key, plot)
+    return {'rows': rows, 'facts': facts, 'table': table, 'table_md': os.path.join(out_dir, 'table.md'),
+            'table_csv': os.path.join(out_dir, 'table.csv'), 'plot': plot}
+
+
+def sweep_plot(rows, facts, key, path):
+    """Metric against the swept value, one panel per metric; the pretrained model as a horizontal line."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    swept = [row for row in rows if row['key'] != BASE[0]]
+    base = next((row for row in rows if row['key'] == BASE[0]), None)
+    values = [row['value'] for row in swept]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    x = values if numeric else list(range(len(values)))
+    columns = list(facts)
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.2), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        label, lower = facts[column]
+        ax.plot(x, [row['metrics'].get(column, math.nan) for row in swept], 'o-', label='fine-tuned')
+        if base is not None and column in base['metrics']:
+            ax.axhline(base['metrics'][column], color='gray', linestyle='--', label='pretrained')
+        if numeric and min(values) > 0 and max(values) / min(values) >= 10:
+            ax.set_xscale('log')
+        if not numeric:
+            ax.set_xticks(x, [str(v) for v in values])
+        ax.set_xlabel(key.split('.')[-1])
+        ax.set_title(f"{label} {'↓' if lower else '↑'}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f'Sweep of {key}', fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

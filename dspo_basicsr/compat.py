@@ -15,10 +15,21 @@ Adaptations:
     * A registry lookup that fails names the registry and the closest registered names.
     * A dataset that defines ``collate_fn`` gets it in BasicSR's data loaders.
     * ``optim_g.type`` may name any ``torch.optim`` optimizer (1.4.2 knows only Adam).
+    * Checkpoints: only rank 0 writes networks and training states, each to a temporary name that is flushed
+      and renamed, and every rank waits at a barrier until they are complete (:func:`atomic_torch_save`).
+    * ``--auto_resume`` takes the newest state whose own file and matching network files load, and says in
+      one line which newer files it skipped and why (:func:`load_resume_state`).
+    * Exact resume: a state carries every rank's RNG states (Python, NumPy, torch CPU and CUDA) and the
+      sampler's epoch; the resumed sampler skips the batches of that epoch already trained on and restores
+      the RNG states just before the first batch is drawn, so the run continues the same sequence.
+    * ``--force_yml`` values are read as YAML literals (1.4.2 ``eval``s them).
+    * Training runs enough epochs to reach ``train.total_iter`` (1.4.2 counts the dropped last batch).
+    * ``calculate_niqe`` refuses images under :data:`NIQE_MIN_SIZE` px with a message (1.4.2's SVD fails).
 """
 import collections
 import difflib
 import os
+import random
 import sys
 
 import yaml
@@ -69,29 +80,291 @@ def training_device():
     return torch.device('cpu')
 
 
+class ResumeStateError(RuntimeError):
+    """No training state of an experiment can be resumed from; the message names every file and why."""
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` to a temporary name next to ``path``, flushed to disk, then renamed to ``path``.
+
+    A kill during the write leaves the temporary file, never a truncated ``path``.
+    """
+    import torch
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def is_main_process():
+    """True on rank 0 of a distributed run and in a single-process run."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def wait_for_all_ranks():
+    """Barrier of a distributed run (no-op in one process): no rank goes on before rank 0 has written."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def gather_in_sample_order(results):
+    """``[(sample index, result), ...]`` of every rank, as one list of results in sample order (on all ranks)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    return [result for _, result in sorted(results, key=lambda r: r[0])]
+
+
+def _save_network(self, net, net_label, current_iter, param_key='params'):
+    """``BaseModel.save_network``: rank 0 only, atomic (1.4.2 writes in place)."""
+    if not is_main_process():
+        return
+    label = 'latest' if current_iter == -1 else current_iter
+    nets = net if isinstance(net, list) else [net]
+    keys = param_key if isinstance(param_key, list) else [param_key]
+    if len(nets) != len(keys):
+        raise ValueError(f'save_network: {len(nets)} networks but {len(keys)} param keys.')
+    save_dict = {}
+    for net_, key in zip(nets, keys):
+        state = self.get_bare_model(net_).state_dict()
+        save_dict[key] = {(k[7:] if k.startswith('module.') else k): v.cpu() for k, v in state.items()}
+    atomic_torch_save(save_dict, os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
+
+
+def rng_states():
+    """This process's RNG states (Python, NumPy, torch CPU, every CUDA device), as weights-only-loadable values."""
+    import numpy as np
+    import torch
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {'python': [version, list(internal), gauss],
+              'numpy': {'name': name, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                        'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+              'torch': torch.get_rng_state(), 'cuda': []}
+    if torch.cuda.is_available():
+        states['cuda'] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def set_rng_states(states):
+    """Restore what :func:`rng_states` returned."""
+    import numpy as np
+    import torch
+    version, internal, gauss = states['python']
+    random.setstate((version, tuple(internal), gauss))
+    n = states['numpy']
+    np.random.set_state((n['name'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    torch.set_rng_state(states['torch'].cpu())
+    if states['cuda'] and torch.cuda.is_available() and len(states['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def _all_rng_states():
+    """Every rank's :func:`rng_states`, in rank order (gathered on all ranks)."""
+    import torch.distributed as dist
+    own = rng_states()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [own]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, own)  # transport only; what is stored is tensors and plain values
+    return gathered
+
+
+_train_sampler_epoch = {'epoch': None}
+
+
+def _save_training_state(self, epoch, current_iter):
+    """``BaseModel.save_training_state``: every rank's RNG states, rank 0 writes atomically, all wait."""
+    if current_iter != -1:
+        rngs = _all_rng_states()  # collective: every rank takes part
+        if is_main_process():
+            state = {'epoch': epoch, 'iter': current_iter,
+                     'optimizers': [o.state_dict() for o in self.optimizers],
+                     'schedulers': [s.state_dict() for s in self.schedulers],
+                     'rng': rngs, 'world_size': len(rngs),
+                     'batch_size_per_gpu': int(self.opt['datasets']['train'].get('batch_size_per_gpu', 1))}
+            atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+    wait_for_all_ranks()
+
+
+def _network_files(opt, resume_iter):
+    """The network files ``check_resume`` will load for a state of iteration ``resume_iter``."""
+    ignored = opt['path'].get('ignore_resume_networks') or []
+    return [os.path.join(opt['path']['models'], f"net_{key[len('network_'):]}_{resume_iter}.pth")
+            for key in opt if key.startswith('network_') and key not in ignored]
+
+
+def _why_unloadable(path):
+    import torch
+    if not os.path.isfile(path):
+        return 'missing'
+    if os.path.getsize(path) == 0:
+        return 'empty'
+    try:
+        torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # a truncated zip, a bare EOFError, a refused pickle: all mean "cannot resume"
+        return f'unreadable ({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else "truncated"})'
+    return None
+
+
+def newest_usable_state(opt, state_dir):
+    """The newest ``<iter>.state`` in ``state_dir`` whose file and network files load.
+
+    Returns:
+        tuple[str | None, list[str]]: The state path (None when the folder has no states), and one
+        ``'file: why'`` entry for each newer file skipped.
+
+    Raises:
+        ResumeStateError: There are states, but none can be resumed from.
+    """
+    import torch
+    names = [n for n in os.listdir(state_dir) if n.endswith('.state')] if os.path.isdir(state_dir) else []
+    iters = sorted((int(float(n[:-len('.state')])) for n in names if n[:-len('.state')].isdigit()), reverse=True)
+    skipped = []
+    for it in iters:
+        path = os.path.join(state_dir, f'{it}.state')
+        why = _why_unloadable(path)
+        if why is None:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            if not isinstance(state, dict) or 'iter' not in state:
+                why = 'not a training state'
+        if why is not None:
+            skipped.append(f'{os.path.basename(path)}: {why}')
+            continue
+        bad = [(f, _why_unloadable(f)) for f in _network_files(opt, it)]
+        bad = [f'{os.path.basename(f)}: {w}' for f, w in bad if w is not None]
+        if bad:
+            skipped.extend(bad)
+            continue
+        return path, skipped
+    if iters:
+        raise ResumeStateError(
+            f"--auto_resume: no training state in {state_dir} can be resumed from ({'; '.join(skipped[:6])}"
+            f"{f'; and {len(skipped) - 6} more' if len(skipped) > 6 else ''}). Move the folder away to start "
+            'afresh, or set path.resume_state to a state you trust.')
+    return None, skipped
+
+
+_pending_resume = {}
+
+
 def load_resume_state(opt):
-    """Device-aware, weights-only replacement of ``basicsr.train.load_resume_state``."""
+    """Device-aware, weights-only replacement of ``basicsr.train.load_resume_state`` with a fallback.
+
+    With ``--auto_resume`` the newest state that loads, together with its network files, is taken; newer
+    ones that do not are named in one printed line. The state's RNG states and epoch position are kept for
+    the train sampler (exact resume).
+    """
     import torch
 
-    from basicsr.utils import check_resume, scandir
+    from basicsr.utils import check_resume
 
     resume_state_path = None
     if opt['auto_resume']:
-        state_path = os.path.join('experiments', opt['name'], 'training_states')
-        if os.path.isdir(state_path):
-            states = list(scandir(state_path, suffix='state', recursive=False, full_path=False))
-            if states:
-                latest = max(float(v.split('.state')[0]) for v in states)
-                resume_state_path = os.path.join(state_path, f'{latest:.0f}.state')
-                opt['path']['resume_state'] = resume_state_path
+        state_dir = os.path.join('experiments', opt['name'], 'training_states')
+        resume_state_path, skipped = newest_usable_state(opt, state_dir)
+        if resume_state_path is not None:
+            opt['path']['resume_state'] = resume_state_path
+            if skipped and opt.get('rank', 0) == 0:
+                print(f'auto_resume: skipped {", ".join(skipped)}; resuming from {resume_state_path}.', flush=True)
     elif opt['path'].get('resume_state'):
         resume_state_path = opt['path']['resume_state']
+        why = _why_unloadable(resume_state_path)
+        if why is not None:
+            raise ResumeStateError(f"path.resume_state '{resume_state_path}' is {why}; point it to a complete "
+                                   'state, or use --auto_resume to take the newest one that loads.')
 
     if resume_state_path is None:
         return None
     resume_state = torch.load(resume_state_path, map_location=training_device(), weights_only=True)
     check_resume(opt, resume_state['iter'])
+    _pending_resume.clear()
+    rngs = resume_state.get('rng')
+    if rngs and len(rngs) == opt.get('world_size', 1):
+        _pending_resume.update(rng=rngs[opt.get('rank', 0)])
+    elif rngs and opt.get('rank', 0) == 0:
+        print(f"resume: the state was written by {len(rngs)} processes, this run has {opt.get('world_size', 1)}; "
+              'RNG states are not restored (batches and noise differ from the interrupted run).', flush=True)
+    _pending_resume.update(epoch=resume_state['epoch'], iter=resume_state['iter'],
+                           batch_size=resume_state.get('batch_size_per_gpu'))
     return resume_state
+
+
+def _enlarged_sampler_iter(self):
+    """``EnlargedSampler.__iter__`` that, in the epoch a run resumes in, skips the batches already trained on
+    and restores the RNG states just before the first batch is drawn (lazily: the loader draws its own seed
+    between ``iter`` and the first batch, which the interrupted run did not do mid-epoch)."""
+    import torch
+    g = torch.Generator()
+    g.manual_seed(self.epoch)
+    indices = torch.randperm(self.total_size, generator=g).tolist()
+    indices = [v % len(self.dataset) for v in indices][self.rank:self.total_size:self.num_replicas]
+    pending = _pending_resume
+    if pending and pending.get('epoch') == self.epoch and pending.get('batch_size'):
+        per_epoch = self.num_samples // pending['batch_size']  # the train loader drops the last partial batch
+        done = pending['iter'] - self.epoch * per_epoch
+        if 0 <= done <= per_epoch:
+            indices = indices[done * pending['batch_size']:]
+        if 'rng' in pending:
+            set_rng_states(pending['rng'])
+        pending.clear()
+    yield from indices
+
+
+#: BasicSR's NIQE fits a Gaussian to 96-px block features of the image and of its half; below this side
+#: there are too few blocks and its SVD does not converge (basicsr/metrics/niqe.py, block_size_h=96)
+NIQE_MIN_SIZE = 192
+
+
+def _niqe_with_min_size(calculate_niqe):
+    def calculate(img, crop_border, input_order='HWC', convert_to='y', **kwargs):
+        h, w = (img.shape[:2] if input_order == 'HWC' else img.shape[1:3])
+        h, w = h - 2 * crop_border, w - 2 * crop_border
+        if min(h, w) < NIQE_MIN_SIZE:
+            raise ValueError(f'calculate_niqe needs images of at least {NIQE_MIN_SIZE}x{NIQE_MIN_SIZE} px after '
+                             f'crop_border, got {h}x{w}; validate on larger images or drop niqe from val.metrics.')
+        return calculate_niqe(img, crop_border, input_order=input_order, convert_to=convert_to, **kwargs)
+
+    import functools
+    return functools.update_wrapper(calculate, calculate_niqe)  # still BasicSR's metric (name, module, doc)
+
+
+def _with_epochs_that_reach_total_iter(create_train_val_dataloader):
+    """BasicSR counts ``ceil(len(set) / batch)`` iterations an epoch, but its train loader drops the last
+    partial batch; with fewer epochs than needed a run (and a resumed one) ends before ``total_iter``."""
+    import math
+
+    def create(opt, logger):
+        train_loader, train_sampler, val_loaders, total_epochs, total_iters = create_train_val_dataloader(opt, logger)
+        per_epoch = len(train_loader) if train_loader is not None else 0
+        if per_epoch:
+            total_epochs = max(total_epochs, math.ceil(total_iters / per_epoch))
+        return train_loader, train_sampler, val_loaders, total_epochs, total_iters
+
+    create.__wrapped__ = create_train_val_dataloader
+    return create
+
+
+def _postprocess_yml_value(value):
+    """``--force_yml`` values as YAML literals (``1e-4``, ``[1, 2]``, ``~``, ``true``), never evaluated."""
+    parsed = yaml.load(value, Loader=SafeOrderedLoader) if value.strip() else value
+    if isinstance(parsed, str):
+        try:  # YAML 1.1 reads 1e-4 as a string; an option value of that form means the number
+            return float(parsed) if parsed.strip().lower() not in ('nan', 'inf', '-inf', 'infinity') else parsed
+        except ValueError:
+            return parsed
+    return parsed
 
 
 def _distributed_backend():
@@ -191,6 +464,7 @@ def apply():
     import basicsr.train
     import basicsr.utils.dist_util as dist_util
     import basicsr.utils.options as options
+    from basicsr.data.data_sampler import EnlargedSampler
     from basicsr.models.base_model import BaseModel
     from basicsr.utils.registry import Registry
 
@@ -200,6 +474,16 @@ def apply():
     dist_util._init_dist_slurm = _init_dist_slurm
     BaseModel.model_to_device = _model_to_device
     BaseModel.get_optimizer = _get_optimizer
+    BaseModel.save_network = _save_network
+    BaseModel.save_training_state = _save_training_state
+    EnlargedSampler.__iter__ = _enlarged_sampler_iter
+    options._postprocess_yml_value = _postprocess_yml_value
+    basicsr.train.create_train_val_dataloader = _with_epochs_that_reach_total_iter(
+        basicsr.train.create_train_val_dataloader)
+    import basicsr.metrics
+    from basicsr.utils.registry import METRIC_REGISTRY
+    niqe = _niqe_with_min_size(METRIC_REGISTRY._obj_map['calculate_niqe'])
+    METRIC_REGISTRY._obj_map['calculate_niqe'] = basicsr.metrics.calculate_niqe = niqe
     Registry.get = _registry_get
     build = _with_dataset_collate(basicsr.data.build_dataloader)
     for module in (basicsr.data, basicsr.train, basicsr.test):

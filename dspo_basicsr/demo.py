@@ -82,7 +82,7 @@ def instance_pairs_by_psnr(candidates, gt, seg):
         seg (np.ndarray): (H, W) label map with ids 0..M-1.
 
     Returns:
-        list[dict]: ``{id, win, lose, scores}`` per instance (scores: PSNR of each candidate, dB).
+        list[dict]: ``{id, win, lose, scores, candidate_scores?}`` per instance (PSNR of each candidate, dB).
     """
     diff = (np.stack(candidates).astype(np.float64) - gt.astype(np.float64)[None])**2  # (N, H, W, 3)
     instances = []
@@ -93,8 +93,35 @@ def instance_pairs_by_psnr(candidates, gt, seg):
         win, lose = int(np.argmax(psnr)), int(np.argmin(psnr))
         if win == lose:
             win = lose = -1
-        instances.append({'id': m, 'win': win, 'lose': lose, 'scores': {'psnr': [round(float(p), 4) for p in psnr]}})
+        row = {'id': m, 'win': win, 'lose': lose, 'scores': {'psnr': [round(float(p), 4) for p in psnr]}}
+        if win >= 0:
+            row['candidate_scores'] = row['scores']['psnr']  # what DSPOLoss pairs: top_bottom ranks
+        instances.append(row)
     return instances
+
+
+def instance_win_rate(current, reference, gts, segs):
+    """Instance-level win rate of ``current`` over ``reference`` by the rule that labels the demo set.
+
+    An instance is won when the current image's PSNR against the GT inside it is higher than the
+    reference's (:func:`instance_pairs_by_psnr`'s rule), lost when lower, tied when equal.
+
+    Args:
+        current, reference, gts (list[np.ndarray]): (H, W, 3) uint8 images, one per crop.
+        segs (list[np.ndarray]): (H, W) label maps with ids 0..M-1.
+
+    Returns:
+        dict: ``wins``, ``losses``, ``ties`` and ``win_rate`` = (wins + ties / 2) / instances.
+    """
+    wins = losses = ties = 0
+    for cur, ref, gt, seg in zip(current, reference, gts, segs):
+        for instance in instance_pairs_by_psnr([cur, ref], gt, seg):
+            psnr_current, psnr_reference = instance['scores']['psnr']
+            wins += psnr_current > psnr_reference
+            losses += psnr_current < psnr_reference
+            ties += psnr_current == psnr_reference
+    total = wins + losses + ties
+    return dict(wins=wins, losses=losses, ties=ties, win_rate=(wins + ties / 2) / total if total else float('nan'))
 
 
 def _augmented_batch(images, batch, generator):
@@ -106,7 +133,8 @@ def _augmented_batch(images, batch, generator):
     return out.rot90(int(torch.randint(0, 4, (), generator=generator)), dims=(-2, -1))
 
 
-def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion_steps=300, batch=8, seed=0):
+def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion_steps=300, batch=8, seed=0,
+                            max_timestep=None, lr=1e-3):
     """Give a tiny random ControlSD2 the rudiments of a pretrained SR model, in about a minute on a CPU.
 
     First the VAE learns to reconstruct the HQ crops (MSE + a small KL term) and its latent scaling factor
@@ -122,32 +150,42 @@ def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion
     generator = torch.Generator().manual_seed(seed)
     vae = framework.vae.requires_grad_(True)
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    # Half of each batch is bicubic-upsampled LQ: sampling starts from the latent of that image.
+    bicubic = framework.upsample_lq(lq)
     for _ in tqdm(range(vae_steps), desc='pretrain tiny VAE', leave=False):
-        x = _augmented_batch(hq, batch, generator) * 2 - 1
+        x = torch.cat([_augmented_batch(hq, batch - batch // 2, generator),
+                       _augmented_batch(bicubic, batch // 2, generator)]) * 2 - 1
         posterior = vae.encode(x).latent_dist
-        loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample(generator)).sample, x)
+        # Decoding the posterior mode (not a sample) converges in far fewer steps; the latents
+        # the framework uses are the mode too (encode_images).
+        loss = torch.nn.functional.mse_loss(vae.decode(posterior.mode()).sample, x)
         loss = loss + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     vae.requires_grad_(False)
-    with torch.no_grad():
-        std = vae.encode(hq * 2 - 1).latent_dist.mode().std().item()
-    vae.register_to_config(scaling_factor=1.0 / std)
+    if vae_steps:
+        with torch.no_grad():
+            std = vae.encode(hq * 2 - 1).latent_dist.mode().std().item()
+        vae.register_to_config(scaling_factor=1.0 / std)
 
     denoiser = list(framework.unet.parameters()) + list(framework.controlnet.parameters())
     for p in denoiser:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(denoiser, lr=1e-3)
+    optimizer = torch.optim.Adam(denoiser, lr=lr)
     with torch.no_grad():
         latents = framework.encode_images(hq)
         prompt_embeds = framework.encode_prompts(prompts)
-    num_train = framework.noise_scheduler.config.num_train_timesteps
+        empty_embeds = framework.encode_prompts([''])
+    num_train = max_timestep or framework.noise_scheduler.config.num_train_timesteps
     for _ in tqdm(range(diffusion_steps), desc='pretrain tiny denoiser', leave=False):
         index = torch.randint(0, latents.shape[0], (batch,), generator=generator)
         noise = torch.randn(latents[index].shape, generator=generator)
         t = torch.randint(0, num_train, (batch,), generator=generator)
-        cond = {'control_image': framework.upsample_lq(lq[index]), 'prompt_embeds': prompt_embeds[index]}
+        # An empty prompt 20 % of the time (as SD was trained) makes '' the unconditional prompt of guidance.
+        dropped = torch.rand(batch, generator=generator) < 0.2
+        embeds = torch.where(dropped[:, None, None], empty_embeds, prompt_embeds[index])
+        cond = {'control_image': framework.upsample_lq(lq[index]), 'prompt_embeds': embeds}
         prediction = framework.predict_noise(framework.add_noise(latents[index], noise, t), t, cond)
         loss = torch.nn.functional.mse_loss(prediction, noise)
         optimizer.zero_grad()
@@ -161,15 +199,22 @@ def _to_uint8(image):
     return (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
 
 
+#: The demo base: tiny VAE widths, pretraining steps, and where sampling starts (see ControlSD2Arch).
+DEMO_BASE = dict(vae_widths=(16, 32, 32), vae_steps=200, diffusion_steps=200, max_timestep=400, start_strength=0.375)
+
+
 def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n_segments=8, seed=0,
-                    overwrite=False):
+                    overwrite=False, base=None):
     """Build the whole demo under ``root``: tiny pretrained model, preference set, validation folders.
 
     Layout::
 
         root/tiny_sd2/            tiny pretrained SD2-base folder (diffusers layout) + controlnet/
-        root/demo_pref.lmdb       the preference set (DESIGN.md section 4)
+        root/demo_pref.lmdb       the preference set (docs/preference_lmdb.md)
         root/val/gt, root/val/lq  paired PNG folders for SR validation (other crops)
+
+    Args:
+        base (dict | None): Overrides of :data:`DEMO_BASE` (e.g. fewer pretraining steps in tests).
 
     Returns:
         dict: paths of the three parts and the number of training samples.
@@ -180,6 +225,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
 
     from basicsr.archs import build_network
 
+    settings = dict(DEMO_BASE, **(base or {}))
     os.makedirs(root, exist_ok=True)
     crops = hq_crops(size, crops_per_photo + 1, seed)
     train = [c for i, c in enumerate(crops) if i % (crops_per_photo + 1) != crops_per_photo]
@@ -193,14 +239,17 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     controlnet_path = os.path.join(model_path, 'controlnet')
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        base = ControlSD2Arch(tiny={'seed': seed}, scale=scale)
+        base = ControlSD2Arch(tiny={'seed': seed, 'vae': {'block_out_channels': settings['vae_widths']}}, scale=scale)
         pretrain_tiny_framework(base, as_tensor([hq for _, hq, _ in train]), as_tensor(train_lq),
-                                [prompt for _, _, prompt in train], seed=seed)
+                                [prompt for _, _, prompt in train], vae_steps=settings['vae_steps'],
+                                diffusion_steps=settings['diffusion_steps'], max_timestep=settings['max_timestep'],
+                                seed=seed)
     save_sd_components(model_path, dict(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
                                         tokenizer=base.tokenizer, noise_scheduler=base.noise_scheduler))
     base.controlnet.save_pretrained(controlnet_path)
     framework = build_network(dict(type='ControlSD2Arch', pretrained_model_path=model_path,
-                                   controlnet_path=controlnet_path, scale=scale, sampler='ddim')).eval()
+                                   controlnet_path=controlnet_path, scale=scale, sampler='ddim',
+                                   start_strength=settings['start_strength'])).eval()
     segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
 
     def samples():
@@ -232,3 +281,56 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
         cv2.imwrite(os.path.join(root, 'val', 'lq', f'{sid}.png'), cv2.cvtColor(lq, cv2.COLOR_RGB2BGR))
     return dict(model=model_path, controlnet=controlnet_path, preference_set=lmdb_path,
                 val=os.path.join(root, 'val'), num_samples=len(train))
+
+
+@torch.no_grad()
+def held_out_win_rate(option_file, checkpoint, n_segments=8):
+    """Instance win rate of a trained demo model over its pretrained base on the held-out crops.
+
+    Both sample every ``val`` LQ of the option file's image validation set with its ``val.sample``
+    settings; instances are SLIC segments of the GT (as in the demo set), judged by
+    :func:`instance_win_rate`.
+
+    Args:
+        option_file (str): A demo training option file (``options/demo/dspo_demo.yml``).
+        checkpoint (str): ``net_g_*.pth`` written by that run.
+
+    Returns:
+        dict: :func:`instance_win_rate`'s counts plus ``psnr_trained`` / ``psnr_pretrained`` (mean, dB).
+    """
+    from dspo_basicsr.cli import read_option_file
+    from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
+
+    from basicsr.archs import build_network
+    from basicsr.metrics import calculate_psnr
+
+    opt = read_option_file(option_file)
+    image_set = next(d for d in opt['datasets'].values() if d['type'] == 'PairedImageDataset')
+    sample_opt = dict(opt['val'].get('sample') or {})
+    framework = build_network(dict(opt['network_g'])).eval()
+    reference = framework.build_reference()
+    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    framework.load_trainable_state_dict(state.get('params', state), source=f"checkpoint '{checkpoint}'")
+    segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
+    names = sorted(os.listdir(image_set['dataroot_gt']))
+    current, pretrained, gts, segs = [], [], [], []
+    for name in tqdm(names, desc='held-out win rate'):
+        gt = cv2.cvtColor(cv2.imread(os.path.join(image_set['dataroot_gt'], name)), cv2.COLOR_BGR2RGB)
+        lq = cv2.cvtColor(cv2.imread(os.path.join(image_set['dataroot_lq'], name)), cv2.COLOR_BGR2RGB)
+        lq = torch.from_numpy(lq).permute(2, 0, 1)[None].float().div(255)
+
+        def sample(lq=lq):
+            generator = torch.Generator().manual_seed(int(sample_opt.get('seed', 0)))
+            return _to_uint8(framework.sample(
+                lq, prompt=sample_opt.get('prompt', ''), negative_prompt=sample_opt.get('negative_prompt'),
+                steps=sample_opt.get('steps'), cfg=sample_opt.get('cfg'), generator=generator,
+                sampler=sample_opt.get('sampler'))[0])
+        current.append(sample())
+        with reference.sampling():
+            pretrained.append(sample())
+        gts.append(gt)
+        segs.append(segment_instances(segmenter, gt, min_area=16))
+    result = instance_win_rate(current, pretrained, gts, segs)
+    for key, images in (('psnr_trained', current), ('psnr_pretrained', pretrained)):
+        result[key] = float(np.mean([calculate_psnr(i, g, crop_border=4) for i, g in zip(images, gts)]))
+    return result

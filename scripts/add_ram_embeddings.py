@@ -22,6 +22,7 @@ import torch
 import dspo_basicsr  # noqa: F401
 from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, samples_with_ram_embeddings
 from dspo_basicsr.data.preference_set import PreferenceLMDB, write_preference_lmdb
+from dspo_basicsr.preference.pipeline import run_interruptible
 
 
 def main(argv=None):
@@ -60,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_interruptible(main))

@@ -3,9 +3,11 @@
 Prints:
   (a) DSPO step time / SFT step time on the same candidate batch (target <= 1.5),
   (b) DSPO loss reduction time at M = 64 instances / at M = 1 (target <= 1.5),
-  (c) the batched DSPO step against a per-instance-pair loop doing the same math.
+  (c) the batched DSPO step against a per-instance-pair loop doing the same math,
+  (d) multi-pair DSPO reduction (hierarchical weights) at 64 instances x 6 pairs / at 1 instance x 1 pair
+      (target <= 1.5).
 
-    python scripts/bench_dspo_step.py [--device cuda] [--repeats 5] [--size 128]
+    python scripts/bench_dspo_step.py [--device cuda] [--repeats 5] [--size 128] [--reduction-only]
 """
 import argparse
 
@@ -14,7 +16,7 @@ import torch
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.bench.dspo_step import bench_dspo_opt, synthetic_preference_batch
 from dspo_basicsr.bench.timer import timed, timed_side_by_side
-from dspo_basicsr.losses import diffusion_sft_loss, dspo_loss, instance_coverage
+from dspo_basicsr.losses import diffusion_sft_loss, dspo_loss, dspo_pair_loss, hierarchical_weights, instance_coverage
 
 from basicsr.models import build_model
 
@@ -22,7 +24,7 @@ from basicsr.models import build_model
 def sft_step(model):
     """Plain diffusion loss on the same B x K candidates: one policy forward + backward, no reference."""
     model.optimizer_g.zero_grad(set_to_none=True)
-    index = model._candidate_index('instance')
+    index = model._all_candidates()
     err_theta, _ = model.denoising_errors(index, with_reference=False)
     diffusion_sft_loss(err_theta).backward()
     model.optimizer_g.step()
@@ -33,7 +35,7 @@ def per_instance_loop_step(model, beta):
     model.optimizer_g.zero_grad(set_to_none=True)
     bare = model.bare
     coverage = instance_coverage(model.seg, model.win.shape[1], bare.vae_scale_factor)
-    latents = model.encode_candidates(model._candidate_index('instance'))
+    latents = model.encode_candidates(model._all_candidates())
     b, k = model.candidates.shape[:2]
     latents = latents.view(b, k, *latents.shape[1:])
     total = 0
@@ -67,9 +69,13 @@ def main():
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--candidates', type=int, default=4)
     parser.add_argument('--instances', type=int, default=16, help='instances per sample for (a) and (c)')
+    parser.add_argument('--reduction-only', action='store_true', help='only the loss reductions (b) and (d)')
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if args.reduction_only:
+        reductions(args, device, factor=8)
+        return
 
     model = build_model(bench_dspo_opt(device))
     batch = synthetic_preference_batch(args.batch, args.candidates, args.instances, args.size, device)
@@ -82,8 +88,17 @@ def main():
                                    device)
     dspo, sft = dspo.median, sft.median
     print(f'(a) DSPO step {dspo * 1e3:8.1f} ms | SFT step {sft * 1e3:8.1f} ms | ratio {dspo / sft:.2f} (target <= 1.5)')
+    reductions(args, device, model.bare.vae_scale_factor)
 
-    latent = args.size // model.bare.vae_scale_factor
+    # The loop runs the same networks as the batched step just timed, so it needs no warm-up of its own.
+    loop = timed(lambda: per_instance_loop_step(model, model.cri_pref.beta), 1, device, warmup=0).median
+    print(f'(c) batched DSPO step {dspo * 1e3:8.1f} ms | per-instance-pair loop {loop * 1e3:8.1f} ms | '
+          f'speed-up {loop / dspo:.1f}x')
+
+
+def reductions(args, device, factor):
+    """(b) and (d): the loss reduction alone, on fixed per-pixel errors, at few and many instances / pairs."""
+    latent = args.size // factor
     g = torch.Generator(device='cpu').manual_seed(0)
     err_theta = torch.rand(args.batch, args.candidates, latent, latent, generator=g).to(device).requires_grad_()
     err_ref = torch.rand(args.batch, args.candidates, latent, latent, generator=g).to(device)
@@ -94,7 +109,7 @@ def main():
         lose = (win + 1) % args.candidates
 
         def run():
-            coverage = instance_coverage(labels, m, model.bare.vae_scale_factor)
+            coverage = instance_coverage(labels, m, factor)
             dspo_loss(err_theta, err_ref, coverage, win, lose).backward()
         return timed(run, max(args.repeats, 20), device).median
 
@@ -102,10 +117,25 @@ def main():
     print(f'(b) loss reduction M=64 {m64 * 1e3:8.3f} ms | M=1 {m1 * 1e3:8.3f} ms | ratio {m64 / m1:.2f} '
           '(target <= 1.5)')
 
-    # The loop runs the same networks as the batched step just timed, so it needs no warm-up of its own.
-    loop = timed(lambda: per_instance_loop_step(model, model.cri_pref.beta), 1, device, warmup=0).median
-    print(f'(c) batched DSPO step {dspo * 1e3:8.1f} ms | per-instance-pair loop {loop * 1e3:8.1f} ms | '
-          f'speed-up {loop / dspo:.1f}x')
+    def multi_pair(m, p):
+        # Every unordered pair of the candidates, ordered by random scores: 6 pairs for 4 candidates.
+        labels = torch.randint(0, m, (args.batch, args.size, args.size), generator=g).to(device)
+        scores = torch.rand(args.batch, m, args.candidates, generator=g).to(device)
+        first, second = torch.triu_indices(args.candidates, args.candidates, 1).to(device)[:, :p]
+        a, b = first.expand(args.batch, m, -1), second.expand(args.batch, m, -1)
+        better = scores.gather(2, a) > scores.gather(2, b)
+        win, lose = torch.where(better, a, b), torch.where(better, b, a)
+
+        def run():
+            coverage = instance_coverage(labels, m, factor)
+            pair_weights, instance_weights = hierarchical_weights(scores, win, lose)
+            dspo_pair_loss(err_theta, err_ref, coverage, win, lose, pair_weights, instance_weights)[0].backward()
+        return timed(run, max(args.repeats, 20), device).median
+
+    pairs = min(6, args.candidates * (args.candidates - 1) // 2)
+    one, many = multi_pair(1, 1), multi_pair(64, pairs)
+    print(f'(d) multi-pair reduction M=64 x P={pairs} {many * 1e3:8.3f} ms | M=1 x P=1 {one * 1e3:8.3f} ms | '
+          f'ratio {many / one:.2f} (target <= 1.5)')
 
 
 if __name__ == '__main__':

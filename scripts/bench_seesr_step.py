@@ -29,6 +29,7 @@ import torch
 
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.bench.timer import timed
+from dspo_basicsr.losses.preference_loss import DEFAULT_BETA
 
 
 def sd2_vae_config():
@@ -106,7 +107,7 @@ def options(sd_path, seesr_path, lmdb, size, feedback, device, tiny_ram):
         'train': {'optim_g': {'type': 'AdamW', 'lr': 5e-6, 'weight_decay': 1e-2},
                   'scheduler': {'type': 'MultiStepLR', 'milestones': [100000], 'gamma': 0.5},
                   'total_iter': 10, 'warmup_iter': -1, 'grad_clip': 1.0,
-                  'preference_opt': {'type': 'DSPOLoss', 'beta': 8000, 'loss_weight': 1.0}},
+                  'preference_opt': {'type': 'DSPOLoss', 'beta': DEFAULT_BETA, 'loss_weight': 1.0}},
         'datasets': {'train': {'name': 'bench', 'type': 'PreferenceLMDBDataset', 'dataroot': lmdb, 'gt_size': size}},
         'logger': {'print_freq': 1, 'save_checkpoint_freq': 1000, 'use_tb_logger': False},
     }

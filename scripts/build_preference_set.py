@@ -12,7 +12,7 @@ import sys
 import dspo_basicsr  # noqa: F401
 from dspo_basicsr.data.preference_set import PreferenceLMDB
 from dspo_basicsr.preference.contact_sheet import write_contact_sheets
-from dspo_basicsr.preference.pipeline import assemble_preference_set
+from dspo_basicsr.preference.pipeline import assemble_preference_set, run_interruptible
 
 
 def main(argv=None):
@@ -25,8 +25,13 @@ def main(argv=None):
     parser.add_argument('--no-progress', action='store_true')
     args = parser.parse_args(argv)
 
-    _, report = assemble_preference_set(args.work, args.out, overwrite=args.overwrite, resume=not args.no_resume,
-                                        progress=not args.no_progress)
+    try:
+        _, report = assemble_preference_set(args.work, args.out, overwrite=args.overwrite,
+                                            resume=not args.no_resume, progress=not args.no_progress)
+    except FileExistsError:
+        print(f"preference set '{args.out}' already exists; pass --overwrite to replace it (the old set is kept "
+              'until the new one is complete).', file=sys.stderr)
+        return 2
     print(report.summary().replace('failed', 'left out (unfinished)'))
     if args.sheets:
         preference_set = PreferenceLMDB(args.out)
@@ -37,4 +42,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_interruptible(main))

@@ -5,7 +5,8 @@
 
 Samples the framework of the YAML (``framework.network``, any registered arch such as ControlSD2Arch) under
 ``sampling.default`` plus ``sampling.grid``, scores the outputs with ``metrics`` and keeps the top
-``sampling.num_keep`` in WORK/candidates/<sid>/. Rerunning skips finished images. An optional ``sources``
+``sampling.num_keep`` in WORK/candidates/<sid>/. Settings that differ only in seed are sampled as one batch of
+at most ``sampling.batch_size`` (default 8). Rerunning skips finished images. An optional ``sources``
 section (entries as in scripts/run_sr_methods.py's methods YAML: a BasicSR network_g with its checkpoint, or a
 framework) adds one candidate per source beside the settings grid, for candidates from several models.
 """
@@ -19,8 +20,10 @@ from dspo_basicsr.preference.pipeline import (
     discover_inputs,
     load_chain_options,
     run_candidate_step,
+    run_interruptible,
     sampling_settings,
 )
+from dspo_basicsr.utils.distributed import add_launcher_argument, data_shard
 
 
 def main(argv=None):
@@ -35,7 +38,9 @@ def main(argv=None):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--overwrite', action='store_true', help='redo images already finished')
     parser.add_argument('--no-progress', action='store_true')
+    add_launcher_argument(parser)
     args = parser.parse_args(argv)
+    shard = data_shard(args.launcher)
 
     opt = load_chain_options(args.opt)
     sampling = dict(opt.get('sampling') or {})
@@ -43,22 +48,23 @@ def main(argv=None):
     if args.prompts:
         with open(args.prompts, encoding='utf-8') as handle:
             prompts = json.load(handle)
-    framework = build_framework(opt.get('framework') or {}, device=args.device)
+    framework = build_framework(opt.get('framework') or {}, device=shard.device(args.device))
     settings = sampling_settings(framework, sampling)
     if opt.get('sources'):
         from dspo_basicsr.sr_methods import MultiSourceFramework, build_method, check_method_entries
         sources = check_method_entries(opt['sources'], f'{args.opt}, sources')
-        framework = MultiSourceFramework(framework, {name: build_method(name, entry, args.device)
+        framework = MultiSourceFramework(framework, {name: build_method(name, entry, shard.device(args.device))
                                                      for name, entry in sources.items()})
         settings = settings + framework.source_settings()
     report = run_candidate_step(
         args.work, discover_inputs(args.lq, args.gt), framework, settings,
         num_keep=args.num_keep or sampling.get('num_keep', 4), metrics=opt.get('metrics'),
         prompt=sampling.get('prompt', ''), prompts=prompts, negative_prompt=sampling.get('negative_prompt'),
-        overwrite=args.overwrite, progress=not args.no_progress)
+        overwrite=args.overwrite, progress=not args.no_progress, shard=shard,
+        batch_size=int(sampling.get('batch_size', 8)))
     print(report.summary())
     return 1 if report.failed else 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_interruptible(main))

@@ -12,8 +12,17 @@ import argparse
 import sys
 
 import dspo_basicsr  # noqa: F401
-from dspo_basicsr.preference.pipeline import load_chain_options, run_segment_step
+from dspo_basicsr.preference.pipeline import load_chain_options, run_interruptible, run_segment_step
 from dspo_basicsr.preference.segmentation import build_segmenter
+from dspo_basicsr.utils.distributed import add_launcher_argument, data_shard
+
+
+def _on_local_gpu(section, shard):
+    """``device: cuda`` of a section -> this rank's GPU (``cuda:LOCAL_RANK``)."""
+    section = dict(section)
+    if 'device' in section:
+        section['device'] = shard.device(section['device'])
+    return section
 
 
 def main(argv=None):
@@ -26,19 +35,21 @@ def main(argv=None):
                         help='image to segment: GT when present (auto), GT, or the default candidate')
     parser.add_argument('--overwrite', action='store_true')
     parser.add_argument('--no-progress', action='store_true')
+    add_launcher_argument(parser)
     args = parser.parse_args(argv)
+    shard = data_shard(args.launcher)
 
     opt = load_chain_options(args.opt)
     section = dict(opt.get('segmentation') or {})
     report = run_segment_step(
-        args.work, build_segmenter(opt.get('segmenter') or {'type': 'SLIC'}),
+        args.work, build_segmenter(_on_local_gpu(opt.get('segmenter') or {'type': 'SLIC'}, shard)),
         min_area=args.min_area if args.min_area is not None else section.get('min_area', 0),
         uncovered=args.uncovered or section.get('uncovered', 'background'),
         source=args.source or section.get('source', 'auto'), overwrite=args.overwrite,
-        progress=not args.no_progress)
+        progress=not args.no_progress, shard=shard)
     print(report.summary())
     return 1 if report.failed else 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_interruptible(main))

@@ -18,10 +18,13 @@ def write_options(path, opt):
     return str(path)
 
 
-def run_cli(args, cwd, timeout=600, launcher=None, env=None):
-    """Run ``python -m dspo_basicsr.cli ARGS`` (or under ``launcher``, e.g. torchrun) in ``cwd``."""
+def run_cli(args, cwd, timeout=600, launcher=None, env=None, module=True):
+    """Run ``python -m dspo_basicsr.cli ARGS`` (or under ``launcher``, e.g. torchrun) in ``cwd``.
+
+    With ``module=False`` the launcher is the whole command before ``ARGS`` (a script calling the CLI).
+    """
     full_env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', **(env or {}))
-    cmd = (launcher or [sys.executable]) + ['-m', 'dspo_basicsr.cli'] + list(args)
+    cmd = (launcher or [sys.executable]) + (['-m', 'dspo_basicsr.cli'] if module else []) + list(args)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -17,9 +17,10 @@ from dspo_basicsr.losses.fidelity_loss import fidelity_loss
 from dspo_basicsr.metrics.calibrated_iqa_metric import calculate_calibrated_iqa
 from dspo_basicsr.metrics.two_afc import human_ceiling, model_choice, oracle_ceiling, pairs_csv_ceilings, two_afc_score
 from dspo_basicsr.models.rank_calibration_model import RankCalibrationModel
-from tests.biqa_fixtures import REPO, make_data, model_options, train_dataset_options, write_cli_option
 
 from basicsr.losses import build_loss
+
+from biqa_fixtures import REPO, make_data, model_options, train_dataset_options, write_cli_option
 
 
 @pytest.fixture(scope='module')

@@ -4,8 +4,17 @@ import os
 import runpy
 
 import pytest
+import yaml
 
-from dspo_basicsr.comparison import ComparisonError, load_objective_options, radar_plot, write_tables
+from dspo_basicsr.comparison import (
+    PRESETS,
+    ComparisonError,
+    load_objective_options,
+    parse_sweep,
+    radar_plot,
+    set_option,
+    write_tables,
+)
 
 from conftest import REPO, make_paired_folders, write_options
 from dspo_fixtures import dspo_options, make_tiny_preference_set
@@ -90,3 +99,52 @@ def test_runner_trains_evaluates_and_writes_table_and_plot(tiny_set, tmp_path):
         assert row['iterations'] == '1' and os.path.isfile(row['checkpoint'])
     assert (out / 'radar.png').stat().st_size > 0 and 'Diffusion-DRO' in (out / 'table.md').read_text()
     assert sorted(os.listdir(out / 'options')) == ['compare_custom_dro.yml', 'compare_custom_dspo.yml']
+
+
+def test_sweep_values_and_errors():
+    assert parse_sweep('train.preference_opt.beta=500, 2000,8e3') == (['train', 'preference_opt', 'beta'],
+                                                                     [500, 2000, 8000.0])
+    assert parse_sweep('train.preference_opt.pairs=best_worst,top_bottom')[1] == ['best_worst', 'top_bottom']
+    for bad in ('beta', 'train.beta=', '=1,2', 'a.b=1,1'):
+        with pytest.raises(ComparisonError, match='--sweep'):
+            parse_sweep(bad)
+    opt = {'train': {'preference_opt': {'beta': 1}}}
+    assert set_option(opt, ['train', 'preference_opt', 'beta'], 5)['train']['preference_opt']['beta'] == 5
+    assert opt['train']['preference_opt']['beta'] == 1  # a copy
+    with pytest.raises(ComparisonError, match="no section 'train.dro'"):
+        set_option(opt, ['train', 'dro', 'seed'], 1)
+
+
+@pytest.mark.slow
+def test_beta_sweep_trains_one_run_per_value_and_plots(tiny_set, tmp_path):
+    main = runpy.run_path(os.path.join(REPO, 'scripts', 'compare_objectives.py'), run_name='dspo_test')['main']
+    option_file = write_options(tmp_path / 'dspo.yml', _objective_options(tiny_set, 'dspo'))
+    out = tmp_path / 'sweep'
+    assert main(['--options', option_file, '--sweep', 'train.preference_opt.beta=100,10000', '--iters', '1',
+                 '--no-base', '--out', str(out), '--workdir', str(tmp_path)]) == 0
+    with open(out / 'table.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['method'] for r in rows] == ['beta = 100', 'beta = 10000']
+    for row in rows:
+        assert os.path.isfile(row['checkpoint']) and 0 <= float(row['implicit_acc']) <= 1
+    written = sorted(os.listdir(out / 'options'))
+    assert written == ['sweep_beta_100.yml', 'sweep_beta_10000.yml']
+    with open(out / 'options' / 'sweep_beta_10000.yml') as f:
+        assert yaml.safe_load(f)['train']['preference_opt']['beta'] == 10000
+    assert (out / 'sweep.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert main(['--options', option_file, option_file, '--sweep', 'train.preference_opt.beta=1,2']) == 2
+
+
+def test_variants_of_one_objective_are_compared_under_their_own_labels(tiny_set, tmp_path):
+    best_worst = _objective_options(tiny_set, 'dspo')
+    multi = _objective_options(tiny_set, 'dspo')
+    multi['train']['preference_opt'].update(pairs='top_bottom', top_n=2, weighting='hierarchical')
+    runs = load_objective_options([write_options(tmp_path / 'a.yml', best_worst),
+                                   write_options(tmp_path / 'b.yml', multi)])
+    assert [(r['key'], r['label']) for r in runs] == [
+        ('dspo', 'DSPO (beta 500.0)'),
+        ('dspo_2', 'DSPO (beta 500.0, pairs top_bottom, top_n 2, weighting hierarchical)')]
+    assert [os.path.basename(f) for f in PRESETS['demo_pairs']] == [
+        'compare_dspo.yml', 'compare_dspo_top_bottom.yml', 'compare_dspo_hierarchical.yml']
+    assert [r['key'] for r in load_objective_options([os.path.join(REPO, f) for f in PRESETS['demo_pairs']])] == \
+        ['dspo', 'dspo_2', 'dspo_3']

@@ -86,8 +86,17 @@ def test_no_valid_pair_gives_zero_with_graph():
 
 def test_registered_wrapper():
     cri = build_loss({'type': 'DiffusionDROLoss', 'margin': 0.0, 'instance_level': True, 'loss_weight': 2.0})
-    assert cri.log_key == 'l_dro' and cri.needs_reference and cri.level == 'ranking' and cri.instance_level
+    assert cri.log_key == 'l_dro' and cri.needs_reference and cri.model_type == 'DiffusionDROModel'
+    assert cri.instance_level
     err_theta = _image_errors([[0.3, 0.5]])
     err_ref = _image_errors([[0.2, 0.6]])
-    assert cri(err_theta, err_ref, torch.tensor([0]), torch.tensor([1])).item() == pytest.approx(2 * 0.2)
+    result = cri(err_theta, err_ref, torch.tensor([0]), torch.tensor([1]))
+    assert result.loss.item() == pytest.approx(2 * 0.2)
+    # The result carries what the loss used: d = (0.3 - 0.2) - (0.5 - 0.6) = 0.2, logit = -d.
+    assert result.logits.shape == (1, 1) and result.logits.item() == pytest.approx(-0.2)
+    assert result.valid.all() and result.weights.item() == 1.0
+    stats = result.statistics()
+    assert stats['implicit_acc'].item() == 0.0 and stats['logit_mean'].item() == pytest.approx(-0.2)
+    assert [stats[k].item() for k in ('err_theta_w', 'err_theta_l', 'err_ref_w', 'err_ref_l')] == \
+        pytest.approx([0.3, 0.5, 0.2, 0.6])
     assert build_loss({'type': 'DiffusionDROLoss'}).margin == 1e-3

@@ -58,7 +58,8 @@ def test_online_negative_target_is_the_lagged_copys_own_prediction(tiny_set, tmp
                                  cfg=3.0))
     model.feed_data(preference_batch(tiny_set))
     model.refresh_lagged_policy(1)
-    loss, stats = model.preference_loss()
+    result = model.preference_loss()
+    loss, stats = result.loss, model.training_statistics(result)
     assert stats['online_share'].item() == 1.0
     assert stats['err_theta_l'].item() == pytest.approx(0.0, abs=1e-10)
     assert stats['err_ref_l'].item() == pytest.approx(0.0, abs=1e-10)
@@ -109,7 +110,8 @@ def test_resume_rebuilds_the_lagged_copy_from_the_resumed_policy(tiny_set, tmp_p
     saved = torch.load(tmp_path / 'models' / 'net_g_3.pth', weights_only=True)['params']
     assert set(saved) == set(trained)  # the policy's trainable weights only: no lagged copy, no reference
     state = torch.load(tmp_path / 'states' / '3.state', weights_only=True)
-    assert set(state) == {'epoch', 'iter', 'optimizers', 'schedulers'}
+    # BasicSR's keys and the exact-resume bookkeeping (docs/reliability.md); no lagged copy, no buffer
+    assert set(state) == {'epoch', 'iter', 'optimizers', 'schedulers', 'rng', 'world_size', 'batch_size_per_gpu'}
 
     opt = _dro_opt(tiny_set, tmp_path, online_ratio=1.0, refresh_every=100)
     opt['path']['pretrain_network_g'] = str(tmp_path / 'models' / 'net_g_3.pth')

@@ -1,4 +1,5 @@
 """DSPOModel: the training step, checkpoints without the reference, resume, non-finite losses, CLI."""
+import dataclasses
 import glob
 import math
 import os
@@ -60,7 +61,8 @@ def test_training_moves_policy_not_reference_and_saves_only_trainable(tiny_set, 
 def test_policy_equal_to_reference_gives_ln2(tiny_set, tmp_path):
     model = build_model(in_process_options(tiny_set, tmp_path))
     model.feed_data(preference_batch(tiny_set))
-    loss, stats = model.preference_loss()
+    result = model.preference_loss()
+    loss, stats = result.loss, result.statistics()
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     assert stats['implicit_acc'].item() == pytest.approx(0.5)
     loss.backward()
@@ -70,9 +72,46 @@ def test_policy_equal_to_reference_gives_ln2(tiny_set, tmp_path):
 @pytest.mark.parametrize('preference,log_key', [('DiffusionDPOLoss', 'l_dpo'), ('DiffusionSFTLoss', 'l_sft')])
 def test_image_level_objectives_step(tiny_set, tmp_path, preference, log_key):
     model = build_model(in_process_options(tiny_set, tmp_path, preference=preference))
-    model.feed_data(preference_batch(tiny_set))
+    data = preference_batch(tiny_set)
+    model.feed_data(data)
+    before = {k: v.clone() for k, v in model.bare.trainable_state_dict().items()}
+    torch.manual_seed(1)
     model.optimize_parameters(1)
-    assert math.isfinite(model.get_current_log()[log_key])
+    log = model.get_current_log()
+    after = {k: v.clone() for k, v in model.bare.trainable_state_dict().items()}
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    if preference == 'DiffusionDPOLoss':
+        # Before the first update policy = reference: no preference yet, the loss is ln 2 on every image pair.
+        assert log[log_key] == pytest.approx(math.log(2), abs=1e-5)
+        assert log['implicit_acc'] == 0.5 and log['logit_mean'] == pytest.approx(0.0, abs=1e-6)
+        assert log['err_theta_w'] == pytest.approx(log['err_ref_w'], rel=1e-6)
+        assert log['err_theta_l'] == pytest.approx(log['err_ref_l'], rel=1e-6)
+    else:
+        # SFT runs only the preferred image of each pair: its loss is the plain diffusion loss on it.
+        model.bare.load_trainable_state_dict(before, source='the weights before the step')
+        torch.manual_seed(1)
+        err_theta, err_ref = model.denoising_errors(data['pair'][:, :1], with_reference=False)
+        assert err_ref is None
+        assert log[log_key] == pytest.approx(err_theta.mean().item(), rel=1e-6)
+        assert log['err_theta_w'] == pytest.approx(log[log_key], rel=1e-6)
+
+
+def test_logged_statistics_are_the_objectives_own(tiny_set, tmp_path, monkeypatch):
+    # The model logs the objective's result as it is: shifting the loss's logits shifts the log.
+    model = build_model(in_process_options(tiny_set, tmp_path))
+    model.feed_data(preference_batch(tiny_set))
+    forward = type(model.cri_pref).forward
+
+    def shifted(self, *args):
+        result = forward(self, *args)
+        return dataclasses.replace(result, logits=result.logits + 3.0)
+
+    monkeypatch.setattr(type(model.cri_pref), 'forward', shifted)
+    model.optimize_parameters(1)
+    log = model.get_current_log()
+    assert log['logit_mean'] == pytest.approx(3.0, abs=1e-4)  # policy = reference: the loss's logits are 0
+    assert log['implicit_acc'] == 1.0
+    assert log['l_dspo'] == pytest.approx(math.log(2), abs=1e-5)  # the loss itself is untouched
 
 
 def test_lora_training_has_no_reference_copy(tiny_set, tmp_path):
@@ -93,8 +132,8 @@ def test_nonfinite_loss_skips_update_then_stops(tiny_set, tmp_path, monkeypatch)
     real = model.preference_loss
 
     def nan_loss():
-        loss, stats = real()
-        return loss * float('nan'), stats
+        result = real()
+        return dataclasses.replace(result, loss=result.loss * float('nan'))
 
     monkeypatch.setattr(model, 'preference_loss', nan_loss)
     model.optimize_parameters(1)
@@ -164,6 +203,27 @@ def test_cli_trains_saves_auto_resumes_with_same_reference_and_tests(tiny_set, t
     assert tested.returncode == 0, tested.stderr[-3000:]
     results = tmp_path / 'results' / 'dspo_tiny_test'
     assert len(glob.glob(str(results / 'visualization' / 'paired' / '*.png'))) == 2
+    assert (results / 'visualization' / 'summary_dspo_tiny_test.png').is_file()  # LQ | reference | current | GT
     log = '\n'.join(open(f).read() for f in glob.glob(str(results / 'test_*.log')))
     assert re.search(r'# psnr: [0-9.]+', log) and re.search(r'# implicit_acc: [0-9.]+', log)
     assert "Loading trained parameters of ControlSD2Arch from" in log
+
+
+def test_top_bottom_pairs_from_the_sets_score_tables_train_like_best_worst(tiny_set, tmp_path):
+    # The tiny set stores only each instance's pair, so its score tables rank to the same pairs with top_n 1.
+    data = preference_batch(tiny_set)
+    losses = []
+    for pairs in ('best_worst', 'top_bottom'):
+        opt = in_process_options(tiny_set, tmp_path)
+        opt['train']['preference_opt'].update(pairs=pairs, top_n=1)
+        model = build_model(opt)
+        model.feed_data(data)
+        assert model.scores.shape == (2, 4, 3)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # policy != reference: a loss away from ln 2
+            for p in model.trainable_params:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        torch.manual_seed(3)
+        losses.append(model.preference_loss().loss)
+    assert losses[0].item() != pytest.approx(math.log(2), abs=1e-4)
+    assert torch.equal(losses[0], losses[1])

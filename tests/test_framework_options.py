@@ -5,7 +5,8 @@ import os
 import pytest
 
 import dspo_basicsr  # noqa: F401  (registration)
-from dspo_basicsr.cli import read_option_file
+from dspo_basicsr.cli import _build_parser, read_option_file
+from dspo_basicsr.losses.preference_loss import DEFAULT_BETA
 
 from basicsr.utils.registry import ARCH_REGISTRY, METRIC_REGISTRY
 
@@ -44,11 +45,16 @@ def test_option_file_names_known_networks_options_and_metrics(path):
         sets = {d['name'] for d in opt['datasets'].values() if d['type'] == 'PairedImageDataset'}
         assert sets == {'DRealSR', 'RealSR'}
     if path.startswith('options/dspo_'):
-        assert opt['train']['preference_opt'] == {'type': 'DSPOLoss', 'beta': 8000, 'loss_weight': 1.0}
+        assert opt['train']['preference_opt'] == {'type': 'DSPOLoss', 'beta': DEFAULT_BETA, 'loss_weight': 1.0}
+        # The run commands in the file's header are accepted by our CLI, train this file, and cover one
+        # process, torchrun and slurm.
         header = open(os.path.join(REPO, path), encoding='utf-8').read().split('\n\n')[0]
-        assert f'basicsr train -opt {path}' in header
-        assert f'torchrun --nproc_per_node=8 -m dspo_basicsr.cli train -opt {path} --launcher pytorch' in header
-        assert '--launcher slurm' in header
+        commands = [line.split('basicsr train', 1)[1].split() if 'basicsr train' in line
+                    else line.split('dspo_basicsr.cli train', 1)[1].split()
+                    for line in header.splitlines() if 'basicsr train' in line or 'dspo_basicsr.cli train' in line]
+        parsed = [_build_parser().parse_args(['train', *argv]) for argv in commands]
+        assert {args.opt for args in parsed} == {path}
+        assert {args.launcher for args in parsed} == {'none', 'pytorch', 'slurm'}
 
 
 def test_m1_and_m1_plus_m2_differ_only_in_feedback_guidance():

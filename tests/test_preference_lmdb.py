@@ -284,3 +284,48 @@ def test_reader_sees_a_set_replaced_in_place(set_path):
     write_preference_lmdb(set_path, [coordinate_sample('img_000', seed=5, with_gt=False)], overwrite=True,
                           progress=False)
     assert PreferenceLMDB(set_path)['img_000'].gt is None
+
+
+def test_second_writer_with_resume_false_is_refused_and_leaves_the_first_build_intact(tmp_path):
+    path = str(tmp_path / 'pref.lmdb')
+    refusals = []
+
+    def first_writer_samples():
+        yield coordinate_sample('a', seed=0)
+        try:  # while the first build is under way, another process starts afresh at the same path
+            write_preference_lmdb(path, [coordinate_sample('z', seed=9)], resume=False, progress=False)
+        except RuntimeError as err:
+            refusals.append(str(err))
+        yield coordinate_sample('b', seed=1)
+
+    store = write_preference_lmdb(path, first_writer_samples(), batch_bytes=1, progress=False)
+    assert len(refusals) == 1 and 'another process is building' in refusals[0]
+    assert store.ids() == ['a', 'b']
+    np.testing.assert_array_equal(store['b'].lq, coordinate_sample('b', seed=1).lq)
+
+
+def test_reader_opened_before_a_rebuild_with_other_samples_raises_one_clear_error(set_path):
+    store = PreferenceLMDB(set_path)
+    assert store['img_001'].sid == 'img_001'
+    write_preference_lmdb(set_path, [coordinate_sample('img_000', seed=5)], overwrite=True, progress=False)
+    with pytest.raises(PreferenceDataError, match='rebuilt at this path while it was being read'):
+        store['img_001']
+    again = PreferenceLMDB(set_path)
+    assert again.ids() == ['img_000']
+
+
+def test_reader_follows_a_rebuild_with_the_same_samples(set_path):
+    store = PreferenceLMDB(set_path)
+    assert store['img_000'].sid == 'img_000'
+    write_preference_lmdb(set_path, _samples(), overwrite=True, progress=False)
+    np.testing.assert_array_equal(store['img_002'].candidates[0], _samples()[2].candidates[0])
+
+
+@pytest.mark.parametrize('keep', [0.5, 0.0005])
+def test_truncated_data_file_is_a_preference_data_error_not_sigbus(set_path, keep):
+    lmdb_set._close_readonly(set_path)
+    data = os.path.join(set_path, 'data.mdb')
+    with open(data, 'r+b') as f:
+        f.truncate(int(os.path.getsize(data) * keep))
+    with pytest.raises(PreferenceDataError, match='truncated'):
+        PreferenceLMDB(set_path)['img_002']

@@ -1,4 +1,4 @@
-"""The DSPO / Diffusion-DPO / SFT contract of DESIGN.md section 5."""
+"""The DSPO / Diffusion-DPO / SFT contract of docs/objectives.md."""
 import math
 
 import pytest

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from dspo_basicsr.losses.preference_loss import DEFAULT_BETA
 from dspo_basicsr.preference.candidates import (
     expand_settings_grid,
     generate_candidates,
@@ -383,8 +384,7 @@ def test_chain_preference_set_trains_dspo_steps(script_chain):
     import dspo_basicsr  # noqa: F401
 
     from basicsr.utils.registry import MODEL_REGISTRY
-    if 'DSPOModel' not in MODEL_REGISTRY:
-        pytest.skip('DSPOModel is not registered in this checkout')
+    assert 'DSPOModel' in MODEL_REGISTRY, 'importing dspo_basicsr must register DSPOModel'
     from conftest import run_cli, write_options
 
     root = script_chain['root']
@@ -397,7 +397,7 @@ def test_chain_preference_set_trains_dspo_steps(script_chain):
         'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
         'train': {'optim_g': {'type': 'AdamW', 'lr': 1e-4, 'weight_decay': 0, 'betas': [0.9, 0.999]},
                   'scheduler': {'type': 'MultiStepLR', 'milestones': [1000], 'gamma': 0.5}, 'total_iter': 3,
-                  'warmup_iter': -1, 'preference_opt': {'type': 'DSPOLoss', 'beta': 8000, 'loss_weight': 1.0}},
+                  'warmup_iter': -1, 'preference_opt': {'type': 'DSPOLoss', 'beta': DEFAULT_BETA, 'loss_weight': 1.0}},
         'logger': {'print_freq': 1, 'save_checkpoint_freq': 100, 'use_tb_logger': False},
         'dist_params': {'backend': 'gloo', 'port': 29500},
     }

@@ -2,6 +2,8 @@
 import importlib
 import pkgutil
 
+import pytest
+
 import dspo_basicsr  # isort: skip  (first: it adapts basicsr 1.4.2 before basicsr is imported)
 import basicsr
 from basicsr.utils import registry
@@ -25,9 +27,16 @@ def test_every_registered_name_of_ours():
 
 
 def test_no_collision_with_basicsr_names():
+    # BasicSR's registry refuses a second object under a taken name, so a collision would fail at import:
+    # check that it does (and keeps BasicSR's object).
     for name, reg in REGISTRIES.items():
         theirs = {key for key, obj in reg._obj_map.items() if obj.__module__.startswith('basicsr')}
         assert theirs, name  # BasicSR's own registrations are still there
+        taken = sorted(theirs)[0]
+        with pytest.raises(AssertionError, match=taken):
+            reg.register(type(taken, (), {}))
+        assert reg.get(taken).__module__.startswith('basicsr')  # the refused object replaced nothing
+        # and ours were registered beside BasicSR's, under names of their own
         assert not theirs & OURS[name], name
 
 

@@ -198,7 +198,7 @@ def _batch(lmdb):
 def _errors(model, data, negative_prompts):
     model.feed_data(data)
     model.negative_prompts = list(negative_prompts)
-    index = model._candidate_index('instance')
+    index = model._all_candidates()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         return model.denoising_errors(index, generator=generator, timesteps=torch.tensor([300, 600]))
@@ -221,7 +221,7 @@ def test_feedback_guidance_changes_training_errors_only_when_on(seesr, tmp_path)
     assert not torch.allclose(on_a, off_a)
     # Policy = reference at initialisation, with or without guidance: the DSPO loss starts at ln 2.
     m12.feed_data(data)
-    loss, _ = m12.preference_loss()
+    loss = m12.preference_loss().loss
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
 
 
@@ -284,7 +284,7 @@ def test_bf16_frozen_parts_keep_trained_parameters_in_float32(seesr, tmp_path):
     assert next(arch.unet.parameters()).dtype == torch.bfloat16 and next(arch.vae.parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in arch.controlnet.parameters())
     model.feed_data(_batch(seesr['lmdb']))
-    loss, _ = model.preference_loss()
+    loss = model.preference_loss().loss
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(math.log(2), abs=1e-3)
     model.optimize_parameters(1)
     assert math.isfinite(model.get_current_log()['l_dspo'])
@@ -302,7 +302,7 @@ def test_gradient_checkpointing_gives_the_same_step(seesr, tmp_path):
         model.bare.train()
         model.feed_data(data)
         torch.manual_seed(0)  # the same timesteps, noise and posterior samples in both runs
-        loss, _ = model.preference_loss()
+        loss = model.preference_loss().loss
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.bare.controlnet.parameters() if p.grad is not None]))
     assert any(getattr(m, 'gradient_checkpointing', False) for m in model.bare.unet.modules())

@@ -1,5 +1,7 @@
 """The VLM client against a local OpenAI-compatible server: good, malformed, 500 and slow replies."""
+import glob
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +53,13 @@ def make_handler(state):
                 return self.reply(500, {'error': 'overloaded'})
             if mode == '404':
                 return self.reply(404, {'error': 'no such model'})
+            if mode == 'echo_key':  # a server that quotes the request's credentials back
+                return self.reply(401, {'error': f"invalid key, header was {self.headers.get('Authorization')}"})
+            if mode == 'echo_key_500':
+                return self.reply(500, {'error': f"upstream refused {self.headers.get('Authorization')}"})
+            if mode == 'echo_key_reply':
+                key = self.headers.get('Authorization', '').split()[-1]
+                return self.reply(200, {'choices': [{'message': {'content': f'your key {key} is fine'}}]})
             if mode == 'slow':
                 time.sleep(0.6)
             content = body['messages'][0]['content']
@@ -208,8 +217,9 @@ def test_scoring_step_with_vlm_and_feedback_resumes_failed_items_only(server, tm
                        expand_settings_grid({'cfg': [1.0, 4.0]}, {'steps': 2, 'cfg': 0.5, 'seed': 0}), num_keep=3,
                        metrics={'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}, progress=False)
     run_segment_step(work, SLICSegmenter(n_segments=3), min_area=64, progress=False)
+    # max_concurrency 1: the injected replies below are consumed in the order of the items
     vlm_opt = {'base_url': server.base_url, 'model': 'tiny-vlm', 'api_key_env': None, 'timeout': 2, 'max_retries': 0,
-               'backoff': 0.01, 'cache_dir': str(tmp_path / 'vlm_cache')}
+               'backoff': 0.01, 'cache_dir': str(tmp_path / 'vlm_cache'), 'max_concurrency': 1}
     opt = {'scorer': dict(vlm_opt, type='vlm', min_crop=8),
            'feedback': {'vlm': vlm_opt, 'embedder': 'hashing', 'threshold': 0.1, 'min_crop': 8}}
     top_k = 2
@@ -232,3 +242,23 @@ def test_scoring_step_with_vlm_and_feedback_resumes_failed_items_only(server, tm
     paired = [i for i in record['instances'] if i['win'] >= 0]
     assert len(paired) == top_k and all(i['feedback']['gt_description'] == 'a sharp furry cat' for i in paired)
     assert record['negative_prompt'] == ''  # every description matches the GT's: no negative feedback
+
+
+@pytest.mark.parametrize('mode', ['echo_key', 'echo_key_500', 'echo_key_reply'])
+def test_api_key_echoed_by_the_server_is_redacted_from_errors(server, tmp_path, monkeypatch, capsys, mode):
+    monkeypatch.setenv('DSPO_TEST_VLM_KEY', 'sk-very-secret-123')
+    vlm = client(server, tmp_path, max_retries=0)
+    server.default = mode
+    with pytest.raises((VLMRequestError, VLMReplyError)) as err:
+        vlm.compare(*images(3)[:1], images(2, seed=1))
+    print(err.value)
+    assert 'sk-very-secret-123' not in str(err.value) + capsys.readouterr().out
+    assert '***' in str(err.value)
+    assert not any('sk-very-secret' in open(f).read() for f in glob.glob(str(tmp_path / '**' / '*'), recursive=True)
+                   if os.path.isfile(f))
+
+
+def test_redact_secrets_removes_key_and_any_bearer_token():
+    from dspo_basicsr.preference.vlm_client import redact_secrets
+    text = redact_secrets('key sk-abc; header "Authorization: Bearer tok.en-9"', ['sk-abc'])
+    assert text == 'key ***; header "Authorization: Bearer ***"'

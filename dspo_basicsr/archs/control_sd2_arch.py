@@ -88,8 +88,9 @@ class ControlSD2Arch(DiffusionSRArch):
     Args:
         pretrained_model_path (str | None): SD2.x-base folder (diffusers layout).
         controlnet_path (str | None): ControlNet folder; None initialises it from the UNet.
-        tiny (bool | dict): Build tiny random components instead (tests, demo); a dict may give ``seed``
-            and ``unet`` (overrides of the tiny UNet config, for benchmarks).
+        tiny (bool | dict): Build tiny random components instead (tests, demo); a dict may give ``seed``,
+            ``unet`` (overrides of the tiny UNet config, for benchmarks) and ``vae`` (arguments of
+            :func:`tiny_vae_config`).
         scale (int): SR factor. Default: 4.
         trainable (str | list[str]): ``controlnet`` (default), ``unet_lora``, ``unet``, or a list of them.
         conditioning_scale (float): Multiplier of the ControlNet residuals. Default: 1.
@@ -99,17 +100,19 @@ class ControlSD2Arch(DiffusionSRArch):
         default_cfg (float): Guidance scale of :meth:`sample`. Default: 5.5.
         ram_path, dape_path (str | None): RAM (+ DAPE) checkpoints of a tagger for ``prompt_source: tags``.
         ram_tiny (bool | dict | None): The RAM checkpoint is a tiny one (tests, demo); None: as ``tiny``.
+        start_strength (float): Where :meth:`sample` starts: 1 (default) from pure noise; below 1 from the
+            LQ latent noised to that fraction of the schedule (see :class:`DiffusionSRArch`).
     """
 
     def __init__(self, pretrained_model_path=None, controlnet_path=None, tiny=False, scale=4, trainable='controlnet',
                  conditioning_scale=1.0, lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS,
                  sampler='ddpm', prediction_type=None, default_steps=50, default_cfg=5.5, ram_path=None,
-                 dape_path=None, ram_tiny=None):
+                 dape_path=None, ram_tiny=None, start_strength=1.0):
         if tiny:
             tiny = tiny if isinstance(tiny, dict) else {}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(tiny.get('seed', 0))
-                components = tiny_sd_components(unet=tiny.get('unet'))
+                components = tiny_sd_components(unet=tiny.get('unet'), vae=tiny.get('vae'))
         elif pretrained_model_path:
             components = load_sd_components(pretrained_model_path)
         else:
@@ -120,6 +123,7 @@ class ControlSD2Arch(DiffusionSRArch):
         super().__init__(**components, scale=scale, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_target_modules=lora_target_modules, sampler=sampler)
         self.default_steps, self.default_cfg = default_steps, default_cfg
+        self.start_strength = float(start_strength)
         self.conditioning_scale = conditioning_scale
         if controlnet_path:
             check_component_folder(controlnet_path, '', f'ControlNet folder {controlnet_path!r}')

@@ -98,6 +98,11 @@ class DiffusionSRArch(nn.Module):
     default_negative_prompt = ''
     default_steps = 50
     default_cfg = 5.5
+    #: ``sample`` takes a list of generators, one per image (candidate batches: each row equals its own sample)
+    accepts_generator_list = True
+    #: 1: :meth:`sample` starts from pure noise; s < 1: from the bicubic LQ's latent noised to the
+    #: timestep of the last ``round(s * steps)`` sampling steps, which it runs (SDEdit-style start).
+    start_strength = 1.0
 
     def __init__(self, unet, vae, text_encoder, tokenizer, noise_scheduler, scale=4, trainable='controlnet',
                  lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm'):
@@ -341,7 +346,8 @@ class DiffusionSRArch(nn.Module):
             negative_prompt (str | list[str] | None): Appended to the framework's default negative prompt.
             steps (int | None): Sampling steps (framework default if None).
             cfg (float | None): Classifier-free guidance scale (framework default if None).
-            generator (torch.Generator | None): Seeded generator for reproducible samples.
+            generator (torch.Generator | list[torch.Generator] | None): Seeded generator for reproducible
+                samples, or one per image (each image's noise then equals its batch-of-one draw).
             sampler (str | None): ``ddpm`` or ``ddim`` (framework default if None).
             prompt_source (str): ``prompt`` or ``tags`` (see :meth:`sampling_prompts`).
             color_fix (str): ``adain``, ``wavelet`` or ``none``, against the bicubic-upsampled LQ
@@ -380,6 +386,8 @@ class DiffusionSRArch(nn.Module):
         cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
         scheduler = self._sampling_scheduler(sampler)
         scheduler.set_timesteps(steps, device=self.device)
+        if self.start_strength < 1:
+            scheduler.timesteps = scheduler.timesteps[-max(1, round(steps * self.start_strength)):]
         latents = self.initial_latents(lq, scheduler, generator)
         start = self.sampling_start(scheduler)
         for t in scheduler.timesteps:
@@ -457,6 +465,8 @@ class DiffusionSRArch(nn.Module):
 
     def initial_noise(self, lq, generator=None):
         """Standard normal latents (B, C, h*s/f, w*s/f) for the SR size of ``lq``, from ``generator``."""
+        if isinstance(generator, (list, tuple)):  # one generator per image, as diffusers' randn_tensor
+            return torch.cat([self.initial_noise(lq[i:i + 1], g) for i, g in enumerate(generator)])
         f = self.vae_scale_factor
         shape = (lq.shape[0], self.unet.config.in_channels,
                  lq.shape[2] * self.scale // f, lq.shape[3] * self.scale // f)
@@ -464,8 +474,13 @@ class DiffusionSRArch(nn.Module):
         return noise.to(self.device)
 
     def initial_latents(self, lq, scheduler, generator=None):
-        """Where :meth:`sample` starts: pure noise scaled for ``scheduler``."""
-        return self.initial_noise(lq, generator) * scheduler.init_noise_sigma
+        """Where :meth:`sample` starts: pure noise scaled for ``scheduler``, or (``start_strength`` < 1)
+        the bicubic LQ's latent noised to the first of ``scheduler.timesteps``."""
+        noise = self.initial_noise(lq, generator)
+        if self.start_strength >= 1:
+            return noise * scheduler.init_noise_sigma
+        t = scheduler.timesteps[:1].expand(lq.shape[0])
+        return scheduler.add_noise(self.encode_images(self.upsample_lq(lq)), noise, t)
 
     def upsample_lq(self, lq):
         """LQ (B, 3, h, w) -> bicubic (B, 3, h*scale, w*scale) in [0, 1], the ControlNet input."""
@@ -505,6 +520,10 @@ class FrozenReference:
                 yield
         finally:
             self.policy._modules.update(originals)
+
+    def sampling(self):
+        """Context in which the policy's own methods (e.g. ``sample``) run as the reference."""
+        return self._as_reference()
 
     @torch.no_grad()
     def predict_noise(self, x_t, t, cond):

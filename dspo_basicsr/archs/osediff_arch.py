@@ -8,7 +8,8 @@ Forward (OSEDiff's ``OSEDiff_test``): the bicubic x4 LQ in [-1, 1] goes through 
 LoRA; its latent z_L is the UNet input at t = 999 (text prompt: DAPE tags); the prediction gives
 x0 = (z_L - sqrt(1 - a) eps) / sqrt(a) (a = alphas_cumprod[999]), decoded by the original SD VAE decoder.
 
-Preference likelihood at the operating point (DESIGN.md section 6, ``timestep_mode: operating_point``):
+Preference likelihood at the operating point (docs/extending.md, the framework interface;
+``timestep_mode: operating_point``):
 x_t = z_L, t = 999 and, for a candidate with latent z_c, the target is the noise that maps z_c to z_L,
 ``eps_c = (z_L - sqrt(a) z_c) / sqrt(1 - a)``. Then ``|eps_hat - eps_c|^2 = a / (1 - a) * |x0_hat - z_c|^2``:
 DSPO with ``beta`` on these errors is DSPO on x0-space errors with the equivalent

@@ -27,12 +27,18 @@ def tiny_unet_config(cross_attention_dim=TINY_TEXT_DIM, **overrides):
     return config
 
 
-def tiny_vae_config():
-    """AutoencoderKL with a latent factor of 4 (SD's is 8) and 4 latent channels."""
+def tiny_vae_config(block_out_channels=(16, 32, 32)):
+    """AutoencoderKL with 4 latent channels and a latent factor of ``2**(len(block_out_channels) - 1)``.
+
+    Args:
+        block_out_channels (tuple[int]): One width per level; the default's three levels give factor 4
+            (SD's is 8), two levels give factor 2, which keeps enough detail of a 64 px crop for SR.
+    """
+    levels = len(block_out_channels)
     return dict(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-        down_block_types=('DownEncoderBlock2D',) * 3, up_block_types=('UpDecoderBlock2D',) * 3, norm_num_groups=8,
-        sample_size=64)
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(block_out_channels),
+        layers_per_block=1, down_block_types=('DownEncoderBlock2D',) * levels,
+        up_block_types=('UpDecoderBlock2D',) * levels, norm_num_groups=8, sample_size=64)
 
 
 def tiny_text_encoder_config():
@@ -60,16 +66,17 @@ def tiny_noise_scheduler(prediction_type='epsilon'):
         prediction_type=prediction_type, clip_sample=False)
 
 
-def tiny_sd_components(cross_attention_dim=TINY_TEXT_DIM, unet=None):
+def tiny_sd_components(cross_attention_dim=TINY_TEXT_DIM, unet=None, vae=None):
     """UNet, VAE, text encoder, tokenizer and noise scheduler of a tiny SD2-like model (random weights).
 
     Args:
         cross_attention_dim (int): Width of the text embeddings.
         unet (dict | None): Overrides of :func:`tiny_unet_config`.
+        vae (dict | None): Arguments of :func:`tiny_vae_config`.
     """
     return dict(
         unet=UNet2DConditionModel(**tiny_unet_config(cross_attention_dim, **(unet or {}))),
-        vae=AutoencoderKL(**tiny_vae_config()),
+        vae=AutoencoderKL(**tiny_vae_config(**(vae or {}))),
         text_encoder=CLIPTextModel(CLIPTextConfig(**tiny_text_encoder_config())),
         tokenizer=tiny_tokenizer(),
         noise_scheduler=tiny_noise_scheduler())

@@ -3,6 +3,8 @@ import tempfile
 
 import torch
 
+from dspo_basicsr.losses.preference_loss import DEFAULT_BETA
+
 #: A ControlSD2 UNet that is small enough for a CPU but not trivial (about 10 M parameters with ControlNet).
 BENCH_UNET = dict(
     block_out_channels=(64, 128, 128), layers_per_block=2, attention_head_dim=(4, 8, 8), norm_num_groups=32,
@@ -21,7 +23,7 @@ def bench_dspo_opt(device, preference='DSPOLoss', trainable='controlnet'):
         'path': {'pretrain_network_g': None, 'models': folder, 'training_states': folder},
         'train': {'optim_g': {'type': 'AdamW', 'lr': 1e-5}, 'scheduler': {'type': 'MultiStepLR', 'milestones': [10**6],
                                                                            'gamma': 0.5},
-                  'total_iter': 10, 'preference_opt': {'type': preference, 'beta': 8000.0}},
+                  'total_iter': 10, 'preference_opt': {'type': preference, 'beta': DEFAULT_BETA}},
     }
 
 

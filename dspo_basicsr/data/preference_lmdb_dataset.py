@@ -1,4 +1,4 @@
-"""BasicSR dataset over a preference LMDB set (DESIGN.md section 4), with aligned crops and instance tables.
+"""BasicSR dataset over a preference LMDB set (docs/preference_lmdb.md), with aligned crops and instance tables.
 
 Every training item holds the LQ image, its N candidates, the instance label map and the per-instance
 preferences, all cropped and augmented identically. The label map is relabelled compactly per crop, so
@@ -16,7 +16,7 @@ from dspo_basicsr.data.preference_set import PreferenceLMDB
 from basicsr.utils.registry import DATASET_REGISTRY
 
 # Per-instance tables, padded across a batch: key -> padding value.
-INSTANCE_KEYS = {'win': -1, 'lose': -1, 'instance_ids': -1, 'area': 0}
+INSTANCE_KEYS = {'win': -1, 'lose': -1, 'instance_ids': -1, 'area': 0, 'scores': np.nan}
 
 
 def random_aligned_crop(sample, scale, gt_size, rng=random):
@@ -105,8 +105,9 @@ def preference_item(sample, scale, gt_size=None, use_hflip=False, use_rot=False,
         dict: ``lq`` (3, h, w), ``candidates`` (N, 3, H, W), ``gt`` (3, H, W) if the sample has one, all
         float32 in [0, 1]; ``seg`` (H, W) long with ids 0..M-1 (-1 for instances over ``max_instances``);
         ``win``, ``lose``, ``instance_ids`` (M,) long; ``area`` (M,) float pixel counts in the crop;
-        ``pair`` (2,) long; ``extras`` dict of float tensors; ``prompt``, ``negative_prompt``, ``sid``,
-        ``lq_path`` strings.
+        ``pair`` (2,) long; ``scores`` (M, N) float per-candidate instance scores (higher is better, NaN =
+        unscored; see :func:`instance_score_table`); ``extras`` dict of float tensors; ``prompt``,
+        ``negative_prompt``, ``sid``, ``lq_path`` strings.
     """
     lq, candidates, seg, gt = sample.lq, sample.candidates, sample.seg, sample.gt
     if gt_size is not None:
@@ -141,6 +142,7 @@ def preference_item(sample, scale, gt_size=None, use_hflip=False, use_rot=False,
         'area': torch.from_numpy(area.astype(np.float32)),
         'instance_ids': torch.tensor([sample.instances[i]['id'] for i in kept], dtype=torch.long),
         'pair': torch.tensor([int(pair[0]), int(pair[1])], dtype=torch.long),
+        'scores': torch.from_numpy(instance_score_table([sample.instances[i] for i in kept], len(candidates))),
         'extras': {name: torch.from_numpy(np.asarray(value)).float() for name, value in (sample.extras or {}).items()},
         'prompt': sample.prompt,
         'negative_prompt': sample.negative_prompt,
@@ -149,6 +151,25 @@ def preference_item(sample, scale, gt_size=None, use_hflip=False, use_rot=False,
     if gt is not None:
         item['gt'] = _images_to_tensor([_augment(gt, *flips)])[0]
     return item
+
+
+def instance_score_table(instances, num_candidates):
+    """(M, N) float32 per-candidate scores of the instances, higher is better, NaN = unscored.
+
+    An instance's ``candidate_scores`` when it stores them; else (an instance with only its pair) 1 for
+    ``win`` and 0 for ``lose``, so a ranking of the table still gives the stored pair. Instances without a
+    pair stay unscored: the scorer left them out.
+    """
+    table = np.full((len(instances), num_candidates), np.nan, dtype=np.float32)
+    for row, instance in enumerate(instances):
+        if instance['win'] < 0:
+            continue
+        scores = instance.get('candidate_scores')
+        if scores is not None:
+            table[row] = [np.nan if v is None else v for v in scores]
+        else:
+            table[row, instance['win']], table[row, instance['lose']] = 1.0, 0.0
+    return table
 
 
 def _stack(key, values, sids):
@@ -168,7 +189,8 @@ def collate_preference_batch(batch):
 
     Returns:
         dict: Tensors stacked on a new first axis (B, ...); ``win``, ``lose``, ``instance_ids`` (B, M_max)
-        padded with -1 and ``area`` (B, M_max) padded with 0; ``extras`` a dict of stacked tensors;
+        padded with -1, ``area`` (B, M_max) padded with 0 and ``scores`` (B, M_max, N) padded with NaN;
+        ``extras`` a dict of stacked tensors;
         strings as lists of length B.
     """
     sids = [item['sid'] for item in batch]
@@ -181,7 +203,7 @@ def collate_preference_batch(batch):
     for key in keys:
         values = [item[key] for item in batch]
         if key in INSTANCE_KEYS:
-            padded = np.full((len(values), max(len(v) for v in values)), INSTANCE_KEYS[key],
+            padded = np.full((len(values), max(len(v) for v in values), *values[0].shape[1:]), INSTANCE_KEYS[key],
                              dtype=values[0].numpy().dtype)
             for row, value in enumerate(values):
                 padded[row, :len(value)] = value.numpy()
@@ -211,6 +233,8 @@ class PreferenceLMDBDataset(data.Dataset):
     """
 
     reader_class = PreferenceLMDB
+    #: option keys read beyond BasicSR's loader keys (checked at start: dspo_basicsr.option_check)
+    known_options = ('dataroot', 'gt_size', 'use_hflip', 'use_rot', 'max_instances')
     collate_fn = staticmethod(collate_preference_batch)
 
     def __init__(self, opt):

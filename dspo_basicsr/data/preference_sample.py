@@ -1,6 +1,6 @@
 """One preference sample, its checks, and the codecs that store it (PNG, UTF-8 JSON, ``.npy``).
 
-A sample is what DSPO trains on (DESIGN.md section 4): a low-quality input, N candidate SR outputs of
+A sample is what DSPO trains on (docs/preference_lmdb.md): a low-quality input, N candidate SR outputs of
 it, a SAM-style instance label map at SR size, and, for each instance, the preferred (``win``) and
 dispreferred (``lose``) candidate. The same checks run when a set is written and when it is read, so a
 set that was written can always be read back.
@@ -53,7 +53,9 @@ class PreferenceSample:
             (a partition of the image).
         instances (list[dict]): One row per instance id in ``seg``: ``id`` (int), ``win`` and ``lose``
             (candidate indices in [0, N-1], or both -1 when the instance has no pair), ``area`` (pixel
-            count; the writer fills it when absent), optional ``scores`` and ``feedback``.
+            count; the writer fills it when absent), optional ``scores``, ``candidate_scores`` (one number
+            per candidate, higher is better, the values the pair was picked by; null = unscored) and
+            ``feedback``.
         prompt (str): Text prompt of the SR model.
         negative_prompt (str): Negative prompt (user description feedback).
         gt (ndarray | None): (H, W, 3) uint8 RGB ground truth, if any.
@@ -169,6 +171,12 @@ def check_sample(sample, path, scale=None, num_candidates=None):
                  'or both -1 when the instance has no pair.')
         if not 0 <= iid < len(counts) or counts[iid] == 0:
             fail('seg', f'instance id {iid} of the instance table does not occur in the label map.')
+        scores = row.get('candidate_scores')
+        if scores is not None and (not isinstance(scores, (list, tuple)) or len(scores) != n_cand or not all(
+                v is None or (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                              and np.isfinite(v)) for v in scores)):
+            fail('meta', f'instance {iid}: candidate_scores must list one finite number (or null = unscored) per '
+                 f'candidate ({n_cand}), higher is better; got {scores!r:.200}.')
     orphans = sorted(set(np.flatnonzero(counts).tolist()) - seen)
     if orphans:
         fail('seg', f'label value(s) {orphans[:10]} have no row in the instance table; the label map must '

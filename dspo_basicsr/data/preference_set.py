@@ -1,4 +1,4 @@
-"""Preference sets in LMDB (DESIGN.md section 4): the atomic, resumable writer and the lazy reader.
+"""Preference sets in LMDB (docs/preference_lmdb.md): the atomic, resumable writer and the lazy reader.
 
 A set is a folder ``NAME.lmdb/`` with one LMDB environment and a human-readable ``meta_info.txt``.
 Values are PNG bytes, UTF-8 JSON or ``.npy`` bytes written without pickle; nothing is pickled.
@@ -184,11 +184,12 @@ def write_preference_lmdb(path, samples, scale=None, overwrite=False, resume=Tru
     if os.path.exists(final) and not overwrite:
         raise FileExistsError(f"preference set '{final}' already exists; pass overwrite=True to replace it.")
     temp = _temp_folder(final)
-    if os.path.exists(temp) and not resume:
-        shutil.rmtree(temp)
     os.makedirs(temp, exist_ok=True)
+    # The lock comes before any deletion: a second writer is refused and never removes the first's build.
     guard = _lock_build(temp, final)
     try:
+        if not resume:
+            _empty_folder(temp)
         builder = _Builder(temp, batch_bytes)
     except BaseException:
         os.close(guard)
@@ -249,6 +250,16 @@ def _lock_build(temp, final):
         raise RuntimeError(f"another process is building preference set '{final}' (in '{temp}'); wait for it "
                            'to finish, or stop it first.') from None
     return guard
+
+
+def _empty_folder(folder):
+    """Remove what ``folder`` holds, keeping the folder itself (its flock guards the build)."""
+    for name in os.listdir(folder):
+        entry = os.path.join(folder, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry)
+        else:
+            os.remove(entry)
 
 
 def _infer_scale(sample, final):
@@ -315,6 +326,37 @@ def _data_file_id(path):
     return st.st_dev, st.st_ino
 
 
+_META_MAGIC = 0xBEEFC0DE
+
+
+def check_data_file_size(path):
+    """Refuse a ``data.mdb`` shorter than its own header says (reading it would die of SIGBUS).
+
+    LMDB's two meta pages (``lmdb/mdb.c``: ``MDB_meta`` after a 16-byte page header) record the page
+    size (``mm_dbs[FREE_DBI].md_pad``) and the last page used (``mm_last_pg``) of each commit; the newer
+    meta (higher ``mm_txnid``) says how long the file must be.
+    """
+    import struct
+    data_file = os.path.join(path, 'data.mdb')
+    size = os.path.getsize(data_file)
+    with open(data_file, 'rb') as f:
+        head = f.read(2 * 65536)
+    metas = []
+    page_size = struct.unpack_from('<I', head, 40)[0] if len(head) >= 152 else 0
+    for offset in (0, page_size):
+        if page_size and len(head) >= offset + 152 and struct.unpack_from('<I', head, offset + 16)[0] == _META_MAGIC:
+            last_page, txn_id = struct.unpack_from('<QQ', head, offset + 136)
+            metas.append((txn_id, last_page))
+    if not metas:
+        raise PreferenceDataError(path, None, None, f'data.mdb ({size} bytes) has no LMDB header; the file is '
+                                  'truncated or not an LMDB file. Copy the set again or rebuild it.')
+    needed = (max(metas)[1] + 1) * page_size
+    if size < needed:
+        raise PreferenceDataError(path, None, None, f'data.mdb is {size} bytes but its LMDB header says it holds '
+                                  f'{needed}; the file was truncated (an interrupted copy?). Copy the set again or '
+                                  'rebuild it.')
+
+
 def _open_readonly(path):
     file_id, pid = _data_file_id(path), os.getpid()
     entry = _READ_ENVIRONMENTS.get(path)
@@ -322,6 +364,7 @@ def _open_readonly(path):
         return entry[2]
     if entry is not None:
         _close_readonly(path)  # inherited from the parent process, or the set was replaced
+    check_data_file_size(path)
     try:
         env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True, max_readers=1024)
     except lmdb.Error as error:
@@ -358,18 +401,31 @@ class PreferenceLMDB:
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"preference set '{self.path}' does not exist (expected a folder NAME.lmdb "
                                     'written by write_preference_lmdb).')
-        self._header, self._ids, self._id_set = None, None, None
+        self._header, self._ids, self._id_set, self._index_file = None, None, None, None
 
     def _environment(self):
         # Looked up on every access (a dict and a stat()): correct after fork(), close() or overwrite.
-        return _open_readonly(self.path)
+        env = _open_readonly(self.path)
+        if self._ids is not None and _READ_ENVIRONMENTS[self.path][1] != self._index_file:
+            # The set was replaced at this path after the index was read: reload it, and refuse to go on
+            # when the samples changed (their ids would name other images).
+            old = (self._header, self._ids)
+            self._load_index()
+            if (self._header, self._ids) != old:
+                raise PreferenceDataError(self.path, None, None, 'the set was rebuilt at this path while it was '
+                                          f'being read (it now holds {len(self._ids)} samples, before '
+                                          f'{len(old[1])}); restart the job that reads it.')
+            env = _open_readonly(self.path)
+        return env
 
     def close(self):
         """Close this process's environment of the set (every reader of it reopens on next access)."""
         _close_readonly(self.path)
 
     def _load_index(self):
-        with self._environment().begin(buffers=False) as txn:
+        env = _open_readonly(self.path)
+        file_id = _READ_ENVIRONMENTS[self.path][1]
+        with env.begin(buffers=False) as txn:
             raw = txn.get(b'__format__')
             if raw is None:
                 raise PreferenceDataError(self.path, None, '__format__', 'the header key is missing; this is not a '
@@ -393,7 +449,7 @@ class PreferenceLMDB:
             if not isinstance(ids, list) or len(ids) != header['num_samples']:
                 raise PreferenceDataError(self.path, None, '__ids__', f"the id list does not hold the header's "
                                           f"{header['num_samples']} sample ids.")
-        self._header, self._ids, self._id_set = header, ids, set(ids)
+        self._header, self._ids, self._id_set, self._index_file = header, ids, set(ids), file_id
 
     @property
     def header(self):

@@ -10,6 +10,9 @@ _modules = import_modules_with_suffix(__name__, os.path.dirname(os.path.abspath(
 
 from dspo_basicsr.losses.fidelity_loss import fidelity_loss  # noqa: E402
 from dspo_basicsr.losses.preference_loss import (  # noqa: E402
+    DEFAULT_BETA,
+    PreferenceBatch,
+    PreferenceResult,
     diffusion_dpo_logits,
     diffusion_dpo_loss,
     diffusion_dro_differences,
@@ -17,14 +20,20 @@ from dspo_basicsr.losses.preference_loss import (  # noqa: E402
     diffusion_sft_loss,
     dspo_logits,
     dspo_loss,
+    dspo_pair_logits,
+    dspo_pair_loss,
+    hierarchical_weights,
     implicit_accuracy,
     instance_coverage,
     instance_error,
+    pick_candidates,
     preference_statistics,
+    top_bottom_pairs,
 )
 
 __all__ = [
-    'diffusion_dpo_logits', 'diffusion_dpo_loss', 'diffusion_dro_differences', 'diffusion_dro_loss',
-    'diffusion_sft_loss', 'dspo_logits', 'dspo_loss', 'fidelity_loss', 'implicit_accuracy', 'instance_coverage',
-    'instance_error', 'preference_statistics'
+    'DEFAULT_BETA', 'PreferenceBatch', 'PreferenceResult', 'diffusion_dpo_logits', 'diffusion_dpo_loss',
+    'diffusion_dro_differences', 'diffusion_dro_loss', 'diffusion_sft_loss', 'dspo_logits', 'dspo_loss',
+    'dspo_pair_logits', 'dspo_pair_loss', 'fidelity_loss', 'hierarchical_weights', 'implicit_accuracy',
+    'instance_coverage', 'instance_error', 'pick_candidates', 'preference_statistics', 'top_bottom_pairs',
 ]

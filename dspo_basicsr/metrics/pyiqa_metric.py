@@ -45,6 +45,7 @@ from basicsr.utils.registry import METRIC_REGISTRY
 __all__ = [
     'MissingWeightsError', 'calculate_pyiqa', 'calculate_lpips', 'calculate_dists', 'calculate_musiq',
     'calculate_maniqa', 'calculate_clipiqa', 'calculate_pyiqa_niqe', 'get_pyiqa_metric', 'clear_pyiqa_cache',
+    'check_metric_weights',
     'to_pyiqa_tensor'
 ]
 
@@ -178,6 +179,35 @@ def get_pyiqa_metric(metric: str, device: Union[str, torch.device, None] = None,
     iqa_metric.eval()
     _METRICS[key] = iqa_metric
     return iqa_metric
+
+
+#: options of a ``val.metrics`` entry that BasicSR or our wrappers take, not the pyiqa architecture
+_WRAPPER_OPTIONS = ('type', 'metric', 'crop_border', 'device', 'input_order', 'better', 'test_y_channel')
+
+
+def check_metric_weights(metrics_opt, where='val.metrics'):
+    """Check the weight files of every pyiqa metric in a ``val.metrics`` block at once, before any work.
+
+    Args:
+        metrics_opt (dict | None): ``{name: {type: ..., ...}}`` as in an option file.
+        where (str): Where the block comes from, for the message.
+
+    Raises:
+        MissingWeightsError: Every absent file of every metric, each line naming the metric.
+    """
+    from dspo_basicsr.metrics.metric_table import METRIC_TABLE
+    by_type = {info.basicsr_type: info.pyiqa_name for info in METRIC_TABLE}
+    missing = []
+    for name, opt in (metrics_opt or {}).items():
+        opt = dict(opt or {})
+        kind = opt.get('type')
+        pyiqa_name = opt.get('metric', 'lpips') if kind == 'calculate_pyiqa' else by_type.get(kind)
+        if not pyiqa_name:
+            continue
+        files = required_weight_files(pyiqa_name, {k: v for k, v in opt.items() if k not in _WRAPPER_OPTIONS})
+        missing += [f'{where}.{name} ({pyiqa_name}): {w.placement()}' for w in files or () if not w.is_present()]
+    if missing:
+        raise MissingWeightsError(where, missing)
 
 
 def clear_pyiqa_cache():

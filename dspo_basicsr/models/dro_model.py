@@ -21,12 +21,7 @@ the lag restarts at the resume point, and the buffer starts empty.
 import torch
 
 from dspo_basicsr.archs.diffusion_sr_base import DiffusionSRArch, join_negative_prompts
-from dspo_basicsr.losses.preference_loss import (
-    diffusion_dro_differences,
-    instance_coverage,
-    instance_error,
-    preference_statistics,
-)
+from dspo_basicsr.losses.preference_loss import DiffusionDROLoss, instance_coverage
 from dspo_basicsr.models.dspo_model import DSPOModel, _gather_images
 from dspo_basicsr.models.online_negatives import (
     LaggedPolicy,
@@ -54,15 +49,6 @@ DRO_DEFAULTS = {
 }
 
 
-def _per_term_errors(err, index, coverage):
-    """err (B, J, h, w), index (B, M) or (B,) -> per-instance (or per-image) errors of the indexed images."""
-    if coverage is None:
-        values, index = err.mean(dim=(2, 3)).unsqueeze(2), index.reshape(-1, 1)  # (B, J, 1), (B, 1)
-    else:
-        values = instance_error(err, coverage)  # (B, J, M)
-    return values.gather(1, index.clamp_min(0).unsqueeze(1)).squeeze(1)
-
-
 @MODEL_REGISTRY.register()
 class DiffusionDROModel(DSPOModel):
     """:class:`DSPOModel` plus the Diffusion-DRO objective (``train.preference_opt.type: DiffusionDROLoss``).
@@ -75,7 +61,7 @@ class DiffusionDROModel(DSPOModel):
     With any other preference loss the model behaves as DSPOModel.
     """
 
-    supported_levels = DSPOModel.supported_levels + ('ranking',)
+    known_options = {**DSPOModel.known_options, 'train': DSPOModel.known_options['train'] + ('dro',)}
 
     def init_training_settings(self):
         super().init_training_settings()
@@ -84,7 +70,8 @@ class DiffusionDROModel(DSPOModel):
         if unknown:
             raise ValueError(f'train.dro has unknown keys {unknown}; known keys: {sorted(DRO_DEFAULTS)}.')
         self.dro_opt = {**DRO_DEFAULTS, **dro_opt}
-        if self.cri_pref.level != 'ranking':
+        self.ranking = isinstance(self.cri_pref, DiffusionDROLoss)
+        if not self.ranking:
             return
         if self.dro_opt['expert'] not in ('preferred', 'gt'):
             raise ValueError(f"train.dro.expert '{self.dro_opt['expert']}' is unknown; choose preferred or gt.")
@@ -190,7 +177,7 @@ class DiffusionDROModel(DSPOModel):
 
     # ------------------------------------------------------------------ the step
     def optimize_parameters(self, current_iter):
-        if self.cri_pref.level == 'ranking' and self.online_ratio > 0:
+        if self.ranking and self.online_ratio > 0:
             self.refresh_lagged_policy(current_iter)
         super().optimize_parameters(current_iter)
 
@@ -205,7 +192,7 @@ class DiffusionDROModel(DSPOModel):
         return x_t, target
 
     def preference_loss(self):
-        if self.cri_pref.level != 'ranking':
+        if not self.ranking:
             return super().preference_loss()
         return self.ranking_loss()
 
@@ -253,7 +240,7 @@ class DiffusionDROModel(DSPOModel):
         return latents, expert, negative, None, 1
 
     def ranking_loss(self):
-        """Diffusion-DRO loss and logged statistics on the current batch (image or instance level).
+        """Diffusion-DRO's :class:`~dspo_basicsr.losses.preference_loss.PreferenceResult` on the current batch.
 
         The candidates' latents are noised as in DSPO (one timestep and one noise per LQ); for samples with an
         online negative, the timestep is one of the lagged trajectory's, and the negative's noisy latent and
@@ -290,12 +277,11 @@ class DiffusionDROModel(DSPOModel):
                 cond=self.preference_condition(j))
         finally:
             self._online_inputs = None
-        loss = cri(err_theta, err_ref, expert, negative, coverage)
-        with torch.no_grad():
-            differences, _, valid = diffusion_dro_differences(err_theta, err_ref, expert, negative, coverage)
-            picked = [_per_term_errors(err, index, coverage)[valid]
-                      for err in (err_theta, err_ref) for index in (expert, negative)]
-        # Logits of the ranking: positive when the policy ranks the expert above the negative.
-        stats = preference_statistics(-differences, valid, *picked)
-        stats['online_share'] = online.float().mean()
-        return loss, stats
+        self.online_share = online.float().mean()
+        return cri(err_theta, err_ref, expert, negative, coverage)
+
+    def training_statistics(self, result):
+        stats = super().training_statistics(result)
+        if self.ranking:
+            stats['online_share'] = self.online_share
+        return stats

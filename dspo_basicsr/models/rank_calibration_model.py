@@ -27,6 +27,7 @@ from scipy import stats
 from tqdm import tqdm
 
 from dspo_basicsr.archs.rank_calibrated_iqa_arch import network_options_path
+from dspo_basicsr.compat import atomic_torch_save
 from dspo_basicsr.data.iqa_list_dataset import TwoAFCPairDataset
 from dspo_basicsr.metrics.two_afc import human_ceiling, model_choice, oracle_ceiling, two_afc_score
 from dspo_basicsr.models.backbone_feature_cache import BackboneFeatureCache
@@ -42,6 +43,9 @@ from basicsr.utils.registry import MODEL_REGISTRY
 @MODEL_REGISTRY.register()
 class RankCalibrationModel(BaseModel):
     """Frozen IQA backbone + trainable rectifier, trained on model rankings and MOS pairs."""
+
+    #: option keys this model reads beyond BasicSR's, by section (checked at start: dspo_basicsr.option_check)
+    known_options = {'top': ('feature_cache',), 'train': ('fidelity_opt', 'lambda2')}
 
     def __init__(self, opt):
         super().__init__(opt)
@@ -230,14 +234,16 @@ class RankCalibrationModel(BaseModel):
         label = 'latest' if current_iter == -1 else current_iter
         path = os.path.join(self.opt['path']['models'], f'net_g_{label}.pth')
         state = {k: v.detach().cpu() for k, v in self.net_g.rectifier_state_dict().items()}
-        torch.save({'params': state}, path)
         network = json.loads(json.dumps(self.opt['network_g']))
         backbone_path = network.get('backbone', {}).get('load_path')
         if backbone_path and os.path.isfile(backbone_path):
             # absolute, so the metric finds the backbone from any working directory
             network['backbone']['load_path'] = os.path.abspath(backbone_path)
-        with open(network_options_path(path), 'w', encoding='utf-8') as f:
+        json_path = network_options_path(path)
+        with open(f'{json_path}.tmp{os.getpid()}', 'w', encoding='utf-8') as f:
             json.dump({'network_g': network, 'iter': current_iter}, f, indent=2)
+        os.replace(f'{json_path}.tmp{os.getpid()}', json_path)
+        atomic_torch_save({'params': state}, path)  # last: a complete .pth always has its .json
 
     def get_current_visuals(self):
         return OrderedDict()

@@ -21,7 +21,7 @@ from dspo_basicsr.metrics.metric_table import metric_info
 __all__ = [
     'DEFAULT_METRICS', 'METRIC_DIRECTIONS', 'FULL_REFERENCE_METRICS', 'expand_settings_grid', 'sample_candidates',
     'generate_candidates', 'score_candidates', 'normalise_scores', 'select_candidates', 'metric_is_higher_better',
-    'image_to_tensor', 'tensor_to_image'
+    'image_to_tensor', 'tensor_to_image', 'seed_groups'
 ]
 
 # The issue's defaults: PSNR and SSIM against GT when present, NIQE, CLIP-IQA (pyiqa adapter).
@@ -132,11 +132,34 @@ def tensor_to_image(tensor):
     return np.ascontiguousarray(array)
 
 
-def sample_candidates(framework, lq, settings, prompt='', negative_prompt=None, device=None):
+def seed_groups(settings, batch_size=8):
+    """Group the settings that differ only in ``seed`` into batches of at most ``batch_size``.
+
+    Returns:
+        list[list[int]]: Indices into ``settings``; every index once, the groups in order of first use.
+    """
+    import json
+
+    groups = {}
+    for index, setting in enumerate(settings):
+        key = json.dumps({k: v for k, v in setting.items() if k != 'seed'}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(index)
+    size = max(1, int(batch_size))
+    return [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
+
+
+def _generator(seed, device):
+    return None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+
+
+def sample_candidates(framework, lq, settings, prompt='', negative_prompt=None, device=None, batch_size=8):
     """Sample one SR output of one LQ image per setting.
 
     A setting's ``seed`` becomes a ``torch.Generator`` seeded with it; every other key is passed to
-    ``framework.sample`` (``steps``, ``cfg``, ``negative_prompt``, ...).
+    ``framework.sample`` (``steps``, ``cfg``, ``negative_prompt``, ...). When the framework takes one generator
+    per image (``accepts_generator_list``, as the diffusion framework archs do), settings that differ only in
+    seed are sampled as one batch, each image drawing its noise from its own generator, so each output equals
+    its one-by-one sample.
 
     Args:
         framework: Object with ``sample(lq, prompt, negative_prompt=None, ..., generator=None)``.
@@ -146,6 +169,7 @@ def sample_candidates(framework, lq, settings, prompt='', negative_prompt=None, 
         negative_prompt (str, optional): Negative prompt unless a setting gives its own.
         device (str | torch.device, optional): Device of the LQ tensor and generator; default the
             framework's parameters' device (CPU when it has none).
+        batch_size (int): Most settings sampled in one batch. Default: 8; 1 samples one by one.
 
     Returns:
         list[np.ndarray]: (H, W, 3) uint8 RGB outputs, one per setting.
@@ -155,21 +179,24 @@ def sample_candidates(framework, lq, settings, prompt='', negative_prompt=None, 
         first = next(iter(params()), None) if callable(params) else None
         device = first.device if first is not None else torch.device('cpu')
     lq_tensor = image_to_tensor(lq).to(device)
-    outputs = []
-    for setting in settings:
-        kwargs = dict(setting)
-        seed = kwargs.pop('seed', None)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(int(seed))
+    batched = getattr(framework, 'accepts_generator_list', False)
+    outputs = [None] * len(settings)
+    for group in seed_groups(settings, batch_size if batched else 1):
+        kwargs = dict(settings[group[0]])
+        seeds = [settings[i].get('seed') for i in group]
+        kwargs.pop('seed', None)
+        generators = [_generator(seed, device) for seed in seeds]
         negative = kwargs.pop('negative_prompt', negative_prompt)
+        n = len(group)
         with torch.no_grad():
-            sr = framework.sample(lq_tensor, [prompt], negative_prompt=None if negative is None else [negative],
-                                  generator=generator, **kwargs)
-        if sr.ndim != 4 or sr.shape[0] != 1 or sr.shape[1] != 3:
-            raise ValueError(f'framework.sample returned shape {tuple(sr.shape)} for setting {setting}; '
-                             'expected (1, 3, H, W).')
-        outputs.append(tensor_to_image(sr[0]))
+            sr = framework.sample(lq_tensor.expand(n, -1, -1, -1), [prompt] * n,
+                                  negative_prompt=None if negative is None else [negative] * n,
+                                  generator=generators if n > 1 else generators[0], **kwargs)
+        if sr.ndim != 4 or sr.shape[0] != n or sr.shape[1] != 3:
+            raise ValueError(f'framework.sample returned shape {tuple(sr.shape)} for setting {settings[group[0]]}; '
+                             f'expected ({n}, 3, H, W).')
+        for row, index in enumerate(group):
+            outputs[index] = tensor_to_image(sr[row])
     return outputs
 
 
@@ -288,7 +315,7 @@ def select_candidates(mean_scores, num_keep, default_index=0):
 
 
 def generate_candidates(framework, lq, settings, num_keep=4, gt=None, prompt='', negative_prompt=None, metrics=None,
-                        device=None):
+                        device=None, batch_size=8):
     """Sample, score and select the candidates of one LQ image.
 
     Args:
@@ -299,7 +326,7 @@ def generate_candidates(framework, lq, settings, num_keep=4, gt=None, prompt='',
         gt (np.ndarray, optional): (H, W, 3) uint8 RGB ground truth for full-reference metrics.
         prompt (str): Prompt. negative_prompt (str, optional): Negative prompt.
         metrics (dict, optional): Metric options (default :data:`DEFAULT_METRICS`).
-        device: See :func:`sample_candidates`.
+        device, batch_size: See :func:`sample_candidates`.
 
     Returns:
         dict: ``images`` (kept outputs, best first), ``settings`` (their settings), ``scores`` and
@@ -307,7 +334,8 @@ def generate_candidates(framework, lq, settings, num_keep=4, gt=None, prompt='',
         of each kept one in ``settings``), ``default_candidate`` (position of the default among kept),
         and ``all_scores`` (every grid output's raw scores, per metric).
     """
-    outputs = sample_candidates(framework, lq, settings, prompt=prompt, negative_prompt=negative_prompt, device=device)
+    outputs = sample_candidates(framework, lq, settings, prompt=prompt, negative_prompt=negative_prompt, device=device,
+                                batch_size=batch_size)
     shapes = {o.shape for o in outputs}
     if len(shapes) != 1:
         raise ValueError(f'Candidates of one image differ in size: {sorted(shapes)}.')

@@ -3,10 +3,13 @@
 DSPO (section 5.1 of the paper) annotates the K largest instances of each image (K = 5): for each one a
 preferred (``win``) and a dispreferred (``lose``) candidate. Smaller instances get ``win = lose = -1``
 (no pair; the loss ignores them). Four scorers share one interface, ``scorer.score_instance(context,
-instance_id) -> {'win', 'lose', 'scores'?}``:
+instance_id) -> {'win', 'lose', 'scores'?, 'candidate_scores'?}``; ``candidate_scores`` holds one number per
+candidate, higher is better, the values the pair was picked by (DSPOLoss ``pairs: top_bottom`` ranks them):
 
 * ``metric``: full-reference metrics inside the instance mask against the GT, or no-reference metrics on
-  the instance's bounding-box crop, through BasicSR's metric registry;
+  the instance's bounding-box crop, through BasicSR's metric registry; presets ``fidelity`` and
+  ``perception`` (:data:`METRIC_PRESETS`, the DSPO paper's fidelity- and perception-oriented scoring of its
+  Appendix A);
 * ``biqa``: a quality model ``quality(crops) -> scores`` on the bounding-box crops (the calibrated BIQA
   model, :func:`load_biqa_quality`);
 * ``vlm``: a vision-language model behind an OpenAI-compatible API (:mod:`.vlm_client`);
@@ -20,7 +23,8 @@ Human annotation JSON (``--scorer human --annotations FILE``)::
       "samples": {
         "<sid>": {
           "instances": {
-            "<instance id>": {"win": 2, "lose": 0, "negative": ["smeared fur", "plastic skin"]}
+            "<instance id>": {"win": 2, "lose": 0, "negative": ["smeared fur", "plastic skin"],
+                              "scores": [0.1, 0.4, 0.9, 0.3]}
           },
           "negative_prompt": "optional text appended to the sample's negative prompt"
         }
@@ -30,7 +34,9 @@ Human annotation JSON (``--scorer human --annotations FILE``)::
 ``win``/``lose`` are candidate indices ``0..N-1`` as in ``work/candidates/<sid>/c{n}.png`` (the contact
 sheets of ``scripts/show_preference_set.py --work`` show them with the instance ids); an instance left
 out has no pair; ``negative`` (optional) lists descriptions of the dispreferred result that become
-negative-prompt feedback. A sample missing from the file is reported as an error and not marked done.
+negative-prompt feedback; ``scores`` (optional) rates every candidate, higher is better (e.g. a ranking
+turned into numbers), and becomes the instance's ``candidate_scores``. A sample missing from the file is
+reported as an error and not marked done.
 """
 import json
 import os
@@ -43,8 +49,8 @@ from dspo_basicsr.preference.candidates import _OUR_KEYS, DEFAULT_METRICS, metri
 
 __all__ = [
     'InstanceContext', 'ScorerItemError', 'InstanceScorer', 'MetricInstanceScorer', 'BIQAInstanceScorer',
-    'VLMInstanceScorer', 'HumanInstanceScorer', 'load_biqa_quality', 'build_instance_scorer', 'instance_areas',
-    'largest_instances', 'instance_box', 'pick_pair', 'score_sample_instances'
+    'VLMInstanceScorer', 'HumanInstanceScorer', 'METRIC_PRESETS', 'load_biqa_quality', 'build_instance_scorer',
+    'instance_areas', 'largest_instances', 'instance_box', 'pick_pair', 'score_sample_instances'
 ]
 
 
@@ -147,6 +153,20 @@ def _bgr(image):
     return np.ascontiguousarray(image[..., ::-1])
 
 
+#: Metric-scorer presets (``{type: metric, preset: NAME}``). ``fidelity``: PSNR and SSIM against the GT (the
+#: distortion metrics of the DSPO paper's tables). ``perception``: the perceptual ones, LPIPS and DISTS against
+#: the GT and NIQE, MUSIQ, MANIQA and CLIP-IQA without it (pyiqa metrics need their weight files locally, see
+#: docs/metrics.md). Each metric is normalised across the candidates and the mean decides.
+METRIC_PRESETS = {
+    'fidelity': {k: DEFAULT_METRICS[k] for k in ('psnr', 'ssim')},
+    'perception': {
+        'lpips': {'type': 'calculate_lpips'}, 'dists': {'type': 'calculate_dists'}, 'niqe': DEFAULT_METRICS['niqe'],
+        'musiq': {'type': 'calculate_musiq'}, 'maniqa': {'type': 'calculate_maniqa'},
+        'clipiqa': {'type': 'calculate_clipiqa'},
+    },
+}
+
+
 class MetricInstanceScorer(InstanceScorer):
     """Metrics inside each instance, through BasicSR's ``calculate_metric``.
 
@@ -159,11 +179,19 @@ class MetricInstanceScorer(InstanceScorer):
         metrics (dict): ``{name: BasicSR metric option}`` (``better``/``full_reference`` as in
             :mod:`.candidates`). Default: PSNR and SSIM against the GT, NIQE when there is none.
         min_crop (int): Bounding boxes are grown to at least this size (SSIM and NIQE need room).
+        preset (str | None): ``fidelity`` or ``perception`` (:data:`METRIC_PRESETS`) instead of ``metrics``.
     """
 
     name = 'metric'
 
-    def __init__(self, metrics=None, min_crop=32):
+    def __init__(self, metrics=None, min_crop=32, preset=None):
+        if preset is not None:
+            if preset not in METRIC_PRESETS:
+                raise ValueError(f"Unknown metric scorer preset {preset!r}; choose one of {sorted(METRIC_PRESETS)}.")
+            if metrics is not None:
+                raise ValueError('Give the metric scorer either a preset or metrics, not both.')
+            metrics = METRIC_PRESETS[preset]
+        self.preset = preset
         if metrics is None:
             metrics = {k: DEFAULT_METRICS[k] for k in ('psnr', 'ssim', 'niqe')}
         self.metrics = {name: dict(opt) for name, opt in metrics.items()}
@@ -206,10 +234,10 @@ class MetricInstanceScorer(InstanceScorer):
         win, lose = pick_pair(mean)
         per_candidate = [{name: _json_float(values[i]) for name, values in scores.items()}
                          for i in range(len(context.candidates))]
-        return {'win': win, 'lose': lose, 'scores': per_candidate}
+        return {'win': win, 'lose': lose, 'scores': per_candidate, 'candidate_scores': [_json_float(v) for v in mean]}
 
     def describe(self):
-        return {'type': self.name, 'metrics': self.metrics, 'min_crop': self.min_crop}
+        return {'type': self.name, 'preset': self.preset, 'metrics': self.metrics, 'min_crop': self.min_crop}
 
 
 def _json_float(value):
@@ -249,7 +277,8 @@ class BIQAInstanceScorer(InstanceScorer):
             raise ScorerItemError(f'Sample {context.sid!r}, instance {instance_id}: the quality model returned '
                                   f'{scores.shape[0]} scores for {len(context.candidates)} crops.')
         win, lose = pick_pair(scores)
-        return {'win': win, 'lose': lose, 'scores': [{'biqa': _json_float(s)} for s in scores]}
+        return {'win': win, 'lose': lose, 'scores': [{'biqa': _json_float(s)} for s in scores],
+                'candidate_scores': [_json_float(s) for s in scores]}
 
 
 def load_biqa_quality(network_opt, checkpoint=None, device='cpu', param_key='params', strict=True):
@@ -333,6 +362,11 @@ class VLMInstanceScorer(InstanceScorer):
         self.client = client
         self.min_crop = int(min_crop)
 
+    @property
+    def max_concurrency(self):
+        """Items the scoring step scores at once: the client's ``max_concurrency`` (1 without one)."""
+        return int(getattr(self.client, 'max_concurrency', 1))
+
     def score_instance(self, context, instance_id):
         from dspo_basicsr.preference.vlm_client import VLMError
 
@@ -346,8 +380,12 @@ class VLMInstanceScorer(InstanceScorer):
             reply = self.client.compare(lq_crop, crops, context=context.prompt)
         except VLMError as err:
             raise ScorerItemError(f'Sample {context.sid!r}, instance {instance_id}: {err}') from err
-        return {'win': int(reply['best']), 'lose': int(reply['worst']),
-                'scores': {'vlm_reason': reply.get('reason', '')}}
+        result = {'win': int(reply['best']), 'lose': int(reply['worst']),
+                  'scores': {'vlm_reason': reply.get('reason', '')}}
+        ratings = reply.get('scores')  # a client that also rates every crop
+        if isinstance(ratings, (list, tuple)) and len(ratings) == len(crops):
+            result['candidate_scores'] = [_json_float(v) for v in ratings]
+        return result
 
 
 class HumanInstanceScorer(InstanceScorer):
@@ -411,6 +449,13 @@ class HumanInstanceScorer(InstanceScorer):
             raise ScorerItemError(f'{self.path}: sample {context.sid!r}, instance {instance_id}: win and lose are '
                                   f'the same candidate ({record["win"]}).')
         result = {'win': record['win'], 'lose': record['lose']}
+        scores = record.get('scores')
+        if scores is not None:
+            if not isinstance(scores, list) or len(scores) != n or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores):
+                raise ScorerItemError(f'{self.path}: sample {context.sid!r}, instance {instance_id}: scores must list '
+                                      f'one number per candidate ({n}), higher is better; got {scores!r:.100}.')
+            result['candidate_scores'] = [_json_float(v) for v in scores]
         negative = record.get('negative')
         if negative:
             negative = [negative] if isinstance(negative, str) else [str(t) for t in negative]
@@ -423,7 +468,7 @@ class HumanInstanceScorer(InstanceScorer):
 
 
 def build_instance_scorer(opt, vlm_client=None, quality=None):
-    """Build a scorer from ``{type: metric|biqa|vlm|human, ...}``.
+    """Build a scorer from ``{type: metric|biqa|vlm|human, ...}`` (``metric`` takes ``preset``).
 
     ``biqa`` takes ``network`` (dict or YAML path) and ``checkpoint`` unless ``quality`` is given; ``vlm``
     takes the client options (:class:`.vlm_client.VLMClient`) unless ``vlm_client`` is given; ``human``

@@ -11,6 +11,7 @@ so an interrupted step rerun skips every finished item and redoes only the rest:
     WORK/seg/<sid>.json                     number of instances, areas, which image was segmented, segmenter
     WORK/instances/<sid>.json               instance table {id, area, win, lose, scores?, feedback?}, negative prompt
     WORK/errors/<step>.json                 the items that failed in the last run of a step, with the reason
+    WORK/errors/<step>.rank<r>.json         the same, of rank r of a sharded run (merged into <step>.json)
 
 A failed item is reported (progress bar, ``errors/<step>.json``, the step's :class:`StepReport`) and left
 unfinished; the other items go on. :func:`assemble_preference_set` writes the finished items into a
@@ -20,6 +21,7 @@ import copy
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import cv2
@@ -132,6 +134,9 @@ class WorkFolder:
 
     def errors_json(self, step):
         return os.path.join(self.root, 'errors', f'{step}.json')
+
+    def rank_errors_json(self, step, rank):
+        return os.path.join(self.root, 'errors', f'{step}.rank{rank}.json')
 
     def sids(self, stage='candidates'):
         """Sample ids finished at ``stage`` (``candidates``, ``seg`` or ``instances``), sorted."""
@@ -319,7 +324,8 @@ def _fail(report, bar, sid, err):
     bar.write(f'[{report.step}] {sid} failed: {report.failed[sid]}')
 
 
-def _run_resumable(work, report, sids, finished, process, overwrite=False, progress=True, desc=None):
+def _run_resumable(work, report, sids, finished, process, overwrite=False, progress=True, desc=None, workers=1,
+                   shard=None):
     """The loop every step shares: skip finished items, process the others, report failures per item.
 
     Args:
@@ -330,27 +336,143 @@ def _run_resumable(work, report, sids, finished, process, overwrite=False, progr
         process (callable): ``process(sid)`` does the step for one item and writes its marker last.
         overwrite (bool): Redo finished items.
         progress (bool): Show a progress bar.
+        workers (int): Items processed at once in a thread pool (for steps waiting on a server, such as VLM
+            scoring); the report lists the ids in input order whatever order they finish in.
+        shard (DataShard, optional): This process's share (:mod:`dspo_basicsr.utils.distributed`): rank r of W
+            takes the unfinished ids r, r + W, ...; only rank 0 shows a progress bar (of all ranks' items), each
+            rank writes ``errors/<step>.rank<r>.json`` and the last rank to finish merges them. The ranks wait
+            for each other after listing and at the end (not in a slurm job array).
 
     Returns:
-        StepReport: ``report``.
+        StepReport: ``report`` (this rank's items when sharded).
     """
-    bar = _progress(sids, desc or report.step, enabled=progress)
-    for sid in bar:
+    from dspo_basicsr.utils.distributed import DataShard
+
+    shard = shard or DataShard()
+    sids = list(sids)
+    todo = []
+    for sid in sids:
         if not overwrite and os.path.isfile(finished(sid)):
             report.skipped.append(sid)
-            continue
-        try:
-            process(sid)
+        else:
+            todo.append(sid)
+    if shard.array:  # no common start: every task shards all ids the same way and skips the finished ones
+        unfinished = set(todo)
+        mine = [sid for sid in shard.take(sids) if sid in unfinished]
+    else:
+        mine = shard.take(todo)
+    if shard.distributed:
+        _remove(work.rank_errors_json(report.step, shard.rank))
+        shard.barrier()  # every rank has listed the unfinished items before any rank finishes one
+    bar = _progress(None, desc or report.step, total=len(sids), enabled=progress and shard.is_main)
+    bar.update(len(report.skipped))
+    others = GlobalCount(todo, finished, bar, len(report.skipped)) if shard.distributed and shard.is_main else None
+    outcome = {}
+    if workers > 1:
+        _process_concurrently(mine, process, outcome, bar, report.step, workers, others)
+    else:
+        for sid in mine:
+            outcome[sid] = _attempt(process, sid)
+            _show(bar, report.step, sid, outcome[sid], others)
+    if others:
+        others.refresh(force=True)
+    bar.close()
+    for sid in mine:
+        if outcome[sid] is None:
             report.done.append(sid)
-        except Exception as err:  # noqa: BLE001  (one bad image must not stop the others)
-            _fail(report, bar, sid, err)
-    work.write_errors(report)
+        else:
+            report.failed[sid] = f'{type(outcome[sid]).__name__}: {outcome[sid]}'
+    if shard.distributed:
+        _merge_rank_errors(work, report, shard, sids)
+        shard.barrier()  # a next step in the same launch lists the items of every rank's shard
+    else:
+        work.write_errors(report)
+        for name in os.listdir(os.path.dirname(work.errors_json(report.step))):  # of an earlier sharded run
+            if re.fullmatch(rf'{re.escape(report.step)}\.rank\d+\.json', name):
+                _remove(os.path.join(os.path.dirname(work.errors_json(report.step)), name))
     return report
+
+
+def _attempt(process, sid):
+    try:
+        process(sid)
+    except Exception as err:  # noqa: BLE001  (one bad image must not stop the others)
+        return err
+    return None
+
+
+def _show(bar, step, sid, error, others):
+    if error is not None:
+        bar.write(f'[{step}] {sid} failed: {type(error).__name__}: {error}')
+    if others:
+        others.refresh()
+    else:
+        bar.update(1)
+
+
+class GlobalCount:
+    """Rank 0's progress over every rank's items: the finished-markers, counted at most once a second."""
+
+    def __init__(self, todo, finished, bar, skipped):
+        self.todo, self.finished, self.bar, self.skipped, self.last = todo, finished, bar, skipped, 0.0
+
+    def refresh(self, force=False):
+        import time
+        if not force and time.monotonic() - self.last < 1.0:
+            return
+        self.last = time.monotonic()
+        self.bar.n = self.skipped + sum(os.path.isfile(self.finished(sid)) for sid in self.todo)
+        self.bar.refresh()
+
+
+def _process_concurrently(sids, process, outcome, bar, step, workers, others):
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending, queue = {}, iter(sids)
+        while True:
+            while len(pending) < 2 * workers:  # a bounded queue: items are read only shortly before their turn
+                sid = next(queue, None)
+                if sid is None:
+                    break
+                pending[pool.submit(_attempt, process, sid)] = sid
+            if not pending:
+                break
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                sid = pending.pop(future)
+                outcome[sid] = future.result()
+                _show(bar, step, sid, outcome[sid], others)
+
+
+def _remove(path):
+    if os.path.isfile(path):
+        os.remove(path)
+
+
+def _merge_rank_errors(work, report, shard, sids):
+    """Write this rank's failures; the rank that finds every rank's file merges them into ``errors/<step>.json``.
+
+    A rank that died leaves its file missing, so nothing is merged; the next run lists its items again anyway.
+    """
+    step = report.step
+    os.makedirs(os.path.dirname(work.errors_json(step)), exist_ok=True)
+    _write_json(work.rank_errors_json(step, shard.rank), {'world_size': shard.world_size, 'failed': report.failed})
+    paths = [work.rank_errors_json(step, rank) for rank in range(shard.world_size)]
+    if not all(os.path.isfile(path) for path in paths):
+        return
+    failed = {}
+    for path in paths:
+        try:
+            failed.update(_read_json(path)['failed'])
+        except (OSError, ValueError, KeyError):
+            return  # a rank is writing its file right now; it merges after writing
+    _write_json(work.errors_json(step), {sid: failed[sid] for sid in sids if sid in failed})
 
 
 # -- step 1: candidates ------------------------------------------------------------------------------------
 def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=None, prompt='', prompts=None,
-                       negative_prompt=None, overwrite=False, progress=True):
+                       negative_prompt=None, overwrite=False, progress=True, batch_size=8, shard=None):
     """Generate, score and select candidates for every input not finished yet.
 
     Args:
@@ -366,12 +488,17 @@ def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=No
         negative_prompt (str, optional): Negative prompt used when sampling (and the base of the set's).
         overwrite (bool): Redo finished items.
         progress (bool): Show a progress bar.
+        batch_size (int): Most settings differing only in seed sampled as one batch (``sampling.batch_size``).
+        shard (DataShard, optional): This process's share of the items (:mod:`dspo_basicsr.utils.distributed`).
 
     Returns:
         StepReport: What was done, skipped and failed.
     """
-    from dspo_basicsr.preference.candidates import generate_candidates
+    from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
+    from dspo_basicsr.preference.candidates import DEFAULT_METRICS, generate_candidates
 
+    # before the first image is sampled: every missing weight file of every metric, in one error
+    check_metric_weights(DEFAULT_METRICS if metrics is None else metrics, where='metrics')
     work = work if isinstance(work, WorkFolder) else WorkFolder(work)
     paths = {sid: (lq_path, gt_path) for sid, lq_path, gt_path in inputs}
 
@@ -381,7 +508,7 @@ def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=No
         gt = read_image(gt_path) if gt_path else None
         text = (prompts or {}).get(sid, prompt)
         result = generate_candidates(framework, lq, settings, num_keep=num_keep, gt=gt, prompt=text,
-                                     negative_prompt=negative_prompt, metrics=metrics)
+                                     negative_prompt=negative_prompt, metrics=metrics, batch_size=batch_size)
         os.makedirs(work.candidate_dir(sid), exist_ok=True)
         # redoing an item: it is unfinished until its new record is written, and later steps redo it
         _invalidate(work.candidates_json(sid), work.seg_json(sid), work.instances_json(sid))
@@ -398,12 +525,12 @@ def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=No
         _write_json(work.candidates_json(sid), record)  # last: marks the item finished
 
     return _run_resumable(work, StepReport('candidates'), list(paths), work.candidates_json, process, overwrite,
-                          progress)
+                          progress, shard=shard)
 
 
 # -- step 2: instances -------------------------------------------------------------------------------------
 def run_segment_step(work, segmenter, min_area=0, uncovered='background', source='auto', overwrite=False,
-                     progress=True):
+                     progress=True, shard=None):
     """Segment one image per finished candidate item into a partition label map.
 
     Args:
@@ -415,6 +542,7 @@ def run_segment_step(work, segmenter, min_area=0, uncovered='background', source
             ``'gt'`` or ``'default'``.
         overwrite (bool): Redo finished items.
         progress (bool): Show a progress bar.
+        shard (DataShard, optional): This process's share of the items (:mod:`dspo_basicsr.utils.distributed`).
 
     Returns:
         StepReport
@@ -442,11 +570,12 @@ def run_segment_step(work, segmenter, min_area=0, uncovered='background', source
             'uncovered': uncovered, 'segmenter': describe() if callable(describe) else type(segmenter).__name__})
 
     return _run_resumable(work, StepReport('seg'), work.sids('candidates'), work.seg_json, process, overwrite,
-                          progress, desc='instances')
+                          progress, desc='instances', shard=shard)
 
 
 # -- step 3: instance preferences --------------------------------------------------------------------------
-def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, progress=True):
+def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, progress=True, max_concurrency=None,
+                     shard=None):
     """Pick the preferred / dispreferred candidate of the K largest instances of every segmented item.
 
     Args:
@@ -458,6 +587,9 @@ def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, prog
             ``min_crop`` (default 64). Applied to the paired instances of items with a GT.
         overwrite (bool): Redo finished items.
         progress (bool): Show a progress bar.
+        max_concurrency (int, optional): Items scored at once (threads); default: the scorer's
+            ``max_concurrency`` (a VLM client's, 8 by default), 1 for the other scorers.
+        shard (DataShard, optional): This process's share of the items (:mod:`dspo_basicsr.utils.distributed`).
 
     Returns:
         StepReport: an item with any failed instance is reported and stays unfinished (a VLM's
@@ -495,8 +627,9 @@ def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, prog
             'instances': instances, 'negative_prompt': negative_prompt_from_instances(instances, base),
             'top_k': top_k, 'scorer': scorer.describe()})
 
+    workers = int(max_concurrency or getattr(scorer, 'max_concurrency', 1))
     return _run_resumable(work, StepReport('instances'), work.sids('seg'), work.instances_json, process, overwrite,
-                          progress, desc='scoring')
+                          progress, desc='scoring', workers=workers, shard=shard)
 
 
 # -- step 4: assembly --------------------------------------------------------------------------------------
@@ -534,3 +667,18 @@ def assemble_preference_set(work, path, overwrite=False, resume=True, progress=T
     preference_set = write_preference_lmdb(path, samples, scale=scales.pop(), overwrite=overwrite, resume=resume,
                                            total=len(report.done), progress=progress, **write_opt)
     return preference_set, report
+
+
+def run_interruptible(main):
+    """Run a data script's ``main``; Ctrl-C ends it with one line, not a traceback.
+
+    Every step commits each finished item, so what was done survives and a rerun resumes from it.
+
+    Returns:
+        int: ``main()``'s exit code, or 130 after Ctrl-C.
+    """
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print('interrupted: rerun to resume', file=sys.stderr, flush=True)
+        return 130

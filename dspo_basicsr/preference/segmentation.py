@@ -4,7 +4,7 @@ DSPO (section 4 of the paper) applies the preference loss per semantic instance.
 SAM's automatic mask generation ("Segment Anything", Kirillov et al., ICCV 2023) run on one image per
 LQ (the default candidate, or the GT when present); the masks overlap and leave holes, so
 :func:`masks_to_partition` turns them into a label map in which every pixel belongs to exactly one
-instance (DESIGN.md section 4: ``{sid}/seg`` is a uint16 partition with compact ids ``0..M-1``).
+instance (docs/preference_lmdb.md: ``{sid}/seg`` is a uint16 partition with compact ids ``0..M-1``).
 
 Weights: SAM checkpoints are the official state dicts released by Meta under Apache-2.0
 (``sam_vit_b_01ec64.pth``, ``sam_vit_l_0b3195.pth``, ``sam_vit_h_4b8939.pth`` from

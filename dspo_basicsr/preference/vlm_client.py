@@ -10,19 +10,25 @@ exponential backoff; replies are parsed strictly (a JSON object with the expecte
 successful parsed reply is cached on disk as ``<cache_dir>/<sha256 of the request>.json`` so a rerun does
 not pay twice. A failure raises :class:`VLMError` naming the URL and what went wrong; the caller records
 it for that item and goes on.
+
+Concurrency: the client is thread-safe. ``max_concurrency`` says how many requests the scoring step keeps in
+flight (it scores that many items at once); ``requests_per_minute`` spaces the starts of HTTP attempts
+(retries included) across all threads. A reply depends only on its request, so results and cache files do
+not depend on the order in which answers arrive.
 """
 import base64
 import hashlib
 import json
 import os
 import re
+import threading
 import time
 
 import cv2
 import numpy as np
 
-__all__ = ['VLMClient', 'VLMError', 'VLMRequestError', 'VLMReplyError', 'image_data_url', 'parse_json_reply',
-           'COMPARE_PROMPT', 'DESCRIBE_PROMPT']
+__all__ = ['VLMClient', 'RateLimit', 'VLMError', 'VLMRequestError', 'VLMReplyError', 'image_data_url',
+           'parse_json_reply', 'COMPARE_PROMPT', 'DESCRIBE_PROMPT']
 
 COMPARE_PROMPT = (
     'You are judging image super-resolution results. The first image is the low-quality input region. '
@@ -85,6 +91,41 @@ def _clip(text, limit=200):
     return text if len(text) <= limit else text[:limit] + '...'
 
 
+class RateLimit:
+    """Spaces events at least ``60 / requests_per_minute`` seconds apart, across threads.
+
+    Args:
+        requests_per_minute (float | None): None or 0: no limit.
+    """
+
+    def __init__(self, requests_per_minute=None):
+        self.interval = 60.0 / float(requests_per_minute) if requests_per_minute else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self):
+        if not self.interval:
+            return
+        with self._lock:  # reserve the next slot, then sleep outside the lock
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+_BEARER = re.compile(r'(Bearer\s+)[^\s"\'\\,;]+', re.IGNORECASE)
+
+
+def redact_secrets(text, secrets=()):
+    """``text`` with every secret and any ``Bearer`` token replaced by ``***`` (before it is stored or shown)."""
+    text = str(text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, '***')
+    return _BEARER.sub(r'\1***', text)
+
+
 class VLMClient:
     """OpenAI-compatible chat-completions client with retries, backoff and a disk cache.
 
@@ -100,10 +141,14 @@ class VLMClient:
         temperature (float): Sampling temperature. Default: 0.
         max_tokens (int): Reply length limit. Default: 300.
         extra_body (dict, optional): More request fields (e.g. ``{"top_p": 1}``).
+        max_concurrency (int): Requests the scoring step keeps in flight at once. Default: 8.
+        requests_per_minute (float, optional): Most HTTP attempts started per minute, over all threads;
+            None: no limit.
     """
 
     def __init__(self, base_url, model, api_key_env='OPENAI_API_KEY', timeout=60.0, max_retries=3, backoff=1.0,
-                 cache_dir=None, temperature=0.0, max_tokens=300, extra_body=None):
+                 cache_dir=None, temperature=0.0, max_tokens=300, extra_body=None, max_concurrency=8,
+                 requests_per_minute=None):
         self.url = base_url.rstrip('/') + '/chat/completions'
         self.model = model
         self.api_key_env = api_key_env
@@ -114,8 +159,13 @@ class VLMClient:
         self.temperature = float(temperature)
         self.max_tokens = int(max_tokens)
         self.extra_body = dict(extra_body or {})
+        self.max_concurrency = int(max_concurrency)
+        if self.max_concurrency < 1:
+            raise ValueError(f'max_concurrency must be at least 1, got {max_concurrency}.')
+        self.rate_limit = RateLimit(requests_per_minute)
         self.num_requests = 0  # HTTP attempts made (tests and logs)
         self.num_cache_hits = 0
+        self._count_lock = threading.Lock()
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
 
@@ -127,6 +177,11 @@ class VLMClient:
             headers['Authorization'] = f'Bearer {key}'
         return headers
 
+    def _remote(self, text):
+        """Text from the server, clipped and with the API key and Bearer tokens redacted."""
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return _clip(redact_secrets(text, [key]))
+
     def _post(self, body):
         """POST with retries; returns the decoded JSON response."""
         import requests
@@ -135,7 +190,9 @@ class VLMClient:
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2**(attempt - 1))
-            self.num_requests += 1
+            self.rate_limit.wait()
+            with self._count_lock:
+                self.num_requests += 1
             try:
                 response = requests.post(self.url, json=body, headers=self._headers(), timeout=self.timeout)
             except requests.Timeout:
@@ -145,16 +202,17 @@ class VLMClient:
                 last = f'connection failed ({err.__class__.__name__})'
                 continue
             if response.status_code == 429 or response.status_code >= 500:
-                last = f'HTTP {response.status_code}: {_clip(response.text)!r}'
+                last = f'HTTP {response.status_code}: {self._remote(response.text)!r}'
                 continue
             if response.status_code != 200:
                 raise VLMRequestError(f'{self.url} answered HTTP {response.status_code} (not retried): '
-                                      f'{_clip(response.text)!r}; check base_url, model and the key in '
+                                      f'{self._remote(response.text)!r}; check base_url, model and the key in '
                                       f'${self.api_key_env}.')
             try:
                 return response.json()
             except ValueError as err:
-                raise VLMReplyError(f'{self.url} returned a body that is not JSON: {_clip(response.text)!r}') from err
+                raise VLMReplyError(f'{self.url} returned a body that is not JSON: '
+                                    f'{self._remote(response.text)!r}') from err
         raise VLMRequestError(f'{self.url}: {last} ({self.max_retries + 1} attempts).')
 
     def _cache_path(self, body):
@@ -180,7 +238,8 @@ class VLMClient:
                 with open(path, encoding='utf-8') as handle:
                     text = json.load(handle)['content']
                 value = parse(text)
-                self.num_cache_hits += 1
+                with self._count_lock:
+                    self.num_cache_hits += 1
                 return value
             except (OSError, ValueError, KeyError, VLMReplyError):
                 pass  # a damaged cache entry is simply asked again
@@ -189,10 +248,13 @@ class VLMClient:
             text = response['choices'][0]['message']['content']
         except (KeyError, IndexError, TypeError) as err:
             raise VLMReplyError(f'{self.url} returned no choices[0].message.content: '
-                                f'{_clip(json.dumps(response))!r}') from err
-        value = parse(text)
+                                f'{self._remote(json.dumps(response))!r}') from err
+        try:
+            value = parse(text)
+        except VLMReplyError as err:  # its message quotes the reply, which may echo the key
+            raise VLMReplyError(redact_secrets(str(err), [os.environ.get(self.api_key_env or '')])) from None
         if path:
-            tmp = f'{path}.tmp{os.getpid()}'
+            tmp = f'{path}.tmp{os.getpid()}-{threading.get_ident()}'
             with open(tmp, 'w', encoding='utf-8') as handle:
                 json.dump({'model': self.model, 'content': text}, handle)
             os.replace(tmp, path)

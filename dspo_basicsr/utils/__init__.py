@@ -1,1 +1,1 @@
-"""Helpers shared by every layer (checkpoint reading, option files, image I/O); they import no other subpackage."""
+"""Helpers below every other layer: checkpoints, option files, image I/O, data sharding, pictures of runs."""

@@ -22,26 +22,34 @@ def read_option_file(path, require=('name', 'model_type')):
         OrderedDict: The options.
 
     Raises:
-        OptionFileError: Missing file, YAML syntax error, a Python tag, not a mapping, or a key of
-            ``require`` absent.
+        OptionFileError: Missing file, not UTF-8 text, YAML syntax error, a Python tag, not a mapping, or a
+            key of ``require`` absent.
     """
     from dspo_basicsr.compat import SafeOrderedLoader
     if not os.path.isfile(path):
         raise OptionFileError(f'option file {path!r} does not exist.')
-    with open(path, encoding='utf-8') as f:
-        loader = SafeOrderedLoader(f)
-        try:
-            opt = loader.get_single_data()
-        except yaml.constructor.ConstructorError as err:
-            mark = err.problem_mark
-            where = f' (line {mark.line + 1})' if mark is not None else ''
-            raise OptionFileError(
-                f'option file {path!r}{where}: {err.problem}. Option files are read with a safe YAML loader, '
-                'so tags that build Python objects are refused; write plain values instead.') from None
-        except yaml.YAMLError as err:
-            raise OptionFileError(f'option file {path!r} is not valid YAML: {err}') from None
-        finally:
-            loader.dispose()
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError as err:
+        raise OptionFileError(f'option file {path!r} is not UTF-8 text (byte {err.start}); give the YAML option '
+                              'file, saved as UTF-8.') from None
+    if '\0' in text:
+        raise OptionFileError(f'option file {path!r} is a binary file, not a YAML option file.')
+    loader = SafeOrderedLoader(text)
+    try:
+        opt = loader.get_single_data()
+    except yaml.constructor.ConstructorError as err:
+        mark = err.problem_mark
+        where = f' (line {mark.line + 1})' if mark is not None else ''
+        raise OptionFileError(
+            f'option file {path!r}{where}: {err.problem}. Option files are read with a safe YAML loader, '
+            'so tags that build Python objects are refused; write plain values instead.') from None
+    except yaml.YAMLError as err:
+        raise OptionFileError(f'option file {path!r} is not valid YAML: {err}') from None
+    finally:
+        loader.dispose()
     if not isinstance(opt, dict):
         raise OptionFileError(f'option file {path!r} must hold a mapping of options, got {type(opt).__name__}.')
     for key in require:

@@ -1,0 +1,83 @@
+"""The embedded demo's pieces: sampling from the noised LQ latent, the instance win rate."""
+import numpy as np
+import pytest
+import torch
+
+import dspo_basicsr  # noqa: F401  (registration)
+from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
+from dspo_basicsr.demo import instance_win_rate
+
+
+@pytest.fixture(scope='module')
+def tiny_arch():
+    return ControlSD2Arch(tiny=True, sampler='ddim').eval()
+
+
+def _timesteps_run(arch, strength, steps=8):
+    seen = []
+    predict = ControlSD2Arch.predict_noise.__get__(arch)
+    arch.predict_noise = lambda x_t, t, cond: seen.append(int(t[0])) or predict(x_t, t, cond)
+    arch.start_strength = strength
+    try:
+        arch.sample(torch.rand(1, 3, 8, 8), 'a cat', steps=steps, cfg=1.0, generator=torch.Generator().manual_seed(0))
+    finally:
+        del arch.predict_noise
+        arch.start_strength = 1.0
+    return seen
+
+
+def test_start_strength_runs_only_the_last_steps(tiny_arch):
+    full = _timesteps_run(tiny_arch, 1.0)
+    assert len(full) == 8
+    assert _timesteps_run(tiny_arch, 0.25) == full[-2:]
+    assert _timesteps_run(tiny_arch, 0.5) == full[-4:]
+
+
+def test_start_strength_starts_from_the_noised_lq_latent(tiny_arch):
+    lq = torch.rand(2, 3, 8, 8)
+    scheduler = tiny_arch._sampling_scheduler('ddim')
+    scheduler.set_timesteps(8)
+    scheduler.timesteps = scheduler.timesteps[-1:]  # t = 0: almost no noise
+    tiny_arch.start_strength = 0.1
+    try:
+        start = tiny_arch.initial_latents(lq, scheduler, torch.Generator().manual_seed(0))
+    finally:
+        tiny_arch.start_strength = 1.0
+    lq_latent = tiny_arch.encode_images(tiny_arch.upsample_lq(lq))
+    noise = tiny_arch.initial_noise(lq, torch.Generator().manual_seed(0))
+    alpha = scheduler.alphas_cumprod[0]
+    torch.testing.assert_close(start, alpha.sqrt() * lq_latent + (1 - alpha).sqrt() * noise)
+    pure = tiny_arch.initial_latents(lq, scheduler, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pure, noise)
+
+
+def test_instance_win_rate_counts_instances_by_their_psnr():
+    gt = np.full((8, 8, 3), 100, np.uint8)
+    seg = np.zeros((8, 8), np.int64)
+    seg[:, 4:] = 1
+    seg[6:, :4] = 2
+    reference = gt.copy()
+    reference[:, 4:] += 10  # instance 1: the reference is off
+    current = gt.copy()
+    current[:6, :4] += 5  # instance 0: the current model is off; instance 2: a tie
+    assert instance_win_rate([current], [reference], [gt], [seg]) == dict(wins=1, losses=1, ties=1, win_rate=0.5)
+
+
+def test_build_preference_set_rerun_says_to_pass_overwrite(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import os
+
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location('build_preference_set',
+                                                  os.path.join(REPO, 'scripts', 'build_preference_set.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def finished_set(work, out, overwrite=False, **kwargs):
+        if not overwrite:
+            raise FileExistsError(f"preference set '{out}' already exists; pass overwrite=True to replace it.")
+        raise AssertionError('not reached in this test')
+
+    monkeypatch.setattr(script, 'assemble_preference_set', finished_set)
+    assert script.main(['--work', str(tmp_path), '--out', str(tmp_path / 'set.lmdb')]) == 2
+    assert 'pass --overwrite' in capsys.readouterr().err
