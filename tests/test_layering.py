@@ -114,13 +114,3 @@ def test_downward_imports_pass(module, line):
 def test_utils_import_no_building_block():
     assert layering_violations('from dspo_basicsr.archs import seesr_arch\n', 'dspo_basicsr.utils.new')
     assert layering_violations('from dspo_basicsr.compat import SafeOrderedLoader\n', 'dspo_basicsr.utils.new') == []
-
-
-def test_demo_package_keeps_demo_py_names():
-    """``dspo_basicsr/demo/`` shadows ``demo.py`` until that file moves in; its names must still resolve."""
-    import dspo_basicsr.demo as demo
-    from dspo_basicsr.demo.biqa import make_biqa_demo_data
-
-    assert callable(demo.build_demo_data) and callable(make_biqa_demo_data)
-    with pytest.raises(AttributeError):
-        demo.no_such_builder  # noqa: B018

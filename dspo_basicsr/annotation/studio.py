@@ -83,7 +83,7 @@ def demo_work_folder(root='datasets/demo', work=None, progress=True):
 
     lmdb_path = os.path.join(root, 'demo_pref.lmdb')
     if not os.path.isdir(lmdb_path):
-        from dspo_basicsr.demo import build_demo_data
+        from dspo_basicsr.demo.dspo import build_demo_data
         print(f'building the embedded demo in {root} first (a few minutes on a CPU)', flush=True)
         build_demo_data(root)
     work = WorkFolder(work or os.path.join(root, 'annotation_work'))
