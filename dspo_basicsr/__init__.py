@@ -8,5 +8,4 @@ from dspo_basicsr import compat
 compat.apply()
 
 from dspo_basicsr import archs, data, losses, metrics, models  # noqa: E402,F401  (registration)
-
-__version__ = '0.1.0'
+from dspo_basicsr.version import __version__  # noqa: E402,F401

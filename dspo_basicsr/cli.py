@@ -16,57 +16,10 @@ import sys
 
 import yaml
 
+from dspo_basicsr.utils.options import OptionFileError, read_option_file  # noqa: F401  (re-exported)
+
 USAGE = __doc__.split('Usage::', 1)[1].split('Experiments', 1)[0].rstrip()
 _FORCE_YML_ENTRY = re.compile(r'^[\w.\-]+(:[\w.\-]+)*=[^\n=]*$')
-
-
-class OptionFileError(ValueError):
-    """An option file that cannot be used; the message names the file and the problem."""
-
-
-def read_option_file(path):
-    """Read a BasicSR option file with the safe ordered loader.
-
-    Args:
-        path (str): YAML option file.
-
-    Returns:
-        OrderedDict: The options.
-
-    Raises:
-        OptionFileError: Missing file, YAML syntax error, a Python tag, or not a mapping.
-    """
-    from dspo_basicsr.compat import SafeOrderedLoader
-    if not os.path.isfile(path):
-        raise OptionFileError(f'option file {path!r} does not exist.')
-    with open(path, 'rb') as f:
-        raw = f.read()
-    try:
-        text = raw.decode('utf-8')
-    except UnicodeDecodeError as err:
-        raise OptionFileError(f'option file {path!r} is not UTF-8 text (byte {err.start}); give the YAML option '
-                              'file, saved as UTF-8.') from None
-    if '\0' in text:
-        raise OptionFileError(f'option file {path!r} is a binary file, not a YAML option file.')
-    loader = SafeOrderedLoader(text)
-    try:
-        opt = loader.get_single_data()
-    except yaml.constructor.ConstructorError as err:
-        mark = err.problem_mark
-        where = f' (line {mark.line + 1})' if mark is not None else ''
-        raise OptionFileError(
-            f'option file {path!r}{where}: {err.problem}. Option files are read with a safe YAML loader, '
-            'so tags that build Python objects are refused; write plain values instead.') from None
-    except yaml.YAMLError as err:
-        raise OptionFileError(f'option file {path!r} is not valid YAML: {err}') from None
-    finally:
-        loader.dispose()
-    if not isinstance(opt, dict):
-        raise OptionFileError(f'option file {path!r} must hold a mapping of options, got {type(opt).__name__}.')
-    for key in ('name', 'model_type'):
-        if key not in opt:
-            raise OptionFileError(f"option file {path!r} has no '{key}' key, which every BasicSR option file needs.")
-    return opt
 
 
 def apply_force_yml(opt, entries):

@@ -71,7 +71,7 @@ def load_objective_options(option_files):
     Raises:
         ComparisonError: unknown objective, the same objective twice, or a shared section that differs.
     """
-    from dspo_basicsr.cli import read_option_file
+    from dspo_basicsr.utils.options import read_option_file
     runs = []
     for path in option_files:
         opt = _plain(read_option_file(path))

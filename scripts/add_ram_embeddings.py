@@ -21,7 +21,7 @@ import torch
 
 import dspo_basicsr  # noqa: F401
 from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, samples_with_ram_embeddings
-from dspo_basicsr.preference.lmdb_set import PreferenceLMDB, write_preference_lmdb
+from dspo_basicsr.data.preference_set import PreferenceLMDB, write_preference_lmdb
 from dspo_basicsr.preference.pipeline import run_interruptible
 
 

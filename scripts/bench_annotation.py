@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from dspo_basicsr.annotation.server import create_app
 from dspo_basicsr.annotation.studio import open_study
+from dspo_basicsr.bench.timer import time_call
 from dspo_basicsr.preference.candidates import expand_settings_grid
 from dspo_basicsr.preference.pipeline import WorkFolder, discover_inputs, run_candidate_step, run_segment_step
 from dspo_basicsr.preference.segmentation import SLICSegmenter
@@ -68,11 +69,15 @@ def get(url):
 
 def page_with_crops(base, annotator):
     """``(server ms, end-to-end ms)`` to fetch the annotator's current page and every image it shows."""
-    start = time.perf_counter()
-    page, server_ms = get(base + f'annotate?annotator={annotator}')
-    for src in re.findall(r'<img alt="[^"]*" src="([^"]+)"', page.decode()):
-        server_ms += get(base + src.replace('&amp;', '&'))[1]
-    return server_ms, 1000 * (time.perf_counter() - start)
+    server_ms = []
+
+    def fetch_page():
+        page, ms = get(base + f'annotate?annotator={annotator}')
+        server_ms.append(ms)
+        for src in re.findall(r'<img alt="[^"]*" src="([^"]+)"', page.decode()):
+            server_ms.append(get(base + src.replace('&amp;', '&'))[1])
+    end_to_end_s = time_call(fetch_page)
+    return sum(server_ms), 1000 * end_to_end_s
 
 
 def main(argv=None):

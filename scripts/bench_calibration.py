@@ -6,7 +6,7 @@ selection backbone passes / time with feature reuse vs per-pair computation. One
 """
 import argparse
 
-from dspo_basicsr.models.calibration_benchmark import bench_feature_cache, bench_mad_reuse
+from dspo_basicsr.bench.calibration import bench_feature_cache, bench_mad_reuse
 
 
 def main():

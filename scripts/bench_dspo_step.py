@@ -10,43 +10,15 @@ Prints:
     python scripts/bench_dspo_step.py [--device cuda] [--repeats 5] [--size 128] [--reduction-only]
 """
 import argparse
-import time
 
 import torch
 
 import dspo_basicsr  # noqa: F401  (registration)
-from dspo_basicsr.bench_utils import bench_dspo_opt, synthetic_preference_batch
+from dspo_basicsr.bench.dspo_step import bench_dspo_opt, synthetic_preference_batch
+from dspo_basicsr.bench.timer import timed, timed_side_by_side
 from dspo_basicsr.losses import diffusion_sft_loss, dspo_loss, dspo_pair_loss, hierarchical_weights, instance_coverage
 
 from basicsr.models import build_model
-
-
-def _once(fn, device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def timed(fn, repeats, device, warmup=True):
-    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up run)."""
-    if warmup:
-        fn()
-    times = sorted(_once(fn, device) for _ in range(repeats))
-    return times[len(times) // 2]
-
-
-def timed_side_by_side(fn_a, fn_b, repeats, device):
-    """Median times of two functions run alternately, so both see the same machine load."""
-    fn_a(), fn_b()
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        times_a.append(_once(fn_a, device))
-        times_b.append(_once(fn_b, device))
-    return sorted(times_a)[repeats // 2], sorted(times_b)[repeats // 2]
 
 
 def sft_step(model):
@@ -114,11 +86,12 @@ def main():
 
     dspo, sft = timed_side_by_side(lambda: model.optimize_parameters(1), lambda: sft_step(model), args.repeats,
                                    device)
+    dspo, sft = dspo.median, sft.median
     print(f'(a) DSPO step {dspo * 1e3:8.1f} ms | SFT step {sft * 1e3:8.1f} ms | ratio {dspo / sft:.2f} (target <= 1.5)')
     reductions(args, device, model.bare.vae_scale_factor)
 
     # The loop runs the same networks as the batched step just timed, so it needs no warm-up of its own.
-    loop = timed(lambda: per_instance_loop_step(model, model.cri_pref.beta), 1, device, warmup=False)
+    loop = timed(lambda: per_instance_loop_step(model, model.cri_pref.beta), 1, device, warmup=0).median
     print(f'(c) batched DSPO step {dspo * 1e3:8.1f} ms | per-instance-pair loop {loop * 1e3:8.1f} ms | '
           f'speed-up {loop / dspo:.1f}x')
 
@@ -138,7 +111,7 @@ def reductions(args, device, factor):
         def run():
             coverage = instance_coverage(labels, m, factor)
             dspo_loss(err_theta, err_ref, coverage, win, lose).backward()
-        return timed(run, max(args.repeats, 20), device)
+        return timed(run, max(args.repeats, 20), device).median
 
     m1, m64 = reduction(1), reduction(64)
     print(f'(b) loss reduction M=64 {m64 * 1e3:8.3f} ms | M=1 {m1 * 1e3:8.3f} ms | ratio {m64 / m1:.2f} '
@@ -157,7 +130,7 @@ def reductions(args, device, factor):
             coverage = instance_coverage(labels, m, factor)
             pair_weights, instance_weights = hierarchical_weights(scores, win, lose)
             dspo_pair_loss(err_theta, err_ref, coverage, win, lose, pair_weights, instance_weights)[0].backward()
-        return timed(run, max(args.repeats, 20), device)
+        return timed(run, max(args.repeats, 20), device).median
 
     pairs = min(6, args.candidates * (args.candidates - 1) // 2)
     one, many = multi_pair(1, 1), multi_pair(64, pairs)

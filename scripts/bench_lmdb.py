@@ -11,8 +11,7 @@ import argparse
 import os
 import tempfile
 
-from dspo_basicsr.preference import write_preference_lmdb
-from dspo_basicsr.preference.png_folder import (
+from dspo_basicsr.bench.png_folder import (
     PreferenceLMDBDataset,
     PreferencePNGFolderDataset,
     folder_megabytes,
@@ -20,6 +19,7 @@ from dspo_basicsr.preference.png_folder import (
     synthetic_samples,
     write_preference_png_folders,
 )
+from dspo_basicsr.preference import write_preference_lmdb
 
 
 def main():

@@ -17,18 +17,18 @@ median / min step time
 (s) and peak allocated / reserved GPU memory (GiB).
 """
 import argparse
+import itertools
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 
 import dspo_basicsr  # noqa: F401  (registration)
+from dspo_basicsr.bench.timer import timed
 from dspo_basicsr.losses.preference_loss import DEFAULT_BETA
 
 
@@ -139,7 +139,8 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     try:
         if args.tiny:
-            from dspo_basicsr.archs.seesr_arch import TINY_IMAGE_DIM, build_tiny_seesr_folders
+            from dspo_basicsr.archs.seesr_arch import TINY_IMAGE_DIM
+            from dspo_basicsr.demo.tiny_seesr import build_tiny_seesr_folders
             paths = build_tiny_seesr_folders(os.path.join(work, 'tiny'), ram=False)
             sd_path, seesr_path = paths['pretrained_model_path'], paths['seesr_model_path']
             embeds = (17, TINY_IMAGE_DIM)
@@ -156,26 +157,24 @@ def main(argv=None):
         cuda = args.device == 'cuda'
         dataset = PreferenceLMDBDataset(dict(opt['datasets']['train'], phase='train', use_hflip=False, use_rot=False))
         batch = dataset.collate_fn([dataset[i % len(dataset)] for i in range(args.batch)])
-        times = []
-        for step in range(args.steps + 1):
-            if cuda:
-                torch.cuda.synchronize()
-                if step == 1:
-                    torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
+        iterations = itertools.count(1)
+
+        def step():
             model.feed_data(batch)
-            model.optimize_parameters(step + 1)
-            if cuda:
-                torch.cuda.synchronize()
-            if step > 0:
-                times.append(time.perf_counter() - start)
+            model.optimize_parameters(next(iterations))
+
+        step()  # warm-up, outside the peak-memory window
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        timing = timed(step, args.steps, args.device, warmup=0)
         result = {
             'framework': 'SeeSRArch', 'tiny': args.tiny, 'device': torch.cuda.get_device_name() if cuda else 'cpu',
             'size': size, 'candidates': args.candidates, 'batch': args.batch, 'feedback_guidance': args.feedback,
             'trainable': 'controlnet', 'dtype': 'bf16 (mixed_precision)',
             'unet_params_M': round(sum(p.numel() for p in arch.unet.parameters()) / 1e6, 1),
             'controlnet_params_M': round(sum(p.numel() for p in arch.controlnet.parameters()) / 1e6, 1),
-            'step_time_s_median': round(statistics.median(times), 3), 'step_time_s_min': round(min(times), 3),
+            'step_time_s_median': round(timing.median, 3), 'step_time_s_min': round(timing.min, 3),
             'loss': float(model.get_current_log().get('l_dspo', float('nan'))),
         }
         if cuda:

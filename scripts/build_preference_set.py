@@ -10,8 +10,8 @@ import argparse
 import sys
 
 import dspo_basicsr  # noqa: F401
+from dspo_basicsr.data.preference_set import PreferenceLMDB
 from dspo_basicsr.preference.contact_sheet import write_contact_sheets
-from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
 from dspo_basicsr.preference.pipeline import assemble_preference_set, run_interruptible
 
 

@@ -10,7 +10,7 @@ instance of the GT is won by the model whose PSNR inside it is higher (the rule 
 import argparse
 import json
 
-from dspo_basicsr.demo import held_out_win_rate
+from dspo_basicsr.demo.dspo import held_out_win_rate
 
 
 def main():

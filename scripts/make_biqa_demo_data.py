@@ -5,7 +5,7 @@
 import argparse
 import json
 
-from dspo_basicsr.data.biqa_demo import make_biqa_demo_data
+from dspo_basicsr.demo.biqa import make_biqa_demo_data
 
 
 def main():

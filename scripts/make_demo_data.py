@@ -5,7 +5,7 @@
 import argparse
 import json
 
-from dspo_basicsr.demo import build_demo_data
+from dspo_basicsr.demo.dspo import build_demo_data
 
 
 def main():

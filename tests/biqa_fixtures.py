@@ -8,8 +8,8 @@ DEMO_OPTION = os.path.join(REPO, 'options', 'demo', 'biqa_calibration_demo.yml')
 
 
 def make_data(root):
-    """A small synthetic BIQA data set (see dspo_basicsr.data.biqa_demo); returns its paths."""
-    from dspo_basicsr.data.biqa_demo import make_biqa_demo_data
+    """A small synthetic BIQA data set (see dspo_basicsr.demo.biqa); returns its paths."""
+    from dspo_basicsr.demo.biqa import make_biqa_demo_data
     return make_biqa_demo_data(str(root), num_images=6, size=40, num_mos=8, num_val_pairs=6,
                                bootstrap_samples=20)
 

@@ -11,7 +11,7 @@ TINY_RAM = {'embed_dim': 24}  # the tiny SeeSR's image cross-attention width (se
 def build_framework_checkpoints(root, framework, seed=0):
     """Save a tiny random framework in its released layout under ``root``; returns the paths."""
     if framework in ('seesr', 'addsr'):
-        from dspo_basicsr.archs.seesr_arch import build_tiny_seesr_folders
+        from dspo_basicsr.demo.tiny_seesr import build_tiny_seesr_folders
         return build_tiny_seesr_folders(os.path.join(root, 'seesr_weights'), seed=seed)
     from dspo_basicsr.archs.control_sd2_arch import build_tiny_control_sd2_folder, load_sd_components
     from dspo_basicsr.archs.osediff_arch import save_osediff_lora

@@ -283,7 +283,7 @@ def test_win_rate_study_report_per_round_and_plot(tmp_path):
 def test_demo_work_folder_and_write_instances_from_the_vote(tmp_path):
     """``annotate.py demo``'s work folder comes from the demo set; ``report --write-instances`` closes the chain."""
     from dspo_basicsr.annotation.studio import demo_work_folder
-    from dspo_basicsr.preference.lmdb_set import write_preference_lmdb
+    from dspo_basicsr.data.preference_set import write_preference_lmdb
     from dspo_basicsr.preference.pipeline import assemble_preference_set
 
     from preference_fixtures import coordinate_sample

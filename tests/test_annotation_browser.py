@@ -12,7 +12,7 @@ import pytest
 from dspo_basicsr.annotation.store import AnnotationStore
 from dspo_basicsr.annotation.studies import InstanceStudy
 from dspo_basicsr.annotation.studio import open_study
-from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
+from dspo_basicsr.data.preference_set import PreferenceLMDB
 
 from annotation_fixtures import (
     ServerProcess,

@@ -132,3 +132,14 @@ def test_mad_pairs_with_votes_rank(tmp_path):
     ranking = rank_methods(str(tmp_path / 'votes.csv'), 10, ('method_a', 'method_b', 'score_a', 'score_b'),
                            num_samples=20)
     assert ranking['methods'] == ['method0', 'method1', 'method2']
+
+
+def test_vgg16_hub_folder_leaves_torch_hub_unpinned(tmp_path, monkeypatch):
+    """After the temporary hub folder, torch.hub follows TORCH_HOME again (later tests and jobs set it)."""
+    from dspo_basicsr.ranking.mad import _torch_hub_with_vgg16
+    vgg = tmp_path / 'my_vgg16.pth'
+    vgg.write_bytes(b'')
+    with _torch_hub_with_vgg16(str(vgg)):
+        assert os.path.isfile(os.path.join(torch.hub.get_dir(), 'checkpoints', 'vgg16-397923af.pth'))
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'home'))
+    assert torch.hub.get_dir() == str(tmp_path / 'home' / 'hub')

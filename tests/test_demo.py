@@ -5,7 +5,7 @@ import torch
 
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
-from dspo_basicsr.demo import instance_win_rate
+from dspo_basicsr.demo.dspo import instance_win_rate
 
 
 @pytest.fixture(scope='module')

@@ -8,15 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
+from dspo_basicsr.data import preference_set as lmdb_set
+from dspo_basicsr.data.preference_sample import encode_json, encode_png
 from dspo_basicsr.preference import (
     PreferenceDataError,
     PreferenceLMDB,
     PreferenceSample,
-    lmdb_set,
     resumable_ids,
     write_preference_lmdb,
 )
-from dspo_basicsr.preference.sample import encode_json, encode_png
 
 from preference_fixtures import coordinate_sample, lmdb_get, lmdb_put, noise_sample
 

@@ -365,7 +365,7 @@ def test_chain_scripts_with_tiny_control_sd2(script_chain):
     assert [script_chain[f'{step}_code'] for step in ('segment', 'score', 'build', 'show')] == [0, 0, 0, 0]
     assert sorted(os.listdir(script_chain['root'] / 'sheets')) == ['img0.png', 'img1.png', 'img2.png']
 
-    from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
+    from dspo_basicsr.data.preference_set import PreferenceLMDB
     preference_set = PreferenceLMDB(script_chain['out'])
     assert len(preference_set) == 3 and preference_set.header['scale'] == 4
     for sid in preference_set.ids():

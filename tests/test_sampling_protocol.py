@@ -362,11 +362,11 @@ def test_tag_images_script_writes_tags_per_image_and_resumes(tmp_path):
     assert script.main(args) == 0
     tags = json.load(open(out, encoding='utf-8'))
     tagger = RAMImageEmbedder(ram_path=ram, dape_path=dape, tiny=TINY_RAM, tagging=True)
-    from dspo_basicsr.archs.ram_arch import read_rgb
+    from dspo_basicsr.utils.image_io import read_rgb
     names = sorted(os.listdir(lq_dir))
     assert sorted(tags) == sorted(os.path.splitext(n)[0] for n in names)
     for name in names:
-        assert tags[os.path.splitext(name)[0]] == tagger.tags(read_rgb(os.path.join(lq_dir, name)))[0]
+        assert tags[os.path.splitext(name)[0]] == tagger.tags(read_rgb(os.path.join(lq_dir, name))[None])[0]
     json.dump({os.path.splitext(names[0])[0]: 'kept'}, open(out, 'w', encoding='utf-8'))
     assert script.main(args) == 0  # resumes: the stem already there is not tagged again
     assert json.load(open(out, encoding='utf-8'))[os.path.splitext(names[0])[0]] == 'kept'
@@ -374,7 +374,7 @@ def test_tag_images_script_writes_tags_per_image_and_resumes(tmp_path):
 
 def test_preference_set_gets_tag_prompts(tmp_path):
     from dspo_basicsr.archs.ram_arch import samples_with_ram_embeddings
-    from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
+    from dspo_basicsr.data.preference_set import PreferenceLMDB
 
     from dspo_fixtures import write_tiny_preference_set
     store = PreferenceLMDB(write_tiny_preference_set(str(tmp_path / 'pref.lmdb')))

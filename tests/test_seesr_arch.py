@@ -233,7 +233,7 @@ def test_add_ram_embeddings_script_then_training_uses_them(seesr, tmp_path):
                              '--tiny', json.dumps(TINY_RAM), '--prompts', str(prompts), '--device', 'cpu',
                              '--no-progress'])
     assert result.returncode == 0, result.stderr[-3000:]
-    from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
+    from dspo_basicsr.data.preference_set import PreferenceLMDB
     store, source = PreferenceLMDB(str(out)), PreferenceLMDB(seesr['lmdb'])
     assert store.ids() == source.ids()
     first = store['s00']

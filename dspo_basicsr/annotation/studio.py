@@ -78,12 +78,12 @@ def demo_work_folder(root='datasets/demo', work=None, progress=True):
     """
     import numpy as np
 
-    from dspo_basicsr.preference.lmdb_set import PreferenceLMDB
+    from dspo_basicsr.data.preference_set import PreferenceLMDB
     from dspo_basicsr.preference.pipeline import WorkFolder, _write_json, write_image
 
     lmdb_path = os.path.join(root, 'demo_pref.lmdb')
     if not os.path.isdir(lmdb_path):
-        from dspo_basicsr.demo import build_demo_data
+        from dspo_basicsr.demo.dspo import build_demo_data
         print(f'building the embedded demo in {root} first (a few minutes on a CPU)', flush=True)
         build_demo_data(root)
     work = WorkFolder(work or os.path.join(root, 'annotation_work'))

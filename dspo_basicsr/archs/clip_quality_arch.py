@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspo_basicsr.utils.checkpoint import read_checkpoint
+
 from basicsr.utils.registry import ARCH_REGISTRY
 
 QUALITY_LEVELS = ('bad', 'poor', 'fair', 'good', 'perfect')
@@ -55,30 +57,10 @@ def read_state_dict(path, what='weights'):
     Raises:
         FileNotFoundError: The file is missing; the message names it.
     """
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(
-            f'{what}: expected the file {path!r}, which does not exist. Nothing is downloaded at run time: '
-            'place the checkpoint at that path (or fix the path in the option file).')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path)
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
+    if path and os.path.isfile(path) and zipfile.is_zipfile(path) and _is_torchscript(path):
         # OpenAI's release files are TorchScript archives; torch.jit.load reads them without Python pickles
-        state = torch.jit.load(path, map_location='cpu').state_dict()
-    else:
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as err:
-            raise RuntimeError(f'{what}: could not read {path!r} as a weights-only checkpoint ({err}). '
-                               'Save it as a plain state dict (torch.save(model.state_dict(), ...)) or '
-                               'as .safetensors.') from err
-    for key in ('params_ema', 'params', 'state_dict', 'model'):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise ValueError(f'{what}: {path!r} does not hold a state dict (got {type(state).__name__}).')
-    return state
+        return torch.jit.load(path, map_location='cpu').state_dict()
+    return read_checkpoint(path, what)
 
 
 def _is_torchscript(path):

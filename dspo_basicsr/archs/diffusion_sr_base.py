@@ -18,16 +18,11 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
+from dspo_basicsr.utils.checkpoint import check_state_dict_matches, missing_weights_error  # noqa: F401  (re-exported)
+
 DEFAULT_LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')
 # The keyword arguments of DiffusionSRArch.sample beyond steps / cfg / sampler: the official test protocol.
 SAMPLE_PROTOCOL_KEYS = ('prompt_source', 'color_fix', 'process_size', 'tile_size', 'tile_overlap', 'vae_tile')
-
-
-def missing_weights_error(path, expected, what):
-    """The error raised when a pretrained component is absent: names the file and where it goes."""
-    return FileNotFoundError(
-        f"{what}: expected '{expected}' under '{path}', but it is not there. Nothing is downloaded at run "
-        f"time: download the released weights yourself and put them at that path (see the README).")
 
 
 def check_component_folder(path, subfolder, what):
@@ -41,33 +36,6 @@ def check_component_folder(path, subfolder, what):
         expected = os.path.join(subfolder, 'diffusion_pytorch_model.safetensors') if subfolder else \
             'diffusion_pytorch_model.safetensors'
         raise missing_weights_error(path, expected, what)
-
-
-def check_state_dict_matches(expected, state, source, what, hint=''):
-    """Raise unless ``state`` has exactly the keys of ``expected`` with the same shapes.
-
-    Args:
-        expected (dict): name -> tensor the state must match.
-        state (dict): name -> tensor being loaded.
-        source (str): Where the state comes from (a file), for the message.
-        what (str): What it is loaded into, for the message.
-        hint (str): A sentence on what to check, appended to a key mismatch.
-
-    Raises:
-        KeyError: names the missing and the unexpected keys.
-        ValueError: names the first key whose shape differs.
-    """
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        def listed(keys):
-            return f"{keys[:5]}{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)"
-        raise KeyError(f'{source} does not match {what}: missing keys {listed(missing)}, unexpected keys '
-                       f'{listed(unexpected)}.{" " + hint if hint else ""}')
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{source}: key '{key}' has shape {tuple(value.shape)}, expected "
-                             f'{tuple(expected[key].shape)} in {what}.')
 
 
 def tile_starts(length, tile, overlap):

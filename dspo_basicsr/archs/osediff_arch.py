@@ -37,14 +37,14 @@ What DSPO trains: a new LoRA (adapter ``dspo``) on the UNet (``trainable: unet_l
 same network with that adapter disabled, so it costs no memory.
 """
 import copy
-import os
 
 import torch
 
 from dspo_basicsr.archs.control_sd2_arch import load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
-from dspo_basicsr.archs.seesr_arch import LowPrecisionFrozenPartsMixin
+from dspo_basicsr.archs.precision import LowPrecisionFrozenPartsMixin
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
+from dspo_basicsr.utils.checkpoint import read_checkpoint
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
@@ -91,15 +91,7 @@ def read_osediff_lora(path):
     Returns:
         dict: the file's dict (see the module docstring).
     """
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"OSEDiff LoRA: expected the file '{path}' (OSEDiff's osediff.pkl), but it is not "
-                                'there. Nothing is downloaded at run time: download it yourself and put it at that '
-                                'path (see docs/frameworks.md).')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # noqa: BLE001  (weights_only refuses pickled Python objects)
-        raise ValueError(f"OSEDiff LoRA file '{path}' holds more than tensors and plain values ({error}); it is not "
-                         'loaded, because unpickling arbitrary objects can run code.') from None
+    state = read_checkpoint(path, "OSEDiff LoRA (OSEDiff's osediff.pkl)", unwrap=())
     if not isinstance(state, dict):
         raise ValueError(f"OSEDiff LoRA file '{path}' is a {type(state).__name__}, expected a dict.")
     _check_plain(state, path)

@@ -44,6 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspo_basicsr.utils.checkpoint import read_checkpoint
+from dspo_basicsr.utils.image_io import read_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SWIN_L_384 = dict(img_size=384, patch_size=4, window_size=12, embed_dim=192, depths=(2, 2, 18, 2),
@@ -62,24 +65,6 @@ TAGGING_PREFIXES = ('label_embed', 'wordvec_proj.', 'tagging_head.', 'fc.')
 def tiny_swin_config(img_size=32):
     """A two-stage Swin with width 16 (tests): 32 x 32 input -> 4 x 4 tokens + 1 = 17 tokens."""
     return dict(img_size=img_size, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2))
-
-
-def read_torch_checkpoint(path, what):
-    """``torch.load(weights_only=True)`` of a local file, with errors that say what to do."""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: expected the file '{path}', but it is not there. Nothing is downloaded at "
-                                'run time: download it yourself and put it at that path (see docs/frameworks.md).')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # noqa: BLE001  (weights_only refuses pickled Python objects)
-        raise ValueError(f"{what}: '{path}' holds more than tensors and plain values ({error}). It is not loaded, "
-                         'because unpickling arbitrary objects can run code; extract its state dict with a trusted '
-                         'tool and save that instead.') from None
-    if isinstance(state, dict) and isinstance(state.get('model'), dict):
-        state = state['model']
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise ValueError(f"{what}: '{path}' is not a state dict (a mapping from parameter names to tensors).")
-    return state
 
 
 def ram_to_timm_key(key):
@@ -246,11 +231,11 @@ class RAMImageEmbedder(nn.Module):
     def load_ram_checkpoints(self, ram_path, dape_path=None):
         """Load RAM, then merge DAPE's LoRA into it, with a strictly checked key mapping (see the module docstring)."""
         own = self.state_dict()
-        found = self._map_checkpoint(read_torch_checkpoint(ram_path, 'RAM checkpoint'), own, ram_path,
+        found = self._map_checkpoint(read_checkpoint(ram_path, 'RAM checkpoint'), own, ram_path,
                                      'RAM checkpoint', self.tagging)
         sources = [ram_path]
         if dape_path:
-            dape = read_torch_checkpoint(dape_path, 'DAPE checkpoint')
+            dape = read_checkpoint(dape_path, 'DAPE checkpoint')
             sources.append(dape_path)
             loras = {k: v for k, v in dape.items() if 'lora_' in k}
             found.update(self._map_checkpoint({k: v for k, v in dape.items() if 'lora_' not in k}, own, dape_path,
@@ -445,15 +430,6 @@ def samples_with_ram_embeddings(store, embedder, prompts=None, device='cpu', ext
 TAG_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 
-def read_rgb(path):
-    """(1, 3, H, W) float image in [0, 1] of an image file, or a ValueError naming it."""
-    import cv2
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"'{path}' is not a readable image; remove it from the folder or convert it to PNG.")
-    return torch.from_numpy(image[:, :, ::-1].copy()).permute(2, 0, 1)[None].float().div(255)
-
-
 def tag_image_folder(folder, out, embedder, upscale=1, device='cpu', progress=True):
     """Write {stem: tags} of the images in ``folder`` to ``out`` (resuming from it); returns the mapping."""
     import json
@@ -470,7 +446,7 @@ def tag_image_folder(folder, out, embedder, upscale=1, device='cpu', progress=Tr
         stem = os.path.splitext(name)[0]
         if stem in tags:
             continue
-        image = read_rgb(os.path.join(folder, name)).to(device)
+        image = read_rgb(os.path.join(folder, name))[None].to(device)  # (1, 3, H, W)
         if upscale > 1:
             image = F.interpolate(image, scale_factor=upscale, mode='bicubic', align_corners=False).clamp(0, 1)
         tags[stem] = embedder.tags(image)[0]

@@ -31,7 +31,9 @@ from torch import nn
 
 from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
+from dspo_basicsr.archs.precision import LowPrecisionFrozenPartsMixin
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
+from dspo_basicsr.utils.checkpoint import missing_weights_error, read_checkpoint
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
@@ -152,29 +154,19 @@ def seesr_networks_on_meta(unet_config_path=SD2_BASE_UNET_CONFIG):
 # ---------------------------------------------------------------------------- strict folder loading
 def _read_weights(folder):
     """The state dict of a diffusers model folder (safetensors, .bin or sharded), read without pickle."""
-    from safetensors.torch import load_file
     index = os.path.join(folder, 'diffusion_pytorch_model.safetensors.index.json')
     if os.path.isfile(index):
         with open(index, encoding='utf-8') as f:
             shards = sorted(set(json.load(f)['weight_map'].values()))
         state = {}
         for shard in shards:
-            state.update(load_file(os.path.join(folder, shard)))
+            state.update(read_checkpoint(os.path.join(folder, shard), f'SeeSR weight shard of {index}', unwrap=()))
         return state, index
     for name in WEIGHT_NAMES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            if name.endswith('.safetensors'):
-                return load_file(path), path
-            try:
-                return torch.load(path, map_location='cpu', weights_only=True), path
-            except Exception as error:  # noqa: BLE001  (weights_only refuses pickled objects)
-                raise ValueError(f"'{path}' holds more than tensors and plain values ({error}); it is not loaded "
-                                 'because unpickling arbitrary objects is unsafe. Convert it to safetensors '
-                                 'with a trusted tool first.') from None
-    raise FileNotFoundError(f"expected '{WEIGHT_NAMES[0]}' (or '{WEIGHT_NAMES[1]}') under '{folder}', but it is not "
-                            'there. Nothing is downloaded at run time: download the released weights yourself and '
-                            'put them at that path (see docs/frameworks.md).')
+            return read_checkpoint(path, 'SeeSR weights', unwrap=()), path
+    raise missing_weights_error(folder, f'{WEIGHT_NAMES[0]} (or {WEIGHT_NAMES[1]})', 'SeeSR weights')
 
 
 def load_state_dict_strictly(model, state, source):
@@ -206,9 +198,7 @@ def load_seesr_network(folder, kind):
     """
     config_path = os.path.join(folder, 'config.json')
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"SeeSR {kind}: expected 'config.json' under '{folder}', but it is not there. "
-                                'Download the released SeeSR folders (unet/ and controlnet/) yourself and put them '
-                                'there (see docs/frameworks.md); nothing is downloaded at run time.')
+        raise missing_weights_error(folder, 'config.json', f'SeeSR {kind} (the released unet/ and controlnet/ folders)')
     with open(config_path, encoding='utf-8') as f:
         config = json.load(f)
     state, source = _read_weights(folder)
@@ -243,87 +233,6 @@ def tiny_seesr_networks(unet=None, image_cross_attention_dim=TINY_IMAGE_DIM):
     components['unet'] = add_image_cross_attention(base, image_cross_attention_dim)
     components['controlnet'] = add_image_cross_attention(controlnet, image_cross_attention_dim)
     return components
-
-
-def build_tiny_seesr_folders(folder, seed=0, ram=True):
-    """Save a tiny random SeeSR in the released layouts.
-
-    Writes ``folder/sd2`` (SD2-base layout), ``folder/seesr/{unet,controlnet}`` (SeeSR layout) and, with
-    ``ram``, ``folder/ram/ram_tiny.pth`` (RAM checkpoint layout, tiny Swin and tagging head) and
-    ``folder/ram/DAPE_tiny.pth`` (LoRA only, as SeeSR's DAPE trainer writes it) for :class:`RAMImageEmbedder`.
-
-    Returns:
-        dict: ``pretrained_model_path``, ``seesr_model_path``, ``ram_path`` and ``dape_path`` (or None).
-    """
-    from dspo_basicsr.archs.control_sd2_arch import save_sd_components
-    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_dape_checkpoint, save_ram_checkpoint
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        components = tiny_seesr_networks()
-        embedder = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM}, tagging=True) if ram else None
-    unet, controlnet = components.pop('unet'), components.pop('controlnet')
-    sd_folder = os.path.join(folder, 'sd2')
-    save_sd_components(sd_folder, components)
-    unet_plain = UNet2DConditionModel.from_config(_strip_config(unet.config))
-    unet_plain.save_pretrained(os.path.join(sd_folder, 'unet'))  # the SD2 folder's own UNet (unused by SeeSR)
-    seesr_folder = save_seesr_networks(os.path.join(folder, 'seesr'), unet, controlnet)
-    ram_path = dape_path = None
-    if ram:
-        ram_path = save_ram_checkpoint(embedder, os.path.join(folder, 'ram', 'ram_tiny.pth'))
-        dape_path = save_dape_checkpoint(embedder, os.path.join(folder, 'ram', 'DAPE_tiny.pth'), seed=seed)
-    return {'pretrained_model_path': sd_folder, 'seesr_model_path': seesr_folder, 'ram_path': ram_path,
-            'dape_path': dape_path}
-
-
-# ---------------------------------------------------------------------------- frozen parts in low precision
-MIXED_PRECISION = {None: None, 'no': None, 'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-class LowPrecisionFrozenPartsMixin:
-    """Keep the frozen networks in bf16 / fp16 and run them (and the trained parts) under autocast.
-
-    Trained parameters stay float32 (so do their gradients and optimiser state); inputs and outputs of
-    every public method stay float32. This is what lets the real-size step fit one GPU (docs/frameworks.md).
-    """
-
-    compute_dtype = None
-
-    def setup_mixed_precision(self, mixed_precision):
-        """Call after ``setup_trainable``: cast every submodule not fine-tuned in full to the compute dtype."""
-        if mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {sorted(k for k in MIXED_PRECISION if k)} or null, "
-                             f'got {mixed_precision!r}.')
-        self.compute_dtype = MIXED_PRECISION[mixed_precision]
-        if self.compute_dtype is None:
-            return
-        for name, module in self.named_children():
-            if name not in self.full_trainable_modules:
-                module.to(self.compute_dtype)
-        for param in self.parameters():
-            if param.requires_grad:  # LoRA inside a cast network: back to float32
-                param.data = param.data.float()
-
-    def autocast(self):
-        """Autocast to the compute dtype on this framework's device (a no-op context without one)."""
-        import contextlib
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
-
-    @torch.no_grad()
-    def encode_images(self, images, sample_posterior=False, generator=None):
-        with self.autocast():
-            return super().encode_images(images, sample_posterior, generator).float()
-
-    @torch.no_grad()
-    def decode_latents(self, latents):
-        with self.autocast():
-            return super().decode_latents(latents).float()
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts):
-        with self.autocast():
-            return super().encode_prompts(prompts).float()
 
 
 # ---------------------------------------------------------------------------- the framework

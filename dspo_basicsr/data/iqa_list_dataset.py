@@ -13,38 +13,14 @@ import csv
 import os
 import random
 
-import cv2
-import numpy as np
-import torch
 from torch.utils import data
+
+from dspo_basicsr.utils.image_io import read_rgb
 
 from basicsr.utils.registry import DATASET_REGISTRY
 
 __all__ = ['read_rgb', 'image_key', 'read_table', 'check_option_keys', 'IQAListDataset', 'TWO_AFC_FORMATS',
            'TwoAFCPairDataset']
-
-
-def read_rgb(path, crop_size=None):
-    """Read an image file as an RGB tensor.
-
-    Args:
-        path (str): Image file.
-        crop_size (int, optional): Side of a centre crop.
-
-    Returns:
-        Tensor: (3, H, W) float32 in [0, 1] (H = W = crop_size when cropping).
-    """
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise FileNotFoundError(f'cannot read image {path!r} (missing or not an image).')
-    if crop_size:
-        h, w = img.shape[:2]
-        if h < crop_size or w < crop_size:
-            raise ValueError(f'image {path!r} is {h}x{w}, smaller than crop_size {crop_size}.')
-        top, left = (h - crop_size) // 2, (w - crop_size) // 2
-        img = img[top:top + crop_size, left:left + crop_size]
-    img = np.ascontiguousarray(img[:, :, ::-1], dtype=np.float32) / 255.0   # BGR -> RGB
-    return torch.from_numpy(img).permute(2, 0, 1).contiguous()           # (H, W, 3) -> (3, H, W)
 
 
 def image_key(path, crop_size=None):

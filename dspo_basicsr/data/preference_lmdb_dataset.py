@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils import data as data
 
-from dspo_basicsr.preference import PreferenceLMDB
+from dspo_basicsr.data.preference_set import PreferenceLMDB
 
 from basicsr.utils.registry import DATASET_REGISTRY
 

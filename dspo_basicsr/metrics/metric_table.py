@@ -248,7 +248,7 @@ class MissingWeightsError(FileNotFoundError):
             f'TORCH_HOME to a folder whose hub/ already holds them), then run again.')
 
 
-def missing_weights_error(pyiqa_name: str, files: List[WeightFile]) -> Optional[MissingWeightsError]:
+def missing_pyiqa_weights(pyiqa_name: str, files: List[WeightFile]) -> Optional[MissingWeightsError]:
     """The error naming every absent file of ``files``, or None when all are present."""
     missing = [weight.placement() for weight in files if not weight.is_present()]
     return MissingWeightsError(pyiqa_name, missing) if missing else None

@@ -35,7 +35,7 @@ from dspo_basicsr.metrics.metric_table import (
     HUGGINGFACE_URL,
     MissingWeightsError,
     WeightFile,
-    missing_weights_error,
+    missing_pyiqa_weights,
     pyiqa_weights_dir,
     required_weight_files,
 )
@@ -171,7 +171,7 @@ def get_pyiqa_metric(metric: str, device: Union[str, torch.device, None] = None,
 
     files = required_weight_files(metric, metric_opts)
     if files is not None:
-        error = missing_weights_error(metric, files)
+        error = missing_pyiqa_weights(metric, files)
         if error is not None:
             raise error
     with _BUILD_LOCK, refuse_downloads(metric):

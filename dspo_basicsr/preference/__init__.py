@@ -21,8 +21,8 @@ Building preference data (imported on first use, so reading a set stays light)::
 """
 import importlib
 
-from dspo_basicsr.preference.lmdb_set import PreferenceLMDB, resumable_ids, write_preference_lmdb
-from dspo_basicsr.preference.sample import PreferenceDataError, PreferenceSample, check_sample
+from dspo_basicsr.data.preference_sample import PreferenceDataError, PreferenceSample, check_sample
+from dspo_basicsr.data.preference_set import PreferenceLMDB, resumable_ids, write_preference_lmdb
 
 _BUILDING = {
     'segmentation': ('masks_to_partition', 'segment_instances', 'SAMSegmenter', 'SLICSegmenter', 'build_segmenter'),

@@ -16,6 +16,8 @@ import math
 import numpy as np
 import torch
 
+from dspo_basicsr.metrics.metric_table import metric_info
+
 __all__ = [
     'DEFAULT_METRICS', 'METRIC_DIRECTIONS', 'FULL_REFERENCE_METRICS', 'expand_settings_grid', 'sample_candidates',
     'generate_candidates', 'score_candidates', 'normalise_scores', 'select_candidates', 'metric_is_higher_better',
@@ -55,9 +57,8 @@ def _metric_key(opt):
 def _table_row(opt):
     """The row of ``dspo_basicsr.metrics.metric_table`` for this metric type, or None."""
     try:
-        from dspo_basicsr.metrics.metric_table import metric_info
         return metric_info(str(opt.get('type')))
-    except (ImportError, KeyError):
+    except KeyError:
         return None
 
 

@@ -15,7 +15,7 @@ so an interrupted step rerun skips every finished item and redoes only the rest:
 
 A failed item is reported (progress bar, ``errors/<step>.json``, the step's :class:`StepReport`) and left
 unfinished; the other items go on. :func:`assemble_preference_set` writes the finished items into a
-preference LMDB set (:func:`dspo_basicsr.preference.lmdb_set.write_preference_lmdb`).
+preference LMDB set (:func:`dspo_basicsr.data.preference_set.write_preference_lmdb`).
 """
 import copy
 import json
@@ -156,7 +156,7 @@ class WorkFolder:
 
     def load_sample(self, sid):
         """The :class:`PreferenceSample` of a finished item (after the scoring step)."""
-        from dspo_basicsr.preference.sample import PreferenceSample
+        from dspo_basicsr.data.preference_sample import PreferenceSample
 
         record, lq, gt, candidates = self.load_candidates(sid)
         seg = read_label_map(self.seg_png(sid))
@@ -647,7 +647,7 @@ def assemble_preference_set(work, path, overwrite=False, resume=True, progress=T
     Returns:
         tuple[PreferenceLMDB, StepReport]: The set, and which items were written or left out (unfinished).
     """
-    from dspo_basicsr.preference.lmdb_set import resumable_ids, write_preference_lmdb
+    from dspo_basicsr.data.preference_set import resumable_ids, write_preference_lmdb
 
     work = work if isinstance(work, WorkFolder) else WorkFolder(work)
     report = StepReport('assemble')

@@ -192,6 +192,8 @@ def build_sam(model_type='vit_b', checkpoint=None, arch=None):
     import torch
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+    from dspo_basicsr.utils.checkpoint import read_checkpoint
+
     if model_type not in SAM_ARCHS:
         raise ValueError(f'Unknown SAM model_type {model_type!r}; choose one of {sorted(SAM_ARCHS)}.')
     if checkpoint is None:
@@ -225,13 +227,7 @@ def build_sam(model_type='vit_b', checkpoint=None, arch=None):
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
-    try:
-        state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    except Exception as err:  # noqa: BLE001  (pickle payloads, truncated files)
-        raise ValueError(f'Cannot read SAM checkpoint {checkpoint} as a plain state dict '
-                         f'(loaded with weights_only=True): {err}') from err
-    if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
-        state = state['model']
+    state = read_checkpoint(checkpoint, f'SAM checkpoint ({model_type})', unwrap=('model',))
     try:
         sam.load_state_dict(state)
     except RuntimeError as err:

@@ -144,7 +144,8 @@ def _torch_hub_with_vgg16(vgg_path):
     if os.path.abspath(vgg_path) == os.path.abspath(default):
         yield
         return
-    previous = torch.hub.get_dir()
+    # the unset state, not get_dir()'s resolved path: set_dir(that path) would pin it and hide later TORCH_HOME
+    previous = torch.hub._hub_dir
     with tempfile.TemporaryDirectory() as hub:
         os.makedirs(os.path.join(hub, 'checkpoints'))
         os.symlink(os.path.abspath(vgg_path), os.path.join(hub, 'checkpoints', VGG16_WEIGHTS))
@@ -152,7 +153,7 @@ def _torch_hub_with_vgg16(vgg_path):
         try:
             yield
         finally:
-            torch.hub.set_dir(previous)
+            torch.hub._hub_dir = previous
 
 
 def default_perceptual_distance(device='cpu', dists_weights=None, vgg16_weights=None):
@@ -169,10 +170,10 @@ def default_perceptual_distance(device='cpu', dists_weights=None, vgg16_weights=
                          ('DISTS (D1) weights', dists_path, '--dists-weights')])
     from pyiqa.archs.dists_arch import DISTS
 
-    from dspo_basicsr.archs.clip_quality_arch import read_state_dict
+    from dspo_basicsr.utils.checkpoint import read_checkpoint
     with _torch_hub_with_vgg16(vgg_path):
         net = DISTS(pretrained=False)  # VGG16 from the local torchvision file; alpha/beta loaded below
-    state = read_state_dict(dists_path, 'DISTS (D1) weights')
+    state = read_checkpoint(dists_path, 'DISTS (D1) weights')
     if 'alpha' not in state or 'beta' not in state:
         raise KeyError(f'{dists_path!r} holds no DISTS alpha/beta weights (keys: {list(state)[:6]}).')
     net.load_state_dict(state, strict=False)
@@ -430,7 +431,7 @@ def write_contact_sheets(result, load_sr, load_lr, out_dir):
 
 def folder_loaders(files, crop_size=None):
     """``(load_sr, load_lr)`` reading the files found by :func:`list_method_images` as (1, 3, H, W) tensors."""
-    from dspo_basicsr.data.iqa_list_dataset import read_rgb
+    from dspo_basicsr.utils.image_io import read_rgb
 
     def load_sr(method, image):
         return read_rgb(files[method][image], crop_size)[None]

@@ -1,2 +1,1 @@
-"""Helpers below the models and the preference pipeline (they import neither): distributed data
-sharding, pictures of runs."""
+"""Helpers below every other layer: checkpoints, option files, image I/O, data sharding, pictures of runs."""

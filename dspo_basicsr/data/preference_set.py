@@ -21,7 +21,7 @@ import shutil
 import lmdb
 from tqdm import tqdm
 
-from dspo_basicsr.preference.sample import (
+from dspo_basicsr.data.preference_sample import (
     PreferenceDataError,
     check_sample,
     decode_json,
@@ -287,7 +287,7 @@ def _finish(builder, final, scale, num_candidates, png_compression):
             (lq_h, lq_w), (sr_h, sr_w) = stored['lq_size'], stored['sr_size']
             lines.append(f"{sid} lq={lq_h}x{lq_w} sr={sr_h}x{sr_w} candidates={stored['num_candidates']} "
                          f"instances={len(meta['instances'])} gt={'yes' if stored['gt'] else 'no'}")
-    from dspo_basicsr import __version__
+    from dspo_basicsr.version import __version__
     header = {'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'num_samples': len(builder.order),
               'num_candidates': num_candidates, 'scale': scale, 'num_with_gt': num_with_gt,
               'extras': sorted(extras), 'png_compression': png_compression, 'writer': f'dspo_basicsr {__version__}'}

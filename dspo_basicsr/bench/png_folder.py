@@ -9,8 +9,7 @@ import json
 import os
 
 from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
-from dspo_basicsr.preference.lmdb_set import FORMAT_NAME, FORMAT_VERSION
-from dspo_basicsr.preference.sample import (
+from dspo_basicsr.data.preference_sample import (
     PreferenceDataError,
     check_sample,
     decode_json,
@@ -22,6 +21,7 @@ from dspo_basicsr.preference.sample import (
     sample_from_meta,
     stored_meta,
 )
+from dspo_basicsr.data.preference_set import FORMAT_NAME, FORMAT_VERSION
 
 
 def write_preference_png_folders(root, samples, scale, png_compression=None):
@@ -126,7 +126,7 @@ def synthetic_samples(num_samples, num_candidates=4, sr_size=256, scale=4, num_i
     import cv2
     import numpy as np
 
-    from dspo_basicsr.preference.sample import PreferenceSample
+    from dspo_basicsr.data.preference_sample import PreferenceSample
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:sr_size, 0:sr_size].astype(np.float32) / sr_size

@@ -9,11 +9,12 @@ Both are measured in one run on the same data, and reported as ratios.
 import os
 import random
 import tempfile
-import time
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+from dspo_basicsr.bench.timer import time_call
 
 __all__ = ['VIT_B32_CONFIG', 'bench_feature_cache', 'bench_mad_reuse']
 
@@ -39,13 +40,12 @@ def _model_options(paths, models_dir, clip_path, cache, backend, device):
 
 def _run_epoch(model, loader, epoch):
     random.seed(0)  # the same groups in every epoch and for both models: after epoch 0 all inputs are cached
-    start = time.perf_counter()
-    for batch in loader:
-        model.feed_data(batch)
-        model.optimize_parameters(epoch)
-    if model.device.type == 'cuda':
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+
+    def one_epoch():
+        for batch in loader:
+            model.feed_data(batch)
+            model.optimize_parameters(epoch)
+    return time_call(one_epoch, model.device)
 
 
 def bench_feature_cache(epochs=4, methods=4, images=8, group_size=4, batch_size=4, backend='memory', device='cpu',
@@ -58,8 +58,8 @@ def bench_feature_cache(epochs=4, methods=4, images=8, group_size=4, batch_size=
         backbone passes of each.
     """
     from dspo_basicsr.archs.clip_quality_arch import CLIPQualityArch
-    from dspo_basicsr.data.biqa_demo import TRUE_SCORES, make_biqa_demo_data
     from dspo_basicsr.data.sr_method_group_dataset import SRMethodGroupDataset
+    from dspo_basicsr.demo.biqa import TRUE_SCORES, make_biqa_demo_data
     from dspo_basicsr.models.rank_calibration_model import RankCalibrationModel
 
     work_dir = work_dir or tempfile.mkdtemp(prefix='bench_calibration_')
