@@ -48,3 +48,22 @@ def test_key_check_lists_a_few_keys_then_a_count():
     with pytest.raises(ValueError, match=r"'layer0.weight' has shape \(3,\)"):
         check_state_dict_matches({'layer0.weight': torch.zeros(2)}, {'layer0.weight': torch.zeros(3)}, 'f', 'net')
     check_state_dict_matches(expected, dict(expected), 'f', 'net')
+
+
+def test_data_steps_load_a_fine_tuned_framework_strictly(tmp_path):
+    """build_framework (the data steps' loader) checks every key of a trained net_g file."""
+    import dspo_basicsr  # noqa: F401  (registers the archs)
+    from dspo_basicsr.preference.pipeline import build_framework
+
+    network = {'type': 'ControlSD2Arch', 'tiny': True}
+    trained = build_framework({'network': network}).trainable_state_dict()
+    trained = {name: value + 0.5 for name, value in trained.items()}
+    path = str(tmp_path / 'net_g_10.pth')
+    torch.save({'params': trained}, path)
+    loaded = build_framework({'network': network, 'pretrain_network': path}).trainable_state_dict()
+    assert all(torch.equal(loaded[name], trained[name]) for name in trained)
+
+    first = sorted(trained)[0]
+    torch.save({'params': {f'renamed.{first}': trained[first]}}, path)
+    with pytest.raises(KeyError, match='net_g_10.pth'):
+        build_framework({'network': network, 'pretrain_network': path})

@@ -198,10 +198,11 @@ def build_framework(opt, device='cpu'):
     """Build a diffusion SR framework from ``{network: <network_g-style dict>, pretrain_network?, param_key?}``.
 
     ``network`` goes through BasicSR's ``build_network`` (so any registered arch works); the optional
-    ``pretrain_network`` is a BasicSR checkpoint (``{param_key: state_dict}``) loaded with
-    ``weights_only=True`` on top, e.g. a DSPO-fine-tuned ``net_g_*.pth``.
+    ``pretrain_network`` is a BasicSR checkpoint (``{param_key: state_dict}``, read weights-only) loaded on top
+    with every key checked: a fine-tuned ``net_g_*.pth`` holds exactly the trained parameters of the framework
+    (``load_trainable_state_dict``), any other network's file its whole state dict.
     """
-    import torch
+    from dspo_basicsr.utils.checkpoint import check_state_dict_matches, read_checkpoint
 
     from basicsr.archs import build_network
 
@@ -210,12 +211,13 @@ def build_framework(opt, device='cpu'):
     net = build_network(copy.deepcopy(dict(opt['network'])))
     path = opt.get('pretrain_network')
     if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'framework.pretrain_network not found: {path}.')
-        state = torch.load(path, map_location='cpu', weights_only=True)
-        key = opt.get('param_key', 'params')
-        state = state.get(key, state) if isinstance(state, dict) else state
-        net.load_state_dict(state, strict=opt.get('strict_load', False))
+        state = read_checkpoint(path, what='framework.pretrain_network', unwrap=(opt.get('param_key', 'params'),))
+        source = f"framework.pretrain_network '{path}'"
+        if hasattr(net, 'load_trainable_state_dict'):
+            net.load_trainable_state_dict(state, source=source)
+        else:
+            check_state_dict_matches(net.state_dict(), state, source, type(net).__name__)
+            net.load_state_dict(state)
     return net.to(device).eval()
 
 
