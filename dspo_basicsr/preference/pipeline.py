@@ -182,16 +182,21 @@ class WorkFolder:
 
 # -- options -----------------------------------------------------------------------------------------------
 def load_chain_options(path):
-    """Read the chain's YAML option file with ``yaml.safe_load`` (no Python tags)."""
-    import yaml
-    try:
-        with open(path, encoding='utf-8') as handle:
-            opt = yaml.safe_load(handle)
-    except yaml.YAMLError as err:
-        raise ValueError(f'{path} is not a safe YAML file (Python tags are refused): {err}') from err
+    """Read the chain's YAML option file with the one safe option reader (no Python tags, UTF-8 text)."""
+    from dspo_basicsr.utils.options import read_option_file
+    opt = read_option_file(path, require=())
     if not isinstance(opt, dict):
         raise ValueError(f'{path} must hold a mapping of sections (framework, sampling, metrics, segmenter, ...).')
-    return opt
+    return _plain(opt)
+
+
+def _plain(value):
+    """OrderedDicts of the option reader -> plain dicts (what the steps store as JSON), recursively."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
 def build_framework(opt, device='cpu'):
