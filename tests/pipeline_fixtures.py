@@ -57,6 +57,21 @@ class FakeFramework:
         return (sr + noise * 0.2 / (cfg or 1.0)).clamp(0, 1)
 
 
+def make_segmented_work(root, num, n_segments, min_area):
+    """A work folder after the candidate (FakeFramework, 3 kept of 3 settings) and SLIC segment steps."""
+    from dspo_basicsr.preference.candidates import expand_settings_grid
+    from dspo_basicsr.preference.pipeline import WorkFolder, discover_inputs, run_candidate_step, run_segment_step
+    from dspo_basicsr.preference.segmentation import SLICSegmenter
+
+    lq_dir, gt_dir = make_image_folders(os.path.join(str(root), 'data'), num=num, size=32)
+    work = WorkFolder(os.path.join(str(root), 'work'))
+    run_candidate_step(work, discover_inputs(lq_dir, gt_dir), FakeFramework(),
+                       expand_settings_grid({'cfg': [1.0, 4.0]}, {'steps': 2, 'cfg': 0.5, 'seed': 0}), num_keep=3,
+                       metrics={'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}, progress=False)
+    run_segment_step(work, SLICSegmenter(n_segments=n_segments), min_area=min_area, progress=False)
+    return work
+
+
 def tiny_control_sd2_network(scale=SCALE):
     """``network_g``-style option of the real ControlSD2Arch with tiny random components."""
     return {'type': 'ControlSD2Arch', 'tiny': True, 'scale': scale}

@@ -197,26 +197,11 @@ def test_scorer_keeps_scored_instances_and_reports_failed_ones(server, tmp_path)
 
 def test_scoring_step_with_vlm_and_feedback_resumes_failed_items_only(server, tmp_path):
     """Step level: a malformed reply fails one image (reported, left unfinished); the rerun asks only for it."""
-    from dspo_basicsr.preference.candidates import expand_settings_grid
-    from dspo_basicsr.preference.pipeline import (
-        WorkFolder,
-        discover_inputs,
-        feedback_from_options,
-        run_candidate_step,
-        run_scoring_step,
-        run_segment_step,
-        scorer_from_options,
-    )
-    from dspo_basicsr.preference.segmentation import SLICSegmenter
+    from dspo_basicsr.preference.pipeline import feedback_from_options, run_scoring_step, scorer_from_options
 
-    from pipeline_fixtures import FakeFramework, make_image_folders
+    from pipeline_fixtures import make_segmented_work
 
-    lq_dir, gt_dir = make_image_folders(str(tmp_path / 'data'), num=2, size=32)
-    work = WorkFolder(tmp_path / 'work')
-    run_candidate_step(work, discover_inputs(lq_dir, gt_dir), FakeFramework(),
-                       expand_settings_grid({'cfg': [1.0, 4.0]}, {'steps': 2, 'cfg': 0.5, 'seed': 0}), num_keep=3,
-                       metrics={'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}, progress=False)
-    run_segment_step(work, SLICSegmenter(n_segments=3), min_area=64, progress=False)
+    work = make_segmented_work(tmp_path, num=2, n_segments=3, min_area=64)
     # max_concurrency 1: the injected replies below are consumed in the order of the items
     vlm_opt = {'base_url': server.base_url, 'model': 'tiny-vlm', 'api_key_env': None, 'timeout': 2, 'max_retries': 0,
                'backoff': 0.01, 'cache_dir': str(tmp_path / 'vlm_cache'), 'max_concurrency': 1}

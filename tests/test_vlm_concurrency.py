@@ -5,32 +5,22 @@ import time
 
 import pytest
 
-from dspo_basicsr.preference.candidates import expand_settings_grid
 from dspo_basicsr.preference.pipeline import (
     WorkFolder,
-    discover_inputs,
     feedback_from_options,
-    run_candidate_step,
     run_scoring_step,
-    run_segment_step,
     scorer_from_options,
 )
-from dspo_basicsr.preference.segmentation import SLICSegmenter
 from dspo_basicsr.preference.vlm_client import RateLimit
 from dspo_basicsr.preference.vlm_stub_server import StubVLMServer
 
-from pipeline_fixtures import FakeFramework, make_image_folders
+from pipeline_fixtures import make_segmented_work
 
 
 @pytest.fixture(scope='module')
 def segmented(tmp_path_factory):
     root = tmp_path_factory.mktemp('vlm_concurrency')
-    lq_dir, gt_dir = make_image_folders(str(root / 'data'), num=6, size=32)
-    work = WorkFolder(root / 'work')
-    run_candidate_step(work, discover_inputs(lq_dir, gt_dir), FakeFramework(),
-                       expand_settings_grid({'cfg': [1.0, 4.0]}, {'steps': 2, 'cfg': 0.5, 'seed': 0}), num_keep=3,
-                       metrics={'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}, progress=False)
-    run_segment_step(work, SLICSegmenter(n_segments=4), min_area=32, progress=False)
+    work = make_segmented_work(root, num=6, n_segments=4, min_area=32)
     return work
 
 
