@@ -7,6 +7,7 @@ layout, N candidates sampled from it under different sampling settings after loa
 model would be, a SLIC label map per image, and the preferred / dispreferred candidate of each instance by
 PSNR against the HQ crop inside that instance.
 """
+import math
 import os
 
 import cv2
@@ -130,6 +131,21 @@ def _augmented_batch(images, batch, generator):
     return out.rot90(int(torch.randint(0, 4, (), generator=generator)), dims=(-2, -1))
 
 
+def set_posterior_std(vae, std):
+    """Make a VAE's posterior std the constant ``std`` (unscaled latent units): nearly deterministic, as SD's.
+
+    The tiny VAE learns by decoding the posterior mode, so its log-variance keeps its random initial value
+    (std about 1, as large as the latents themselves). Training samples the posterior (``encode_images`` with
+    ``sample_posterior``, as the Diffusion-DPO code does with SD's VAE), and that noise would then swamp both the
+    denoiser, which learnt on the mode, and the candidates' differences. The log-variance is the second half of
+    ``quant_conv``'s output channels (diffusers' ``DiagonalGaussianDistribution``).
+    """
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:].zero_()
+        vae.quant_conv.bias[channels:].fill_(2 * math.log(std))
+
+
 def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion_steps=300, batch=8, seed=0,
                             max_timestep=None, lr=1e-3):
     """Give a tiny random ControlSD2 the rudiments of a pretrained SR model, in about a minute on a CPU.
@@ -165,6 +181,7 @@ def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion
         with torch.no_grad():
             std = vae.encode(hq * 2 - 1).latent_dist.mode().std().item()
         vae.register_to_config(scaling_factor=1.0 / std)
+        set_posterior_std(vae, 1e-3 * std)
 
     denoiser = list(framework.unet.parameters()) + list(framework.controlnet.parameters())
     for p in denoiser:

@@ -81,3 +81,19 @@ def test_build_preference_set_rerun_says_to_pass_overwrite(tmp_path, monkeypatch
     monkeypatch.setattr(script, 'assemble_preference_set', finished_set)
     assert script.main(['--work', str(tmp_path), '--out', str(tmp_path / 'set.lmdb')]) == 2
     assert 'pass --overwrite' in capsys.readouterr().err
+
+
+def test_demo_vae_posterior_is_nearly_deterministic():
+    """The tiny VAE learns by decoding the mode; its posterior std must still be small next to the latents,
+    or the sampled latents of DSPO training are noise as large as the signal (the demo then learns nothing)."""
+    from dspo_basicsr.demo import pretrain_tiny_framework
+    arch = ControlSD2Arch(tiny=True, sampler='ddim')
+    hq, lq = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 8, 8)
+    pretrain_tiny_framework(arch, hq, lq, ['a cat', 'a dog'], vae_steps=2, diffusion_steps=0, batch=2)
+    with torch.no_grad():
+        posterior = arch.vae.encode(hq * 2 - 1).latent_dist
+    ratio = (posterior.std.max() / posterior.mode().std()).item()
+    assert ratio < 2e-3
+    sampled = arch.encode_images(hq, sample_posterior=True, generator=torch.Generator().manual_seed(0))
+    mode = arch.encode_images(hq)
+    assert (sampled - mode).abs().max() < 1e-2 * mode.std()
