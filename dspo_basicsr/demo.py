@@ -224,6 +224,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     Layout::
 
         root/tiny_sd2/            tiny pretrained SD2-base folder (diffusers layout) + controlnet/
+        root/ram/ram_tiny.pth     a tiny random RAM with its tagging head (RAM's key layout), for tag prompts
         root/demo_pref.lmdb       the preference set (docs/preference_lmdb.md)
         root/val/gt, root/val/lq  paired PNG folders for SR validation (other crops)
 
@@ -234,6 +235,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
         dict: paths of the three parts and the number of training samples.
     """
     from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch, save_sd_components
+    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
     from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
     from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
 
@@ -261,6 +263,12 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     save_sd_components(model_path, dict(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
                                         tokenizer=base.tokenizer, noise_scheduler=base.noise_scheduler))
     base.controlnet.save_pretrained(controlnet_path)
+    # A tagger for `val.sample.prompt_source: tags` (options/demo/test_dspo_demo.yml), as the official SR test
+    # scripts prompt with RAM / DAPE tags; random, so its tags only exercise that path.
+    ram_path = os.path.join(root, 'ram', 'ram_tiny.pth')
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        save_ram_checkpoint(RAMImageEmbedder(tiny=True, tagging=True), ram_path)
     framework = build_network(dict(type='ControlSD2Arch', pretrained_model_path=model_path,
                                    controlnet_path=controlnet_path, scale=scale, sampler='ddim',
                                    start_strength=settings['start_strength'])).eval()
@@ -293,7 +301,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
         lq = degrade(hq, scale, seed=seed * 1000 + 500 + index)
         cv2.imwrite(os.path.join(root, 'val', 'gt', f'{sid}.png'), cv2.cvtColor(hq, cv2.COLOR_RGB2BGR))
         cv2.imwrite(os.path.join(root, 'val', 'lq', f'{sid}.png'), cv2.cvtColor(lq, cv2.COLOR_RGB2BGR))
-    return dict(model=model_path, controlnet=controlnet_path, preference_set=lmdb_path,
+    return dict(model=model_path, controlnet=controlnet_path, ram=ram_path, preference_set=lmdb_path,
                 val=os.path.join(root, 'val'), num_samples=len(train))
 
 
