@@ -320,6 +320,7 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
     Returns:
         dict: :func:`instance_win_rate`'s counts plus ``psnr_trained`` / ``psnr_pretrained`` (mean, dB).
     """
+    from dspo_basicsr.archs.diffusion_sr_base import SAMPLE_PROTOCOL_KEYS
     from dspo_basicsr.cli import read_option_file
     from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
 
@@ -329,6 +330,8 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
     opt = read_option_file(option_file)
     image_set = next(d for d in opt['datasets'].values() if d['type'] == 'PairedImageDataset')
     sample_opt = dict(opt['val'].get('sample') or {})
+    # color_fix, prompt_source, tiling: as DSPOModel's validation samples
+    protocol = {k: sample_opt[k] for k in SAMPLE_PROTOCOL_KEYS if sample_opt.get(k) is not None}
     framework = build_network(dict(opt['network_g'])).eval()
     reference = framework.build_reference()
     state = torch.load(checkpoint, map_location='cpu', weights_only=True)
@@ -346,7 +349,7 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
             return _to_uint8(framework.sample(
                 lq, prompt=sample_opt.get('prompt', ''), negative_prompt=sample_opt.get('negative_prompt'),
                 steps=sample_opt.get('steps'), cfg=sample_opt.get('cfg'), generator=generator,
-                sampler=sample_opt.get('sampler'))[0])
+                sampler=sample_opt.get('sampler'), **protocol)[0])
         current.append(sample())
         with reference.sampling():
             pretrained.append(sample())
