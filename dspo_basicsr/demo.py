@@ -264,7 +264,8 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
                                         tokenizer=base.tokenizer, noise_scheduler=base.noise_scheduler))
     base.controlnet.save_pretrained(controlnet_path)
     # A tagger for `val.sample.prompt_source: tags` (options/demo/test_dspo_demo.yml), as the official SR test
-    # scripts prompt with RAM / DAPE tags; random, so its tags only exercise that path.
+    # scripts prompt with RAM / DAPE tags; random, so it only exercises that path (on the demo crops no tag passes
+    # its threshold).
     ram_path = os.path.join(root, 'ram', 'ram_tiny.pth')
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
