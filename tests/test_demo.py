@@ -97,3 +97,28 @@ def test_demo_vae_posterior_is_nearly_deterministic():
     sampled = arch.encode_images(hq, sample_posterior=True, generator=torch.Generator().manual_seed(0))
     mode = arch.encode_images(hq)
     assert (sampled - mode).abs().max() < 1e-2 * mode.std()
+
+
+def test_demo_test_options_sample_with_the_demo_tagger_and_colour_fix(tmp_path):
+    """options/demo/test_dspo_demo.yml reads the tagger make_demo_data writes and samples as the SR test scripts."""
+    import os
+
+    import yaml
+
+    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
+
+    from conftest import REPO
+    with open(os.path.join(REPO, 'options', 'demo', 'test_dspo_demo.yml')) as f:
+        opt = yaml.safe_load(f)
+    assert opt['network_g']['ram_path'] == 'datasets/demo/ram/ram_tiny.pth'  # build_demo_data's default root
+    assert opt['network_g']['ram_tiny'] is True
+    protocol = {k: opt['val']['sample'][k] for k in ('prompt_source', 'color_fix')}
+    assert protocol == {'prompt_source': 'tags', 'color_fix': 'adain'}
+    torch.manual_seed(0)
+    ram = save_ram_checkpoint(RAMImageEmbedder(tiny=True, tagging=True), str(tmp_path / 'ram' / 'ram_tiny.pth'))
+    arch = ControlSD2Arch(tiny=True, sampler='ddim', ram_path=ram, ram_tiny=True).eval()
+    lq = torch.rand(1, 3, 8, 8)
+    prompts, _ = arch.sampling_prompts(lq, '', prompt_source='tags')
+    assert prompts == [arch.compose_tag_prompt(arch.ram.tags(lq)[0], '')]
+    sr = arch.sample(lq, '', steps=2, cfg=1.0, generator=torch.Generator().manual_seed(0), **protocol)
+    torch.testing.assert_close(sr.mean(dim=(2, 3)), lq.mean(dim=(2, 3)), atol=0.05, rtol=0)
