@@ -81,3 +81,44 @@ def test_build_preference_set_rerun_says_to_pass_overwrite(tmp_path, monkeypatch
     monkeypatch.setattr(script, 'assemble_preference_set', finished_set)
     assert script.main(['--work', str(tmp_path), '--out', str(tmp_path / 'set.lmdb')]) == 2
     assert 'pass --overwrite' in capsys.readouterr().err
+
+
+def test_demo_vae_posterior_is_nearly_deterministic():
+    """The tiny VAE learns by decoding the mode; its posterior std must still be small next to the latents,
+    or the sampled latents of DSPO training are noise as large as the signal (the demo then learns nothing)."""
+    from dspo_basicsr.demo.dspo import pretrain_tiny_framework
+    arch = ControlSD2Arch(tiny=True, sampler='ddim')
+    hq, lq = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 8, 8)
+    pretrain_tiny_framework(arch, hq, lq, ['a cat', 'a dog'], vae_steps=2, diffusion_steps=0, batch=2)
+    with torch.no_grad():
+        posterior = arch.vae.encode(hq * 2 - 1).latent_dist
+    ratio = (posterior.std.max() / posterior.mode().std()).item()
+    assert ratio < 2e-3
+    sampled = arch.encode_images(hq, sample_posterior=True, generator=torch.Generator().manual_seed(0))
+    mode = arch.encode_images(hq)
+    assert (sampled - mode).abs().max() < 1e-2 * mode.std()
+
+
+def test_demo_test_options_sample_with_the_demo_tagger_and_colour_fix(tmp_path):
+    """options/demo/test_dspo_demo.yml reads the tagger make_demo_data writes and samples as the SR test scripts."""
+    import os
+
+    import yaml
+
+    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
+
+    from conftest import REPO
+    with open(os.path.join(REPO, 'options', 'demo', 'test_dspo_demo.yml')) as f:
+        opt = yaml.safe_load(f)
+    assert opt['network_g']['ram_path'] == 'datasets/demo/ram/ram_tiny.pth'  # build_demo_data's default root
+    assert opt['network_g']['ram_tiny'] is True
+    protocol = {k: opt['val']['sample'][k] for k in ('prompt_source', 'color_fix')}
+    assert protocol == {'prompt_source': 'tags', 'color_fix': 'adain'}
+    torch.manual_seed(0)
+    ram = save_ram_checkpoint(RAMImageEmbedder(tiny=True, tagging=True), str(tmp_path / 'ram' / 'ram_tiny.pth'))
+    arch = ControlSD2Arch(tiny=True, sampler='ddim', ram_path=ram, ram_tiny=True).eval()
+    lq = torch.rand(1, 3, 8, 8)
+    prompts, _ = arch.sampling_prompts(lq, '', prompt_source='tags')
+    assert prompts == [arch.compose_tag_prompt(arch.ram.tags(lq)[0], '')]
+    sr = arch.sample(lq, '', steps=2, cfg=1.0, generator=torch.Generator().manual_seed(0), **protocol)
+    torch.testing.assert_close(sr.mean(dim=(2, 3)), lq.mean(dim=(2, 3)), atol=0.05, rtol=0)

@@ -11,8 +11,11 @@ from basicsr.utils import registry
 
 from conftest import REPO
 
-OPTION_FILES = sorted(glob.glob(os.path.join(REPO, 'options', '*.yml')) +
-                      glob.glob(os.path.join(REPO, 'options', 'demo', '*.yml')))
+# chain_*.yml are options of the data-building chain (docs/preference_data.md), not BasicSR option files.
+OPTION_FILES = sorted(f for f in glob.glob(os.path.join(REPO, 'options', '*.yml')) +
+                      glob.glob(os.path.join(REPO, 'options', 'demo', '*.yml'))
+                      if not os.path.basename(f).startswith('chain_'))
+CHAIN_FILES = sorted(glob.glob(os.path.join(REPO, 'options', '**', 'chain_*.yml'), recursive=True))
 
 
 def _types(opt):
@@ -33,6 +36,16 @@ def _types(opt):
 def test_there_are_option_files():
     names = {os.path.relpath(f, REPO) for f in OPTION_FILES}
     assert {'options/dspo_sd21.yml', 'options/demo/dspo_demo.yml', 'options/dspo_seesr.yml'} <= names
+
+
+@pytest.mark.parametrize('path', CHAIN_FILES, ids=lambda p: os.path.relpath(p, REPO))
+def test_chain_option_file_names_registered_types(path):
+    import yaml
+    with open(path, encoding='utf-8') as f:
+        opt = yaml.safe_load(f)
+    assert opt['framework']['network']['type'] in registry.ARCH_REGISTRY, path
+    for name, metric in {**opt.get('metrics', {}), **opt['scorer'].get('metrics', {})}.items():
+        assert metric['type'] in registry.METRIC_REGISTRY, f'{path}: metric {name}'
 
 
 @pytest.mark.parametrize('path', OPTION_FILES, ids=lambda p: os.path.relpath(p, REPO))

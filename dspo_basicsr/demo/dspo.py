@@ -7,6 +7,7 @@ layout, N candidates sampled from it under different sampling settings after loa
 model would be, a SLIC label map per image, and the preferred / dispreferred candidate of each instance by
 PSNR against the HQ crop inside that instance.
 """
+import math
 import os
 
 import cv2
@@ -133,6 +134,21 @@ def _augmented_batch(images, batch, generator):
     return out.rot90(int(torch.randint(0, 4, (), generator=generator)), dims=(-2, -1))
 
 
+def set_posterior_std(vae, std):
+    """Make a VAE's posterior std the constant ``std`` (unscaled latent units): nearly deterministic, as SD's.
+
+    The tiny VAE learns by decoding the posterior mode, so its log-variance keeps its random initial value
+    (std about 1, as large as the latents themselves). Training samples the posterior (``encode_images`` with
+    ``sample_posterior``, as the Diffusion-DPO code does with SD's VAE), and that noise would then swamp both the
+    denoiser, which learnt on the mode, and the candidates' differences. The log-variance is the second half of
+    ``quant_conv``'s output channels (diffusers' ``DiagonalGaussianDistribution``).
+    """
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:].zero_()
+        vae.quant_conv.bias[channels:].fill_(2 * math.log(std))
+
+
 def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion_steps=300, batch=8, seed=0,
                             max_timestep=None, lr=1e-3):
     """Give a tiny random ControlSD2 the rudiments of a pretrained SR model, in about a minute on a CPU.
@@ -168,6 +184,7 @@ def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion
         with torch.no_grad():
             std = vae.encode(hq * 2 - 1).latent_dist.mode().std().item()
         vae.register_to_config(scaling_factor=1.0 / std)
+        set_posterior_std(vae, 1e-3 * std)
 
     denoiser = list(framework.unet.parameters()) + list(framework.controlnet.parameters())
     for p in denoiser:
@@ -210,6 +227,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     Layout::
 
         root/tiny_sd2/            tiny pretrained SD2-base folder (diffusers layout) + controlnet/
+        root/ram/ram_tiny.pth     a tiny random RAM with its tagging head (RAM's key layout), for tag prompts
         root/demo_pref.lmdb       the preference set (docs/preference_lmdb.md)
         root/val/gt, root/val/lq  paired PNG folders for SR validation (other crops)
 
@@ -220,6 +238,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
         dict: paths of the three parts and the number of training samples.
     """
     from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch, save_sd_components
+    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
     from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
     from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
 
@@ -247,6 +266,13 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     save_sd_components(model_path, dict(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
                                         tokenizer=base.tokenizer, noise_scheduler=base.noise_scheduler))
     base.controlnet.save_pretrained(controlnet_path)
+    # A tagger for `val.sample.prompt_source: tags` (options/demo/test_dspo_demo.yml), as the official SR test
+    # scripts prompt with RAM / DAPE tags; random, so it only exercises that path (on the demo crops no tag passes
+    # its threshold).
+    ram_path = os.path.join(root, 'ram', 'ram_tiny.pth')
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        save_ram_checkpoint(RAMImageEmbedder(tiny=True, tagging=True), ram_path)
     framework = build_network(dict(type='ControlSD2Arch', pretrained_model_path=model_path,
                                    controlnet_path=controlnet_path, scale=scale, sampler='ddim',
                                    start_strength=settings['start_strength'])).eval()
@@ -279,7 +305,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
         lq = degrade(hq, scale, seed=seed * 1000 + 500 + index)
         cv2.imwrite(os.path.join(root, 'val', 'gt', f'{sid}.png'), cv2.cvtColor(hq, cv2.COLOR_RGB2BGR))
         cv2.imwrite(os.path.join(root, 'val', 'lq', f'{sid}.png'), cv2.cvtColor(lq, cv2.COLOR_RGB2BGR))
-    return dict(model=model_path, controlnet=controlnet_path, preference_set=lmdb_path,
+    return dict(model=model_path, controlnet=controlnet_path, ram=ram_path, preference_set=lmdb_path,
                 val=os.path.join(root, 'val'), num_samples=len(train))
 
 
@@ -298,6 +324,7 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
     Returns:
         dict: :func:`instance_win_rate`'s counts plus ``psnr_trained`` / ``psnr_pretrained`` (mean, dB).
     """
+    from dspo_basicsr.archs.diffusion_sr_base import SAMPLE_PROTOCOL_KEYS
     from dspo_basicsr.cli import read_option_file
     from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
 
@@ -307,6 +334,8 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
     opt = read_option_file(option_file)
     image_set = next(d for d in opt['datasets'].values() if d['type'] == 'PairedImageDataset')
     sample_opt = dict(opt['val'].get('sample') or {})
+    # color_fix, prompt_source, tiling: as DSPOModel's validation samples
+    protocol = {k: sample_opt[k] for k in SAMPLE_PROTOCOL_KEYS if sample_opt.get(k) is not None}
     framework = build_network(dict(opt['network_g'])).eval()
     reference = framework.build_reference()
     state = torch.load(checkpoint, map_location='cpu', weights_only=True)
@@ -324,7 +353,7 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
             return _to_uint8(framework.sample(
                 lq, prompt=sample_opt.get('prompt', ''), negative_prompt=sample_opt.get('negative_prompt'),
                 steps=sample_opt.get('steps'), cfg=sample_opt.get('cfg'), generator=generator,
-                sampler=sample_opt.get('sampler'))[0])
+                sampler=sample_opt.get('sampler'), **protocol)[0])
         current.append(sample())
         with reference.sampling():
             pretrained.append(sample())
