@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from dspo_basicsr.ranking.mad import D1_CHOICES, D2_CHOICES, run_mad_selection
+from dspo_basicsr.utils.distributed import add_launcher_argument, data_shard
 
 
 def main(argv=None):
@@ -30,14 +31,18 @@ def main(argv=None):
     parser.add_argument('--vgg16-weights', default=None,
                         help='torchvision VGG16 file (default in $TORCH_HOME/hub/checkpoints)')
     parser.add_argument('--device', default='cpu')
+    add_launcher_argument(parser)
     args = parser.parse_args(argv)
+    shard = data_shard(args.launcher)
     try:
         result = run_mad_selection(args.sr, args.lr, args.out, k=args.k, lam=args.lam, methods=args.methods,
                                    d1=args.d1, d2=args.d2, device=args.device, dists_weights=args.dists_weights,
-                                   vgg16_weights=args.vgg16_weights)
+                                   vgg16_weights=args.vgg16_weights, shard=shard)
     except (FileNotFoundError, ValueError) as error:
         print(f'mad_select.py: {error}', file=sys.stderr)
         return 1
+    if not shard.is_main:
+        return 0
     print(f'{len(result.selections)} method pairs x {args.k} images selected from {len(result.images)} images '
           f'({result.passes["d1"]} D1 and {result.passes["d2"]} D2 backbone passes, {result.seconds:.1f} s); '
           f'wrote {args.out}/mad_pairs.csv and {args.out}/contact_sheets/')

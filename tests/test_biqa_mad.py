@@ -112,6 +112,17 @@ def test_command_line_offline_distances(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 2 and float(rows[0]['d1']) > 0
 
+    # The D1 feature pass split over two processes (each ranks half the images) selects the same pairs.
+    torchrun = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--nproc_per_node=2',
+                '--master_port=29653']
+    sharded = torchrun + command[1:6] + ['--out', str(tmp_path / 'mad2')] + command[8:] + ['--launcher', 'pytorch']
+    result = subprocess.run(sharded, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, 'PYTHONPATH': repo, 'TORCH_HOME': str(tmp_path / 'empty'),
+                                 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / 'mad2' / 'mad_pairs.csv').read_text() == (tmp_path / 'mad' / 'mad_pairs.csv').read_text()
+    assert '(6 D1' in result.stdout   # rank 0 ran the backbone on 2 of the 4 images x 3 methods
+
 
 def test_mad_pairs_with_votes_rank(tmp_path):
     """Step 3-4 of the loop in docs/biqa.md: votes added to mad_pairs.csv, ranked with --columns."""

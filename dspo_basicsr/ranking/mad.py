@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from dspo_basicsr.utils.distributed import DataShard
+
 __all__ = ['FeatureDistance', 'structure_texture_distance', 'VGGStructureTextureNet', 'default_perceptual_distance',
            'default_semantic_distance', 'MADResult', 'mad_select', 'list_method_images', 'write_mad_csv',
            'contact_sheet', 'write_contact_sheets', 'folder_loaders', 'run_mad_selection', 'DISTS_WEIGHTS',
@@ -281,7 +283,8 @@ def _greedy(d1_values, d2_matrix, k, lam):
     return picked
 
 
-def mad_select(images, methods, load_sr, load_lr, d1, d2, k=5, lam=1.0, reuse_features=True, progress=True):
+def mad_select(images, methods, load_sr, load_lr, d1, d2, k=5, lam=1.0, reuse_features=True, progress=True,
+               shard=None):
     """MAD-competition selection for every method pair.
 
     Args:
@@ -296,10 +299,17 @@ def mad_select(images, methods, load_sr, load_lr, d1, d2, k=5, lam=1.0, reuse_fe
         reuse_features (bool): Compute D1 features once per (image, method) and reuse them across pairs
             (O(N) passes per image). False recomputes them for every pair (O(N^2); for benchmarks).
         progress (bool): Show a tqdm bar.
+        shard (DataShard, optional): Under ``--launcher pytorch|slurm`` (:mod:`dspo_basicsr.utils.distributed`)
+            rank r runs the D1 backbone on images r, r + W, ... and the ranks sum their rows, so every rank
+            ends with the whole table (D2, one pass per LR image, runs on every rank).
 
     Returns:
         MADResult
     """
+    shard = shard or DataShard()
+    if shard.array:
+        raise ValueError('MAD selection needs the D1 table of every image in one place: run it under torchrun or one '
+                         'srun step (--launcher pytorch|slurm), not as a slurm job array.')
     if len(methods) < 2:
         raise ValueError(f'MAD selection needs at least two methods, got {methods}.')
     start = time.perf_counter()
@@ -307,7 +317,9 @@ def mad_select(images, methods, load_sr, load_lr, d1, d2, k=5, lam=1.0, reuse_fe
     pairs = list(itertools.combinations(range(len(methods)), 2))
     n_img = len(images)
     d1_values = np.zeros((n_img, len(methods), len(methods)))
-    for m, name in enumerate(tqdm(images, desc='MAD features', unit='image', disable=not progress)):
+    mine = shard.take(range(n_img))
+    for m in tqdm(mine, desc='MAD features', unit='image', disable=not progress or not shard.is_main):
+        name = images[m]
         if reuse_features:
             feats = [d1.features(load_sr(method, name)) for method in methods]   # N passes for this image
             for i, j in pairs:
@@ -316,6 +328,11 @@ def mad_select(images, methods, load_sr, load_lr, d1, d2, k=5, lam=1.0, reuse_fe
             for i, j in pairs:                                                # 2 passes for every pair
                 value = d1.distance(d1.features(load_sr(methods[i], name)), d1.features(load_sr(methods[j], name)))
                 d1_values[m, i, j] = d1_values[m, j, i] = value
+    if shard.distributed:   # each rank filled its own rows: the sum is the whole table
+        import torch.distributed as dist
+        table = torch.from_numpy(d1_values)
+        dist.all_reduce(table)
+        d1_values = table.numpy()
 
     def semantic_matrix():
         feats = [d2.features(load_lr(name)) for name in images]
@@ -443,7 +460,7 @@ def folder_loaders(files, crop_size=None):
 
 
 def run_mad_selection(sr_root, lr_root, out_dir, k=5, lam=1.0, methods=None, d1=None, d2=None, device='cpu',
-                      reuse_features=True, dists_weights=None, vgg16_weights=None):
+                      reuse_features=True, dists_weights=None, vgg16_weights=None, shard=None):
     """Select MAD pairs from folders and write ``mad_pairs.csv`` plus one contact sheet per pair.
 
     Args:
@@ -453,17 +470,24 @@ def run_mad_selection(sr_root, lr_root, out_dir, k=5, lam=1.0, methods=None, d1=
         d1, d2 (FeatureDistance | str, optional): Distances, or their names for :func:`build_distances`
             (default 'dists' and 'vgg', from local weights).
         dists_weights, vgg16_weights (str, optional): Weight files for named distances.
+        shard (DataShard, optional): Split the D1 feature pass over the ranks (see :func:`mad_select`); rank 0
+            writes the outputs.
 
     Returns:
         MADResult
     """
+    shard = shard or DataShard()
+    device = shard.device(device)
     methods, images, files = list_method_images(sr_root, methods, lr_root)
     built = build_distances(None if isinstance(d1, FeatureDistance) else d1 or 'dists',
                             None if isinstance(d2, FeatureDistance) else d2 or 'vgg',
                             dists_weights, vgg16_weights, device)
     d1, d2 = built[0] or d1, built[1] or d2
     load_sr, load_lr = folder_loaders(files)
-    result = mad_select(images, methods, load_sr, load_lr, d1, d2, k=k, lam=lam, reuse_features=reuse_features)
-    write_mad_csv(result, os.path.join(out_dir, 'mad_pairs.csv'), files)
-    write_contact_sheets(result, load_sr, load_lr, os.path.join(out_dir, 'contact_sheets'))
+    result = mad_select(images, methods, load_sr, load_lr, d1, d2, k=k, lam=lam, reuse_features=reuse_features,
+                        shard=shard)
+    if shard.is_main:
+        write_mad_csv(result, os.path.join(out_dir, 'mad_pairs.csv'), files)
+        write_contact_sheets(result, load_sr, load_lr, os.path.join(out_dir, 'contact_sheets'))
+    shard.barrier()
     return result
