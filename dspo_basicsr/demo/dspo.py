@@ -149,26 +149,22 @@ def set_posterior_std(vae, std):
         vae.quant_conv.bias[channels:].fill_(2 * math.log(std))
 
 
-def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion_steps=300, batch=8, seed=0,
-                            max_timestep=None, lr=1e-3):
-    """Give a tiny random ControlSD2 the rudiments of a pretrained SR model, in about a minute on a CPU.
+def pretrain_tiny_vae(vae, hq, bicubic, steps=200, batch=8, generator=None, lr=2e-3):
+    """Train a tiny random VAE as an autoencoder of HQ crops and bicubic-upsampled LQ images, in place.
 
-    First the VAE learns to reconstruct the HQ crops (MSE + a small KL term) and its latent scaling factor
-    is set to 1 / std of the latents, as Stable Diffusion's was; then UNet and ControlNet learn the
-    plain diffusion loss on those latents, conditioned on the LQ image and the prompt.
+    Half of each batch is bicubic LQ, because sampling starts from the latent of that image. Afterwards the
+    latent scaling factor is 1 / std of the HQ latents, as Stable Diffusion's was, and the posterior is made
+    nearly deterministic (:func:`set_posterior_std`).
 
     Args:
-        framework (ControlSD2Arch): Built with ``tiny``; trained in place.
+        vae (AutoencoderKL): Tiny diffusers VAE.
         hq (Tensor): (N, 3, H, W) HQ crops in [0, 1].
-        lq (Tensor): (N, 3, H/s, W/s) their LQ images.
-        prompts (list[str]): N prompts.
+        bicubic (Tensor): (N, 3, H, W) their bicubic-upsampled LQ images in [0, 1].
     """
-    generator = torch.Generator().manual_seed(seed)
-    vae = framework.vae.requires_grad_(True)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
-    # Half of each batch is bicubic-upsampled LQ: sampling starts from the latent of that image.
-    bicubic = framework.upsample_lq(lq)
-    for _ in tqdm(range(vae_steps), desc='pretrain tiny VAE', leave=False):
+    generator = generator or torch.Generator().manual_seed(0)
+    vae.requires_grad_(True)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    for _ in tqdm(range(steps), desc='pretrain tiny VAE', leave=False):
         x = torch.cat([_augmented_batch(hq, batch - batch // 2, generator),
                        _augmented_batch(bicubic, batch // 2, generator)]) * 2 - 1
         posterior = vae.encode(x).latent_dist
@@ -180,34 +176,74 @@ def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion
         loss.backward()
         optimizer.step()
     vae.requires_grad_(False)
-    if vae_steps:
+    if steps:
         with torch.no_grad():
             std = vae.encode(hq * 2 - 1).latent_dist.mode().std().item()
         vae.register_to_config(scaling_factor=1.0 / std)
         set_posterior_std(vae, 1e-3 * std)
+    return vae
 
-    denoiser = list(framework.unet.parameters()) + list(framework.controlnet.parameters())
-    for p in denoiser:
+
+def pretrain_tiny_denoiser(framework, hq, lq, prompts, steps=300, batch=8, generator=None, lr=1e-3,
+                           max_timestep=None, modules=('unet', 'controlnet')):
+    """Train a framework's denoising networks on the plain diffusion loss of its own training path, in place.
+
+    Each step takes the framework's condition of the LQ images (:meth:`condition`), its timesteps
+    (:meth:`training_timesteps`) and its noisy input and regression target (:meth:`diffusion_inputs`), so
+    every framework (multi-step or one-step) learns what its sampler asks of it. An empty prompt 20 % of the
+    time (as SD was trained) makes '' the unconditional prompt of guidance.
+
+    Args:
+        framework (DiffusionSRArch): Built with ``tiny``.
+        hq (Tensor): (N, 3, H, W) HQ crops in [0, 1].
+        lq (Tensor): (N, 3, H/s, W/s) their LQ images.
+        prompts (list[str]): N prompts.
+        max_timestep (int | None): Timesteps are drawn from [0, max_timestep) (all by default).
+        modules (tuple[str]): Submodules trained (those the framework has).
+    """
+    generator = generator or torch.Generator().manual_seed(0)
+    params = [p for name in modules if isinstance(getattr(framework, name, None), torch.nn.Module)
+              for p in getattr(framework, name).parameters()]
+    for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(denoiser, lr=lr)
+    optimizer = torch.optim.Adam(params, lr=lr)
     with torch.no_grad():
         latents = framework.encode_images(hq)
-        prompt_embeds = framework.encode_prompts(prompts)
-        empty_embeds = framework.encode_prompts([''])
     num_train = max_timestep or framework.noise_scheduler.config.num_train_timesteps
-    for _ in tqdm(range(diffusion_steps), desc='pretrain tiny denoiser', leave=False):
+    for _ in tqdm(range(steps), desc='pretrain tiny denoiser', leave=False):
         index = torch.randint(0, latents.shape[0], (batch,), generator=generator)
         noise = torch.randn(latents[index].shape, generator=generator)
-        t = torch.randint(0, num_train, (batch,), generator=generator)
-        # An empty prompt 20 % of the time (as SD was trained) makes '' the unconditional prompt of guidance.
-        dropped = torch.rand(batch, generator=generator) < 0.2
-        embeds = torch.where(dropped[:, None, None], empty_embeds, prompt_embeds[index])
-        cond = {'control_image': framework.upsample_lq(lq[index]), 'prompt_embeds': embeds}
-        prediction = framework.predict_noise(framework.add_noise(latents[index], noise, t), t, cond)
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        t = framework.training_timesteps(batch, 0, num_train, generator=generator)
+        dropped = (torch.rand(batch, generator=generator) < 0.2).tolist()
+        with torch.no_grad():
+            cond = framework.condition(lq[index], ['' if d else prompts[i] for d, i in zip(dropped, index.tolist())])
+        x_t, target = framework.diffusion_inputs(latents[index], noise, t, cond)
+        loss = torch.nn.functional.mse_loss(framework.predict_noise(x_t, t, cond), target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return framework
+
+
+def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion_steps=300, batch=8, seed=0,
+                            max_timestep=None, lr=1e-3):
+    """Give a tiny random framework the rudiments of a pretrained SR model, in about a minute on a CPU.
+
+    First the VAE learns to reconstruct the crops (:func:`pretrain_tiny_vae`), then the denoising networks
+    learn the diffusion loss on those latents, conditioned on the LQ image and the prompt
+    (:func:`pretrain_tiny_denoiser`); finally only the framework's ``trainable`` parts stay trainable.
+
+    Args:
+        framework (DiffusionSRArch): Built with ``tiny``; trained in place.
+        hq (Tensor): (N, 3, H, W) HQ crops in [0, 1].
+        lq (Tensor): (N, 3, H/s, W/s) their LQ images.
+        prompts (list[str]): N prompts.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pretrain_tiny_vae(framework.vae, hq, framework.upsample_lq(lq), steps=vae_steps, batch=batch,
+                      generator=generator)
+    pretrain_tiny_denoiser(framework, hq, lq, prompts, steps=diffusion_steps, batch=batch, generator=generator,
+                           lr=lr, max_timestep=max_timestep)
     framework.setup_trainable()
     return framework
 
