@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
+from dspo_basicsr.utils.checkpoint import read_checkpoint
 from dspo_basicsr.utils.distributed import DataShard
+from dspo_basicsr.utils.options import read_option_file
 
 __all__ = ['IMAGE_EXTENSIONS', 'SRMethodsReport', 'load_methods_file', 'check_method_entries', 'MultiSourceFramework',
            'list_lr_images', 'tiled_forward', 'build_method', 'run_sr_methods']
@@ -57,14 +58,12 @@ def load_methods_file(path):
     """Read the methods YAML: ``methods: {name: entry, ...}`` (order kept), every entry checked.
 
     Raises:
+        OptionFileError: The file is missing, not YAML, or not a mapping (the one option reader's checks).
         ValueError: Naming every bad entry at once (unknown keys, neither ``network_g`` nor ``framework``,
             missing checkpoint files).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'methods file {path!r} does not exist.')
-    with open(path, encoding='utf-8') as f:
-        content = yaml.safe_load(f) or {}
-    methods = content.get('methods') if isinstance(content, dict) else None
+    content = read_option_file(path, require=())
+    methods = content.get('methods')
     if not isinstance(methods, dict) or not methods:
         raise ValueError(f"methods file {path!r} needs a 'methods' mapping: name -> {{network_g, path, param_key}} "
                          'or name -> {framework, sampling}.')
@@ -217,10 +216,10 @@ def _build_basicsr_network(name, entry, device):
     from basicsr.models.sr_model import SRModel
 
     # check the file first: a short error naming the keys found beats a KeyError inside BasicSR
-    state = torch.load(entry['path'], map_location='cpu', weights_only=True)
+    state = read_checkpoint(entry['path'], what=f'method {name}: checkpoint', unwrap=())
     param_key = entry.get('param_key', 'params')
-    if not isinstance(state, dict) or (param_key is not None and param_key not in state and 'params' not in state):
-        keys = list(state)[:6] if isinstance(state, dict) else type(state).__name__
+    if param_key is not None and param_key not in state and 'params' not in state:
+        keys = list(state)[:6]
         raise KeyError(f"method {name}: checkpoint {entry['path']!r} has no {param_key!r} (nor 'params') entry; it "
                        f'holds {keys}. Set param_key to one of its keys, or param_key: ~ for a bare state dict.')
     del state

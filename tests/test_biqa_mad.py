@@ -87,6 +87,18 @@ def test_every_missing_weight_file_is_named_at_once(tmp_path, monkeypatch):
     assert d1.name == 'L1' and d2.name == 'thumbnail'
 
 
+class _Unpicklable:
+    """A Python object: ``weights_only=True`` refuses to unpickle it."""
+
+
+def test_vgg16_file_is_read_by_the_strict_checkpoint_reader(tmp_path):
+    weights = tmp_path / 'my_vgg16.pth'
+    torch.save({'features.0.weight': torch.zeros(1), 'note': _Unpicklable()}, weights)
+    for d1, d2 in (('vgg', 'thumbnail'), ('l1', 'vgg')):
+        with pytest.raises(ValueError, match='torchvision VGG16 weights.*my_vgg16.pth.*weights_only=True'):
+            build_distances(d1, d2, vgg16_weights=str(weights))
+
+
 def test_vgg16_file_elsewhere_is_found_by_torchvision(tmp_path):
     weights = tmp_path / 'my_vgg16.pth'
     weights.write_bytes(b'x')

@@ -17,6 +17,10 @@ from conftest import make_paired_folders, run_cli, write_options
 from dspo_fixtures import dspo_options, in_process_options, make_tiny_preference_set, preference_batch
 
 
+class Payload:
+    """A Python object: ``weights_only=True`` refuses to unpickle it."""
+
+
 @pytest.fixture(scope='module')
 def tiny_set(tmp_path_factory):
     return make_tiny_preference_set(str(tmp_path_factory.mktemp('tiny_set')))
@@ -155,6 +159,9 @@ def test_checkpoint_with_wrong_keys_names_them(tiny_set, tmp_path):
     with pytest.raises(KeyError, match=re.escape(dropped)) as error:
         build_model(opt)
     assert 'controlnet.extra.weight' in str(error.value) and 'broken.pth' in str(error.value)
+    torch.save({'params': state, 'note': Payload()}, tmp_path / 'pickled.pth')  # the one strict reader refuses it
+    with pytest.raises(ValueError, match='path.pretrain_network_g.*pickled.pth.*weights_only=True'):
+        model.load_network(model.net_g, str(tmp_path / 'pickled.pth'))
 
 
 def test_nonfinite_weights_never_reach_a_checkpoint(tiny_set, tmp_path):

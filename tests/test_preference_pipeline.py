@@ -166,6 +166,23 @@ def test_biqa_scorer_with_stub_and_loader_roundtrip(tmp_path):
         assert torch.allclose(quality(crops), net(crops)[:, 0])
     with pytest.raises(FileNotFoundError, match='BIQA checkpoint not found'):
         load_biqa_quality({'type': 'VGGStyleDiscriminator', 'num_in_ch': 3, 'num_feat': 2}, str(tmp_path / 'x.pth'))
+    # the network option as a YAML file, read by the one option reader (a Python tag is refused)
+    network_yml = tmp_path / 'biqa.yml'
+    network_yml.write_text('network_g:\n  type: VGGStyleDiscriminator\n  num_in_ch: 3\n  num_feat: 2\n'
+                           '  input_size: 128\n')
+    with torch.no_grad():
+        assert torch.allclose(load_biqa_quality(str(network_yml), str(ckpt))(crops), net(crops)[:, 0])
+    network_yml.write_text('network_g: !!python/object/apply:os.getcwd []\n')
+    with pytest.raises(ValueError, match='biqa.yml.*safe YAML loader'):
+        load_biqa_quality(str(network_yml), str(ckpt))
+    torch.save({'params': net.state_dict(), 'note': _Unpicklable()}, str(ckpt))  # refused by read_checkpoint
+    with pytest.raises(ValueError, match='BIQA checkpoint.*biqa.pth.*weights_only=True'):
+        load_biqa_quality({'type': 'VGGStyleDiscriminator', 'num_in_ch': 3, 'num_feat': 2, 'input_size': 128},
+                          str(ckpt))
+
+
+class _Unpicklable:
+    """A Python object: ``weights_only=True`` refuses to unpickle it."""
 
 
 def test_human_annotations_import_and_validation(tmp_path):

@@ -134,6 +134,26 @@ def test_bad_methods_file_names_every_problem(tmp_path):
     assert 'c: give either network_g' in message
 
 
+class Payload:
+    """A Python object: ``weights_only=True`` refuses to unpickle it."""
+
+
+def test_methods_file_and_checkpoints_go_through_the_strict_readers(setup, tmp_path):
+    """The one option reader refuses Python tags; the one checkpoint reader refuses pickled objects."""
+    from dspo_basicsr.utils.options import OptionFileError
+    tagged = tmp_path / 'tagged.yml'
+    tagged.write_text('methods: !!python/object/apply:os.system ["true"]\n')
+    with pytest.raises(OptionFileError, match='tagged.yml.*safe YAML loader'):
+        load_methods_file(str(tagged))
+    with pytest.raises(OptionFileError, match='nowhere.yml.*does not exist'):
+        load_methods_file(str(tmp_path / 'nowhere.yml'))
+    entry = load_methods_file(setup['methods'])['Real-ESRGAN-tiny']
+    pickled = tmp_path / 'pickled.pth'
+    torch.save({'params_ema': {}, 'extra': Payload()}, pickled)
+    with pytest.raises(ValueError, match='method x: checkpoint.*pickled.pth.*weights_only=True'):
+        sr_methods.build_method('x', {**entry, 'path': str(pickled)})
+
+
 def test_wrong_param_key_is_named(setup, tmp_path):
     entry = load_methods_file(setup['methods'])['Real-ESRGAN-tiny']
     state = torch.load(entry['path'], weights_only=True)

@@ -26,6 +26,7 @@ from dspo_basicsr.losses.preference_loss import (
 from dspo_basicsr.metrics.metric_table import MissingWeightsError
 from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
 from dspo_basicsr.models.run_summary import summary_due, write_training_curves, write_validation_summary
+from dspo_basicsr.utils.checkpoint import read_checkpoint
 
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
@@ -382,7 +383,7 @@ class DSPOModel(SRModel):
                 f'{self.accumulate} micro-batches, but {path} is missing; that window is applied with only the '
                 'micro-batches still to come.')
             return
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = read_checkpoint(path, what='accumulation window', unwrap=())
         names = dict(self.bare.named_parameters())
         for name, grad in state['grads'].items():
             names[name].grad = grad.to(names[name].device, names[name].dtype)
@@ -541,9 +542,7 @@ class DSPOModel(SRModel):
         """Load trained parameters saved by :meth:`save_network` into the freshly built framework."""
         if not os.path.isfile(load_path):
             raise FileNotFoundError(f"path.pretrain_network_g: checkpoint '{load_path}' does not exist.")
-        state = torch.load(load_path, map_location='cpu', weights_only=True)
-        if param_key in state:
-            state = state[param_key]
+        state = read_checkpoint(load_path, what='path.pretrain_network_g', unwrap=(param_key,))
         get_root_logger().info(f'Loading trained parameters of {type(self.get_bare_model(net)).__name__} '
                                f'from {load_path} [{param_key}].')
         self.get_bare_model(net).load_trainable_state_dict(state, source=f"checkpoint '{load_path}'")

@@ -287,12 +287,13 @@ def load_biqa_quality(network_opt, checkpoint=None, device='cpu', param_key='par
     Args:
         network_opt (dict | str | None): A ``network_g``-style dict (``type: RankCalibratedIQAArch, ...``),
             or the path of a YAML file holding one (at the top level or under ``network_g``), read with
-            ``yaml.safe_load``. None: a ``RankCalibratedIQAArch`` whose options are in the JSON written
-            beside its checkpoint.
+            the one option reader (:func:`dspo_basicsr.utils.options.read_option_file`). None: a
+            ``RankCalibratedIQAArch`` whose options are in the JSON written beside its checkpoint.
         checkpoint (str, optional): For ``RankCalibratedIQAArch``, the ``net_g_<iter>.pth`` of
             ``RankCalibrationModel`` (rectifier weights; the frozen backbone comes from its
             ``backbone.load_path``), loaded by ``load_rank_calibrated_iqa``. For any other arch, a state dict
-            saved by BasicSR (``{'params': ...}``) or a plain one. Always ``weights_only=True``. None keeps
+            saved by BasicSR (``{'params': ...}``) or a plain one, read by
+            :func:`dspo_basicsr.utils.checkpoint.read_checkpoint` (weights only). None keeps
             the weights the network builds with.
         device (str): Torch device.
         param_key (str): Key of the state dict inside a BasicSR checkpoint. Default: ``'params'``.
@@ -305,14 +306,15 @@ def load_biqa_quality(network_opt, checkpoint=None, device='cpu', param_key='par
     import copy
 
     import torch
-    import yaml
+
+    from dspo_basicsr.utils.checkpoint import read_checkpoint
+    from dspo_basicsr.utils.options import read_option_file
 
     from basicsr.archs import build_network
 
     if isinstance(network_opt, (str, os.PathLike)):
-        with open(network_opt, encoding='utf-8') as handle:
-            loaded = yaml.safe_load(handle)
-        network_opt = loaded.get('network_g', loaded) if isinstance(loaded, dict) else loaded
+        loaded = read_option_file(str(network_opt), require=())
+        network_opt = loaded.get('network_g', loaded)
     if network_opt is None and checkpoint is not None:
         network_opt = {'type': 'RankCalibratedIQAArch'}  # options from the JSON beside the checkpoint
     if not isinstance(network_opt, dict) or 'type' not in network_opt:
@@ -328,9 +330,7 @@ def load_biqa_quality(network_opt, checkpoint=None, device='cpu', param_key='par
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f'BIQA checkpoint not found: {checkpoint}; train it with the rank-calibration '
                                     'option or point --biqa-checkpoint at the saved net_g_*.pth.')
-        state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-        if isinstance(state, dict) and param_key in state:
-            state = state[param_key]
+        state = read_checkpoint(checkpoint, what='BIQA checkpoint', unwrap=(param_key,))
         net.load_state_dict(state, strict=strict)
     net = net.to(device).eval()
 

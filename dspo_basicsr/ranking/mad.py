@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from dspo_basicsr.utils.checkpoint import read_checkpoint
 from dspo_basicsr.utils.distributed import DataShard
 
 __all__ = ['FeatureDistance', 'structure_texture_distance', 'VGGStructureTextureNet', 'default_perceptual_distance',
@@ -171,8 +172,6 @@ def default_perceptual_distance(device='cpu', dists_weights=None, vgg16_weights=
     _check_weight_files([('DISTS (D1) backbone, torchvision VGG16', vgg_path, '--vgg16-weights'),
                          ('DISTS (D1) weights', dists_path, '--dists-weights')])
     from pyiqa.archs.dists_arch import DISTS
-
-    from dspo_basicsr.utils.checkpoint import read_checkpoint
     with _torch_hub_with_vgg16(vgg_path):
         net = DISTS(pretrained=False)  # VGG16 from the local torchvision file; alpha/beta loaded below
     state = read_checkpoint(dists_path, 'DISTS (D1) weights')
@@ -191,7 +190,7 @@ def default_semantic_distance(device='cpu', vgg16_weights=None):
     """D2 = 1 - cosine of globally pooled VGG16 relu5_3 features of the LR inputs (torchvision weights)."""
     vgg_path = vgg16_weights or _weights_file('checkpoints', VGG16_WEIGHTS)
     _check_weight_files([('semantic distance (D2), torchvision VGG16', vgg_path, '--vgg16-weights')])
-    net = VGGStructureTextureNet(torch.load(vgg_path, map_location='cpu', weights_only=True)).to(device)
+    net = VGGStructureTextureNet(read_checkpoint(vgg_path, 'torchvision VGG16 weights', unwrap=())).to(device)
     return FeatureDistance(lambda x: F.normalize(net(x.to(device))[-1].mean([2, 3]), dim=1)[0],
                            lambda a, b: 1 - torch.dot(a, b).item(), name='VGG16')
 
@@ -237,7 +236,7 @@ def build_distances(d1='dists', d2='vgg', dists_weights=None, vgg16_weights=None
     if d1 == 'dists':
         dist1 = default_perceptual_distance(device, dists_weights, vgg_path)
     elif d1 == 'vgg':
-        net = VGGStructureTextureNet(torch.load(vgg_path, map_location='cpu', weights_only=True)).to(device)
+        net = VGGStructureTextureNet(read_checkpoint(vgg_path, 'torchvision VGG16 weights', unwrap=())).to(device)
         dist1 = FeatureDistance(lambda x: net(x.to(device)), structure_texture_distance, name='VGG16 DISTS-like')
     elif d1 == 'l1':
         dist1 = l1_distance()
