@@ -88,9 +88,15 @@ class StubVLMServer:
                 try:
                     time.sleep(delay)
                     status, text = server.answer(body)
-                    payload = {'error': 'overloaded'} if text is None else \
-                        {'choices': [{'message': {'role': 'assistant', 'content': text}}]}
-                    data = json.dumps(payload).encode()
+                finally:
+                    # before the reply is sent: a client that has it may send its next request at once, which
+                    # must not count as one more in flight
+                    with server.lock:
+                        server.in_flight -= 1
+                payload = {'error': 'overloaded'} if text is None else \
+                    {'choices': [{'message': {'role': 'assistant', 'content': text}}]}
+                data = json.dumps(payload).encode()
+                try:
                     self.send_response(status)
                     self.send_header('Content-Type', 'application/json')
                     self.send_header('Content-Length', str(len(data)))
@@ -98,8 +104,5 @@ class StubVLMServer:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
 
         return Handler
