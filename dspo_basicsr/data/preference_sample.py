@@ -6,6 +6,7 @@ dispreferred (``lose``) candidate. The same checks run when a set is written and
 set that was written can always be read back.
 """
 import dataclasses
+import functools
 import io
 import json
 import re
@@ -92,6 +93,8 @@ def _hw(array):
 def check_sample(sample, path, scale=None, num_candidates=None):
     """Check a sample against the format; raise :class:`PreferenceDataError` on the first problem.
 
+    The images, the label map, the instance table and the meta are checked in that order.
+
     Args:
         sample (PreferenceSample): The sample (arrays as decoded; ``seg`` any integer dtype).
         path (str): The set, for the message.
@@ -105,17 +108,28 @@ def check_sample(sample, path, scale=None, num_candidates=None):
     if not isinstance(sid, str) or not _NAME_PATTERN.match(sid) or sid.startswith('__'):
         raise PreferenceDataError(path, sid, None, 'a sample id must be a non-empty string of letters, digits, '
                                   "'_', '-' and '.', not starting with '__'.")
+    fail = functools.partial(_fail, path, sid)
+    sr_size = _check_images(sample, fail, scale, num_candidates)
+    counts = _check_label_map(sample.seg, sr_size, fail)
+    _check_instance_table(sample.instances, counts, len(sample.candidates), fail)
+    _check_meta(sample, len(sample.candidates), fail)
+    return counts
 
-    def fail(key, problem):
-        raise PreferenceDataError(path, sid, f'{sid}/{key}', problem)
 
-    def check_image(key, image, what):
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            shape = getattr(image, 'shape', None)
-            dtype = getattr(image, 'dtype', type(image).__name__)
-            fail(key, f'{what} must be an HxWx3 uint8 RGB array, got shape {shape} and dtype {dtype}.')
+def _fail(path, sid, key, problem):
+    raise PreferenceDataError(path, sid, f'{sid}/{key}', problem)
 
-    check_image('lq', sample.lq, 'the LQ image')
+
+def _check_image(fail, key, image, what):
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, 'shape', None)
+        dtype = getattr(image, 'dtype', type(image).__name__)
+        fail(key, f'{what} must be an HxWx3 uint8 RGB array, got shape {shape} and dtype {dtype}.')
+
+
+def _check_images(sample, fail, scale, num_candidates):
+    """The LQ, the candidates and the GT: types, equal sizes, the scale. Returns the SR size (h, w)."""
+    _check_image(fail, 'lq', sample.lq, 'the LQ image')
     candidates = sample.candidates
     if not isinstance(candidates, (list, tuple)) or not candidates:
         fail('c0', 'a sample needs at least one candidate image.')
@@ -124,13 +138,13 @@ def check_sample(sample, path, scale=None, num_candidates=None):
              f'the sample has {len(candidates)} candidates but the set has {num_candidates}; '
              'every sample of a set needs the same number.')
     for n, candidate in enumerate(candidates):
-        check_image(f'c{n}', candidate, f'candidate {n}')
+        _check_image(fail, f'c{n}', candidate, f'candidate {n}')
         if candidate.shape != candidates[0].shape:
             fail(f'c{n}', f'candidate is {_hw(candidate)} but c0 is {_hw(candidates[0])}; '
                  'all candidates of a sample must have the same size.')
     sr_h, sr_w = candidates[0].shape[:2]
     if sample.gt is not None:
-        check_image('gt', sample.gt, 'the ground truth')
+        _check_image(fail, 'gt', sample.gt, 'the ground truth')
         if sample.gt.shape[:2] != (sr_h, sr_w):
             fail('gt', f'ground truth is {_hw(sample.gt)} but c0 is {sr_h}x{sr_w}.')
     if scale is not None:
@@ -138,8 +152,12 @@ def check_sample(sample, path, scale=None, num_candidates=None):
         if (h * scale, w * scale) != (sr_h, sr_w):
             fail('lq', f'LQ is {h}x{w}, so x{scale} candidates would be {h * scale}x{w * scale}, '
                  f'but c0 is {sr_h}x{sr_w}.')
+    return sr_h, sr_w
 
-    seg = sample.seg
+
+def _check_label_map(seg, sr_size, fail):
+    """An integer map at SR size with values in [0, 65535]. Returns the pixel count of every label value."""
+    sr_h, sr_w = sr_size
     if not isinstance(seg, np.ndarray) or seg.ndim != 2 or not np.issubdtype(seg.dtype, np.integer):
         fail('seg', f'the label map must be an HxW integer array, got shape {getattr(seg, "shape", None)} '
              f'and dtype {getattr(seg, "dtype", type(seg).__name__)}.')
@@ -147,13 +165,15 @@ def check_sample(sample, path, scale=None, num_candidates=None):
         fail('seg', f'label map is {_hw(seg)} but c0 is {sr_h}x{sr_w}; it must be at SR size.')
     if seg.dtype != np.uint16 and seg.size and (seg.min() < 0 or seg.max() > 65535):
         fail('seg', 'label values must lie in [0, 65535] (stored as uint16).')
-    counts = np.bincount(seg.ravel().astype(np.int64, copy=False), minlength=1)
+    return np.bincount(seg.ravel().astype(np.int64, copy=False), minlength=1)
 
-    n_cand = len(candidates)
-    if not isinstance(sample.instances, (list, tuple)) or not sample.instances:
+
+def _check_instance_table(instances, counts, n_cand, fail):
+    """One row per label value of the map (``counts``), each with a valid pair and optional candidate scores."""
+    if not isinstance(instances, (list, tuple)) or not instances:
         fail('meta', 'a sample needs a non-empty list of instances (one row per label value).')
     seen = set()
-    for row in sample.instances:
+    for row in instances:
         if not isinstance(row, dict) or not all(k in row for k in ('id', 'win', 'lose')):
             fail('meta', f'instance row {row!r} needs the keys id, win and lose.')
         iid, win, lose = row['id'], row['win'], row['lose']
@@ -182,6 +202,9 @@ def check_sample(sample, path, scale=None, num_candidates=None):
         fail('seg', f'label value(s) {orphans[:10]} have no row in the instance table; the label map must '
              'be a partition into the listed instances.')
 
+
+def _check_meta(sample, n_cand, fail):
+    """The meta dict (no reserved key, a valid ``pair``), the prompts and the extra arrays."""
     pair = sample.meta.get('pair') if isinstance(sample.meta, dict) else None
     if not isinstance(sample.meta, dict):
         fail('meta', f'meta must be a dict, got {type(sample.meta).__name__}.')
@@ -200,7 +223,6 @@ def check_sample(sample, path, scale=None, num_candidates=None):
             fail(f'x/{name}', "an extra's name must be letters, digits, '_', '-' and '.'.")
         if not isinstance(array, np.ndarray) or array.dtype.hasobject:
             fail(f'x/{name}', f'extra {name!r} must be a numeric numpy array (object arrays would need pickle).')
-    return counts
 
 
 def encode_png(image, compression=0):
