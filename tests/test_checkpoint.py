@@ -67,3 +67,24 @@ def test_data_steps_load_a_fine_tuned_framework_strictly(tmp_path):
     torch.save({'params': {f'renamed.{first}': trained[first]}}, path)
     with pytest.raises(KeyError, match='net_g_10.pth'):
         build_framework({'network': network, 'pretrain_network': path})
+
+
+def test_strict_load_assigns_into_a_meta_model_and_names_leftovers():
+    from torch import nn
+
+    from dspo_basicsr.utils.checkpoint import load_state_dict_strictly
+    with torch.device('meta'):
+        net = nn.Linear(2, 3)
+    state = {'weight': torch.ones(3, 2), 'bias': torch.zeros(3)}
+    assert load_state_dict_strictly(net, state, 'net.pth') is net
+    assert not net.weight.is_meta and torch.equal(net.weight, state['weight'])
+    with torch.device('meta'):
+        net = nn.Linear(2, 3)
+    with pytest.raises(KeyError, match="net.pth does not match the head: missing keys \\['bias'\\].*Check it"):
+        load_state_dict_strictly(net, {'weight': torch.ones(3, 2)}, 'net.pth', 'the head', hint='Check it.')
+    with torch.device('meta'):
+        net = nn.BatchNorm1d(3)
+    net.register_buffer('not_saved', torch.empty(1, device='meta'), persistent=False)
+    state = {name: torch.zeros(t.shape, dtype=t.dtype) for name, t in net.state_dict().items()}
+    with pytest.raises(RuntimeError, match="net.pth: \\['not_saved'\\] were not loaded"):
+        load_state_dict_strictly(net, state, 'net.pth')

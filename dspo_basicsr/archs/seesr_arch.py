@@ -9,7 +9,7 @@ Architecture: every text cross-attention transformer of the UNet and of the Cont
 transformer of the same shape, ``..._blocks.N.image_attentions.M``, whose keys and values come from RAM image
 embeddings (B, 145, 512) instead of the text embeddings. It is built on the installed diffusers by composing
 its own ``Transformer2DModel`` blocks into stock ``UNet2DConditionModel`` / ``ControlNetModel`` instances
-(no fork of diffusers): the image embeddings travel in ``cross_attention_kwargs``.
+(no fork of diffusers, :mod:`.image_cross_attention`): the image embeddings travel in ``cross_attention_kwargs``.
 
 Checkpoint layout (loaded from local folders only, every key checked):
     seesr_model_path/  unet/        config.json ("use_image_cross_attention": true)
@@ -26,97 +26,26 @@ import os
 
 import torch
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
-from torch import nn
 
 from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, load_sd_components
-from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
+from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch
+from dspo_basicsr.archs.image_cross_attention import (  # noqa: F401  (re-exported)
+    IMAGE_EMBEDS_KEY,
+    SEESR_IMAGE_DIM,
+    ImageCrossAttentionTransformer2DModel,
+    add_image_cross_attention,
+    image_kwargs,
+)
 from dspo_basicsr.archs.precision import LowPrecisionFrozenPartsMixin
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
-from dspo_basicsr.utils.checkpoint import missing_weights_error, read_checkpoint
+from dspo_basicsr.utils.checkpoint import load_state_dict_strictly, missing_weights_error, read_checkpoint
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
-IMAGE_EMBEDS_KEY = 'image_encoder_hidden_states'
-SEESR_IMAGE_DIM = 512
 SEESR_IMAGE_TOKENS = 145
 SD2_BASE_UNET_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'sd2_base_unet.json')
 WEIGHT_NAMES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
-
-
-class ImageCrossAttentionTransformer2DModel(Transformer2DModel):
-    """A text cross-attention transformer followed by its image cross-attention partner (SeeSR).
-
-    The partner is registered in the block's ``image_attentions`` list (so checkpoint keys are SeeSR's);
-    this module only holds a plain reference to it, which ``copy.deepcopy`` of the whole network remaps.
-    The image embeddings arrive as ``cross_attention_kwargs['image_encoder_hidden_states']`` (B, L, D).
-    """
-
-    def forward(self, hidden_states, encoder_hidden_states=None, cross_attention_kwargs=None, attention_mask=None,
-                return_dict=True, **kwargs):
-        kwargs_rest = dict(cross_attention_kwargs or {})
-        image_states = kwargs_rest.pop(IMAGE_EMBEDS_KEY, None)
-        if image_states is None:
-            raise ValueError('SeeSR image cross-attention needs the RAM image embeddings: call the network with '
-                             f"cross_attention_kwargs={{'{IMAGE_EMBEDS_KEY}': embeds}} (B, 145, 512).")
-        kwargs_rest = kwargs_rest or None
-        hidden_states = super().forward(
-            hidden_states, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs_rest,
-            attention_mask=attention_mask, return_dict=False, **kwargs)[0]
-        hidden_states = self.__dict__['_image_partner'](
-            hidden_states, encoder_hidden_states=image_states, cross_attention_kwargs=kwargs_rest,
-            attention_mask=attention_mask, return_dict=False)[0]
-        return (hidden_states,) if not return_dict else type(self).output_class(sample=hidden_states)
-
-
-def _output_class():
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-    return Transformer2DModelOutput
-
-
-ImageCrossAttentionTransformer2DModel.output_class = _output_class()
-
-
-def add_image_cross_attention(model, image_cross_attention_dim=SEESR_IMAGE_DIM):
-    """Give every text cross-attention transformer of a UNet / ControlNet an image cross-attention partner.
-
-    Adds ``block.image_attentions`` (one ``Transformer2DModel`` per ``block.attentions`` entry, same shape,
-    cross-attention width ``image_cross_attention_dim``) to the down, mid and up blocks, and records
-    ``use_image_cross_attention`` / ``image_cross_attention_dim`` in the model's config, as SeeSR's configs do.
-
-    Args:
-        model (UNet2DConditionModel | ControlNetModel): Modified in place (works on the ``meta`` device).
-        image_cross_attention_dim (int): Width of the image embeddings (512 for RAM).
-
-    Returns:
-        The same model.
-    """
-    blocks = list(model.down_blocks) + [model.mid_block] + list(getattr(model, 'up_blocks', []))
-    for block in blocks:
-        attentions = getattr(block, 'attentions', None)
-        if attentions is None or hasattr(block, 'image_attentions'):
-            continue
-        partners = []
-        for text_attention in attentions:
-            if not isinstance(text_attention, Transformer2DModel):
-                raise TypeError(f'{type(block).__name__} holds a {type(text_attention).__name__}; SeeSR image '
-                                'cross-attention needs Transformer2DModel text attentions.')
-            config = dict(text_attention.config)
-            config = {k: v for k, v in config.items() if not k.startswith('_')}
-            config['cross_attention_dim'] = image_cross_attention_dim
-            partner = Transformer2DModel(**config)
-            text_attention.__class__ = ImageCrossAttentionTransformer2DModel
-            # A plain attribute, not a registered submodule: the partner's keys live under image_attentions.
-            text_attention.__dict__['_image_partner'] = partner
-            partners.append(partner)
-        block.image_attentions = nn.ModuleList(partners)
-    model.register_to_config(use_image_cross_attention=True, image_cross_attention_dim=image_cross_attention_dim)
-    return model
-
-
-def image_kwargs(image_embeds):
-    """The ``cross_attention_kwargs`` that carry RAM image embeddings (B, L, D) into a SeeSR network."""
-    return {IMAGE_EMBEDS_KEY: image_embeds}
+WEIGHTS_HINT = 'Check that the folder holds the released SeeSR/AddSR weights and that its config.json matches them.'
 
 
 def _strip_config(config):
@@ -169,23 +98,6 @@ def _read_weights(folder):
     raise missing_weights_error(folder, f'{WEIGHT_NAMES[0]} (or {WEIGHT_NAMES[1]})', 'SeeSR weights')
 
 
-def load_state_dict_strictly(model, state, source):
-    """Copy ``state`` into ``model`` after checking that the keys and shapes match exactly.
-
-    Raises:
-        KeyError: names the missing and unexpected keys and ``source``.
-        ValueError: names the first key whose shape differs.
-    """
-    check_state_dict_matches(
-        model.state_dict(), state, source, f'{type(model).__name__} with SeeSR image cross-attention',
-        hint='Check that the folder holds the released SeeSR/AddSR weights and that its config.json matches them.')
-    model.load_state_dict(state, strict=True, assign=True)
-    leftover = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:
-        raise RuntimeError(f'{source}: {leftover[:3]} were not loaded (still on the meta device).')
-    return model
-
-
 def load_seesr_network(folder, kind):
     """Load SeeSR's released ``unet/`` or ``controlnet/`` folder strictly (every key must match).
 
@@ -204,7 +116,8 @@ def load_seesr_network(folder, kind):
     state, source = _read_weights(folder)
     with torch.device('meta'):
         model = build_seesr_unet(config) if kind == 'unet' else build_seesr_controlnet(config)
-    load_state_dict_strictly(model, {k: v.float() for k, v in state.items()}, f"SeeSR {kind} weights '{source}'")
+    load_state_dict_strictly(model, {k: v.float() for k, v in state.items()}, f"SeeSR {kind} weights '{source}'",
+                             f'{type(model).__name__} with SeeSR image cross-attention', hint=WEIGHTS_HINT)
     return model
 
 

@@ -8,7 +8,8 @@ import os
 
 import torch
 
-__all__ = ['missing_weights_error', 'read_checkpoint', 'check_state_dict_matches', 'STATE_DICT_WRAPPERS']
+__all__ = ['missing_weights_error', 'read_checkpoint', 'check_state_dict_matches', 'load_state_dict_strictly',
+           'STATE_DICT_WRAPPERS']
 
 #: Entries that wrap a state dict in common checkpoint files (BasicSR's ``params_ema`` / ``params``, Lightning's
 #: ``state_dict``, the ``model`` of RAM, SAM and others), tried in this order.
@@ -96,3 +97,32 @@ def check_state_dict_matches(expected, state, source, what, hint=''):
         if tuple(value.shape) != tuple(expected[key].shape):
             raise ValueError(f"{source}: key '{key}' has shape {tuple(value.shape)}, expected "
                              f'{tuple(expected[key].shape)} in {what}.')
+
+
+def load_state_dict_strictly(model, state, source, what=None, hint=''):
+    """Copy ``state`` into ``model`` after checking that the keys and shapes match exactly.
+
+    The tensors are assigned (``load_state_dict(..., assign=True)``), so ``model`` may be built on the ``meta``
+    device; a parameter or buffer still there afterwards is an error.
+
+    Args:
+        model (nn.Module): Loaded in place.
+        state (dict): name -> tensor, exactly the model's keys.
+        source (str): Where the state comes from (a file), for the messages.
+        what (str | None): What it is loaded into, for the messages; None: the model's class name.
+        hint (str): A sentence on what to check, appended to a key mismatch.
+
+    Returns:
+        nn.Module: ``model``.
+
+    Raises:
+        KeyError: names the missing and unexpected keys and ``source``.
+        ValueError: names the first key whose shape differs.
+        RuntimeError: names parameters left on the ``meta`` device.
+    """
+    check_state_dict_matches(model.state_dict(), state, source, what or type(model).__name__, hint=hint)
+    model.load_state_dict(state, strict=True, assign=True)
+    leftover = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f'{source}: {leftover[:3]} were not loaded (still on the meta device).')
+    return model
