@@ -98,8 +98,9 @@ def test_wrong_or_missing_key_is_named(seesr, tmp_path, kind):
 
     missing = {k: v for k, v in state.items() if k != key}
     save_file(missing, str(weights))
-    with pytest.raises(KeyError, match=re.escape(key)):
+    with pytest.raises(KeyError, match=re.escape(key)) as error:
         load_seesr_network(str(folder), kind)
+    assert 'with SeeSR image cross-attention' in str(error.value) and 'released SeeSR/AddSR weights' in str(error.value)
 
     renamed = dict(missing, **{key.replace('image_attentions', 'image_attention'): state[key]})
     save_file(renamed, str(weights))
