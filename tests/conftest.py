@@ -1,4 +1,4 @@
-"""Shared pytest helpers: option files, the CLI in a subprocess, small generated image folders."""
+"""Shared pytest helpers: option files, the CLI in a subprocess (or in process), small generated image folders."""
 import os
 import subprocess
 import sys
@@ -26,6 +26,40 @@ def run_cli(args, cwd, timeout=600, launcher=None, env=None, module=True):
     full_env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', **(env or {}))
     cmd = (launcher or [sys.executable]) + (['-m', 'dspo_basicsr.cli'] if module else []) + list(args)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli_refusal(args, cwd):
+    """Run ``dspo_basicsr.cli.main(ARGS)`` in this process, for runs the CLI refuses before BasicSR starts.
+
+    Cheaper than :func:`run_cli` (no interpreter start, no imports) for tests of the CLI's own checks; a run that
+    gets as far as BasicSR's train or test pipeline fails the test (use :func:`run_cli` for those).
+
+    Returns:
+        subprocess.CompletedProcess: ``returncode`` (``main``'s return value, or the argparse exit code), and
+        the captured ``stdout`` / ``stderr`` text.
+    """
+    import contextlib
+    import io
+    from unittest import mock
+
+    from dspo_basicsr import cli
+
+    def reached(*_):
+        raise AssertionError(f'{args}: the in-process run reached BasicSR\'s pipeline; test it with run_cli.')
+
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with mock.patch('basicsr.train.train_pipeline', reached), mock.patch('basicsr.test.test_pipeline', reached), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exit_:  # argparse: --help, bad arguments
+                code = exit_.code or 0
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def make_paired_folders(root, num=4, size=32, scale=4, seed=0):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli, write_options
+from conftest import REPO, run_cli, run_cli_refusal, write_options
 
 
 def msrresnet_options(gt_dir, lq_dir, name='msrresnet_cli', total_iter=4, save_every=2):
@@ -33,11 +33,10 @@ def msrresnet_options(gt_dir, lq_dir, name='msrresnet_cli', total_iter=4, save_e
 
 
 def test_help_prints_usage():
-    from conftest import run_cli as run
-    result = run(['--help'], cwd=REPO)
+    result = run_cli_refusal(['--help'], cwd=REPO)
     assert result.returncode == 0
     assert 'basicsr train -opt' in result.stdout
-    train_help = run(['train', '--help'], cwd=REPO)
+    train_help = run_cli_refusal(['train', '--help'], cwd=REPO)
     assert train_help.returncode == 0 and '--auto_resume' in train_help.stdout and '--launcher' in train_help.stdout
 
 
@@ -45,7 +44,7 @@ def test_unsafe_yaml_tag_is_rejected_and_nothing_runs(tmp_path):
     marker = tmp_path / 'pwned'
     opt_file = tmp_path / 'evil.yml'
     opt_file.write_text(f'name: evil\nmodel_type: SRModel\nboom: !!python/object/apply:os.system ["touch {marker}"]\n')
-    result = run_cli(['train', '-opt', str(opt_file)], cwd=tmp_path)
+    result = run_cli_refusal(['train', '-opt', str(opt_file)], cwd=tmp_path)
     assert result.returncode == 2
     assert 'evil.yml' in result.stderr and 'safe YAML loader' in result.stderr
     assert not marker.exists()

@@ -8,7 +8,7 @@ from test_cli import msrresnet_options
 from dspo_basicsr.cli import OptionFileError, apply_force_yml, read_option_file
 from dspo_basicsr.option_check import OptionCheckError, check_options
 
-from conftest import REPO, run_cli, write_options
+from conftest import REPO, run_cli, run_cli_refusal, write_options
 
 DEMO = read_option_file(os.path.join(REPO, 'options', 'demo', 'dspo_demo.yml'))
 
@@ -94,7 +94,7 @@ def test_force_yml_values_are_yaml_literals_never_evaluated():
 def test_non_text_option_file_is_one_line(tmp_path, content, what):
     path = tmp_path / 'opt.yml'
     path.write_bytes(content)
-    result = run_cli(['train', '-opt', str(path)], cwd=tmp_path)
+    result = run_cli_refusal(['train', '-opt', str(path)], cwd=tmp_path)
     assert result.returncode == 2 and what in result.stderr and 'opt.yml' in result.stderr
     ours = [line for line in result.stderr.splitlines() if line.startswith('basicsr train:')]
     assert len(ours) == 1 and 'Traceback' not in result.stderr
