@@ -45,3 +45,23 @@ def test_every_module_of_the_package_imports():
     for info in pkgutil.walk_packages(dspo_basicsr.__path__, 'dspo_basicsr.'):
         importlib.import_module(info.name)
     assert basicsr.__version__.startswith('1.4.2')
+
+
+def test_import_fills_the_registries_without_importing_diffusion_libraries():
+    """The arch files register on import but import diffusers / transformers / peft only to build a network."""
+    import os
+    import subprocess
+    import sys
+    code = ('import sys, dspo_basicsr\n'
+            'from basicsr.utils.registry import ARCH_REGISTRY\n'
+            "assert {'ControlSD2Arch', 'SeeSRArch', 'AddSRArch', 'OSEDiffArch'} <= set(ARCH_REGISTRY._obj_map)\n"
+            "print(sorted(m for m in ('diffusers', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))\n"
+            "from dspo_basicsr.archs import image_cross_attention\n"
+            "cls = image_cross_attention.ImageCrossAttentionTransformer2DModel\n"
+            "print(cls.__module__, cls.__qualname__, 'diffusers' in sys.modules)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, cwd=repo,
+                            env={**os.environ, 'PYTHONPATH': repo, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [
+        '[]', 'dspo_basicsr.archs.image_cross_attention ImageCrossAttentionTransformer2DModel True']

@@ -13,7 +13,6 @@ Weights licence: Stable Diffusion 2 weights are under the CreativeML Open RAIL++
 import os
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_component_folder
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
@@ -23,17 +22,19 @@ from basicsr.utils.registry import ARCH_REGISTRY
 SD_SUBFOLDERS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
 
 
-def load_sd_components(path, unet_class=UNet2DConditionModel):
+def load_sd_components(path, unet_class=None):
     """Load an SD2.x-base folder (diffusers layout) from disk only.
 
     Args:
         path (str): Folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/.
-        unet_class (type): UNet class to load the ``unet/`` folder with.
+        unet_class (type | None): UNet class to load the ``unet/`` folder with; None: ``UNet2DConditionModel``.
 
     Returns:
         dict: unet, vae, text_encoder, tokenizer, noise_scheduler.
     """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+    unet_class = unet_class or UNet2DConditionModel
     what = f'Stable Diffusion folder {path!r}'
     for sub in ('unet', 'vae', 'text_encoder'):
         check_component_folder(path, sub, what)
@@ -69,6 +70,7 @@ def build_tiny_control_sd2_folder(folder, seed=0):
     Returns:
         tuple[str, str]: (pretrained_model_path, controlnet_path).
     """
+    from diffusers import ControlNetModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         components = tiny_sd_components()
@@ -108,6 +110,7 @@ class ControlSD2Arch(DiffusionSRArch):
                  conditioning_scale=1.0, lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS,
                  sampler='ddpm', prediction_type=None, default_steps=50, default_cfg=5.5, ram_path=None,
                  dape_path=None, ram_tiny=None, start_strength=1.0):
+        from diffusers import ControlNetModel, DDPMScheduler
         if tiny:
             tiny = tiny if isinstance(tiny, dict) else {}
             with torch.random.fork_rng(devices=[]):

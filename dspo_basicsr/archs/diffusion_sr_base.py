@@ -15,7 +15,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from dspo_basicsr.utils.checkpoint import check_state_dict_matches, missing_weights_error  # noqa: F401  (re-exported)
@@ -278,6 +277,7 @@ class DiffusionSRArch(nn.Module):
         return eps_negative + guidance_scale * (eps_prompt - eps_negative)
 
     def _sampling_scheduler(self, sampler):
+        from diffusers import DDIMScheduler, DDPMScheduler
         kind = sampler or self.sampler
         classes = {'ddpm': DDPMScheduler, 'ddim': DDIMScheduler}
         if kind not in classes:

@@ -4,48 +4,62 @@ Every text cross-attention transformer of a UNet / ControlNet (``..._blocks.N.at
 ``mid_block.attentions.0``) gets a partner transformer of the same shape, ``..._blocks.N.image_attentions.M``,
 whose keys and values are RAM image embeddings (B, 145, 512) instead of the text embeddings; the embeddings
 travel in ``cross_attention_kwargs`` (:func:`image_kwargs`). Used by :mod:`.seesr_arch` (and so AddSR).
+diffusers is imported on first use, not when the arch files are imported to fill BasicSR's registry.
 """
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
+import functools
+
 from torch import nn
 
-__all__ = ['IMAGE_EMBEDS_KEY', 'SEESR_IMAGE_DIM', 'ImageCrossAttentionTransformer2DModel', 'add_image_cross_attention',
-           'image_kwargs']
+# ImageCrossAttentionTransformer2DModel is there too, defined on first access (module __getattr__).
+__all__ = ['IMAGE_EMBEDS_KEY', 'SEESR_IMAGE_DIM', 'add_image_cross_attention', 'image_kwargs']
 
 IMAGE_EMBEDS_KEY = 'image_encoder_hidden_states'
 SEESR_IMAGE_DIM = 512
 
 
-class ImageCrossAttentionTransformer2DModel(Transformer2DModel):
-    """A text cross-attention transformer followed by its image cross-attention partner (SeeSR).
+@functools.lru_cache(maxsize=None)
+def _image_cross_attention_class():
+    """:class:`ImageCrossAttentionTransformer2DModel`, defined on first use.
 
-    The partner is registered in the block's ``image_attentions`` list (so checkpoint keys are SeeSR's);
-    this module only holds a plain reference to it, which ``copy.deepcopy`` of the whole network remaps.
-    The image embeddings arrive as ``cross_attention_kwargs['image_encoder_hidden_states']`` (B, L, D).
+    Importing the arch files fills BasicSR's registry; defining the subclass there would import diffusers in
+    every process that imports the package, including those that never build a diffusion network.
     """
-
-    def forward(self, hidden_states, encoder_hidden_states=None, cross_attention_kwargs=None, attention_mask=None,
-                return_dict=True, **kwargs):
-        kwargs_rest = dict(cross_attention_kwargs or {})
-        image_states = kwargs_rest.pop(IMAGE_EMBEDS_KEY, None)
-        if image_states is None:
-            raise ValueError('SeeSR image cross-attention needs the RAM image embeddings: call the network with '
-                             f"cross_attention_kwargs={{'{IMAGE_EMBEDS_KEY}': embeds}} (B, 145, 512).")
-        kwargs_rest = kwargs_rest or None
-        hidden_states = super().forward(
-            hidden_states, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs_rest,
-            attention_mask=attention_mask, return_dict=False, **kwargs)[0]
-        hidden_states = self.__dict__['_image_partner'](
-            hidden_states, encoder_hidden_states=image_states, cross_attention_kwargs=kwargs_rest,
-            attention_mask=attention_mask, return_dict=False)[0]
-        return (hidden_states,) if not return_dict else type(self).output_class(sample=hidden_states)
-
-
-def _output_class():
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
-    return Transformer2DModelOutput
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    class ImageCrossAttentionTransformer2DModel(Transformer2DModel):
+        """A text cross-attention transformer followed by its image cross-attention partner (SeeSR).
+
+        The partner is registered in the block's ``image_attentions`` list (so checkpoint keys are SeeSR's);
+        this module only holds a plain reference to it, which ``copy.deepcopy`` of the whole network remaps.
+        The image embeddings arrive as ``cross_attention_kwargs['image_encoder_hidden_states']`` (B, L, D).
+        """
+
+        def forward(self, hidden_states, encoder_hidden_states=None, cross_attention_kwargs=None, attention_mask=None,
+                    return_dict=True, **kwargs):
+            kwargs_rest = dict(cross_attention_kwargs or {})
+            image_states = kwargs_rest.pop(IMAGE_EMBEDS_KEY, None)
+            if image_states is None:
+                raise ValueError('SeeSR image cross-attention needs the RAM image embeddings: call the network with '
+                                 f"cross_attention_kwargs={{'{IMAGE_EMBEDS_KEY}': embeds}} (B, 145, 512).")
+            kwargs_rest = kwargs_rest or None
+            hidden_states = super().forward(
+                hidden_states, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs_rest,
+                attention_mask=attention_mask, return_dict=False, **kwargs)[0]
+            hidden_states = self.__dict__['_image_partner'](
+                hidden_states, encoder_hidden_states=image_states, cross_attention_kwargs=kwargs_rest,
+                attention_mask=attention_mask, return_dict=False)[0]
+            return (hidden_states,) if not return_dict else type(self).output_class(sample=hidden_states)
+
+    ImageCrossAttentionTransformer2DModel.output_class = Transformer2DModelOutput
+    ImageCrossAttentionTransformer2DModel.__qualname__ = 'ImageCrossAttentionTransformer2DModel'  # pickled by name
+    return ImageCrossAttentionTransformer2DModel
 
 
-ImageCrossAttentionTransformer2DModel.output_class = _output_class()
+def __getattr__(name):
+    if name == 'ImageCrossAttentionTransformer2DModel':
+        return _image_cross_attention_class()
+    raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
 
 
 def add_image_cross_attention(model, image_cross_attention_dim=SEESR_IMAGE_DIM):
@@ -62,6 +76,8 @@ def add_image_cross_attention(model, image_cross_attention_dim=SEESR_IMAGE_DIM):
     Returns:
         The same model.
     """
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
     blocks = list(model.down_blocks) + [model.mid_block] + list(getattr(model, 'up_blocks', []))
     for block in blocks:
         attentions = getattr(block, 'attentions', None)
@@ -76,7 +92,7 @@ def add_image_cross_attention(model, image_cross_attention_dim=SEESR_IMAGE_DIM):
             config = {k: v for k, v in config.items() if not k.startswith('_')}
             config['cross_attention_dim'] = image_cross_attention_dim
             partner = Transformer2DModel(**config)
-            text_attention.__class__ = ImageCrossAttentionTransformer2DModel
+            text_attention.__class__ = _image_cross_attention_class()
             # A plain attribute, not a registered submodule: the partner's keys live under image_attentions.
             text_attention.__dict__['_image_partner'] = partner
             partners.append(partner)

@@ -25,14 +25,12 @@ import json
 import os
 
 import torch
-from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
 from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch
 from dspo_basicsr.archs.image_cross_attention import (  # noqa: F401  (re-exported)
     IMAGE_EMBEDS_KEY,
     SEESR_IMAGE_DIM,
-    ImageCrossAttentionTransformer2DModel,
     add_image_cross_attention,
     image_kwargs,
 )
@@ -55,12 +53,14 @@ def _strip_config(config):
 
 def build_seesr_unet(config):
     """SeeSR UNet from a UNet config dict (SeeSR's ``unet/config.json`` or an SD2-base one)."""
+    from diffusers import UNet2DConditionModel
     dim = config.get('image_cross_attention_dim', SEESR_IMAGE_DIM)
     return add_image_cross_attention(UNet2DConditionModel.from_config(_strip_config(config)), dim)
 
 
 def build_seesr_controlnet(config):
     """SeeSR ControlNet from a ControlNet config dict (SeeSR's ``controlnet/config.json``)."""
+    from diffusers import ControlNetModel
     dim = config.get('image_cross_attention_dim', SEESR_IMAGE_DIM)
     return add_image_cross_attention(ControlNetModel.from_config(_strip_config(config)), dim)
 
@@ -71,6 +71,7 @@ def seesr_networks_on_meta(unet_config_path=SD2_BASE_UNET_CONFIG):
     Returns:
         tuple[UNet2DConditionModel, ControlNetModel]: Structure and parameter shapes only.
     """
+    from diffusers import ControlNetModel, UNet2DConditionModel
     with open(unet_config_path, encoding='utf-8') as f:
         config = json.load(f)
     with torch.device('meta'):
@@ -138,6 +139,7 @@ def tiny_seesr_networks(unet=None, image_cross_attention_dim=TINY_IMAGE_DIM):
     Returns:
         dict: unet, vae, text_encoder, tokenizer, noise_scheduler, controlnet.
     """
+    from diffusers import ControlNetModel
     components = tiny_sd_components(unet=unet)
     base = components['unet']
     factor = 2**(len(components['vae'].config.block_out_channels) - 1)
@@ -193,6 +195,7 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         components = self._build_components(pretrained_model_path, seesr_model_path, tiny)
         tiny_ram = components.pop('ram', None)
         if prediction_type:
+            from diffusers import DDPMScheduler
             components['noise_scheduler'] = DDPMScheduler.from_config(
                 components['noise_scheduler'].config, prediction_type=prediction_type)
         controlnet = components.pop('controlnet')

@@ -1,11 +1,9 @@
 """Tiny, randomly initialised Stable Diffusion components for tests and the CPU demo.
 
 They are the same diffusers / transformers classes as the released models, only small, so every code
-path (building, saving in the released folder layout, loading back) is the real one.
+path (building, saving in the released folder layout, loading back) is the real one. diffusers and
+transformers are imported on use, so importing the arch files (to fill BasicSR's registry) does not.
 """
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TINY_TEXT_DIM = 32
 TINY_MAX_LENGTH = 16
@@ -49,6 +47,7 @@ def tiny_text_encoder_config():
 
 
 def _byte_level_vocab():
+    from tokenizers import pre_tokenizers
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = ['<|startoftext|>', '<|endoftext|>'] + alphabet + [c + '</w>' for c in alphabet]
     return {token: i for i, token in enumerate(tokens)}
@@ -56,11 +55,13 @@ def _byte_level_vocab():
 
 def tiny_tokenizer():
     """A character-level CLIP tokenizer (no merges), so tiny models need no downloaded vocabulary."""
+    from transformers import CLIPTokenizer
     return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], model_max_length=TINY_MAX_LENGTH)
 
 
 def tiny_noise_scheduler(prediction_type='epsilon'):
     """The SD2 training schedule: 1000 steps, scaled-linear betas from 0.00085 to 0.012."""
+    from diffusers import DDPMScheduler
     return DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
         prediction_type=prediction_type, clip_sample=False)
@@ -74,6 +75,8 @@ def tiny_sd_components(cross_attention_dim=TINY_TEXT_DIM, unet=None, vae=None):
         unet (dict | None): Overrides of :func:`tiny_unet_config`.
         vae (dict | None): Arguments of :func:`tiny_vae_config`.
     """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
     return dict(
         unet=UNet2DConditionModel(**tiny_unet_config(cross_attention_dim, **(unet or {}))),
         vae=AutoencoderKL(**tiny_vae_config(**(vae or {}))),

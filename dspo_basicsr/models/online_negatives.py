@@ -16,11 +16,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 # 'dpmsolver++': the sampler Diffusion-DRO's authors draw online samples with (basiclab/DiffusionDRO train.py,
 # --buffer_scheduler DPMSolver++, 20 steps), diffusers' DPMSolverMultistepScheduler (algorithm dpmsolver++).
-SAMPLERS = {'ddpm': DDPMScheduler, 'ddim': DDIMScheduler, 'dpmsolver++': DPMSolverMultistepScheduler}
+# Class names in diffusers, imported on use.
+SAMPLERS = {'ddpm': 'DDPMScheduler', 'ddim': 'DDIMScheduler', 'dpmsolver++': 'DPMSolverMultistepScheduler'}
 
 
 class LaggedPolicy:
@@ -69,7 +69,8 @@ def make_sampling_scheduler(framework, sampler):
     if sampler not in SAMPLERS:
         raise ValueError(f"train.dro.sampler '{sampler}' is unknown; choose one of {sorted(SAMPLERS)}.")
     extra = {'algorithm_type': 'dpmsolver++'} if sampler == 'dpmsolver++' else {}
-    return SAMPLERS[sampler].from_config(framework.noise_scheduler.config, **extra)
+    import diffusers
+    return getattr(diffusers, SAMPLERS[sampler]).from_config(framework.noise_scheduler.config, **extra)
 
 
 def perturbed_timesteps(num_train_timesteps, steps, generator=None, device=None):
