@@ -50,15 +50,6 @@ class ComparisonError(RuntimeError):
     """A comparison that cannot run as asked; the message says which file or run and what to do."""
 
 
-def _plain(value):
-    """OrderedDicts (from the safe ordered loader) -> plain dicts, recursively, for comparison and dumping."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def load_objective_options(option_files):
     """Read the option files (safe YAML) and check that they compare objectives on one shared setup.
 
@@ -71,10 +62,10 @@ def load_objective_options(option_files):
     Raises:
         ComparisonError: unknown objective, the same objective twice, or a shared section that differs.
     """
-    from dspo_basicsr.utils.options import read_option_file
+    from dspo_basicsr.utils.options import plain_options, read_option_file
     runs = []
     for path in option_files:
-        opt = _plain(read_option_file(path))
+        opt = plain_options(read_option_file(path))
         loss_type = opt.get('train', {}).get('preference_opt', {}).get('type')
         if loss_type not in OBJECTIVES:
             raise ComparisonError(f"{path}: train.preference_opt.type is {loss_type!r}; the comparison knows "
@@ -392,9 +383,9 @@ def run_sweep(option_file, sweep, out_dir, iters=None, workdir='.', include_base
     """
     from tqdm import tqdm
 
-    from dspo_basicsr.cli import read_option_file
+    from dspo_basicsr.utils.options import plain_options, read_option_file
     parts, values = parse_sweep(sweep)
-    base_opt = _plain(read_option_file(option_file))
+    base_opt = plain_options(read_option_file(option_file))
     key = '.'.join(parts)
     out_dir = os.path.abspath(out_dir)
     for sub in ('options', 'logs', 'eval'):

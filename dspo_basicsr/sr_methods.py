@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from dspo_basicsr.utils.checkpoint import read_checkpoint
 from dspo_basicsr.utils.distributed import DataShard
-from dspo_basicsr.utils.options import read_option_file
+from dspo_basicsr.utils.options import plain_options, read_option_file
 
 __all__ = ['IMAGE_EXTENSIONS', 'SRMethodsReport', 'load_methods_file', 'check_method_entries', 'MultiSourceFramework',
            'list_lr_images', 'tiled_forward', 'build_method', 'run_sr_methods']
@@ -62,7 +62,7 @@ def load_methods_file(path):
         ValueError: Naming every bad entry at once (unknown keys, neither ``network_g`` nor ``framework``,
             missing checkpoint files).
     """
-    content = read_option_file(path, require=())
+    content = plain_options(read_option_file(path, require=()))
     methods = content.get('methods')
     if not isinstance(methods, dict) or not methods:
         raise ValueError(f"methods file {path!r} needs a 'methods' mapping: name -> {{network_g, path, param_key}} "

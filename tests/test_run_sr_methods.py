@@ -147,7 +147,9 @@ def test_methods_file_and_checkpoints_go_through_the_strict_readers(setup, tmp_p
         load_methods_file(str(tagged))
     with pytest.raises(OptionFileError, match='nowhere.yml.*does not exist'):
         load_methods_file(str(tmp_path / 'nowhere.yml'))
-    entry = load_methods_file(setup['methods'])['Real-ESRGAN-tiny']
+    methods = load_methods_file(setup['methods'])
+    assert yaml.safe_load(yaml.safe_dump(methods)) == methods  # plain dicts: entries go into other YAML files
+    entry = methods['Real-ESRGAN-tiny']
     pickled = tmp_path / 'pickled.pth'
     torch.save({'params_ema': {}, 'extra': Payload()}, pickled)
     with pytest.raises(ValueError, match='method x: checkpoint.*pickled.pth.*weights_only=True'):

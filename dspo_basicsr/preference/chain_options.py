@@ -7,20 +7,8 @@ __all__ = ['load_chain_options', 'build_framework', 'sampling_settings', 'scorer
 
 def load_chain_options(path):
     """Read the chain's YAML option file with the one safe option reader (no Python tags, UTF-8 text)."""
-    from dspo_basicsr.utils.options import read_option_file
-    opt = read_option_file(path, require=())
-    if not isinstance(opt, dict):
-        raise ValueError(f'{path} must hold a mapping of sections (framework, sampling, metrics, segmenter, ...).')
-    return _plain(opt)
-
-
-def _plain(value):
-    """OrderedDicts of the option reader -> plain dicts (what the steps store as JSON), recursively."""
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return value
+    from dspo_basicsr.utils.options import plain_options, read_option_file
+    return plain_options(read_option_file(path, require=()))  # the reader refuses anything but a mapping
 
 
 def build_framework(opt, device='cpu'):

@@ -3,7 +3,7 @@ import os
 
 import yaml
 
-__all__ = ['OptionFileError', 'read_option_file']
+__all__ = ['OptionFileError', 'read_option_file', 'plain_options']
 
 
 class OptionFileError(ValueError):
@@ -56,3 +56,12 @@ def read_option_file(path, require=('name', 'model_type')):
         if key not in opt:
             raise OptionFileError(f"option file {path!r} has no '{key}' key; add it (required: {', '.join(require)}).")
     return opt
+
+
+def plain_options(value):
+    """The reader's OrderedDicts as plain dicts, recursively (what ``yaml.safe_dump`` and JSON records take)."""
+    if isinstance(value, dict):
+        return {key: plain_options(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain_options(item) for item in value]
+    return value
