@@ -15,6 +15,7 @@ SeeSR from the LQ latent noised to ``start_timestep`` 250 (the last 3 of 8 DDIM 
 operating point (t = 999 on the LQ latent, as released).
 """
 import copy
+import inspect
 import os
 
 import cv2
@@ -122,6 +123,13 @@ def _save_pretrained(framework, model, folder):
         save_seesr_networks(os.path.join(folder, framework), model.unet, model.controlnet)
 
 
+def _vae_options(settings):
+    """The ``vae_<name>`` entries of the demo base that are arguments of :func:`pretrain_tiny_vae` (steps, lr, ...),
+    so the framework demos pretrain their VAE as the SD2 demo does."""
+    names = inspect.signature(pretrain_tiny_vae).parameters
+    return {name: settings[f'vae_{name}'] for name in names if f'vae_{name}' in settings}
+
+
 def _as_tensor(images):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
 
@@ -178,7 +186,7 @@ def build_framework_demo(framework, root='datasets/demo', scale=4, size=64, crop
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pretrain_tiny_vae(model.vae, hq, model.upsample_lq(lq), steps=settings['vae_steps'], generator=generator)
+        pretrain_tiny_vae(model.vae, hq, model.upsample_lq(lq), generator=generator, **_vae_options(settings))
         if getattr(model, 'lq_vae', None) is not None:  # OSEDiff encodes the LQ with its own copy of the VAE
             model.lq_vae = copy.deepcopy(model.vae)
         pretrain_tiny_denoiser(model, hq, lq, prompts, steps=settings['diffusion_steps'], generator=generator,
