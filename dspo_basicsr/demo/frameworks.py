@@ -12,7 +12,10 @@ SLIC instance by PSNR against the HQ crop inside it.
 Where sampling starts is the demo's, not the released models' (a tiny model denoises badly from t = 999):
 SeeSR from the LQ latent noised to ``start_timestep`` 250 (the last 3 of 8 DDIM steps, as the SD2 demo's
 ``start_strength``), AddSR's x0-predicting sampler on the timesteps (250, 125), OSEDiff at its own one-step
-operating point (t = 999 on the LQ latent, as released).
+operating point (t = 999 on the LQ latent, as released). The tiny OSEDiff's schedule predicts v (as SD2.1-768's
+does; SD2.1-base, OSEDiff's base, predicts the noise): at t = 999 v is about -x0, so the tiny UNet learns the SR
+latent itself, where a noise prediction would have to return its input to 1/15 of its spread (x0 =
+(z_L - sqrt(1 - a) eps) / sqrt(a), sqrt(a) = 0.068).
 """
 import copy
 import inspect
@@ -45,7 +48,8 @@ FRAMEWORK_DEMOS = {
     'addsr': dict(type='AddSRArch', network=dict(
         trainable='controlnet', sampling_timesteps=[250, 125], added_prompt='', default_negative_prompt=''),
         modules=('unet', 'controlnet')),
-    'osediff': dict(type='OSEDiffArch', network=dict(trainable='unet_lora', lora_rank=4), modules=('unet',)),
+    'osediff': dict(type='OSEDiffArch', network=dict(trainable='unet_lora', lora_rank=4), modules=('unet',),
+                    prediction_type='v_prediction'),
 }
 
 
@@ -70,11 +74,14 @@ def _random_released_model(framework, folder, widths, seed):
     from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, save_sd_components
     from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
     from dspo_basicsr.archs.seesr_arch import TINY_IMAGE_DIM, add_image_cross_attention, save_seesr_networks
-    from dspo_basicsr.archs.tiny_components import tiny_sd_components
+    from dspo_basicsr.archs.tiny_components import tiny_noise_scheduler, tiny_sd_components
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         components = tiny_sd_components(vae={'block_out_channels': tuple(widths)})
+        prediction_type = FRAMEWORK_DEMOS[framework].get('prediction_type')
+        if prediction_type:
+            components['noise_scheduler'] = tiny_noise_scheduler(prediction_type)
         if framework == 'osediff':
             tagger = RAMImageEmbedder(tiny=True, tagging=True)  # OSEDiff's test prompts are DAPE tags
         else:
