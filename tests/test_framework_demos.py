@@ -22,11 +22,13 @@ FAST = {'vae_steps': 2, 'diffusion_steps': 2}
 @pytest.fixture(scope='module', params=FRAMEWORKS)
 def demo(request, tmp_path_factory):
     root = str(tmp_path_factory.mktemp(f'{request.param}_demo'))
-    return request.param, root, build_framework_demo(request.param, root, crops_per_photo=1, base=FAST)
+    paths = build_framework_demo(request.param, root, crops_per_photo=1, base=FAST)
+    model = build_network(framework_network_options(request.param, root)).eval()  # the real loading code
+    return request.param, root, paths, model
 
 
 def test_framework_demo_writes_the_released_layout(demo):
-    framework, root, paths = demo
+    framework, root, paths, _ = demo
     folder = os.path.join(root, framework)
     for part in ('vae', 'text_encoder', 'tokenizer', 'scheduler', 'unet'):
         assert os.path.isdir(os.path.join(folder, 'sd2', part)), part
@@ -45,8 +47,7 @@ def test_framework_demo_writes_the_released_layout(demo):
 def test_framework_demo_candidates_are_sampled_by_the_loaded_framework(demo):
     """Candidates come from this framework loaded back through its real loading code, not another model: the
     stored default candidate is what the loaded model samples with the default setting."""
-    framework, root, paths = demo
-    model = build_network(framework_network_options(framework, root)).eval()
+    _, _, paths, model = demo
     data = PreferenceLMDB(paths['preference_set'])
     sample = data[data.ids()[0]]
     setting = DEMO_CANDIDATE_SETTINGS[0]
@@ -56,6 +57,7 @@ def test_framework_demo_candidates_are_sampled_by_the_loaded_framework(demo):
     resampled = (sr[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round()
     assert np.abs(resampled - sample.candidates[0].astype(np.float64)).max() <= 1
     assert len(sample.candidates) == len(DEMO_CANDIDATE_SETTINGS)
+    assert any(p.requires_grad for p in model.parameters())  # what the option file trains
     assert any(i['win'] >= 0 for i in sample.instances)
 
 
@@ -63,8 +65,7 @@ def test_framework_demo_training_latents_are_not_posterior_noise(demo):
     """The cause of the old SeeSR / AddSR / OSEDiff demos' 0.5 implicit accuracy: DSPOModel samples the VAE
     posterior in training, and a random tiny VAE's posterior std was ~7x the spread of its latents, so the
     candidates' latents were noise. The demo model, as loaded, keeps that noise far below the latents' spread."""
-    framework, root, paths = demo
-    model = build_network(framework_network_options(framework, root)).eval()
+    _, _, paths, model = demo
     data = PreferenceLMDB(paths['preference_set'])
     images = torch.from_numpy(np.stack(data[data.ids()[0]].candidates)).permute(0, 3, 1, 2).float().div(255)
     mode = model.encode_images(images)
