@@ -20,7 +20,10 @@ def main():
     args = parser.parse_args()
     import dspo_basicsr  # noqa: F401  (registers the frameworks)
     start = time.perf_counter()
-    paths = build_framework_demo(args.framework, args.root, seed=args.seed, overwrite=args.overwrite)
+    try:
+        paths = build_framework_demo(args.framework, args.root, seed=args.seed, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(str(err)) from None
     paths['seconds'] = round(time.perf_counter() - start, 1)
     print(json.dumps(paths, indent=2))
 
