@@ -39,8 +39,8 @@ from dspo_basicsr.demo.dspo import (
 
 __all__ = ['FRAMEWORK_DEMOS', 'build_framework_demo', 'framework_network_options']
 
-#: Per framework: its arch, the demo's sampling settings (network_g options beyond the folders), the modules
-#: pretrained as a denoiser and the timesteps they learn on (None: the framework's own operating point).
+#: Per framework: its arch, the demo's ``network_g`` options beyond the folders (trained part, where sampling
+#: starts), the modules pretrained as a denoiser and, where it is not the noise, the schedule's prediction type.
 FRAMEWORK_DEMOS = {
     'seesr': dict(type='SeeSRArch', network=dict(
         trainable='controlnet', sampler='ddim', start_timestep=250, added_prompt='', default_negative_prompt=''),
