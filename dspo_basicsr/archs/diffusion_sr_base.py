@@ -211,7 +211,7 @@ class DiffusionSRArch(nn.Module):
     def posterior_noise_ratio(self, images):
         """Spread of posterior samples around the mode over the spread of the mode latents of ``images`` (N, 3, H, W).
 
-        SD's VAE is nearly deterministic (about 0.01); a random or mode-trained tiny VAE keeps a posterior std
+        SD's VAE is nearly deterministic (a ratio far below 1); a random or mode-trained tiny VAE keeps a posterior std
         as large as its latents (ratio 1 or more), and then every posterior-sampled training latent is noise.
         """
         mode = self.encode_images(images)

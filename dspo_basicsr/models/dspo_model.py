@@ -209,7 +209,7 @@ class DSPOModel(SRModel):
             self.check_posterior_noise(images)
         return self.bare.encode_images(images, sample_posterior=sample, generator=generator)
 
-    #: posterior_noise_ratio above which the first posterior-sampled batch is reported (SD's VAE: about 0.01)
+    #: posterior_noise_ratio above which the first posterior-sampled batch is reported (SD's VAE: far below)
     max_posterior_noise_ratio = 0.1
 
     def check_posterior_noise(self, images):
@@ -224,8 +224,8 @@ class DSPOModel(SRModel):
             get_root_logger().warning(
                 f"network_g's VAE posterior noise is {ratio:.2f} x the spread of the candidates' latents; "
                 'DSPOModel encodes candidates with a posterior sample, so training latents are mostly noise and the '
-                'preferences barely show. Use a VAE with a nearly deterministic posterior (SD: about 0.01; a demo '
-                'VAE: dspo_basicsr.demo.dspo.set_posterior_std).')
+                "preferences barely show. Use a VAE with a nearly deterministic posterior, as SD's (for a demo VAE: "
+                'dspo_basicsr.demo.dspo.set_posterior_std).')
         return ratio
 
     def preference_condition(self, repeats):
