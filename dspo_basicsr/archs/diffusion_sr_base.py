@@ -207,6 +207,18 @@ class DiffusionSRArch(nn.Module):
         return latents * self.vae.config.scaling_factor
 
     @torch.no_grad()
+    def posterior_noise_ratio(self, images):
+        """Spread of posterior samples around the mode over the spread of the mode latents of ``images`` (N, 3, H, W).
+
+        SD's VAE is nearly deterministic (a ratio far below 1); a random or mode-trained tiny VAE keeps a posterior std
+        as large as its latents (ratio 1 or more), and then every posterior-sampled training latent is noise.
+        """
+        mode = self.encode_images(images)
+        sampled = self.encode_images(images, sample_posterior=True,
+                                     generator=torch.Generator(device=self.device).manual_seed(0))
+        return ((sampled - mode).std() / mode.std().clamp_min(1e-12)).item()
+
+    @torch.no_grad()
     def decode_latents(self, latents):
         """Scaled latents (N, C, h, w) -> images in [0, 1] (N, 3, h*f, w*f)."""
         images = self.vae.decode(latents / self.vae.config.scaling_factor).sample

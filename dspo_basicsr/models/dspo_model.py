@@ -206,7 +206,28 @@ class DSPOModel(SRModel):
         """
         images = _gather_images(self.candidates, index).flatten(0, 1)
         sample = self.is_train if sample_posterior is None else sample_posterior
+        if sample and not getattr(self, '_posterior_checked', False):
+            self.check_posterior_noise(images)
         return self.bare.encode_images(images, sample_posterior=sample, generator=generator)
+
+    #: posterior_noise_ratio above which the first posterior-sampled batch is reported (SD's VAE: far below)
+    max_posterior_noise_ratio = 0.1
+
+    def check_posterior_noise(self, images):
+        """Warn once when the VAE posterior noise swamps the candidates' latents (a random or mode-trained VAE).
+
+        Returns:
+            float: :meth:`~dspo_basicsr.archs.diffusion_sr_base.DiffusionSRArch.posterior_noise_ratio` of ``images``.
+        """
+        self._posterior_checked = True
+        ratio = self.bare.posterior_noise_ratio(images)
+        if ratio > self.max_posterior_noise_ratio:
+            get_root_logger().warning(
+                f"network_g's VAE posterior noise is {ratio:.2f} x the spread of the candidates' latents; "
+                'DSPOModel encodes candidates with a posterior sample, so training latents are mostly noise and the '
+                "preferences barely show. Use a VAE with a nearly deterministic posterior, as SD's (for a demo VAE: "
+                'dspo_basicsr.demo.dspo.set_posterior_std).')
+        return ratio
 
     def preference_condition(self, repeats):
         """The condition of each LQ image, computed once and repeated over its candidates."""
