@@ -265,6 +265,35 @@ def _to_uint8(image):
     return (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
 
 
+def demo_preference_samples(framework, crops, lqs, segmenter):
+    """The demo's preference samples: :data:`DEMO_CANDIDATE_SETTINGS` candidates of each LQ, SLIC instances of the
+    HQ crop, and each instance's preferred / dispreferred candidate by PSNR (:func:`instance_pairs_by_psnr`).
+
+    Args:
+        framework (DiffusionSRArch): The tiny base, loaded back from its saved folders.
+        crops (list[tuple[str, np.ndarray, str]]): (sample id, uint8 RGB HQ crop, prompt), as :func:`hq_crops`.
+        lqs (list[np.ndarray]): Their LQ images.
+        segmenter (SLICSegmenter): Instance segmenter of the HQ crops.
+
+    Yields:
+        PreferenceSample: One per crop.
+    """
+    from dspo_basicsr.preference import PreferenceSample
+    from dspo_basicsr.preference.segmentation import segment_instances
+    for (sid, hq, prompt), lq in zip(crops, lqs):
+        lq_tensor = torch.from_numpy(lq).permute(2, 0, 1)[None].float().div(255)
+        candidates = []
+        for setting in DEMO_CANDIDATE_SETTINGS:
+            generator = torch.Generator().manual_seed(setting['seed'])
+            sr = framework.sample(lq_tensor, prompt, steps=setting['steps'], cfg=setting['cfg'], generator=generator)
+            candidates.append(_to_uint8(sr[0]))
+        seg = segment_instances(segmenter, hq, min_area=16)
+        yield PreferenceSample(
+            sid=sid, lq=lq, candidates=candidates, seg=seg, instances=instance_pairs_by_psnr(candidates, hq, seg),
+            prompt=prompt, negative_prompt='', gt=hq,
+            meta={'candidates': list(DEMO_CANDIDATE_SETTINGS), 'default_candidate': 0, 'source': 'skimage.data'})
+
+
 #: The demo base: tiny VAE widths, pretraining steps, and where sampling starts (see ControlSD2Arch).
 DEMO_BASE = dict(vae_widths=(16, 32, 32), vae_steps=400, vae_opt=dict(batch=16, patch_size=32, lr=3e-3),
                  diffusion_steps=200, max_timestep=400, start_strength=0.375)
@@ -293,8 +322,8 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     """
     from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch, save_sd_components
     from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
-    from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
-    from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
+    from dspo_basicsr.preference import write_preference_lmdb
+    from dspo_basicsr.preference.segmentation import SLICSegmenter
 
     from basicsr.archs import build_network
 
@@ -336,19 +365,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     val_lq = [degrade(hq, scale, seed=seed * 1000 + 500 + index) for index, (_, hq, _) in enumerate(val)]
 
     def samples(crops, lqs):
-        for (sid, hq, prompt), lq in zip(crops, lqs):
-            lq_tensor = as_tensor([lq])
-            candidates = []
-            for setting in DEMO_CANDIDATE_SETTINGS:
-                generator = torch.Generator().manual_seed(setting['seed'])
-                sr = framework.sample(lq_tensor, prompt, steps=setting['steps'], cfg=setting['cfg'],
-                                      generator=generator)
-                candidates.append(_to_uint8(sr[0]))
-            seg = segment_instances(segmenter, hq, min_area=16)
-            yield PreferenceSample(
-                sid=sid, lq=lq, candidates=candidates, seg=seg, instances=instance_pairs_by_psnr(candidates, hq, seg),
-                prompt=prompt, negative_prompt='', gt=hq,
-                meta={'candidates': list(DEMO_CANDIDATE_SETTINGS), 'default_candidate': 0, 'source': 'skimage.data'})
+        return demo_preference_samples(framework, crops, lqs, segmenter)
 
     lmdb_path = os.path.join(root, 'demo_pref.lmdb')
     with torch.no_grad():
