@@ -79,7 +79,8 @@ def sample_seeds(bare, lq, num_seeds, sample_opt, batch_size, seed=0):
         bare (DiffusionSRArch): The framework.
         lq (Tensor): (1, 3, h, w) LQ image in [0, 1].
         num_seeds (int): S.
-        sample_opt (dict): ``val.sample`` options (``steps``, ``cfg``, ``prompt``, ``negative_prompt``, ``sampler``).
+        sample_opt (dict): ``val.sample`` options (``steps``, ``cfg``, ``prompt``, ``negative_prompt``, ``sampler``,
+            and the protocol keys ``color_fix``, ``prompt_source``, tiling).
         batch_size (int): Seeds per call.
         seed (int): Base seed.
 
@@ -87,6 +88,10 @@ def sample_seeds(bare, lq, num_seeds, sample_opt, batch_size, seed=0):
         Tensor: (S, 3, H, W) samples in [0, 1] on the CPU.
     """
     import torch
+
+    from dspo_basicsr.archs.diffusion_sr_base import SAMPLE_PROTOCOL_KEYS
+    # colour fix, tag prompts, tiling: sampled as the model's own validation does
+    protocol = {k: sample_opt[k] for k in SAMPLE_PROTOCOL_KEYS if sample_opt.get(k) is not None}
     outputs = []
     for start in range(0, num_seeds, batch_size):
         count = min(batch_size, num_seeds - start)
@@ -94,7 +99,8 @@ def sample_seeds(bare, lq, num_seeds, sample_opt, batch_size, seed=0):
         with torch.no_grad():
             out = bare.sample(lq.expand(count, -1, -1, -1), prompt=sample_opt.get('prompt', ''),
                               negative_prompt=sample_opt.get('negative_prompt'), steps=sample_opt.get('steps'),
-                              cfg=sample_opt.get('cfg'), generator=generator, sampler=sample_opt.get('sampler'))
+                              cfg=sample_opt.get('cfg'), generator=generator, sampler=sample_opt.get('sampler'),
+                              **protocol)
         outputs.append(out.float().clamp(0, 1).cpu())
     return torch.cat(outputs)
 

@@ -122,3 +122,47 @@ def test_demo_test_options_sample_with_the_demo_tagger_and_colour_fix(tmp_path):
     assert prompts == [arch.compose_tag_prompt(arch.ram.tags(lq)[0], '')]
     sr = arch.sample(lq, '', steps=2, cfg=1.0, generator=torch.Generator().manual_seed(0), **protocol)
     torch.testing.assert_close(sr.mean(dim=(2, 3)), lq.mean(dim=(2, 3)), atol=0.05, rtol=0)
+
+
+def test_compare_options_measure_implicit_accuracy_on_held_out_pairs():
+    """options/demo/compare_*.yml validate their implicit accuracy on the held-out set, not on the training pairs."""
+    import glob
+    import os
+
+    import yaml
+
+    from conftest import REPO
+    files = sorted(glob.glob(os.path.join(REPO, 'options', 'demo', 'compare_*.yml')))
+    assert files
+    for path in files:
+        with open(path) as f:
+            opt = yaml.safe_load(f)
+        pairs = [d['dataroot'] for name, d in opt['datasets'].items()
+                 if name.startswith('val') and d['type'] == 'PreferenceLMDBDataset']
+        assert pairs == ['datasets/demo/demo_pref_val.lmdb'], path
+        assert opt['datasets']['train']['dataroot'] == 'datasets/demo/demo_pref.lmdb', path
+
+
+def test_build_demo_data_writes_the_held_out_pairs_of_the_validation_crops(tmp_path):
+    import os
+
+    from dspo_basicsr.data.preference_set import PreferenceLMDB
+    from dspo_basicsr.demo.dspo import build_demo_data
+    root = str(tmp_path / 'demo')
+    paths = build_demo_data(root, crops_per_photo=1, base=dict(vae_steps=1, diffusion_steps=1), held_out_pairs=True)
+    held_out, train = PreferenceLMDB(paths['held_out_pairs']), PreferenceLMDB(paths['preference_set'])
+    val_ids = sorted(name[:-4] for name in os.listdir(os.path.join(root, 'val', 'gt')))
+    assert sorted(held_out.ids()) == val_ids and len(val_ids) == 6
+    assert not set(held_out.ids()) & set(train.ids())
+    sample = held_out[val_ids[0]]
+    assert len(sample.candidates) == 4 and any(i['win'] >= 0 for i in sample.instances)
+
+
+def test_vae_pretraining_patches_are_windows_of_the_drawn_crops():
+    from dspo_basicsr.demo.dspo import _augmented_batch
+    images = torch.arange(3 * 3 * 16 * 16, dtype=torch.float32).reshape(3, 3, 16, 16)
+    patches = _augmented_batch(images, 5, torch.Generator().manual_seed(0), patch_size=6)
+    assert patches.shape == (5, 3, 6, 6)
+    windows = {frozenset(images[n, :, y:y + 6, x:x + 6].flatten().tolist())
+               for n in range(3) for y in range(11) for x in range(11)}
+    assert all(frozenset(p.flatten().tolist()) in windows for p in patches)  # flips / rotations keep the values

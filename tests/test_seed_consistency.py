@@ -57,3 +57,19 @@ def test_script_on_a_tiny_model(tmp_path):
     single = np.load(tmp_path / 'one' / 'scores_pretrained.npz')['psnr']
     np.testing.assert_allclose(single[:, 0], scores[:, 0], rtol=1e-4)
     assert main(['-opt', option_file, '--metrics', 'lpips', '--out', str(tmp_path / 'x')]) == 2
+
+
+def test_seeds_are_sampled_with_the_validation_colour_fix():
+    """val.sample's protocol keys (color_fix, ...) reach the sampler, as in the model's own validation."""
+    import torch
+
+    from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
+    from dspo_basicsr.seed_consistency import sample_seeds
+    arch = ControlSD2Arch(tiny=True, sampler='ddim').eval()
+    lq = torch.rand(1, 3, 8, 8)
+    opt = dict(steps=2, cfg=1.0, prompt='', sampler='ddim')
+    plain = sample_seeds(arch, lq, 2, opt, batch_size=2)
+    fixed = sample_seeds(arch, lq, 2, dict(opt, color_fix='adain'), batch_size=2)
+    bicubic_mean = arch.upsample_lq(lq).mean(dim=(2, 3))
+    torch.testing.assert_close(fixed.mean(dim=(2, 3)), bicubic_mean.expand(2, -1), atol=0.05, rtol=0)
+    assert not torch.allclose(plain, fixed)
