@@ -166,3 +166,14 @@ def test_vae_pretraining_patches_are_windows_of_the_drawn_crops():
     windows = {frozenset(images[n, :, y:y + 6, x:x + 6].flatten().tolist())
                for n in range(3) for y in range(11) for x in range(11)}
     assert all(frozenset(p.flatten().tolist()) in windows for p in patches)  # flips / rotations keep the values
+
+
+def test_degradation_is_a_function_of_its_seed_alone():
+    from dspo_basicsr.demo.dspo import degrade
+    hq = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    first = degrade(hq, seed=3)
+    np.random.seed(123)  # the global generator's state must neither matter nor change
+    state = np.random.get_state()[1].copy()
+    assert np.array_equal(degrade(hq, seed=3), first)
+    assert np.array_equal(np.random.get_state()[1], state)
+    assert not np.array_equal(degrade(hq, seed=4), first)

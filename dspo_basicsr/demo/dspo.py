@@ -70,7 +70,13 @@ def degrade(hq, scale=4, seed=0):
     img = cv2.filter2D(hq.astype(np.float32) / 255.0, -1, kernel)
     h, w = hq.shape[:2]
     img = cv2.resize(img, (w // scale, h // scale), interpolation=cv2.INTER_CUBIC)
-    img = add_gaussian_noise(np.clip(img, 0, 1), sigma=rng.uniform(1, 8), clip=True, rounds=False)
+    # BasicSR draws the noise from numpy's global generator: seed it here (and restore it) so a rebuild is identical
+    global_state = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        img = add_gaussian_noise(np.clip(img, 0, 1), sigma=rng.uniform(1, 8), clip=True, rounds=False)
+    finally:
+        np.random.set_state(global_state)
     img = add_jpg_compression(img, quality=int(rng.uniform(50, 95)))
     return (np.clip(img, 0, 1) * 255.0).round().astype(np.uint8)
 

@@ -131,10 +131,11 @@ def _save_pretrained(framework, model, folder):
 
 
 def _vae_options(settings):
-    """The ``vae_<name>`` entries of the demo base that are arguments of :func:`pretrain_tiny_vae` (steps, lr, ...),
+    """The arguments of :func:`pretrain_tiny_vae` in the demo base (its ``vae_<name>`` entries and ``vae_opt``),
     so the framework demos pretrain their VAE as the SD2 demo does."""
     names = inspect.signature(pretrain_tiny_vae).parameters
-    return {name: settings[f'vae_{name}'] for name in names if f'vae_{name}' in settings}
+    options = {name: settings[f'vae_{name}'] for name in names if f'vae_{name}' in settings}
+    return dict(options, **(settings.get('vae_opt') or {}))
 
 
 def _as_tensor(images):
