@@ -7,6 +7,7 @@ layout, N candidates sampled from it under different sampling settings after loa
 model would be, a SLIC label map per image, and the preferred / dispreferred candidate of each instance by
 PSNR against the HQ crop inside that instance.
 """
+import inspect
 import math
 import os
 import shutil
@@ -257,11 +258,12 @@ def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion
         hq (Tensor): (N, 3, H, W) HQ crops in [0, 1].
         lq (Tensor): (N, 3, H/s, W/s) their LQ images.
         prompts (list[str]): N prompts.
-        vae_opt (dict | None): Other arguments of :func:`pretrain_tiny_vae` (``batch``, ``lr``, ``patch_size``).
+        vae_opt (dict | None): Arguments of :func:`pretrain_tiny_vae` that override ``vae_steps`` / ``batch``
+            (e.g. ``lr``, ``patch_size``; :func:`vae_options` of a demo base).
     """
     generator = torch.Generator().manual_seed(seed)
-    pretrain_tiny_vae(framework.vae, hq, framework.upsample_lq(lq), steps=vae_steps,
-                      **dict(dict(batch=batch), **(vae_opt or {})), generator=generator)
+    pretrain_tiny_vae(framework.vae, hq, framework.upsample_lq(lq),
+                      **dict(dict(steps=vae_steps, batch=batch), **(vae_opt or {})), generator=generator)
     pretrain_tiny_denoiser(framework, hq, lq, prompts, steps=diffusion_steps, batch=batch, generator=generator,
                            lr=lr, max_timestep=max_timestep)
     framework.setup_trainable()
@@ -299,6 +301,13 @@ def demo_preference_samples(framework, crops, lqs, segmenter):
             sid=sid, lq=lq, candidates=candidates, seg=seg, instances=instance_pairs_by_psnr(candidates, hq, seg),
             prompt=prompt, negative_prompt='', gt=hq,
             meta={'candidates': list(DEMO_CANDIDATE_SETTINGS), 'default_candidate': 0, 'source': 'skimage.data'})
+
+
+def vae_options(settings):
+    """The :func:`pretrain_tiny_vae` arguments of a demo base: its ``vae_<argument>`` entries (``vae_steps``,
+    ``vae_lr``, ``vae_patch_size``, ...), so every demo pretrains its VAE the same way."""
+    names = inspect.signature(pretrain_tiny_vae).parameters
+    return {name: settings[f'vae_{name}'] for name in names if f'vae_{name}' in settings}
 
 
 #: The demo base: tiny VAE widths, pretraining steps, and where sampling starts (see ControlSD2Arch).
@@ -350,8 +359,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
         torch.manual_seed(seed)
         base = ControlSD2Arch(tiny={'seed': seed, 'vae': {'block_out_channels': settings['vae_widths']}}, scale=scale)
         pretrain_tiny_framework(base, as_tensor([hq for _, hq, _ in train]), as_tensor(train_lq),
-                                [prompt for _, _, prompt in train], vae_steps=settings['vae_steps'],
-                                vae_opt=settings.get('vae_opt'),
+                                [prompt for _, _, prompt in train], vae_opt=vae_options(settings),
                                 diffusion_steps=settings['diffusion_steps'], max_timestep=settings['max_timestep'],
                                 seed=seed)
     save_sd_components(model_path, dict(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,

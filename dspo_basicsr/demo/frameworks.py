@@ -18,7 +18,6 @@ latent itself, where a noise prediction would have to return its input to 1/15 o
 (z_L - sqrt(1 - a) eps) / sqrt(a), sqrt(a) = 0.068).
 """
 import copy
-import inspect
 import os
 
 import cv2
@@ -35,6 +34,7 @@ from dspo_basicsr.demo.dspo import (
     instance_pairs_by_psnr,
     pretrain_tiny_denoiser,
     pretrain_tiny_vae,
+    vae_options,
 )
 
 __all__ = ['FRAMEWORK_DEMOS', 'build_framework_demo', 'framework_network_options']
@@ -130,14 +130,6 @@ def _save_pretrained(framework, model, folder):
         save_seesr_networks(os.path.join(folder, framework), model.unet, model.controlnet)
 
 
-def _vae_options(settings):
-    """The arguments of :func:`pretrain_tiny_vae` in the demo base (its ``vae_<name>`` entries and ``vae_opt``),
-    so the framework demos pretrain their VAE as the SD2 demo does."""
-    names = inspect.signature(pretrain_tiny_vae).parameters
-    options = {name: settings[f'vae_{name}'] for name in names if f'vae_{name}' in settings}
-    return dict(options, **(settings.get('vae_opt') or {}))
-
-
 def _as_tensor(images):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
 
@@ -194,7 +186,7 @@ def build_framework_demo(framework, root='datasets/demo', scale=4, size=64, crop
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pretrain_tiny_vae(model.vae, hq, model.upsample_lq(lq), generator=generator, **_vae_options(settings))
+        pretrain_tiny_vae(model.vae, hq, model.upsample_lq(lq), generator=generator, **vae_options(settings))
         if getattr(model, 'lq_vae', None) is not None:  # OSEDiff encodes the LQ with its own copy of the VAE
             model.lq_vae = copy.deepcopy(model.vae)
         pretrain_tiny_denoiser(model, hq, lq, prompts, steps=settings['diffusion_steps'], generator=generator,
