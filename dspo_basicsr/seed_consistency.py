@@ -89,9 +89,9 @@ def sample_seeds(bare, lq, num_seeds, sample_opt, batch_size, seed=0):
     """
     import torch
 
-    from dspo_basicsr.archs.diffusion_sr_base import SAMPLE_PROTOCOL_KEYS
+    from dspo_basicsr.archs.diffusion_sr_base import sample_protocol
     # colour fix, tag prompts, tiling: sampled as the model's own validation does
-    protocol = {k: sample_opt[k] for k in SAMPLE_PROTOCOL_KEYS if sample_opt.get(k) is not None}
+    protocol = sample_protocol(sample_opt)
     outputs = []
     for start in range(0, num_seeds, batch_size):
         count = min(batch_size, num_seeds - start)

@@ -24,6 +24,11 @@ DEFAULT_LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')
 SAMPLE_PROTOCOL_KEYS = ('prompt_source', 'color_fix', 'process_size', 'tile_size', 'tile_overlap', 'vae_tile')
 
 
+def sample_protocol(options):
+    """The protocol keyword arguments of :meth:`DiffusionSRArch.sample` set in ``options`` (e.g. ``val.sample``)."""
+    return {k: options[k] for k in SAMPLE_PROTOCOL_KEYS if options.get(k) is not None}
+
+
 def check_component_folder(path, subfolder, what):
     """Raise :func:`missing_weights_error` unless ``path/subfolder`` holds a config and weights."""
     folder = os.path.join(path, subfolder) if subfolder else path

@@ -421,9 +421,10 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
     Returns:
         dict: :func:`instance_win_rate`'s counts plus ``psnr_trained`` / ``psnr_pretrained`` (mean, dB).
     """
-    from dspo_basicsr.archs.diffusion_sr_base import SAMPLE_PROTOCOL_KEYS
-    from dspo_basicsr.cli import read_option_file
+    from dspo_basicsr.archs.diffusion_sr_base import sample_protocol
     from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
+    from dspo_basicsr.utils.checkpoint import read_checkpoint
+    from dspo_basicsr.utils.options import read_option_file
 
     from basicsr.archs import build_network
     from basicsr.metrics import calculate_psnr
@@ -432,11 +433,11 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
     image_set = next(d for d in opt['datasets'].values() if d['type'] == 'PairedImageDataset')
     sample_opt = dict(opt['val'].get('sample') or {})
     # color_fix, prompt_source, tiling: as DSPOModel's validation samples
-    protocol = {k: sample_opt[k] for k in SAMPLE_PROTOCOL_KEYS if sample_opt.get(k) is not None}
+    protocol = sample_protocol(sample_opt)
     framework = build_network(dict(opt['network_g'])).eval()
     reference = framework.build_reference()
-    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    framework.load_trainable_state_dict(state.get('params', state), source=f"checkpoint '{checkpoint}'")
+    state = read_checkpoint(checkpoint, what='the trained demo weights')
+    framework.load_trainable_state_dict(state, source=f"checkpoint '{checkpoint}'")
     segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
     names = sorted(os.listdir(image_set['dataroot_gt']))
     current, pretrained, gts, segs = [], [], [], []

@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 from tqdm import tqdm
 
-from dspo_basicsr.archs.diffusion_sr_base import SAMPLE_PROTOCOL_KEYS, join_negative_prompts, repeat_condition
+from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition, sample_protocol
 from dspo_basicsr.compat import atomic_torch_save, gather_in_sample_order, is_main_process, wait_for_all_ranks
 from dspo_basicsr.losses.preference_loss import (
     DEFAULT_BETA,
@@ -418,7 +418,7 @@ class DSPOModel(SRModel):
         bare = self.bare
         bare.eval()
         # The official test scripts' inference settings (docs/frameworks.md): tag prompts, colour fix, tiling.
-        protocol = {k: sample_opt[k] for k in SAMPLE_PROTOCOL_KEYS if sample_opt.get(k) is not None}
+        protocol = sample_protocol(sample_opt)
         self.output = bare.sample(
             self.lq, prompt=sample_opt.get('prompt', ''), negative_prompt=sample_opt.get('negative_prompt'),
             steps=sample_opt.get('steps'), cfg=sample_opt.get('cfg'), generator=generator,

@@ -54,8 +54,8 @@ def sampling_settings(framework, sampling_opt):
                    'seed': 0}
     settings = expand_settings_grid(sampling_opt.get('grid'), default)
     # prompt_source / color_fix / tiling of the section apply to every candidate (framework.sample keywords).
-    from dspo_basicsr.archs.diffusion_sr_base import SAMPLE_PROTOCOL_KEYS
-    protocol = {k: sampling_opt[k] for k in SAMPLE_PROTOCOL_KEYS if sampling_opt.get(k) is not None}
+    from dspo_basicsr.archs.diffusion_sr_base import sample_protocol
+    protocol = sample_protocol(sampling_opt)
     return [dict(protocol, **setting) for setting in settings]
 
 
