@@ -25,18 +25,21 @@ def tiny_unet_config(cross_attention_dim=TINY_TEXT_DIM, **overrides):
     return config
 
 
-def tiny_vae_config(block_out_channels=(16, 32, 32)):
+def tiny_vae_config(block_out_channels=(16, 32, 32), **overrides):
     """AutoencoderKL with 4 latent channels and a latent factor of ``2**(len(block_out_channels) - 1)``.
 
     Args:
         block_out_channels (tuple[int]): One width per level; the default's three levels give factor 4
             (SD's is 8), two levels give factor 2, which keeps enough detail of a 64 px crop for SR.
+        **overrides: Any other ``AutoencoderKL`` option, e.g. ``mid_block_add_attention``.
     """
     levels = len(block_out_channels)
-    return dict(
+    config = dict(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(block_out_channels),
         layers_per_block=1, down_block_types=('DownEncoderBlock2D',) * levels,
         up_block_types=('UpDecoderBlock2D',) * levels, norm_num_groups=8, sample_size=64)
+    config.update(overrides)
+    return config
 
 
 def tiny_text_encoder_config():

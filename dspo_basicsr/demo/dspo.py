@@ -205,7 +205,7 @@ def pretrain_tiny_vae(vae, hq, bicubic, steps=200, batch=8, generator=None, lr=2
 
 
 def pretrain_tiny_denoiser(framework, hq, lq, prompts, steps=300, batch=8, generator=None, lr=1e-3,
-                           max_timestep=None, modules=('unet', 'controlnet')):
+                           max_timestep=None, modules=('unet', 'controlnet'), patch_size=None):
     """Train a framework's denoising networks on the plain diffusion loss of its own training path, in place.
 
     Each step takes the framework's condition of the LQ images (:meth:`condition`), its timesteps
@@ -220,6 +220,9 @@ def pretrain_tiny_denoiser(framework, hq, lq, prompts, steps=300, batch=8, gener
         prompts (list[str]): N prompts.
         max_timestep (int | None): Timesteps are drawn from [0, max_timestep) (all by default).
         modules (tuple[str]): Submodules trained (those the framework has).
+        patch_size (int | None): Train on random aligned ``patch_size`` px windows of the HQ crops (their latents
+            and LQ pixels cut at the same place), as SR diffusion models train on crops; None: whole crops. A
+            window costs a quarter of a crop twice its size, so more steps fit the same time.
     """
     generator = generator or torch.Generator().manual_seed(0)
     params = [p for name in modules if isinstance(getattr(framework, name, None), torch.nn.Module)
@@ -232,12 +235,13 @@ def pretrain_tiny_denoiser(framework, hq, lq, prompts, steps=300, batch=8, gener
     num_train = max_timestep or framework.noise_scheduler.config.num_train_timesteps
     for _ in tqdm(range(steps), desc='pretrain tiny denoiser', leave=False):
         index = torch.randint(0, latents.shape[0], (batch,), generator=generator)
-        noise = torch.randn(latents[index].shape, generator=generator)
+        z, lq_batch = _aligned_windows(latents[index], lq[index], framework, patch_size, generator)
+        noise = torch.randn(z.shape, generator=generator)
         t = framework.training_timesteps(batch, 0, num_train, generator=generator)
         dropped = (torch.rand(batch, generator=generator) < 0.2).tolist()
         with torch.no_grad():
-            cond = framework.condition(lq[index], ['' if d else prompts[i] for d, i in zip(dropped, index.tolist())])
-        x_t, target = framework.diffusion_inputs(latents[index], noise, t, cond)
+            cond = framework.condition(lq_batch, ['' if d else prompts[i] for d, i in zip(dropped, index.tolist())])
+        x_t, target = framework.diffusion_inputs(z, noise, t, cond)
         loss = torch.nn.functional.mse_loss(framework.predict_noise(x_t, t, cond), target)
         optimizer.zero_grad()
         loss.backward()
@@ -245,8 +249,23 @@ def pretrain_tiny_denoiser(framework, hq, lq, prompts, steps=300, batch=8, gener
     return framework
 
 
+def _aligned_windows(latents, lq, framework, patch_size, generator):
+    """One random window of ``patch_size`` HQ pixels, on a grid both the latent and the LQ pixels fall on, cut
+    from each of (B, C, h, w) ``latents`` and (B, 3, H/s, W/s) ``lq``; the whole tensors when ``patch_size`` is None
+    or not smaller than the crops."""
+    f, s = framework.vae_scale_factor, framework.scale
+    height, width = lq.shape[2] * s, lq.shape[3] * s
+    if not patch_size or patch_size >= min(height, width):
+        return latents, lq
+    step = f * s // math.gcd(f, s)
+    top, left = (int(torch.randint(0, (size - patch_size) // step + 1, (), generator=generator)) * step
+                 for size in (height, width))
+    return (latents[:, :, top // f:(top + patch_size) // f, left // f:(left + patch_size) // f],
+            lq[:, :, top // s:(top + patch_size) // s, left // s:(left + patch_size) // s])
+
+
 def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion_steps=300, batch=8, seed=0,
-                            max_timestep=None, lr=1e-3, vae_opt=None):
+                            max_timestep=None, lr=1e-3, vae_opt=None, denoiser_opt=None):
     """Give a tiny random framework the rudiments of a pretrained SR model, in about a minute on a CPU.
 
     First the VAE learns to reconstruct the crops (:func:`pretrain_tiny_vae`), then the denoising networks
@@ -260,12 +279,14 @@ def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion
         prompts (list[str]): N prompts.
         vae_opt (dict | None): Arguments of :func:`pretrain_tiny_vae` that override ``vae_steps`` / ``batch``
             (e.g. ``lr``, ``patch_size``; :func:`vae_options` of a demo base).
+        denoiser_opt (dict | None): Arguments of :func:`pretrain_tiny_denoiser` that override ``diffusion_steps``,
+            ``batch`` and ``lr`` (:func:`denoiser_options` of a demo base).
     """
     generator = torch.Generator().manual_seed(seed)
     pretrain_tiny_vae(framework.vae, hq, framework.upsample_lq(lq),
                       **dict(dict(steps=vae_steps, batch=batch), **(vae_opt or {})), generator=generator)
-    pretrain_tiny_denoiser(framework, hq, lq, prompts, steps=diffusion_steps, batch=batch, generator=generator,
-                           lr=lr, max_timestep=max_timestep)
+    pretrain_tiny_denoiser(framework, hq, lq, prompts, generator=generator, max_timestep=max_timestep,
+                           **dict(dict(steps=diffusion_steps, batch=batch, lr=lr), **(denoiser_opt or {})))
     framework.setup_trainable()
     return framework
 
@@ -303,16 +324,37 @@ def demo_preference_samples(framework, crops, lqs, segmenter):
             meta={'candidates': list(DEMO_CANDIDATE_SETTINGS), 'default_candidate': 0, 'source': 'skimage.data'})
 
 
+def _prefixed_arguments(settings, prefix, function):
+    names = inspect.signature(function).parameters
+    return {name: settings[prefix + name] for name in names if prefix + name in settings}
+
+
 def vae_options(settings):
     """The :func:`pretrain_tiny_vae` arguments of a demo base: its ``vae_<argument>`` entries (``vae_steps``,
     ``vae_lr``, ``vae_patch_size``, ...), so every demo pretrains its VAE the same way."""
-    names = inspect.signature(pretrain_tiny_vae).parameters
-    return {name: settings[f'vae_{name}'] for name in names if f'vae_{name}' in settings}
+    return _prefixed_arguments(settings, 'vae_', pretrain_tiny_vae)
 
 
-#: The demo base: tiny VAE widths, pretraining steps, and where sampling starts (see ControlSD2Arch).
-DEMO_BASE = dict(vae_widths=(16, 32, 32), vae_steps=200,
-                 diffusion_steps=200, max_timestep=400, start_strength=0.375)
+def denoiser_options(settings):
+    """The :func:`pretrain_tiny_denoiser` arguments of a demo base: its ``diffusion_<argument>`` entries
+    (``diffusion_steps``, ``diffusion_patch_size``, ...)."""
+    return _prefixed_arguments(settings, 'diffusion_', pretrain_tiny_denoiser)
+
+
+#: The demo base: tiny VAE and UNet layout, pretraining steps, and where sampling starts (see ControlSD2Arch).
+#: A latent factor of 2 (two VAE levels) keeps enough of a 64 px crop for the decoded samples to come within a dB of
+#: bicubic; at factor 4 the VAE alone cost 1.5 dB. The UNet then runs on 32 x 32 latents, so its attention sits on
+#: the second (16 x 16) level, where the factor-4 base had it, which keeps an iteration's cost.
+DEMO_BASE = dict(vae_widths=(16, 32), vae_steps=600, vae_batch=16, vae_lr=3e-3, vae_patch_size=32,
+                 unet_down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+                 unet_up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
+                 diffusion_steps=600, diffusion_patch_size=32, max_timestep=400, start_strength=0.375)
+
+
+def demo_tiny_components(settings, seed=0):
+    """The ``tiny`` argument of a framework for a demo base: its seed, VAE widths and ``unet_<option>`` entries."""
+    unet = {key[len('unet_'):]: value for key, value in settings.items() if key.startswith('unet_')}
+    return {'seed': seed, 'vae': {'block_out_channels': tuple(settings['vae_widths'])}, 'unet': unet}
 
 
 def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n_segments=8, seed=0,
@@ -357,10 +399,10 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     controlnet_path = os.path.join(model_path, 'controlnet')
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        base = ControlSD2Arch(tiny={'seed': seed, 'vae': {'block_out_channels': settings['vae_widths']}}, scale=scale)
+        base = ControlSD2Arch(tiny=demo_tiny_components(settings, seed), scale=scale)
         pretrain_tiny_framework(base, as_tensor([hq for _, hq, _ in train]), as_tensor(train_lq),
                                 [prompt for _, _, prompt in train], vae_opt=vae_options(settings),
-                                diffusion_steps=settings['diffusion_steps'], max_timestep=settings['max_timestep'],
+                                denoiser_opt=denoiser_options(settings), max_timestep=settings['max_timestep'],
                                 seed=seed)
     save_sd_components(model_path, dict(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
                                         tokenizer=base.tokenizer, noise_scheduler=base.noise_scheduler))

@@ -30,6 +30,8 @@ from dspo_basicsr.demo.dspo import (
     DEMO_CANDIDATE_SETTINGS,
     _to_uint8,
     degrade,
+    demo_tiny_components,
+    denoiser_options,
     hq_crops,
     instance_pairs_by_psnr,
     pretrain_tiny_denoiser,
@@ -67,7 +69,7 @@ def framework_network_options(framework, root='datasets/demo', scale=4):
     return net
 
 
-def _random_released_model(framework, folder, widths, seed):
+def _random_released_model(framework, folder, settings, seed):
     """Save a tiny random framework in its released layout under ``folder`` (weights replaced after pretraining)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
@@ -78,7 +80,8 @@ def _random_released_model(framework, folder, widths, seed):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        components = tiny_sd_components(vae={'block_out_channels': tuple(widths)})
+        tiny = demo_tiny_components(settings, seed)
+        components = tiny_sd_components(unet=tiny['unet'], vae=tiny['vae'])
         prediction_type = FRAMEWORK_DEMOS[framework].get('prediction_type')
         if prediction_type:
             components['noise_scheduler'] = tiny_noise_scheduler(prediction_type)
@@ -86,7 +89,7 @@ def _random_released_model(framework, folder, widths, seed):
             tagger = RAMImageEmbedder(tiny=True, tagging=True)  # OSEDiff's test prompts are DAPE tags
         else:
             unet = components.pop('unet')
-            factor = 2**(len(widths) - 1)
+            factor = 2**(len(settings['vae_widths']) - 1)
             controlnet = ControlNetModel.from_unet(
                 unet, conditioning_embedding_out_channels=controlnet_embedding_channels(factor))
             tagger = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM}, tagging=True)
@@ -179,7 +182,7 @@ def build_framework_demo(framework, root='datasets/demo', scale=4, size=64, crop
 
     spec = FRAMEWORK_DEMOS[framework]
     net_opt = framework_network_options(framework, root, scale)
-    _random_released_model(framework, folder, settings['vae_widths'], seed)
+    _random_released_model(framework, folder, settings, seed)
     # Pretraining trains whole networks, so the model is loaded without the DSPO LoRA adapters.
     random_opt = {k: v for k, v in net_opt.items() if k != 'osediff_path'}  # not written yet
     model = build_network(dict(random_opt, trainable=list(spec['modules'])))
@@ -189,7 +192,7 @@ def build_framework_demo(framework, root='datasets/demo', scale=4, size=64, crop
         pretrain_tiny_vae(model.vae, hq, model.upsample_lq(lq), generator=generator, **vae_options(settings))
         if getattr(model, 'lq_vae', None) is not None:  # OSEDiff encodes the LQ with its own copy of the VAE
             model.lq_vae = copy.deepcopy(model.vae)
-        pretrain_tiny_denoiser(model, hq, lq, prompts, steps=settings['diffusion_steps'], generator=generator,
+        pretrain_tiny_denoiser(model, hq, lq, prompts, generator=generator, **denoiser_options(settings),
                                max_timestep=None if framework == 'osediff' else settings['max_timestep'],
                                modules=spec['modules'])
     _save_pretrained(framework, model, folder)
