@@ -177,3 +177,34 @@ def test_degradation_is_a_function_of_its_seed_alone():
     assert np.array_equal(degrade(hq, seed=3), first)
     assert np.array_equal(np.random.get_state()[1], state)
     assert not np.array_equal(degrade(hq, seed=4), first)
+
+
+def test_denoiser_windows_cut_latents_and_lq_at_the_same_place():
+    """The denoiser's training windows: the latent window and the LQ window cover the same HQ pixels."""
+    from types import SimpleNamespace
+
+    from dspo_basicsr.demo.dspo import _aligned_windows
+    framework = SimpleNamespace(vae_scale_factor=2, scale=4)
+    rows = torch.arange(32, dtype=torch.float32)
+    latents = (rows[:, None] * 2).expand(32, 32)[None, None].repeat(2, 4, 1, 1)  # HQ row of each latent pixel
+    lq = (rows[:16, None] * 4).expand(16, 16)[None, None].repeat(2, 3, 1, 1)  # HQ row of each LQ pixel
+    seen = set()
+    for seed in range(20):
+        z, small = _aligned_windows(latents, lq, framework, 32, torch.Generator().manual_seed(seed))
+        assert z.shape == (2, 4, 16, 16) and small.shape == (2, 3, 8, 8)
+        assert z[0, 0, 0, 0] == small[0, 0, 0, 0]  # the same first HQ row
+        seen.add(int(z[0, 0, 0, 0]))
+    assert len(seen) > 1  # the windows move
+    whole = _aligned_windows(latents, lq, framework, None, torch.Generator())
+    assert whole[0] is latents and whole[1] is lq
+
+
+def test_demo_base_settings_reach_the_pretraining_functions_and_the_tiny_networks():
+    from dspo_basicsr.demo.dspo import DEMO_BASE, demo_tiny_components, denoiser_options, vae_options
+    assert denoiser_options(DEMO_BASE) == {'steps': DEMO_BASE['diffusion_steps'],
+                                           'patch_size': DEMO_BASE['diffusion_patch_size']}
+    assert vae_options(dict(DEMO_BASE, vae_steps=1)) == {'steps': 1, 'batch': 16, 'lr': 3e-3, 'patch_size': 32}
+    arch = ControlSD2Arch(tiny=demo_tiny_components(DEMO_BASE), sampler='ddim')
+    assert arch.vae_scale_factor == 2 ** (len(DEMO_BASE['vae_widths']) - 1) == 2
+    assert list(arch.unet.config.down_block_types) == list(DEMO_BASE['unet_down_block_types'])
+    assert list(arch.controlnet.config.down_block_types) == list(DEMO_BASE['unet_down_block_types'])
