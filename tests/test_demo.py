@@ -208,3 +208,39 @@ def test_demo_base_settings_reach_the_pretraining_functions_and_the_tiny_network
     assert arch.vae_scale_factor == 2 ** (len(DEMO_BASE['vae_widths']) - 1) == 2
     assert list(arch.unet.config.down_block_types) == list(DEMO_BASE['unet_down_block_types'])
     assert list(arch.controlnet.config.down_block_types) == list(DEMO_BASE['unet_down_block_types'])
+
+
+def test_base_quality_measures_each_stage_with_the_validation_metric(tmp_path):
+    import glob
+    import os
+
+    import cv2
+    import yaml
+
+    from dspo_basicsr.demo.base_quality import base_quality
+    from dspo_basicsr.demo.dspo import build_demo_data
+
+    from basicsr.metrics import calculate_psnr
+
+    from conftest import REPO
+    root = str(tmp_path / 'demo')
+    build_demo_data(root, crops_per_photo=1, base=dict(vae_steps=1, diffusion_steps=1))
+    with open(os.path.join(REPO, 'options', 'demo', 'dspo_demo.yml')) as f:
+        text = f.read().replace('datasets/demo', root)
+    option_file = tmp_path / 'demo.yml'
+    option_file.write_text(text)
+    result = base_quality(str(option_file))
+    assert result['images'] == 6
+    crop = yaml.safe_load(text)['val']['metrics']['psnr']['crop_border']
+    expected = []
+    for path in sorted(glob.glob(os.path.join(root, 'val', 'gt', '*.png'))):
+        gt = cv2.imread(path)
+        lq = cv2.imread(path.replace(os.sep + 'gt' + os.sep, os.sep + 'lq' + os.sep)).astype(np.float32) / 255
+        lq = torch.from_numpy(lq).permute(2, 0, 1)[None]
+        bicubic = torch.nn.functional.interpolate(lq, scale_factor=4, mode='bicubic', align_corners=False).clamp(0, 1)
+        bicubic = (bicubic[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        expected.append(calculate_psnr(bicubic, gt, crop_border=crop))
+    assert abs(result['bicubic'] - float(np.mean(expected))) < 1e-3
+    assert all(np.isfinite(v) for v in result.values())
+    # the option file's colour fix (adain) is applied to the round trip, so the two differ
+    assert result['vae_round_trip_bicubic_color_fixed'] != result['vae_round_trip_bicubic']
