@@ -21,10 +21,6 @@ def _read_rgb(path):
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _to_uint8(image):
-    return (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
-
-
 @torch.no_grad()
 def base_quality(option_file):
     """Mean held-out PSNR (the option file's ``crop_border``) of each stage of its pretrained ``network_g``.
@@ -38,7 +34,7 @@ def base_quality(option_file):
         ``val.sample``), in dB, and ``images``, the number of crops.
     """
     from dspo_basicsr.archs.color_fix import color_fix
-    from dspo_basicsr.archs.diffusion_sr_base import sample_protocol
+    from dspo_basicsr.demo.dspo import _to_uint8, sample_as_validation
     from dspo_basicsr.utils.options import read_option_file
 
     from basicsr.archs import build_network
@@ -47,7 +43,6 @@ def base_quality(option_file):
     opt = read_option_file(option_file)
     image_set = next(d for d in opt['datasets'].values() if d['type'] == 'PairedImageDataset')
     sample_opt = dict(opt['val'].get('sample') or {})
-    protocol = sample_protocol(sample_opt)
     crop_border = opt['val'].get('metrics', {}).get('psnr', {}).get('crop_border', 0)
     framework = build_network(dict(opt['network_g'])).eval()
     stages = {k: [] for k in ('bicubic', 'vae_round_trip_bicubic', 'vae_round_trip_bicubic_color_fixed',
@@ -60,14 +55,10 @@ def base_quality(option_file):
         gt_tensor = torch.from_numpy(gt).permute(2, 0, 1)[None].float().div(255)
         bicubic = framework.upsample_lq(lq)
         round_trip = framework.decode_latents(framework.encode_images(bicubic))
-        generator = torch.Generator().manual_seed(int(sample_opt.get('seed', 0)))
-        sampled = framework.sample(
-            lq, prompt=sample_opt.get('prompt', ''), negative_prompt=sample_opt.get('negative_prompt'),
-            steps=sample_opt.get('steps'), cfg=sample_opt.get('cfg'), generator=generator,
-            sampler=sample_opt.get('sampler'), **protocol)
+        sampled = sample_as_validation(framework, lq, sample_opt)
         images = {
             'bicubic': bicubic, 'vae_round_trip_bicubic': round_trip,
-            'vae_round_trip_bicubic_color_fixed': color_fix(round_trip, bicubic, protocol.get('color_fix', 'none')),
+            'vae_round_trip_bicubic_color_fixed': color_fix(round_trip, bicubic, sample_opt.get('color_fix', 'none')),
             'vae_round_trip_gt': framework.decode_latents(framework.encode_images(gt_tensor)), 'sampled': sampled}
         for key, image in images.items():
             stages[key].append(calculate_psnr(_to_uint8(image[0]), gt, crop_border=crop_border))

@@ -343,7 +343,7 @@ def denoiser_options(settings):
 
 #: The demo base: tiny VAE and UNet layout, pretraining steps, and where sampling starts (see ControlSD2Arch).
 #: A latent factor of 2 (two VAE levels) keeps enough of a 64 px crop for the decoded samples to come within a dB of
-#: bicubic; at factor 4 the VAE alone cost 1.5 dB. The UNet then runs on 32 x 32 latents, so its attention sits on
+#: bicubic; at factor 4 the VAE alone cost 1.6 dB. The UNet then runs on 32 x 32 latents, so its attention sits on
 #: the second (16 x 16) level, where the factor-4 base had it, which keeps an iteration's cost.
 DEMO_BASE = dict(vae_widths=(16, 32), vae_steps=600, vae_batch=16, vae_lr=3e-3, vae_patch_size=32,
                  unet_down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
@@ -448,6 +448,17 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
                 val=os.path.join(root, 'val'), num_samples=len(train), **paths)
 
 
+def sample_as_validation(framework, lq, sample_opt):
+    """``framework.sample`` of (B, 3, h, w) ``lq`` with an option file's ``val.sample`` settings (seed, prompt,
+    steps, guidance, sampler and the protocol keys), as DSPOModel's validation samples."""
+    from dspo_basicsr.archs.diffusion_sr_base import sample_protocol
+    generator = torch.Generator().manual_seed(int(sample_opt.get('seed', 0)))
+    return framework.sample(
+        lq, prompt=sample_opt.get('prompt', ''), negative_prompt=sample_opt.get('negative_prompt'),
+        steps=sample_opt.get('steps'), cfg=sample_opt.get('cfg'), generator=generator,
+        sampler=sample_opt.get('sampler'), **sample_protocol(sample_opt))
+
+
 @torch.no_grad()
 def held_out_win_rate(option_file, checkpoint, n_segments=8):
     """Instance win rate of a trained demo model over its pretrained base on the held-out crops.
@@ -463,7 +474,6 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
     Returns:
         dict: :func:`instance_win_rate`'s counts plus ``psnr_trained`` / ``psnr_pretrained`` (mean, dB).
     """
-    from dspo_basicsr.archs.diffusion_sr_base import sample_protocol
     from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
     from dspo_basicsr.utils.checkpoint import read_checkpoint
     from dspo_basicsr.utils.options import read_option_file
@@ -474,8 +484,6 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
     opt = read_option_file(option_file)
     image_set = next(d for d in opt['datasets'].values() if d['type'] == 'PairedImageDataset')
     sample_opt = dict(opt['val'].get('sample') or {})
-    # color_fix, prompt_source, tiling: as DSPOModel's validation samples
-    protocol = sample_protocol(sample_opt)
     framework = build_network(dict(opt['network_g'])).eval()
     reference = framework.build_reference()
     state = read_checkpoint(checkpoint, what='the trained demo weights')
@@ -488,15 +496,9 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
         lq = cv2.cvtColor(cv2.imread(os.path.join(image_set['dataroot_lq'], name)), cv2.COLOR_BGR2RGB)
         lq = torch.from_numpy(lq).permute(2, 0, 1)[None].float().div(255)
 
-        def sample(lq=lq):
-            generator = torch.Generator().manual_seed(int(sample_opt.get('seed', 0)))
-            return _to_uint8(framework.sample(
-                lq, prompt=sample_opt.get('prompt', ''), negative_prompt=sample_opt.get('negative_prompt'),
-                steps=sample_opt.get('steps'), cfg=sample_opt.get('cfg'), generator=generator,
-                sampler=sample_opt.get('sampler'), **protocol)[0])
-        current.append(sample())
+        current.append(_to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
         with reference.sampling():
-            pretrained.append(sample())
+            pretrained.append(_to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
         gts.append(gt)
         segs.append(segment_instances(segmenter, gt, min_area=16))
     result = instance_win_rate(current, pretrained, gts, segs)
