@@ -89,18 +89,14 @@ def sample_seeds(bare, lq, num_seeds, sample_opt, batch_size, seed=0):
     """
     import torch
 
-    from dspo_basicsr.archs.diffusion_sr_base import sample_protocol
-    # colour fix, tag prompts, tiling: sampled as the model's own validation does
-    protocol = sample_protocol(sample_opt)
+    from dspo_basicsr.archs.diffusion_sr_base import sample_with_options
     outputs = []
     for start in range(0, num_seeds, batch_size):
         count = min(batch_size, num_seeds - start)
         generator = torch.Generator(device=lq.device).manual_seed(int(seed) + start)
         with torch.no_grad():
-            out = bare.sample(lq.expand(count, -1, -1, -1), prompt=sample_opt.get('prompt', ''),
-                              negative_prompt=sample_opt.get('negative_prompt'), steps=sample_opt.get('steps'),
-                              cfg=sample_opt.get('cfg'), generator=generator, sampler=sample_opt.get('sampler'),
-                              **protocol)
+            # colour fix, tag prompts, tiling: sampled as the model's own validation does
+            out = sample_with_options(bare, lq.expand(count, -1, -1, -1), sample_opt, generator)
         outputs.append(out.float().clamp(0, 1).cpu())
     return torch.cat(outputs)
 

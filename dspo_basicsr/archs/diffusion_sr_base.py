@@ -29,6 +29,15 @@ def sample_protocol(options):
     return {k: options[k] for k in SAMPLE_PROTOCOL_KEYS if options.get(k) is not None}
 
 
+def sample_with_options(framework, lq, options, generator=None):
+    """``framework.sample(lq)`` with the settings of a ``val.sample`` block: prompt, negative prompt, steps,
+    guidance, sampler and the protocol keys (colour fix, tag prompts, tiling), as DSPOModel's validation samples."""
+    return framework.sample(
+        lq, prompt=options.get('prompt', ''), negative_prompt=options.get('negative_prompt'),
+        steps=options.get('steps'), cfg=options.get('cfg'), generator=generator, sampler=options.get('sampler'),
+        **sample_protocol(options))
+
+
 def check_component_folder(path, subfolder, what):
     """Raise :func:`missing_weights_error` unless ``path/subfolder`` holds a config and weights."""
     folder = os.path.join(path, subfolder) if subfolder else path

@@ -449,14 +449,9 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
 
 
 def sample_as_validation(framework, lq, sample_opt):
-    """``framework.sample`` of (B, 3, h, w) ``lq`` with an option file's ``val.sample`` settings (seed, prompt,
-    steps, guidance, sampler and the protocol keys), as DSPOModel's validation samples."""
-    from dspo_basicsr.archs.diffusion_sr_base import sample_protocol
-    generator = torch.Generator().manual_seed(int(sample_opt.get('seed', 0)))
-    return framework.sample(
-        lq, prompt=sample_opt.get('prompt', ''), negative_prompt=sample_opt.get('negative_prompt'),
-        steps=sample_opt.get('steps'), cfg=sample_opt.get('cfg'), generator=generator,
-        sampler=sample_opt.get('sampler'), **sample_protocol(sample_opt))
+    """(B, 3, h, w) ``lq`` sampled with a ``val.sample`` block and its seed, as DSPOModel's validation samples."""
+    from dspo_basicsr.archs.diffusion_sr_base import sample_with_options
+    return sample_with_options(framework, lq, sample_opt, torch.Generator().manual_seed(int(sample_opt.get('seed', 0))))
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 from tqdm import tqdm
 
-from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition, sample_protocol
+from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition, sample_with_options
 from dspo_basicsr.compat import atomic_torch_save, gather_in_sample_order, is_main_process, wait_for_all_ranks
 from dspo_basicsr.losses.preference_loss import (
     DEFAULT_BETA,
@@ -418,11 +418,7 @@ class DSPOModel(SRModel):
         bare = self.bare
         bare.eval()
         # The official test scripts' inference settings (docs/frameworks.md): tag prompts, colour fix, tiling.
-        protocol = sample_protocol(sample_opt)
-        self.output = bare.sample(
-            self.lq, prompt=sample_opt.get('prompt', ''), negative_prompt=sample_opt.get('negative_prompt'),
-            steps=sample_opt.get('steps'), cfg=sample_opt.get('cfg'), generator=generator,
-            sampler=sample_opt.get('sampler'), **protocol)
+        self.output = sample_with_options(bare, self.lq, sample_opt, generator)
         bare.train(self.is_train)
 
     def dist_validation(self, dataloader, current_iter, tb_logger, save_img):
