@@ -4,21 +4,10 @@ The held-out PSNR of a latent diffusion SR model is capped by its VAE: sampling 
 the latent of the bicubic image and ends in the decoder. :func:`base_quality` measures each stage with the option
 file's validation metric, so a change to the demo base (``DEMO_BASE``) shows which stage it moved.
 """
-import os
-
-import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 __all__ = ['base_quality']
-
-
-def _read_rgb(path):
-    image = cv2.imread(path)
-    if image is None:
-        raise FileNotFoundError(f"cannot read image '{path}': rebuild the demo (scripts/make_demo_data.py).")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 @torch.no_grad()
@@ -34,24 +23,19 @@ def base_quality(option_file):
         ``val.sample``), in dB, and ``images``, the number of crops.
     """
     from dspo_basicsr.archs.color_fix import color_fix
-    from dspo_basicsr.demo.dspo import _to_uint8, sample_as_validation
+    from dspo_basicsr.demo.dspo import _to_uint8, held_out_crops, sample_as_validation
     from dspo_basicsr.utils.options import read_option_file
 
     from basicsr.archs import build_network
     from basicsr.metrics import calculate_psnr
 
     opt = read_option_file(option_file)
-    image_set = next(d for d in opt['datasets'].values() if d['type'] == 'PairedImageDataset')
     sample_opt = dict(opt['val'].get('sample') or {})
     crop_border = opt['val'].get('metrics', {}).get('psnr', {}).get('crop_border', 0)
     framework = build_network(dict(opt['network_g'])).eval()
     stages = {k: [] for k in ('bicubic', 'vae_round_trip_bicubic', 'vae_round_trip_bicubic_color_fixed',
                               'vae_round_trip_gt', 'sampled')}
-    names = sorted(os.listdir(image_set['dataroot_gt']))
-    for name in tqdm(names, desc='demo base quality'):
-        gt = _read_rgb(os.path.join(image_set['dataroot_gt'], name))
-        lq = _read_rgb(os.path.join(image_set['dataroot_lq'], name))
-        lq = torch.from_numpy(lq).permute(2, 0, 1)[None].float().div(255)
+    for _, gt, lq in held_out_crops(opt, 'demo base quality'):
         gt_tensor = torch.from_numpy(gt).permute(2, 0, 1)[None].float().div(255)
         bicubic = framework.upsample_lq(lq)
         round_trip = framework.decode_latents(framework.encode_images(bicubic))
@@ -62,4 +46,5 @@ def base_quality(option_file):
             'vae_round_trip_gt': framework.decode_latents(framework.encode_images(gt_tensor)), 'sampled': sampled}
         for key, image in images.items():
             stages[key].append(calculate_psnr(_to_uint8(image[0]), gt, crop_border=crop_border))
-    return dict({key: round(float(np.mean(values)), 4) for key, values in stages.items()}, images=len(names))
+    return dict({key: round(float(np.mean(values)), 4) for key, values in stages.items()},
+                images=len(stages['sampled']))

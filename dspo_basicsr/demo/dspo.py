@@ -454,6 +454,17 @@ def sample_as_validation(framework, lq, sample_opt):
     return sample_with_options(framework, lq, sample_opt, torch.Generator().manual_seed(int(sample_opt.get('seed', 0))))
 
 
+def held_out_crops(opt, desc):
+    """The (name, uint8 RGB GT, (1, 3, h, w) LQ tensor in [0, 1]) of an option file's paired image validation set,
+    in name order, with a progress bar."""
+    from dspo_basicsr.preference.work_folder import read_image
+    image_set = next(d for d in opt['datasets'].values() if d['type'] == 'PairedImageDataset')
+    for name in tqdm(sorted(os.listdir(image_set['dataroot_gt'])), desc=desc):
+        lq = read_image(os.path.join(image_set['dataroot_lq'], name))
+        yield name, read_image(os.path.join(image_set['dataroot_gt'], name)), \
+            torch.from_numpy(lq).permute(2, 0, 1)[None].float().div(255)
+
+
 @torch.no_grad()
 def held_out_win_rate(option_file, checkpoint, n_segments=8):
     """Instance win rate of a trained demo model over its pretrained base on the held-out crops.
@@ -477,20 +488,14 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
     from basicsr.metrics import calculate_psnr
 
     opt = read_option_file(option_file)
-    image_set = next(d for d in opt['datasets'].values() if d['type'] == 'PairedImageDataset')
     sample_opt = dict(opt['val'].get('sample') or {})
     framework = build_network(dict(opt['network_g'])).eval()
     reference = framework.build_reference()
     state = read_checkpoint(checkpoint, what='the trained demo weights')
     framework.load_trainable_state_dict(state, source=f"checkpoint '{checkpoint}'")
     segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
-    names = sorted(os.listdir(image_set['dataroot_gt']))
     current, pretrained, gts, segs = [], [], [], []
-    for name in tqdm(names, desc='held-out win rate'):
-        gt = cv2.cvtColor(cv2.imread(os.path.join(image_set['dataroot_gt'], name)), cv2.COLOR_BGR2RGB)
-        lq = cv2.cvtColor(cv2.imread(os.path.join(image_set['dataroot_lq'], name)), cv2.COLOR_BGR2RGB)
-        lq = torch.from_numpy(lq).permute(2, 0, 1)[None].float().div(255)
-
+    for _, gt, lq in held_out_crops(opt, 'held-out win rate'):
         current.append(_to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
         with reference.sampling():
             pretrained.append(_to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
