@@ -429,15 +429,9 @@ def _registry_get(self, name, suffix='basicsr'):
 
 
 def _get_optimizer(self, optim_type, params, lr, **kwargs):
-    """``BaseModel.get_optimizer`` accepting any optimizer class of ``torch.optim`` by name."""
-    import torch
-    optimizer_class = getattr(torch.optim, optim_type, None)
-    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
-        known = sorted(n for n, c in vars(torch.optim).items()
-                       if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
-                       and c is not torch.optim.Optimizer)
-        raise ValueError(f"optimizer type '{optim_type}' is not a torch.optim optimizer; choose one of {known}.")
-    return optimizer_class(params, lr, **kwargs)
+    """``BaseModel.get_optimizer`` through :func:`dspo_basicsr.utils.optimizers.build_optimizer`."""
+    from dspo_basicsr.utils.optimizers import build_optimizer
+    return build_optimizer(optim_type, params, lr, **kwargs)
 
 
 def _with_dataset_collate(build_dataloader):
