@@ -65,3 +65,13 @@ def test_import_fills_the_registries_without_importing_diffusion_libraries():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == [
         '[]', 'dspo_basicsr.archs.image_cross_attention ImageCrossAttentionTransformer2DModel True']
+
+
+def test_readme_registration_table_lists_exactly_these_names():
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), '..', 'README.md'), encoding='utf-8').read()
+    for name, names in OURS.items():
+        row = re.search(rf'^\| {name} \| (.*) \|$', readme, re.M)
+        assert row, f'README has no "{name}" row in its registration table'
+        assert set(re.findall(r'`(\w+)`', row.group(1))) == names, name

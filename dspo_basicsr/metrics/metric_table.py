@@ -255,7 +255,7 @@ def missing_pyiqa_weights(pyiqa_name: str, files: List[WeightFile]) -> Optional[
 
 
 def metric_table_markdown() -> str:
-    """Render :data:`METRIC_TABLE` as a Markdown table (the README's metric table)."""
+    """Render :data:`METRIC_TABLE` as a Markdown table (the table of docs/metrics.md)."""
     header = ('| `type` | metric | pyiqa name | reference | `better` | score range | weight files | paper |\n'
               '| --- | --- | --- | --- | --- | --- | --- | --- |')
     rows = []
