@@ -20,6 +20,9 @@ import time
 
 import yaml
 
+from dspo_basicsr.losses.preference_loss import DEFAULT_BETA
+from dspo_basicsr.utils.options import as_test_options
+
 #: preference loss type -> (short key, label in the paper's words).
 OBJECTIVES = {
     'DiffusionSFTLoss': ('sft', 'SFT'),
@@ -35,7 +38,7 @@ PREFERENCE_METRICS = {'implicit_acc': ('Implicit acc.', False), 'logit_mean': ('
 RADAR_EXCLUDED = ('logit_mean', )
 
 #: objective options shown in a variant's label only when they differ from these values.
-VARIANT_DEFAULTS = {'beta': 8000, 'margin': 1e-3, 'pairs': 'best_worst', 'top_n': 1, 'weighting': 'none',
+VARIANT_DEFAULTS = {'beta': DEFAULT_BETA, 'margin': 1e-3, 'pairs': 'best_worst', 'top_n': 1, 'weighting': 'none',
                     'instance_level': False}
 
 PRESETS = {
@@ -154,12 +157,8 @@ def _metric_directions(opt):
 
 
 def evaluation_options(opt, checkpoint, results_root):
-    """``opt`` as BasicSR's test pipeline would prepare it, for the checkpoint (None: the pretrained model)."""
-    import torch
-    opt = copy.deepcopy(opt)
-    opt.update(is_train=False, dist=False, rank=0, world_size=1, auto_resume=False)
-    if opt.get('num_gpu') == 'auto':
-        opt['num_gpu'] = torch.cuda.device_count()
+    """:func:`~dspo_basicsr.utils.options.as_test_options`, only the ``val*`` sets, results in ``results_root``."""
+    opt = as_test_options(opt, checkpoint)
     opt['datasets'] = {phase: dict(value, phase=phase.split('_')[0], scale=opt['scale'])
                        for phase, value in opt['datasets'].items() if phase.startswith('val')}
     opt['path'] = {'pretrain_network_g': checkpoint, 'strict_load_g': True, 'param_key_g': 'params',

@@ -8,11 +8,12 @@ mean and Worst@M their worst, each averaged over the images. At M = 1 all three 
 
 Used by ``scripts/seed_consistency.py``; writes ``seed_consistency.csv`` and one line plot per metric.
 """
-import copy
 import csv
 import os
 
 import numpy as np
+
+from dspo_basicsr.utils.options import as_test_options
 
 #: columns of the CSV.
 CSV_FIELDS = ('checkpoint', 'metric', 'M', 'best', 'mean', 'worst')
@@ -48,17 +49,6 @@ def best_mean_worst(values, counts, higher_better=True):
     sign = 1.0 if higher_better else -1.0
     return {'best': sign * best[:, index].mean(axis=0), 'mean': mean[:, index].mean(axis=0),
             'worst': sign * worst[:, index].mean(axis=0)}
-
-
-def evaluation_options(opt, checkpoint):
-    """A test option dict prepared as BasicSR's test pipeline would, for ``checkpoint`` (None: pretrained)."""
-    import torch
-    opt = copy.deepcopy(opt)
-    opt.update(is_train=False, dist=False, rank=0, world_size=1, auto_resume=False)
-    if opt.get('num_gpu') == 'auto':
-        opt['num_gpu'] = torch.cuda.device_count()
-    opt['path'] = dict(opt.get('path') or {}, pretrain_network_g=checkpoint, strict_load_g=True)
-    return opt
 
 
 def image_sets(opt):
@@ -128,7 +118,7 @@ def seed_scores(opt, checkpoint, num_seeds, metric_names=None, batch_size=8, max
     from basicsr.data import build_dataset
     from basicsr.models import build_model
 
-    opt = evaluation_options(opt, checkpoint)
+    opt = as_test_options(opt, checkpoint)
     metrics = dict((opt.get('val') or {}).get('metrics') or {})
     if metric_names:
         unknown = sorted(set(metric_names) - set(metrics))

@@ -65,3 +65,20 @@ def plain_options(value):
     if isinstance(value, list):
         return [plain_options(item) for item in value]
     return value
+
+
+def as_test_options(opt, checkpoint):
+    """``opt`` prepared as BasicSR's test pipeline prepares it, loading ``checkpoint`` (None: the pretrained model).
+
+    The one place that turns a training or test option dict into the options of a one-process evaluation; the
+    objective comparison and the seed-consistency measure both start from it.
+    """
+    import copy
+
+    import torch
+    opt = copy.deepcopy(opt)
+    opt.update(is_train=False, dist=False, rank=0, world_size=1, auto_resume=False)
+    if opt.get('num_gpu') == 'auto':
+        opt['num_gpu'] = torch.cuda.device_count()
+    opt['path'] = dict(opt.get('path') or {}, pretrain_network_g=checkpoint, strict_load_g=True)
+    return opt
