@@ -155,7 +155,10 @@ def test_tagging_head_loads_ram_layout_strictly_and_equals_rams_formula(tmp_path
     tagger = RAMImageEmbedder(ram_path=ram, tiny=TINY_RAM, tagging=True)
     images = torch.rand(3, 3, 28, 20)
     probs = torch.sigmoid(tagger.tag_logits(images))
-    tagger.class_threshold = probs.median().expand(16).clone()  # a threshold that keeps some tags and drops some
+    # a threshold that keeps some tags and drops some, halfway between two probabilities (never on one, where the
+    # tagger's and the formula's roundings could fall on either side)
+    middle = probs.flatten().sort().values[probs.numel() // 2 - 1:probs.numel() // 2 + 1]
+    tagger.class_threshold = middle.mean().expand(16).clone()
     logits, tags = _ram_tags_by_formula(state, images, heads=2, thresholds=tagger.class_threshold,
                                         tag_list=tagger.tag_list)
     torch.testing.assert_close(tagger.tag_logits(images), logits, rtol=1e-4, atol=1e-5)
