@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition, sample_with_options
+from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
 from dspo_basicsr.compat import atomic_torch_save, gather_in_sample_order, is_main_process, wait_for_all_ranks
 from dspo_basicsr.losses.preference_loss import (
     DEFAULT_BETA,
@@ -81,7 +82,9 @@ class DSPOModel(SRModel):
             once per update, and the logs average the k micro-batches. ``total_iter``, ``print_freq``,
             ``save_checkpoint_freq`` and ``val_freq`` count micro-batches; scheduler milestones and
             ``warmup_iter`` count updates. Default: 1.
-        val.sample: ``steps``, ``cfg``, ``seed``, ``prompt``, ``negative_prompt``, ``sampler`` for SR validation,
+        val.sample: ``protocol`` (a framework's official test protocol by name, ``seesr`` | ``addsr`` |
+            ``osediff`` | ``sd21``: :mod:`dspo_basicsr.archs.sampling_protocols`; keys set beside it override it),
+            ``steps``, ``cfg``, ``seed``, ``prompt``, ``negative_prompt``, ``sampler`` for SR validation,
             and ``prompt_source`` (``prompt`` | ``tags``), ``color_fix`` (``adain`` | ``wavelet`` | ``none``),
             ``process_size``, ``tile_size``, ``tile_overlap``, ``vae_tile`` (see ``DiffusionSRArch.sample``).
         val.preference_timesteps: timesteps at which a preference validation set is scored.
@@ -96,8 +99,8 @@ class DSPOModel(SRModel):
         'train': ('preference_opt', 'timestep_range', 'feedback_guidance_scale', 'reference_dtype', 'grad_clip',
                   'max_nonfinite_steps', 'accumulate_grad_batches'),
         'val': ('sample', 'preference_timesteps', 'preference_seed', 'preference_beta'),
-        'val.sample': ('steps', 'cfg', 'seed', 'prompt', 'negative_prompt', 'sampler', 'color_fix', 'tile_size',
-                       'tile_overlap', 'vae_tile', 'process_size', 'prompt_source', 'start_timestep'),
+        'val.sample': ('protocol', 'steps', 'cfg', 'seed', 'prompt', 'negative_prompt', 'sampler', 'color_fix',
+                       'tile_size', 'tile_overlap', 'vae_tile', 'process_size', 'prompt_source', 'start_timestep'),
     }
 
     def __init__(self, opt):
@@ -413,7 +416,7 @@ class DSPOModel(SRModel):
 
     # ------------------------------------------------------------------ sampling validation
     def test(self):
-        sample_opt = self.opt.get('val', {}).get('sample', {}) or {}
+        sample_opt = resolve_sample_options(self.opt.get('val', {}).get('sample'))  # a protocol preset expanded
         generator = torch.Generator(device=self.device).manual_seed(int(sample_opt.get('seed', 0)))
         bare = self.bare
         bare.eval()
