@@ -501,6 +501,8 @@ class DSPOModel(SRModel):
         # beta scales logit_mean (not implicit_acc): the training loss's, or val.preference_beta in basicsr test
         beta = float(val_opt.get('preference_beta') or getattr(getattr(self, 'cri_pref', None), 'beta', DEFAULT_BETA))
         seed = int(val_opt.get('preference_seed', 0))
+        # the training loss's instance error (mean or sum inside the mask: the logits' scale), else mean
+        instance_reduction = getattr(getattr(self, 'cri_pref', None), 'instance_error', 'mean')
         generator = torch.Generator(device=self.device)
         saved_scale, self.feedback_scale = getattr(self, 'feedback_scale', None), None
         bare = self.bare
@@ -518,7 +520,8 @@ class DSPOModel(SRModel):
                 t = torch.full((self.lq.shape[0],), int(step), device=self.device, dtype=torch.long)
                 err_theta, err_ref = self.denoising_errors(index, generator=generator, timesteps=t, latents=latents,
                                                            cond=cond, policy=bare)
-                logits, _, paired = dspo_logits(err_theta, err_ref, coverage, self.win, self.lose, beta)
+                logits, _, paired = dspo_logits(err_theta, err_ref, coverage, self.win, self.lose, beta,
+                                                instance_reduction)
                 sample_logits.append(logits[paired].cpu())
             per_sample.append((i, torch.cat(sample_logits)))
         bare.train(self.is_train)
