@@ -73,6 +73,7 @@ VALUE_CHECKS = {
     'val.sample.protocol': (lambda v: v in _sampling_protocols(), 'the name of a sampling protocol (seesr, addsr, '
                             'osediff, sd21: dspo_basicsr/archs/sampling_protocols.py)'),
     'train.ema_decay': (lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1) (0: no EMA)'),
+    'train.ema_schedule': (lambda v: v in ('constant', 'diffusers'), "'constant' or 'diffusers'"),
     'train.prompt_dropout': (lambda v: _is_number(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
     'val.preference_timesteps': (lambda v: isinstance(v, list) and v and all(_positive_int(t) or t == 0 for t in v),
                                  'a non-empty list of timesteps'),
