@@ -10,7 +10,8 @@ from dspo_basicsr.models.trainable_ema import TrainableEMA, ema_decay_at
 
 from basicsr.models import build_model
 
-from dspo_fixtures import in_process_options, make_tiny_preference_set, preference_batch
+from conftest import run_cli, write_options
+from dspo_fixtures import dspo_options, in_process_options, make_tiny_preference_set, preference_batch
 
 
 @pytest.fixture(scope='module')
@@ -198,3 +199,23 @@ def test_upstream_dro_recipe_file():
     assert train['dro']['sampler'] == 'dpmsolver++' and train['dro']['sampler_steps'] == 20
     assert train['dro']['perturb_timesteps'] is True and train['dro']['online_ratio'] == 1.0
     assert check_options(opt, check_paths=False) == []
+
+
+@pytest.mark.slow
+def test_cli_trains_validates_and_tests_with_the_ema(tiny_set, tmp_path):
+    opt = dspo_options(tiny_set, name='dspo_ema', total_iter=2)
+    opt['train']['ema_decay'] = 0.9
+    trained = run_cli(['train', '-opt', write_options(tmp_path / 'train.yml', opt)], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    saved = torch.load(tmp_path / 'experiments' / 'dspo_ema' / 'models' / 'net_g_latest.pth', weights_only=True)
+    assert set(saved) == {'params', 'params_ema'} and not _equal(saved['params'], saved['params_ema'])
+
+    test_opt = dspo_options(tiny_set, name='dspo_ema_test')
+    del test_opt['train']
+    test_opt['datasets'] = {'test_1': test_opt['datasets'].pop('val_1')}
+    test_opt['path']['pretrain_network_g'] = str(tmp_path / 'experiments' / 'dspo_ema' / 'models' /
+                                                 'net_g_latest.pth')
+    tested = run_cli(['test', '-opt', write_options(tmp_path / 'test.yml', test_opt)], cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    log = open(next((tmp_path / 'results' / 'dspo_ema_test').glob('test_*.log'))).read()
+    assert 'net_g_latest.pth [params_ema]' in log and 'implicit_acc' in log
