@@ -81,6 +81,14 @@ def test_training_updates_the_ema_once_per_update_and_saves_params_ema(tiny_set,
     assert _equal(saved['params_ema'], {k: v.cpu() for k, v in model.net_g_ema.state.items()})
 
 
+def test_lora_training_averages_only_the_adapters(tiny_set, tmp_path):
+    opt = in_process_options(tiny_set, tmp_path, trainable='unet_lora')
+    opt['train']['ema_decay'] = 0.5
+    model = build_model(opt)
+    assert model.net_g_ema.state and all('lora' in k for k in model.net_g_ema.state)
+    assert set(model.net_g_ema.state) == set(model.bare.trainable_state_dict())
+
+
 def test_basicsr_test_loads_params_ema_when_present(tiny_set, tmp_path):
     model = build_model(_ema_options(tiny_set, tmp_path))
     model.feed_data(preference_batch(tiny_set))
