@@ -51,6 +51,11 @@ def _timestep_range(value):
             and value[0] < value[1])
 
 
+def _sampling_protocols():
+    from dspo_basicsr.archs.sampling_protocols import SAMPLING_PROTOCOLS
+    return SAMPLING_PROTOCOLS
+
+
 #: dotted option -> (check, what it must be); checked for our models when present and not null
 VALUE_CHECKS = {
     'train.preference_opt.beta': (_positive_number, 'a positive number'),
@@ -65,6 +70,11 @@ VALUE_CHECKS = {
     'val.val_freq': (_positive_number, 'a positive number'),
     'val.preference_seed': (_is_number, 'an integer'),
     'val.preference_beta': (_positive_number, 'a positive number'),
+    'val.sample.protocol': (lambda v: v in _sampling_protocols(), 'the name of a sampling protocol (seesr, addsr, '
+                            'osediff, sd21: dspo_basicsr/archs/sampling_protocols.py)'),
+    'train.ema_decay': (lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1) (0: no EMA)'),
+    'train.ema_schedule': (lambda v: v in ('constant', 'diffusers'), "'constant' or 'diffusers'"),
+    'train.prompt_dropout': (lambda v: _is_number(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
     'val.preference_timesteps': (lambda v: isinstance(v, list) and v and all(_positive_int(t) or t == 0 for t in v),
                                  'a non-empty list of timesteps'),
     'logger.save_checkpoint_freq': (_positive_number, 'a positive number'),

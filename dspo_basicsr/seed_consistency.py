@@ -128,7 +128,8 @@ def seed_scores(opt, checkpoint, num_seeds, metric_names=None, batch_size=8, max
         metrics = {name: metrics[name] for name in metric_names}
     if not metrics:
         raise ValueError('no metrics: give --metrics or add val.metrics to the option file.')
-    sample_opt = (opt.get('val') or {}).get('sample') or {}
+    from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
+    sample_opt = resolve_sample_options((opt.get('val') or {}).get('sample'))  # a protocol preset expanded
     model = build_model(opt)
     bare = model.bare
     bare.eval()

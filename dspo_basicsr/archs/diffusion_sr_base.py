@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
 from dspo_basicsr.utils.checkpoint import check_state_dict_matches, missing_weights_error  # noqa: F401  (re-exported)
 
 DEFAULT_LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')
@@ -26,12 +27,14 @@ SAMPLE_PROTOCOL_KEYS = ('prompt_source', 'color_fix', 'process_size', 'tile_size
 
 def sample_protocol(options):
     """The protocol keyword arguments of :meth:`DiffusionSRArch.sample` set in ``options`` (e.g. ``val.sample``)."""
+    options = resolve_sample_options(options)
     return {k: options[k] for k in SAMPLE_PROTOCOL_KEYS if options.get(k) is not None}
 
 
 def sample_with_options(framework, lq, options, generator=None):
     """``framework.sample(lq)`` with the settings of a ``val.sample`` block: prompt, negative prompt, steps,
     guidance, sampler and the protocol keys (colour fix, tag prompts, tiling), as DSPOModel's validation samples."""
+    options = resolve_sample_options(options)
     return framework.sample(
         lq, prompt=options.get('prompt', ''), negative_prompt=options.get('negative_prompt'),
         steps=options.get('steps'), cfg=options.get('cfg'), generator=generator, sampler=options.get('sampler'),

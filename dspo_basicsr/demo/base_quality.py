@@ -23,6 +23,7 @@ def base_quality(option_file):
         ``val.sample``), in dB, and ``images``, the number of crops.
     """
     from dspo_basicsr.archs.color_fix import color_fix
+    from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
     from dspo_basicsr.demo.dspo import _to_uint8, held_out_crops, sample_as_validation
     from dspo_basicsr.utils.options import read_option_file
 
@@ -30,7 +31,7 @@ def base_quality(option_file):
     from basicsr.metrics import calculate_psnr
 
     opt = read_option_file(option_file)
-    sample_opt = dict(opt['val'].get('sample') or {})
+    sample_opt = resolve_sample_options(opt['val'].get('sample'))  # a protocol preset expanded
     crop_border = opt['val'].get('metrics', {}).get('psnr', {}).get('crop_border', 0)
     framework = build_network(dict(opt['network_g'])).eval()
     stages = {k: [] for k in ('bicubic', 'vae_round_trip_bicubic', 'vae_round_trip_bicubic_color_fixed',

@@ -451,6 +451,8 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
 def sample_as_validation(framework, lq, sample_opt):
     """(B, 3, h, w) ``lq`` sampled with a ``val.sample`` block and its seed, as DSPOModel's validation samples."""
     from dspo_basicsr.archs.diffusion_sr_base import sample_with_options
+    from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
+    sample_opt = resolve_sample_options(sample_opt)  # the seed of a protocol preset too
     return sample_with_options(framework, lq, sample_opt, torch.Generator().manual_seed(int(sample_opt.get('seed', 0))))
 
 
@@ -488,7 +490,8 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
     from basicsr.metrics import calculate_psnr
 
     opt = read_option_file(option_file)
-    sample_opt = dict(opt['val'].get('sample') or {})
+    from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
+    sample_opt = resolve_sample_options(opt['val'].get('sample'))  # a protocol preset expanded
     framework = build_network(dict(opt['network_g'])).eval()
     reference = framework.build_reference()
     state = read_checkpoint(checkpoint, what='the trained demo weights')

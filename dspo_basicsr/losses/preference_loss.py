@@ -35,6 +35,12 @@ from basicsr.utils.registry import LOSS_REGISTRY
 #: KL-regularisation strength of DSPO and Diffusion-DPO: the DSPO paper's 8000 (it absorbs T).
 DEFAULT_BETA = 8000.0
 
+#: how an instance's per-pixel errors become its error (``docs/objectives.md``, "Conventions the paper leaves open"):
+#: ``mean`` inside the mask (ours, the default) or ``sum``, the masked squared norm of the paper's Eqs. (6)-(7)
+INSTANCE_ERRORS = ('mean', 'sum')
+#: over which instances the area weights are normalised: ``paired`` (ours, the default) or ``all`` M (Eq. (3))
+AREA_WEIGHTS = ('paired', 'all')
+
 
 def instance_coverage(labels, num_instances, factor):
     """Area fraction of every latent pixel's footprint that lies inside each instance.
@@ -64,17 +70,24 @@ def instance_coverage(labels, num_instances, factor):
     return counts.view(b, num_instances, lh, lw) / float(factor * factor)
 
 
-def instance_error(err, coverage):
-    """Coverage-weighted mean of per-pixel errors inside each instance.
+def instance_error(err, coverage, reduction='mean'):
+    """Coverage-weighted mean (or sum) of per-pixel errors inside each instance.
 
     Args:
         err (Tensor): (B, K, h, w) per-pixel errors of K candidates.
         coverage (Tensor): (B, M, h, w) instance coverage from :func:`instance_coverage`.
+        reduction (str): ``mean`` (default) or ``sum`` (the masked squared norm of the DSPO paper's
+            Eqs. (6)-(7), in latent pixels; :data:`INSTANCE_ERRORS`).
 
     Returns:
-        Tensor: (B, K, M) ``e[k, m] = sum_p c_m(p) err[k](p) / sum_p c_m(p)`` (0 for an empty instance).
+        Tensor: (B, K, M) ``e[k, m] = sum_p c_m(p) err[k](p) / sum_p c_m(p)`` (0 for an empty instance), or
+        without the division for ``sum``.
     """
+    if reduction not in INSTANCE_ERRORS:
+        raise ValueError(f"instance error reduction '{reduction}' is unknown; choose one of {INSTANCE_ERRORS}.")
     weighted = torch.einsum('bkhw,bmhw->bkm', err, coverage.to(err.dtype))
+    if reduction == 'sum':
+        return weighted
     return weighted / coverage.sum(dim=(2, 3)).clamp_min(1e-12).unsqueeze(1).to(err.dtype)
 
 
@@ -94,7 +107,7 @@ def pick_candidates(values, index):
     return by_instance.gather(2, index)
 
 
-def dspo_pair_logits(err_theta, err_ref, coverage, win, lose, beta=DEFAULT_BETA):
+def dspo_pair_logits(err_theta, err_ref, coverage, win, lose, beta=DEFAULT_BETA, instance_reduction='mean'):
     """DSPO logits of every (instance, pair) entry of a padded pair table.
 
     Args:
@@ -104,22 +117,32 @@ def dspo_pair_logits(err_theta, err_ref, coverage, win, lose, beta=DEFAULT_BETA)
         win (Tensor): (B, M) or (B, M, P) long preferred candidates, -1 where there is no pair.
         lose (Tensor): dispreferred candidates, shaped like ``win``, -1 where there is no pair.
         beta (float): KL-regularisation strength (:data:`DEFAULT_BETA`, the paper's 8000, which absorbs T).
+        instance_reduction (str): ``mean`` or ``sum`` of the errors inside an instance (:func:`instance_error`).
 
     Returns:
         Tensor: logits shaped like ``win`` (meaningless where ``win`` or ``lose`` is -1).
     """
     # Instance reduction is linear, so reduce the policy-minus-reference difference once.
-    delta = instance_error(err_theta - err_ref, coverage)  # (B, K, M)
+    delta = instance_error(err_theta - err_ref, coverage, instance_reduction)  # (B, K, M)
     return -beta * (pick_candidates(delta, win.clamp_min(0)) - pick_candidates(delta, lose.clamp_min(0)))
 
 
-def _area_weights(coverage, paired):
-    """DSPO's ``w_m = |s_m| / sum_{paired} |s_m|``: (B, M) float, zero for unpaired instances."""
-    area = coverage.sum(dim=(2, 3)) * paired
-    return area / area.sum(dim=1, keepdim=True).clamp_min(1e-12)
+def _area_weights(coverage, paired, normalisation='paired'):
+    """DSPO's area weights (B, M), zero for unpaired instances (:data:`AREA_WEIGHTS`).
+
+    ``paired``: ``w_m = |s_m| / sum_{paired} |s_m|`` (each row with a pair sums to 1); ``all``: the paper's
+    Eq. (3), ``w_m = |s_m| / sum_{all M} |s_m|`` (a row sums to the share of its image's area that is paired).
+    """
+    if normalisation not in AREA_WEIGHTS:
+        raise ValueError(f"area weight normalisation '{normalisation}' is unknown; choose one of {AREA_WEIGHTS}.")
+    all_area = coverage.sum(dim=(2, 3))
+    area = all_area * paired
+    total = area if normalisation == 'paired' else all_area
+    return area / total.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def dspo_logits(err_theta, err_ref, coverage, win, lose, beta=DEFAULT_BETA):
+def dspo_logits(err_theta, err_ref, coverage, win, lose, beta=DEFAULT_BETA, instance_reduction='mean',
+                area_normalisation='paired'):
     """Per-instance DSPO logits and area weights (one best/worst pair per instance).
 
     Args:
@@ -129,17 +152,20 @@ def dspo_logits(err_theta, err_ref, coverage, win, lose, beta=DEFAULT_BETA):
         win (Tensor): (B, M) long, preferred candidate of each instance, -1 when unpaired.
         lose (Tensor): (B, M) long, dispreferred candidate of each instance, -1 when unpaired.
         beta (float): KL-regularisation strength (:data:`DEFAULT_BETA`, the paper's 8000, which absorbs T).
+        instance_reduction (str): ``mean`` or ``sum`` (:data:`INSTANCE_ERRORS`).
+        area_normalisation (str): ``paired`` or ``all`` (:data:`AREA_WEIGHTS`).
 
     Returns:
         tuple[Tensor, Tensor, Tensor]: logits (B, M), weights (B, M) (zero for unpaired instances;
-        each row sums to 1 when it has a pair, else 0), paired (B, M) bool.
+        with ``paired`` each row sums to 1 when it has a pair, else 0), paired (B, M) bool.
     """
-    logits = dspo_pair_logits(err_theta, err_ref, coverage, win, lose, beta)
+    logits = dspo_pair_logits(err_theta, err_ref, coverage, win, lose, beta, instance_reduction)
     paired = (win >= 0) & (lose >= 0)
-    return logits, _area_weights(coverage, paired).to(logits.dtype), paired
+    return logits, _area_weights(coverage, paired, area_normalisation).to(logits.dtype), paired
 
 
-def dspo_loss(err_theta, err_ref, coverage, win, lose, beta=DEFAULT_BETA):
+def dspo_loss(err_theta, err_ref, coverage, win, lose, beta=DEFAULT_BETA, instance_reduction='mean',
+              area_normalisation='paired'):
     """DSPO: area-weighted Diffusion-DPO over semantic instances (``docs/objectives.md``).
 
     ``L = mean_b -sum_m w_m log sigmoid(-beta ((e_theta[w] - e_ref[w]) - (e_theta[l] - e_ref[l])))``
@@ -155,15 +181,18 @@ def dspo_loss(err_theta, err_ref, coverage, win, lose, beta=DEFAULT_BETA):
         win (Tensor): (B, M) long preferred candidate per instance, -1 when unpaired.
         lose (Tensor): (B, M) long dispreferred candidate per instance, -1 when unpaired.
         beta (float): KL-regularisation strength.
+        instance_reduction (str): ``mean`` (default) or ``sum`` (:data:`INSTANCE_ERRORS`).
+        area_normalisation (str): ``paired`` (default) or ``all`` (:data:`AREA_WEIGHTS`).
 
     Returns:
         Tensor: scalar loss.
     """
-    return dspo_pair_loss(err_theta, err_ref, coverage, win.unsqueeze(2), lose.unsqueeze(2), beta=beta)[0]
+    return dspo_pair_loss(err_theta, err_ref, coverage, win.unsqueeze(2), lose.unsqueeze(2), beta=beta,
+                          instance_reduction=instance_reduction, area_normalisation=area_normalisation)[0]
 
 
 def dspo_pair_loss(err_theta, err_ref, coverage, win, lose, pair_weights=None, instance_weights=None,
-                   beta=DEFAULT_BETA):
+                   beta=DEFAULT_BETA, instance_reduction='mean', area_normalisation='paired'):
     """DSPO over several pairs per instance: a padded pair table, reduced in one batched operation.
 
     ``L = mean_b -sum_m w_m g_m sum_p (v_mp / sum_q v_mq) log sigmoid(logit_mp)``: DSPO's area weights
@@ -179,17 +208,19 @@ def dspo_pair_loss(err_theta, err_ref, coverage, win, lose, pair_weights=None, i
         pair_weights (Tensor, optional): (B, M, P) non-negative relative weights of the pairs of an instance.
         instance_weights (Tensor, optional): (B, M) non-negative factors of the instances.
         beta (float): KL-regularisation strength.
+        instance_reduction (str): ``mean`` (default) or ``sum`` (:data:`INSTANCE_ERRORS`).
+        area_normalisation (str): ``paired`` (default) or ``all`` (:data:`AREA_WEIGHTS`).
 
     Returns:
         tuple[Tensor, Tensor, Tensor, Tensor]: scalar loss; logits (B, M, P); weights (B, M, P), the
         weight of each pair in its sample's term; valid (B, M, P) bool (a real pair).
     """
-    logits = dspo_pair_logits(err_theta, err_ref, coverage, win, lose, beta)
+    logits = dspo_pair_logits(err_theta, err_ref, coverage, win, lose, beta, instance_reduction)
     valid = (win >= 0) & (lose >= 0)
     within = valid.to(logits.dtype) if pair_weights is None else pair_weights.to(logits.dtype) * valid
     within = within / within.sum(dim=2, keepdim=True).clamp_min(1e-12)  # weighted mean over an instance's pairs
     paired = within.sum(dim=2) > 0
-    area = _area_weights(coverage, paired).to(logits.dtype)
+    area = _area_weights(coverage, paired, area_normalisation).to(logits.dtype)
     if instance_weights is not None:
         area = area * instance_weights.to(logits.dtype)
     per_instance = (within * F.logsigmoid(logits)).sum(dim=2)  # (B, M); padded pairs weigh 0
@@ -444,13 +475,23 @@ class DSPOLoss(_PreferenceLoss):
         top_n (int): n of ``top_bottom``. Default: 1.
         weighting (str): ``none`` or ``hierarchical`` (pairs by score gap, instances by score spread).
             Default: none.
+        instance_error (str): ``mean`` of the per-pixel errors inside an instance, or ``sum`` (the masked
+            squared norm of the paper's Eqs. (6)-(7); logits grow with the instance's area). Default: mean.
+        area_weights (str): area weights normalised over the ``paired`` instances, or over ``all`` M
+            instances (the paper's Eq. (3)). Default: paired. ``docs/objectives.md`` compares the choices.
         loss_weight (float): Multiplier of the loss. Default: 1.
     """
 
     log_key = 'l_dspo'
 
-    def __init__(self, beta=DEFAULT_BETA, pairs='best_worst', top_n=1, weighting='none', loss_weight=1.0):
+    def __init__(self, beta=DEFAULT_BETA, pairs='best_worst', top_n=1, weighting='none', instance_error='mean',
+                 area_weights='paired', loss_weight=1.0):
         super().__init__(loss_weight)
+        if instance_error not in INSTANCE_ERRORS:
+            raise ValueError(f"DSPOLoss instance_error '{instance_error}' is unknown; choose mean or sum.")
+        if area_weights not in AREA_WEIGHTS:
+            raise ValueError(f"DSPOLoss area_weights '{area_weights}' is unknown; choose paired or all.")
+        self.instance_error, self.area_weights = instance_error, area_weights
         if pairs not in ('best_worst', 'top_bottom'):
             raise ValueError(f"DSPOLoss pairs '{pairs}' is unknown; choose best_worst or top_bottom.")
         if weighting not in ('none', 'hierarchical'):
@@ -493,10 +534,11 @@ class DSPOLoss(_PreferenceLoss):
         """
         win, lose, pair_weights, instance_weights = self.pair_table(batch)
         loss, logits, weights, valid = dspo_pair_loss(err_theta, err_ref, batch.coverage, win, lose, pair_weights,
-                                                      instance_weights, self.beta)
+                                                      instance_weights, self.beta, self.instance_error,
+                                                      self.area_weights)
         with torch.no_grad():
-            theta = instance_error(err_theta.detach(), batch.coverage)  # (B, K, M)
-            ref = instance_error(err_ref, batch.coverage)
+            theta = instance_error(err_theta.detach(), batch.coverage, self.instance_error)  # (B, K, M)
+            ref = instance_error(err_ref, batch.coverage, self.instance_error)
             picked = [pick_candidates(values, index.clamp_min(0)) for values in (theta, ref) for index in (win, lose)]
         return PreferenceResult(loss, valid, logits, weights, *picked).scaled(self.loss_weight)
 

@@ -13,7 +13,9 @@ policy and reference calls, checkpoints, validation) is :class:`DSPOModel`'s.
   online negative the noisy latent is the lagged copy's own trajectory latent at a trajectory timestep, and
   the target is the copy's own prediction there; the expert of that LQ is noised at the same timestep.
 
-The lagged copy is re-synced to the policy every ``refresh_every`` iterations, and the replay buffer is
+The lagged copy is re-synced to the policy every ``refresh_every`` optimizer updates (with
+``train.accumulate_grad_batches`` k: every ``refresh_every * k`` iterations, at the start of a window, as
+Diffusion-DRO's ``--buffer_update_steps`` counts its micro-steps), and the replay buffer is
 emptied then (its samples belong to the older copy). It is never saved: on resume it is rebuilt at the
 first step from the resumed policy (pretrained frozen parts + the trainable weights of the checkpoint), so
 the lag restarts at the resume point, and the buffer starts empty.
@@ -40,7 +42,7 @@ DRO_DEFAULTS = {
     'expert': 'preferred',   # preferred | gt
     'online_ratio': 0.5,     # share of samples whose negative is online (0: offline only, 1: online only)
     'buffer_size': 64,       # replay buffer entries (one per LQ input)
-    'refresh_every': 100,    # K: iterations between syncs of the lagged copy (the buffer is emptied then)
+    'refresh_every': 100,    # K: optimizer updates between syncs of the lagged copy (the buffer is emptied then)
     'sampler_steps': 10,     # steps of the lagged copy's sampler
     'sampler': 'ddim',       # ddim | ddpm | dpmsolver++ (Diffusion-DRO's authors: dpmsolver++, 20 steps)
     'perturb_timesteps': False,  # each online trajectory on its own shifted timesteps (the authors': true)
@@ -80,7 +82,7 @@ class DiffusionDROModel(DSPOModel):
             raise ValueError(f'train.dro.online_ratio must lie in [0, 1], got {self.online_ratio}.')
         self.refresh_every = int(self.dro_opt['refresh_every'])
         if self.refresh_every < 1:
-            raise ValueError(f'train.dro.refresh_every must be at least 1 iteration, got {self.refresh_every}.')
+            raise ValueError(f'train.dro.refresh_every must be at least 1 optimizer update, got {self.refresh_every}.')
         self.negative_buffer = OnlineNegativeBuffer(self.dro_opt['buffer_size'])
         self.lagged = LaggedPolicy()
         self.dro_generator = torch.Generator(device=self.device).manual_seed(
@@ -109,9 +111,10 @@ class DiffusionDROModel(DSPOModel):
 
     # ------------------------------------------------------------------ the lagged copy and its buffer
     def refresh_lagged_policy(self, current_iter):
-        """Sync the lagged copy to the policy when it is missing or ``refresh_every`` iterations old."""
+        """Sync the lagged copy to the policy when it is missing or ``refresh_every`` optimizer updates old."""
         lagged = self.lagged
-        if lagged.state is not None and current_iter - lagged.synced_iter < self.refresh_every:
+        k = self.accumulate
+        if lagged.state is not None and (current_iter - 1) // k - (lagged.synced_iter - 1) // k < self.refresh_every:
             return False
         first = lagged.state is None
         buffer = self.negative_buffer

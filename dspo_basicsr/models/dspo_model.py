@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition, sample_with_options
+from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
 from dspo_basicsr.compat import atomic_torch_save, gather_in_sample_order, is_main_process, wait_for_all_ranks
 from dspo_basicsr.losses.preference_loss import (
     DEFAULT_BETA,
@@ -26,6 +27,7 @@ from dspo_basicsr.losses.preference_loss import (
 from dspo_basicsr.metrics.metric_table import MissingWeightsError
 from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
 from dspo_basicsr.models.run_summary import summary_due, write_training_curves, write_validation_summary
+from dspo_basicsr.models.trainable_ema import EMA_SCHEDULES, TrainableEMA, ema_decay_at
 from dspo_basicsr.utils.checkpoint import read_checkpoint
 
 from basicsr.archs import build_network
@@ -81,7 +83,18 @@ class DSPOModel(SRModel):
             once per update, and the logs average the k micro-batches. ``total_iter``, ``print_freq``,
             ``save_checkpoint_freq`` and ``val_freq`` count micro-batches; scheduler milestones and
             ``warmup_iter`` count updates. Default: 1.
-        val.sample: ``steps``, ``cfg``, ``seed``, ``prompt``, ``negative_prompt``, ``sampler`` for SR validation,
+        train.ema_decay: BasicSR's EMA (``net_g_ema``) of the trained parameters only (ControlNet, LoRA
+            adapters or UNet; the frozen parts are shared), updated once per optimizer update; saved as
+            ``params_ema`` next to ``params``, used by validation, and by ``basicsr test`` when the
+            checkpoint has it. Default: 0 (off).
+        train.ema_schedule: ``constant`` (BasicSR's: ``ema_decay`` at every update) or ``diffusers``
+            (diffusers' ``EMAModel``: ``min(ema_decay, n / (9 + n))`` at the n-th update, 0 at the first).
+            Default: constant.
+        train.prompt_dropout: probability that a training sample's prompt is replaced by the empty prompt
+            (the policy and the reference see the same condition). Default: 0.
+        val.sample: ``protocol`` (a framework's official test protocol by name, ``seesr`` | ``addsr`` |
+            ``osediff`` | ``sd21``: :mod:`dspo_basicsr.archs.sampling_protocols`; keys set beside it override it),
+            ``steps``, ``cfg``, ``seed``, ``prompt``, ``negative_prompt``, ``sampler`` for SR validation,
             and ``prompt_source`` (``prompt`` | ``tags``), ``color_fix`` (``adain`` | ``wavelet`` | ``none``),
             ``process_size``, ``tile_size``, ``tile_overlap``, ``vae_tile`` (see ``DiffusionSRArch.sample``).
         val.preference_timesteps: timesteps at which a preference validation set is scored.
@@ -94,10 +107,10 @@ class DSPOModel(SRModel):
     #: option keys this model reads beyond BasicSR's, by section (checked at start: dspo_basicsr.option_check)
     known_options = {
         'train': ('preference_opt', 'timestep_range', 'feedback_guidance_scale', 'reference_dtype', 'grad_clip',
-                  'max_nonfinite_steps', 'accumulate_grad_batches'),
+                  'max_nonfinite_steps', 'accumulate_grad_batches', 'prompt_dropout', 'ema_schedule'),
         'val': ('sample', 'preference_timesteps', 'preference_seed', 'preference_beta'),
-        'val.sample': ('steps', 'cfg', 'seed', 'prompt', 'negative_prompt', 'sampler', 'color_fix', 'tile_size',
-                       'tile_overlap', 'vae_tile', 'process_size', 'prompt_source', 'start_timestep'),
+        'val.sample': ('protocol', 'steps', 'cfg', 'seed', 'prompt', 'negative_prompt', 'sampler', 'color_fix',
+                       'tile_size', 'tile_overlap', 'vae_tile', 'process_size', 'prompt_source', 'start_timestep'),
     }
 
     def __init__(self, opt):
@@ -116,10 +129,12 @@ class DSPOModel(SRModel):
                                f'(LoRA adapters disabled on shared parts), checksum {self.reference_checksum():.12e}.')
         load_path = opt['path'].get('pretrain_network_g')
         if load_path is not None:
-            self.load_network(net, load_path, opt['path'].get('strict_load_g', True),
-                              opt['path'].get('param_key_g', 'params'))
+            # training loads the policy's own weights; basicsr test the EMA when the checkpoint has it (~)
+            param_key = opt['path'].get('param_key_g') or ('params' if self.is_train else None)
+            self.load_network(net, load_path, opt['path'].get('strict_load_g', True), param_key)
         self.net_g = self.model_to_device(net)
         self.print_network(self.net_g)
+        self.net_g_ema = None
         if self.is_train:
             self.init_training_settings()
 
@@ -130,9 +145,11 @@ class DSPOModel(SRModel):
     # ------------------------------------------------------------------ setup
     def init_training_settings(self):
         train_opt = self.opt['train']
-        if train_opt.get('ema_decay', 0) > 0:
-            raise ValueError('train.ema_decay is not supported by DSPOModel; remove it from the option file.')
         self.net_g.train()
+        self.setup_ema(float(train_opt.get('ema_decay') or 0), train_opt.get('ema_schedule') or 'constant')
+        self.prompt_dropout = float(train_opt.get('prompt_dropout') or 0)
+        if not 0 <= self.prompt_dropout <= 1:
+            raise ValueError(f'train.prompt_dropout must be a probability in [0, 1], got {self.prompt_dropout}.')
         self.cri_pref = build_loss(train_opt['preference_opt']).to(self.device)
         needed = getattr(self.cri_pref, 'model_type', 'DSPOModel')
         if needed not in {cls.__name__ for cls in type(self).__mro__}:
@@ -155,6 +172,33 @@ class DSPOModel(SRModel):
         self.log_dict = OrderedDict()  # filled at the end of each window; empty until the first update
         self.setup_optimizers()
         self.setup_schedulers()
+
+    def setup_ema(self, decay, schedule='constant'):
+        """``net_g_ema``: the EMA of the trained parameters (:class:`TrainableEMA`) when ``decay`` > 0.
+
+        It starts at the policy's weights, or at ``params_ema`` of ``path.pretrain_network_g`` when that
+        checkpoint has it (as BasicSR's SRModel does), which makes a resume exact.
+        """
+        if not 0 <= decay < 1:
+            raise ValueError(f'train.ema_decay must lie in [0, 1) (0: no EMA), got {decay}.')
+        if schedule not in EMA_SCHEDULES:
+            raise ValueError(f"train.ema_schedule '{schedule}' is unknown; choose one of {EMA_SCHEDULES}.")
+        self.ema_decay, self.ema_schedule = decay, schedule
+        if decay == 0:
+            return
+        self.net_g_ema = TrainableEMA(self.bare)
+        load_path = self.opt['path'].get('pretrain_network_g')
+        if load_path is not None:
+            saved = read_checkpoint(load_path, what='path.pretrain_network_g', unwrap=())
+            if isinstance(saved.get('params_ema'), dict):
+                self.net_g_ema.load_trainable_state_dict(saved['params_ema'], source=f"checkpoint '{load_path}'")
+                get_root_logger().info(f'EMA of the trained parameters loaded from {load_path} [params_ema].')
+
+    def ema_weights(self):
+        """Context in which the policy runs with its EMA weights (nothing happens without ``train.ema_decay``)."""
+        if self.net_g_ema is None:
+            return contextlib.nullcontext()
+        return self.net_g_ema.swapped_into(self.bare)
 
     def setup_optimizers(self):
         optim_opt = dict(self.opt['train']['optim_g'])
@@ -343,6 +387,7 @@ class DSPOModel(SRModel):
             self.window = AccumulationWindow()
         window = self.window
         last = position == k - 1
+        self.drop_prompts()
         if window.finite:  # agreed by all ranks, so they skip the rest of a broken window together
             with self._gradient_sync(last):
                 result = self.preference_loss()
@@ -365,10 +410,24 @@ class DSPOModel(SRModel):
             self._skip_update(current_iter, 'gradient')
             return
         self.optimizer_g.step()
+        if self.net_g_ema is not None:  # the update's number comes from the iteration, so a resume continues it
+            self.net_g_ema.update(self.bare, ema_decay_at(self.ema_decay, current_iter // k, self.ema_schedule))
         self.nonfinite_in_row = 0
         log = window.mean()
         log['grad_norm'] = grad_norm.detach()
         self.log_dict = self.reduce_loss_dict(log)
+
+    def drop_prompts(self):
+        """Replace each sample's prompt by the empty prompt with probability ``train.prompt_dropout``.
+
+        For this training step only, for the policy and the reference alike (and, in Diffusion-DRO, for the
+        lagged copy's online samples), as Diffusion-DRO's ``train.py`` does (``encode_prompt``,
+        ``--random_drop_prompt_probability`` 0.2). Negative prompts and image conditions are kept.
+        """
+        p = getattr(self, 'prompt_dropout', 0)
+        if p > 0:  # no draw at 0, so runs without dropout keep their random stream
+            dropped = (torch.rand(len(self.prompts)) < p).tolist()
+            self.prompts = ['' if drop else prompt for drop, prompt in zip(dropped, self.prompts)]
 
     def _window_path(self, current_iter):
         rank = self.opt.get('rank', 0)
@@ -413,7 +472,7 @@ class DSPOModel(SRModel):
 
     # ------------------------------------------------------------------ sampling validation
     def test(self):
-        sample_opt = self.opt.get('val', {}).get('sample', {}) or {}
+        sample_opt = resolve_sample_options(self.opt.get('val', {}).get('sample'))  # a protocol preset expanded
         generator = torch.Generator(device=self.device).manual_seed(int(sample_opt.get('seed', 0)))
         bare = self.bare
         bare.eval()
@@ -433,13 +492,14 @@ class DSPOModel(SRModel):
         outside training) and every rank leaves together.
         """
         from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset
-        if isinstance(dataloader.dataset, PreferenceLMDBDataset):
-            self.preference_validation(dataloader, current_iter, tb_logger)
-        else:
-            self.image_validation(dataloader, current_iter, tb_logger, save_img)
-            if get_dist_info()[0] == 0 and summary_due(self.opt, current_iter):
-                write_validation_summary(self, dataloader, current_iter)
-                write_training_curves(self.opt)
+        with self.ema_weights():  # BasicSR validates the EMA network when there is one
+            if isinstance(dataloader.dataset, PreferenceLMDBDataset):
+                self.preference_validation(dataloader, current_iter, tb_logger)
+            else:
+                self.image_validation(dataloader, current_iter, tb_logger, save_img)
+                if get_dist_info()[0] == 0 and summary_due(self.opt, current_iter):
+                    write_validation_summary(self, dataloader, current_iter)
+                    write_training_curves(self.opt)
         wait_for_all_ranks()
 
     def _my_share(self, dataloader, desc):
@@ -498,6 +558,8 @@ class DSPOModel(SRModel):
         # beta scales logit_mean (not implicit_acc): the training loss's, or val.preference_beta in basicsr test
         beta = float(val_opt.get('preference_beta') or getattr(getattr(self, 'cri_pref', None), 'beta', DEFAULT_BETA))
         seed = int(val_opt.get('preference_seed', 0))
+        # the training loss's instance error (mean or sum inside the mask: the logits' scale), else mean
+        instance_reduction = getattr(getattr(self, 'cri_pref', None), 'instance_error', 'mean')
         generator = torch.Generator(device=self.device)
         saved_scale, self.feedback_scale = getattr(self, 'feedback_scale', None), None
         bare = self.bare
@@ -515,7 +577,8 @@ class DSPOModel(SRModel):
                 t = torch.full((self.lq.shape[0],), int(step), device=self.device, dtype=torch.long)
                 err_theta, err_ref = self.denoising_errors(index, generator=generator, timesteps=t, latents=latents,
                                                            cond=cond, policy=bare)
-                logits, _, paired = dspo_logits(err_theta, err_ref, coverage, self.win, self.lose, beta)
+                logits, _, paired = dspo_logits(err_theta, err_ref, coverage, self.win, self.lose, beta,
+                                                instance_reduction)
                 sample_logits.append(logits[paired].cpu())
             per_sample.append((i, torch.cat(sample_logits)))
         bare.train(self.is_train)
@@ -540,25 +603,42 @@ class DSPOModel(SRModel):
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch, current_iter):
         """Rank 0 writes ``net_g_<iter>.pth`` and ``<iter>.state``; every rank leaves once both are complete."""
-        self.save_network(self.net_g, 'net_g', current_iter)
+        if self.net_g_ema is not None:  # BasicSR's layout: one file, params and params_ema
+            self.save_network([self.net_g, self.net_g_ema], 'net_g', current_iter, param_key=['params', 'params_ema'])
+        else:
+            self.save_network(self.net_g, 'net_g', current_iter)
         self.save_accumulation_window(current_iter)  # this rank's gradients of an unfinished window
         self.save_training_state(epoch, current_iter)  # ends at a barrier (dspo_basicsr.compat)
 
     def save_network(self, net, net_label, current_iter, param_key='params'):
-        """Save only the trained parameters (never the reference), refusing non-finite values."""
-        state = {k: v.cpu() for k, v in self.get_bare_model(net).trainable_state_dict().items()}
-        broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        """Save only the trained parameters (never the reference), refusing non-finite values.
+
+        ``net`` and ``param_key`` may be lists, as in BasicSR (``[net_g, net_g_ema]``, ``['params', 'params_ema']``).
+        """
+        nets, keys = (net, param_key) if isinstance(net, list) else ([net], [param_key])
         label = 'latest' if current_iter == -1 else current_iter
-        if broken:
-            raise NonFiniteLossError(f'refusing to save {net_label} at iteration {label}: non-finite values in '
-                                     f'{broken[:3]}; earlier checkpoints are kept.')
+        saved = {}
+        for one, key in zip(nets, keys):
+            state = {k: v.cpu() for k, v in self.get_bare_model(one).trainable_state_dict().items()}
+            broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
+            if broken:
+                raise NonFiniteLossError(f'refusing to save {net_label} [{key}] at iteration {label}: non-finite '
+                                         f'values in {broken[:3]}; earlier checkpoints are kept.')
+            saved[key] = state
         if is_main_process():  # every rank holds the same weights; one writes, the others wait in save()
-            atomic_torch_save({param_key: state}, os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
+            atomic_torch_save(saved, os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
-        """Load trained parameters saved by :meth:`save_network` into the freshly built framework."""
+        """Load trained parameters saved by :meth:`save_network` into the freshly built framework.
+
+        ``param_key`` None takes ``params_ema`` when the checkpoint has it (a run with ``train.ema_decay``),
+        else ``params``.
+        """
         if not os.path.isfile(load_path):
             raise FileNotFoundError(f"path.pretrain_network_g: checkpoint '{load_path}' does not exist.")
+        if param_key is None:
+            saved = read_checkpoint(load_path, what='path.pretrain_network_g', unwrap=())
+            param_key = 'params_ema' if isinstance(saved.get('params_ema'), dict) else 'params'
         state = read_checkpoint(load_path, what='path.pretrain_network_g', unwrap=(param_key,))
         get_root_logger().info(f'Loading trained parameters of {type(self.get_bare_model(net)).__name__} '
                                f'from {load_path} [{param_key}].')
