@@ -27,6 +27,13 @@ from dspo_basicsr.metrics.metric_table import MissingWeightsError
 from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
 from dspo_basicsr.models.run_summary import summary_due, write_training_curves, write_validation_summary
 from dspo_basicsr.utils.checkpoint import read_checkpoint
+from dspo_basicsr.utils.option_schema import (
+    BASICSR_MODEL_OPTIONS,
+    REQUIRED,
+    Option,
+    timestep_range_in_schedule,
+    timesteps_in_schedule,
+)
 
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
@@ -48,6 +55,14 @@ def _gather_images(candidates, index):
     return candidates.gather(1, index.view(b, -1, 1, 1, 1).expand(-1, -1, c, h, w))
 
 
+def _divides_total_iter(value, opt, block):
+    total_iter = (opt.get('train') or {}).get('total_iter')
+    if isinstance(total_iter, (int, float)) and total_iter % value:
+        return (f'a divisor of train.total_iter ({total_iter}): total_iter counts micro-batches, so the last '
+                'update would not be applied')
+    return None
+
+
 class AccumulationWindow:
     """The micro-batches of one optimizer update so far: whether all were finite, and their summed logs."""
 
@@ -67,38 +82,60 @@ class AccumulationWindow:
 class DSPOModel(SRModel):
     """Preference fine-tuning of a registered diffusion SR framework (``network_g``).
 
-    Option keys beyond BasicSR's (all optional):
-        train.preference_opt: the objective, ``DSPOLoss`` | ``DiffusionDPOLoss`` | ``DiffusionSFTLoss``.
-        train.timestep_range: [low, high) of the training timesteps. Default: the whole schedule.
-        train.feedback_guidance_scale: s of the user-description feedback (the paper's M2); when set,
-            policy and reference predictions are ``eps(neg) + s (eps(prompt) - eps(neg))`` with the
-            sample's negative prompt appended to the framework's default. Default: off.
-        train.reference_dtype: ``bfloat16`` / ``float16`` to run the frozen reference at lower precision.
-        train.grad_clip: max gradient norm. Default: none.
-        train.max_nonfinite_steps: stop after this many non-finite losses in a row. Default: 10.
-        train.accumulate_grad_batches: k, micro-batches (BasicSR iterations) per optimizer update; each
-            micro-batch's loss is scaled by 1/k, the scheduler, warm-up, clipping and the non-finite guard act
-            once per update, and the logs average the k micro-batches. ``total_iter``, ``print_freq``,
-            ``save_checkpoint_freq`` and ``val_freq`` count micro-batches; scheduler milestones and
-            ``warmup_iter`` count updates. Default: 1.
-        val.sample: ``steps``, ``cfg``, ``seed``, ``prompt``, ``negative_prompt``, ``sampler`` for SR validation,
-            and ``prompt_source`` (``prompt`` | ``tags``), ``color_fix`` (``adain`` | ``wavelet`` | ``none``),
-            ``process_size``, ``tile_size``, ``tile_overlap``, ``vae_tile`` (see ``DiffusionSRArch.sample``).
-        val.preference_timesteps: timesteps at which a preference validation set is scored.
-        val.preference_seed: seed of its latents and noise (sample i uses seed + i). Default: 0.
-        val.preference_beta: beta of its logits. Default: the training loss's, else 8000.
-        val.summary: ``end`` (default), ``every`` or ``false``: when an image validation set also gets
-            ``visualization/summary_<iter>.png`` (LQ | reference | current | GT) and ``training_curves.png``.
+    Its options are :attr:`option_schema` (BasicSR's plus the ones below; the table is in ``docs/options.md``).
+    ``train.accumulate_grad_batches`` = k: each micro-batch's loss is scaled by 1/k, the scheduler, warm-up,
+    clipping and the non-finite guard act once per update, and the logs average the k micro-batches.
+    ``total_iter``, ``print_freq``, ``save_checkpoint_freq`` and ``val_freq`` count micro-batches; scheduler
+    milestones and ``warmup_iter`` count updates.
     """
 
-    #: option keys this model reads beyond BasicSR's, by section (checked at start: dspo_basicsr.option_check)
-    known_options = {
-        'train': ('preference_opt', 'timestep_range', 'feedback_guidance_scale', 'reference_dtype', 'grad_clip',
-                  'max_nonfinite_steps', 'accumulate_grad_batches'),
-        'val': ('sample', 'preference_timesteps', 'preference_seed', 'preference_beta'),
-        'val.sample': ('steps', 'cfg', 'seed', 'prompt', 'negative_prompt', 'sampler', 'color_fix', 'tile_size',
-                       'tile_overlap', 'vae_tile', 'process_size', 'prompt_source', 'start_timestep'),
-    }
+    #: every option this model reads: checked at start (dspo_basicsr.option_check), defaults read from here
+    option_schema = BASICSR_MODEL_OPTIONS.extend(
+        Option('train.preference_opt', 'dict', REQUIRED, 'the objective (type: DSPOLoss | DiffusionDPOLoss | '
+               'DiffusionSFTLoss | DiffusionDROLoss) and its arguments', typed='loss'),
+        Option('train.preference_opt.beta', 'number', DEFAULT_BETA, 'KL weight beta of the objective', gt=0,
+               read_by='the loss'),
+        Option('train.preference_opt.loss_weight', 'number', 1.0, 'weight of the objective', read_by='the loss'),
+        Option('train.timestep_range', 'list', None, '[low, high) of the training timesteps (~: the whole schedule)',
+               check=timestep_range_in_schedule),
+        Option('train.feedback_guidance_scale', 'number', None, "s of the user-description feedback (the paper's "
+               "M2): predictions eps(neg) + s (eps(prompt) - eps(neg)) with the sample's negative prompt (~: off)"),
+        Option('train.reference_dtype', 'str', None, 'run the frozen reference at this precision (~: as the policy)',
+               choices=('bfloat16', 'float16', 'float32')),
+        Option('train.grad_clip', 'number', None, 'max gradient norm (~: no clipping)', gt=0),
+        Option('train.max_nonfinite_steps', 'int', 10, 'stop after this many non-finite losses in a row', ge=1),
+        Option('train.accumulate_grad_batches', 'int', 1, 'k: micro-batches (iterations) per optimizer update',
+               ge=1, check=_divides_total_iter),
+        Option('val.sample', 'dict', {}, 'SR sampling of image validation sets (DiffusionSRArch.sample)'),
+        Option('val.sample.steps', 'int', None, "sampler steps (~: the framework's default)", ge=1,
+               read_by='sample_with_options'),
+        Option('val.sample.cfg', 'number', None, "guidance scale (~: the framework's default)",
+               read_by='sample_with_options'),
+        Option('val.sample.seed', 'int', 0, 'seed of the sampling noise'),
+        Option('val.sample.prompt', 'str', '', 'the user prompt', read_by='sample_with_options'),
+        Option('val.sample.negative_prompt', 'str', None, "negative prompt (~: the framework's default)",
+               read_by='sample_with_options'),
+        Option('val.sample.sampler', 'str', None, "sampler (~: the framework's)", choices=('ddpm', 'ddim'),
+               read_by='sample_with_options'),
+        Option('val.sample.prompt_source', 'str', 'prompt', 'prompt: the prompt as given; tags: tagger tags first',
+               choices=('prompt', 'tags'), read_by='sample_with_options'),
+        Option('val.sample.color_fix', 'str', 'none', 'colour correction against the upsampled LQ',
+               choices=('adain', 'wavelet', 'none'), read_by='sample_with_options'),
+        Option('val.sample.process_size', 'int', None, 'an LQ with a side below process_size / scale is resized up '
+               'first (~: never)', ge=1, read_by='sample_with_options'),
+        Option('val.sample.tile_size', 'int', None, 'latent tile size (~: no tiling)', ge=1,
+               read_by='sample_with_options'),
+        Option('val.sample.tile_overlap', 'int', 4, 'overlap of latent tiles', ge=0, read_by='sample_with_options'),
+        Option('val.sample.vae_tile', 'bool', False, "diffusers' tiled VAE", read_by='sample_with_options'),
+        Option('val.preference_timesteps', 'list', [100, 300, 500, 700, 900], 'timesteps at which a preference '
+               'validation set is scored', check=timesteps_in_schedule),
+        Option('val.preference_seed', 'int', 0, 'seed of its latents and noise (sample i uses seed + i)'),
+        Option('val.preference_beta', 'number', None, "beta of its logits (~: the training loss's, else 8000)",
+               gt=0),
+        Option('val.summary', 'str', 'end', 'when an image validation set also gets visualization/summary_<iter>.png '
+               'and training_curves.png (false or ~: never)', choices=('end', 'every'), also=(False,), nullable=True,
+               read_by='run_summary'),
+    )
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
@@ -110,14 +147,14 @@ class DSPOModel(SRModel):
         net = build_network(opt['network_g']).to(self.device)
         # The reference is taken from the pretrained source before any fine-tuned weight is loaded, so a
         # resumed run gets the same reference as the first one, never the resumed policy.
-        reference_dtype = opt.get('train', {}).get('reference_dtype') if self.is_train else None
+        reference_dtype = self.option_schema.value(opt, 'train.reference_dtype') if self.is_train else None
         self.net_ref = net.build_reference(getattr(torch, reference_dtype) if reference_dtype else None).to(self.device)
         get_root_logger().info(f'Reference model: frozen copies of {sorted(self.net_ref.copies) or "nothing"} '
                                f'(LoRA adapters disabled on shared parts), checksum {self.reference_checksum():.12e}.')
         load_path = opt['path'].get('pretrain_network_g')
         if load_path is not None:
-            self.load_network(net, load_path, opt['path'].get('strict_load_g', True),
-                              opt['path'].get('param_key_g', 'params'))
+            self.load_network(net, load_path, self.option_schema.value(opt, 'path.strict_load_g'),
+                              self.option_schema.value(opt, 'path.param_key_g'))
         self.net_g = self.model_to_device(net)
         self.print_network(self.net_g)
         if self.is_train:
@@ -138,19 +175,15 @@ class DSPOModel(SRModel):
         if needed not in {cls.__name__ for cls in type(self).__mro__}:
             raise ValueError(f"train.preference_opt.type {train_opt['preference_opt']['type']} is not handled by "
                              f'model_type {type(self).__name__}; use {needed} (model_type: {needed}).')
-        self.feedback_scale = train_opt.get('feedback_guidance_scale')
-        low, high = train_opt.get('timestep_range', [0, self.bare.noise_scheduler.config.num_train_timesteps])
+        option = self.option_schema.value  # the value in the file, checked, or the declared default
+        self.feedback_scale = option(self.opt, 'train.feedback_guidance_scale')
+        schedule = [0, self.bare.noise_scheduler.config.num_train_timesteps]
+        low, high = option(self.opt, 'train.timestep_range') or schedule
         self.timestep_range = (int(low), int(high))
-        self.max_nonfinite = int(train_opt.get('max_nonfinite_steps', 10))
+        self.max_nonfinite = option(self.opt, 'train.max_nonfinite_steps')
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
-        self.accumulate = int(train_opt.get('accumulate_grad_batches', 1))
-        if self.accumulate < 1:
-            raise ValueError(f'train.accumulate_grad_batches must be at least 1, got {self.accumulate}.')
-        total_iter = int(train_opt.get('total_iter', 0))
-        if total_iter % self.accumulate:
-            raise ValueError(f'train.total_iter ({total_iter}) counts micro-batches; make it a multiple of '
-                             f'train.accumulate_grad_batches ({self.accumulate}) so the last update is applied.')
+        self.accumulate = option(self.opt, 'train.accumulate_grad_batches')
         self.window = None
         self.log_dict = OrderedDict()  # filled at the end of each window; empty until the first update
         self.setup_optimizers()
@@ -359,7 +392,7 @@ class DSPOModel(SRModel):
         if not window.finite:
             self._skip_update(current_iter, 'loss')
             return
-        max_norm = self.opt['train'].get('grad_clip') or math.inf
+        max_norm = self.option_schema.value(self.opt, 'train.grad_clip') or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
         if not torch.isfinite(grad_norm):
             self._skip_update(current_iter, 'gradient')
@@ -414,7 +447,8 @@ class DSPOModel(SRModel):
     # ------------------------------------------------------------------ sampling validation
     def test(self):
         sample_opt = self.opt.get('val', {}).get('sample', {}) or {}
-        generator = torch.Generator(device=self.device).manual_seed(int(sample_opt.get('seed', 0)))
+        seed = self.option_schema.value(self.opt, 'val.sample.seed')
+        generator = torch.Generator(device=self.device).manual_seed(seed)
         bare = self.bare
         bare.eval()
         # The official test scripts' inference settings (docs/frameworks.md): tag prompts, colour fix, tiling.
@@ -446,7 +480,7 @@ class DSPOModel(SRModel):
         """(sample index, collated batch of that one sample) for this rank's share of the set."""
         rank, world = get_dist_info()
         dataset = dataloader.dataset
-        show = bool(self.opt['val'].get('pbar', False)) and rank == 0
+        show = self.option_schema.value(self.opt, 'val.pbar') and rank == 0
         for i in tqdm(range(rank, len(dataset), world), desc=desc, leave=False, disable=not show):
             yield i, dataloader.collate_fn([dataset[i]])
 
@@ -492,12 +526,13 @@ class DSPOModel(SRModel):
         number of ranks. Logs ``implicit_acc`` (share of paired instances where the policy prefers the
         preferred candidate more than the reference does; 0.5 = no preference learned) and ``logit_mean``.
         """
-        val_opt = self.opt['val']
         dataset_name = dataloader.dataset.opt['name']
-        timesteps = val_opt.get('preference_timesteps', [100, 300, 500, 700, 900])
+        option = self.option_schema.value
+        timesteps = option(self.opt, 'val.preference_timesteps')
         # beta scales logit_mean (not implicit_acc): the training loss's, or val.preference_beta in basicsr test
-        beta = float(val_opt.get('preference_beta') or getattr(getattr(self, 'cri_pref', None), 'beta', DEFAULT_BETA))
-        seed = int(val_opt.get('preference_seed', 0))
+        beta = float(option(self.opt, 'val.preference_beta') or
+                     getattr(getattr(self, 'cri_pref', None), 'beta', DEFAULT_BETA))
+        seed = option(self.opt, 'val.preference_seed')
         generator = torch.Generator(device=self.device)
         saved_scale, self.feedback_scale = getattr(self, 'feedback_scale', None), None
         bare = self.bare
