@@ -108,7 +108,7 @@ class Option:
             bounds = ' and '.join(b for b in bounds if b)
             words = f'{words} {bounds}' if bounds else words
         if self.choices is not None:
-            listed = ', '.join(str(c) for c in self.choices)
+            listed = ', '.join(_yaml(c) if isinstance(c, bool) else str(c) for c in self.choices)
             words = f'a list of {listed}' if self.kind == 'list' else f'one of {listed}'
         extra = [_yaml(a) for a in self.also] + (['~'] if self.default is None or self.nullable else [])
         return words + (f' (or {", ".join(extra)})' if extra else '')
@@ -396,7 +396,8 @@ LOADER_OPTIONS = OptionSchema(
            read_by='BasicSR'),
     Option('num_worker_per_gpu', 'int', REQUIRED, 'data-loading workers per GPU', ge=0, required_in='train',
            read_by='BasicSR'),
-    Option('use_shuffle', 'bool', True, 'shuffle the training set', read_by='BasicSR'),
+    Option('use_shuffle', 'bool', True, "accepted as true only: BasicSR 1.4.2's training sampler always shuffles",
+           choices=(True,), read_by='nobody (ignored by BasicSR 1.4.2)'),
     Option('dataset_enlarge_ratio', 'int', 1, 'repeat the training set this many times per epoch', ge=1,
            read_by='BasicSR'),
     Option('prefetch_mode', 'str', None, 'prefetch batches (~: none)', choices=('cpu', 'cuda'), read_by='BasicSR'),
