@@ -58,8 +58,8 @@ def _gather_images(candidates, index):
 def _divides_total_iter(value, opt, block):
     total_iter = (opt.get('train') or {}).get('total_iter')
     if isinstance(total_iter, (int, float)) and total_iter % value:
-        return (f'a divisor of train.total_iter ({total_iter}): total_iter counts micro-batches, so the last '
-                'update would not be applied')
+        return (f'a divisor of train.total_iter ({total_iter}, which counts micro-batches: make it a multiple of '
+                'train.accumulate_grad_batches so the last update is applied)')
     return None
 
 
