@@ -189,3 +189,13 @@ def test_adding_an_option_is_one_line():
     assert errors == ['train.ema_decay must be a non-negative finite number <= 1, got 2']
     assert [(section, key) for section, key, _ in unknown] == [('train', 'emma')]
     assert '`train.ema_decay`' in schema.table()
+
+
+def test_val_sample_defaults_are_those_of_the_framework_sample():
+    from dspo_basicsr.archs.diffusion_sr_base import DiffusionSRArch
+    from dspo_basicsr.models.dspo_model import DSPOModel
+    parameters = inspect.signature(DiffusionSRArch.sample).parameters
+    declared = {o.name: o.default for o in DSPOModel.option_schema if o.parent == 'val.sample'}
+    shared = set(declared) & set(parameters) - {'prompt'}  # sample_with_options passes prompt '' (sample: None)
+    assert {'steps', 'cfg', 'color_fix', 'tile_overlap', 'vae_tile', 'prompt_source'} <= shared
+    assert {name: parameters[name].default for name in shared} == {name: declared[name] for name in shared}
