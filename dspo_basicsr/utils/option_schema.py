@@ -362,7 +362,7 @@ BASICSR_MODEL_OPTIONS = OptionSchema(
     Option('train', 'dict', REQUIRED, 'training settings', required_in='train', read_by='BasicSR'),
     Option('train.optim_g', 'dict', REQUIRED, 'the optimizer: type (Adam, AdamW, ...) and its arguments',
            typed='optimizer', read_by='BasicSR'),
-    Option('train.optim_g.lr', 'number', None, 'learning rate', gt=0, read_by='the optimizer'),
+    Option('train.optim_g.lr', 'number', REQUIRED, 'learning rate', gt=0, read_by='the optimizer'),
     Option('train.scheduler', 'dict', None, 'learning-rate schedule: type (MultiStepLR, CosineAnnealingRestartLR) '
            'and its arguments', read_by='BasicSR'),
     Option('train.total_iter', 'whole', REQUIRED, 'iterations to train', ge=1, read_by='BasicSR'),
