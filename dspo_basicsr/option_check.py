@@ -154,6 +154,21 @@ def _check_datasets(opt, is_train, check_paths, errors, warnings):
                         errors.append(f"{where}.{key}: '{block[key]}' does not exist")
 
 
+def _check_metrics(opt, errors):
+    """Each ``val.metrics`` entry names a registered metric (else the first validation, after ``val_freq``
+    iterations, would fail) and says ``better: higher | lower``."""
+    from basicsr.utils.registry import METRIC_REGISTRY
+    metrics = opt.get('val').get('metrics') if isinstance(opt.get('val'), dict) else None
+    for name, metric in (metrics.items() if isinstance(metrics, dict) else ()):
+        where = f'val.metrics.{name}'
+        if not isinstance(metric, dict):
+            errors.append(f'{where} must be a mapping (type: calculate_psnr, ...), got {metric!r}')
+            continue
+        _registered(METRIC_REGISTRY, metric.get('type'), f'{where}.type', errors)
+        if metric.get('better', 'higher') not in ('higher', 'lower'):
+            errors.append(f"{where}.better must be one of higher, lower, got {metric['better']!r}")
+
+
 def check_options(opt, check_paths=True, is_train=True):
     """Check an option dict (as read from its file, ``--force_yml`` applied) before anything runs.
 
@@ -191,6 +206,7 @@ def check_options(opt, check_paths=True, is_train=True):
                 for name, value in network.items():
                     if name.endswith('_path') and isinstance(value, str) and value and not os.path.exists(value):
                         errors.append(f"{key}.{name}: '{value}' does not exist")
+    _check_metrics(opt, errors)
     train_opt = opt.get('train')
     for key, block in (train_opt.items() if isinstance(train_opt, dict) else ()):
         if key.endswith('_opt') and isinstance(block, dict) and 'type' in block:

@@ -85,6 +85,15 @@ def test_test_runs_need_no_train_or_logger_section():
     assert "missing section 'train'" in refused(opt)
 
 
+def test_validation_metrics_are_checked_at_start():
+    opt = copy.deepcopy(DEMO)
+    opt['val']['metrics'] = {'psnr': {'type': 'calculate_psnrr'},
+                             'lpips': {'type': 'calculate_lpips', 'better': 'less'}}
+    message = refused(opt)
+    assert "val.metrics.psnr.type: No object named 'calculate_psnrr'" in message
+    assert "val.metrics.lpips.better must be one of higher, lower, got 'less'" in message
+
+
 def test_path_section_is_checked():
     message = refused(demo_with('path.strict_load_gg', True))
     assert "unknown option 'path.strict_load_gg' (did you mean 'strict_load_g'?)" in message
