@@ -199,3 +199,15 @@ def test_val_sample_defaults_are_those_of_the_framework_sample():
     shared = set(declared) & set(parameters) - {'prompt'}  # sample_with_options passes prompt '' (sample: None)
     assert {'steps', 'cfg', 'color_fix', 'tile_overlap', 'vae_tile', 'prompt_source'} <= shared
     assert {name: parameters[name].default for name in shared} == {name: declared[name] for name in shared}
+
+
+def test_option_tables_script_checks_and_rewrites(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('option_tables', os.path.join(REPO, 'scripts', 'option_tables.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    page = tmp_path / 'options.md'
+    page.write_text('# x\n\n<!-- options: DSPOModel -->\nstale\n<!-- /options -->\n', encoding='utf-8')
+    assert script.main(['--check', '--docs', str(page)]) == 1
+    assert script.main(['--docs', str(page)]) == 0 and '`train.grad_clip`' in page.read_text(encoding='utf-8')
+    assert script.main(['--check', '--docs', str(page)]) == 0
