@@ -93,7 +93,7 @@ def main(argv=None):
         opt = apply_force_yml(read_option_file(args.opt), args.force_yml)
         basicsr_argv = _basicsr_argv(args)
         # Before BasicSR makes (and archives) any experiment folder: a refused run leaves the last one intact.
-        warnings = check_options(opt)
+        warnings = check_options(opt, is_train=args.command == 'train')
     except OptionFileError as err:
         print(f'basicsr {args.command}: error: {err}', file=sys.stderr)
         return 2

@@ -1,88 +1,62 @@
-"""Option checking at start, before anything is written: unknown keys, types, ranges and paths.
+"""Option checking at start, before anything is written or renamed: missing sections, unknown keys, values, paths.
 
-A typo (``train.grad_clp``) would otherwise be ignored by ``dict.get`` and train the wrong model to the
-end. For our models and datasets every key of ``train:``, ``val:``, ``network_g:``, ``datasets.*:`` and the
-top level is checked against what the class reads; an unknown key is an error naming the closest known
-key. For BasicSR's own models the same findings are warnings (BasicSR reads keys we do not list).
+A typo (``train.grad_clp``) would otherwise be ignored by ``dict.get`` and train the wrong model to the end,
+and a bad value (``batch_size_per_gpu: 0``) would pass, let BasicSR archive the last experiment, then crash.
+What is allowed comes from one declaration per class (:mod:`dspo_basicsr.utils.option_schema`):
 
-What a class reads is declared once, on the class:
-    * models: ``known_options``, a dict of section (``top``, ``train``, ``val``, ``val.sample``) -> keys,
-      beyond :data:`BASICSR_KEYS`;
-    * datasets: ``known_options``, a tuple of keys beyond BasicSR's loader keys;
-    * archs and losses: their ``__init__`` arguments.
+* models: ``option_schema`` (BasicSR's keys plus the model's, dotted from the top of the option file);
+  BasicSR's own models get BasicSR's keys (:data:`~dspo_basicsr.utils.option_schema.BASICSR_MODEL_OPTIONS`);
+* datasets: ``option_schema`` (BasicSR's loader keys plus the dataset's); BasicSR's ``PairedImageDataset``
+  is declared here (:data:`BASICSR_DATASET_OPTIONS`);
+* archs and losses (``network_g``, ``train.*_opt``): the arguments of their ``__init__``.
+
+Unknown keys are errors for our classes, warnings for BasicSR's (which may read keys we do not declare);
+wrong values and missing sections are errors for every class.
 """
 import difflib
 import inspect
 import os
 
-#: keys BasicSR's own pipeline reads or sets, by section
-BASICSR_KEYS = {
-    'top': ('name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'network_g', 'network_d', 'path',
-            'train', 'val', 'logger', 'dist_params', 'is_train', 'dist', 'rank', 'world_size', 'auto_resume',
-            'root_path', 'find_unused_parameters'),
-    'train': ('optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'ema_decay'),
-    'val': ('val_freq', 'save_img', 'metrics', 'suffix', 'pbar'),
-    'val.sample': (),
+from dspo_basicsr.utils.option_schema import BASICSR_MODEL_OPTIONS, LOADER_OPTIONS, REQUIRED, Option, multiple_of_scale
+
+__all__ = ['OptionCheckError', 'check_options', 'init_arguments', 'BASICSR_MODELS_OPTIONS', 'BASICSR_DATASET_OPTIONS']
+
+#: dataset schemas of BasicSR's own datasets that our option files use (basicsr/data/paired_image_dataset.py)
+BASICSR_DATASET_OPTIONS = {
+    'PairedImageDataset': LOADER_OPTIONS.extend(
+        Option('dataroot_gt', 'path', REQUIRED, 'folder (or LMDB) of the ground-truth images', read_by='BasicSR'),
+        Option('dataroot_lq', 'path', REQUIRED, 'folder (or LMDB) of the LQ images', read_by='BasicSR'),
+        Option('meta_info_file', 'path', None, 'list of the image names', read_by='BasicSR'),
+        Option('filename_tmpl', 'str', '{}', 'LQ name template', read_by='BasicSR'),
+        Option('gt_size', 'int', REQUIRED, 'GT crop size in training', ge=1, required_in='train',
+               check=multiple_of_scale, read_by='BasicSR'),
+        Option('use_hflip', 'bool', REQUIRED, 'random horizontal flips in training', required_in='train',
+               read_by='BasicSR'),
+        Option('use_rot', 'bool', REQUIRED, 'random rotations in training', required_in='train', read_by='BasicSR'),
+        Option('color', 'str', None, 'y: the Y channel only', choices=('y',), read_by='BasicSR'),
+        Option('mean', 'list', None, 'normalisation mean', read_by='BasicSR'),
+        Option('std', 'list', None, 'normalisation std', read_by='BasicSR'),
+    ),
 }
 
-#: keys BasicSR's data loaders read from (or put into) every dataset block
-LOADER_KEYS = ('name', 'type', 'phase', 'scale', 'use_shuffle', 'num_worker_per_gpu', 'batch_size_per_gpu',
-               'dataset_enlarge_ratio', 'prefetch_mode', 'pin_memory', 'persistent_workers', 'io_backend')
+#: model schemas of BasicSR's own models that our option files use (basicsr/models/sr_model.py)
+BASICSR_MODELS_OPTIONS = {
+    'SRModel': BASICSR_MODEL_OPTIONS.extend(
+        Option('train.pixel_opt', 'dict', None, 'pixel loss: type and arguments', typed='loss', read_by='BasicSR'),
+        Option('train.perceptual_opt', 'dict', None, 'perceptual loss: type and arguments', typed='loss',
+               read_by='BasicSR'),
+    ),
+}
+
+#: dataset keys naming a file or folder that must exist, for datasets with no schema
+DATASET_PATH_KEYS = ('dataroot', 'dataroot_gt', 'dataroot_lq', 'meta_file', 'meta_info_file', 'ranking_json')
+
+#: most findings shown; the rest are counted
+MAX_SHOWN = 8
 
 
 class OptionCheckError(ValueError):
-    """Options that cannot train what they say; the message lists every finding."""
-
-
-def _positive_number(value):
-    return _is_number(value) and value > 0
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive_int(value):
-    return _is_number(value) and value > 0 and float(value).is_integer()
-
-
-def _timestep_range(value):
-    return (isinstance(value, (list, tuple)) and len(value) == 2 and all(_positive_int(v) or v == 0 for v in value)
-            and value[0] < value[1])
-
-
-def _sampling_protocols():
-    from dspo_basicsr.archs.sampling_protocols import SAMPLING_PROTOCOLS
-    return SAMPLING_PROTOCOLS
-
-
-#: dotted option -> (check, what it must be); checked for our models when present and not null
-VALUE_CHECKS = {
-    'train.preference_opt.beta': (_positive_number, 'a positive number'),
-    'train.preference_opt.loss_weight': (_is_number, 'a number'),
-    'train.grad_clip': (_positive_number, 'a positive number (or ~ for no clipping)'),
-    'train.max_nonfinite_steps': (_positive_int, 'a positive integer'),
-    'train.accumulate_grad_batches': (_positive_int, 'a positive integer'),
-    'train.feedback_guidance_scale': (_is_number, 'a number'),
-    'train.timestep_range': (_timestep_range, 'a list [low, high) of two timesteps with low < high'),
-    'train.total_iter': (_positive_number, 'a positive number'),
-    'train.optim_g.lr': (_positive_number, 'a positive number'),
-    'val.val_freq': (_positive_number, 'a positive number'),
-    'val.preference_seed': (_is_number, 'an integer'),
-    'val.preference_beta': (_positive_number, 'a positive number'),
-    'val.sample.protocol': (lambda v: v in _sampling_protocols(), 'the name of a sampling protocol (seesr, addsr, '
-                            'osediff, sd21: dspo_basicsr/archs/sampling_protocols.py)'),
-    'train.ema_decay': (lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1) (0: no EMA)'),
-    'train.ema_schedule': (lambda v: v in ('constant', 'diffusers'), "'constant' or 'diffusers'"),
-    'train.prompt_dropout': (lambda v: _is_number(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
-    'val.preference_timesteps': (lambda v: isinstance(v, list) and v and all(_positive_int(t) or t == 0 for t in v),
-                                 'a non-empty list of timesteps'),
-    'logger.save_checkpoint_freq': (_positive_number, 'a positive number'),
-    'logger.print_freq': (_positive_number, 'a positive number'),
-}
-
-#: dataset keys naming a file or folder that must exist
-DATASET_PATH_KEYS = ('dataroot', 'dataroot_gt', 'dataroot_lq', 'meta_file', 'meta_info_file', 'ranking_json')
+    """Options that cannot train what they say; the message lists every finding, one per line."""
 
 
 def _closest(key, known):
@@ -90,11 +64,9 @@ def _closest(key, known):
     return f" (did you mean '{close[0]}'?)" if close else ''
 
 
-def _unknown(section_opt, known, where, findings):
-    for key in section_opt:
-        if key not in known:
-            findings.append(f"unknown option '{where}.{key}'{_closest(key, known)}" if where else
-                            f"unknown option '{key}'{_closest(key, known)}")
+def _unknown_lines(unknown):
+    return [f"unknown option '{section + '.' if section else ''}{key}'{_closest(key, known)}"
+            for section, key, known in unknown]
 
 
 def init_arguments(cls):
@@ -118,16 +90,10 @@ def _ours(cls):
     return cls.__module__.startswith('dspo_basicsr')
 
 
-def _get(opt, dotted):
-    value = opt
-    for part in dotted.split('.'):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
 def _registered(registry, name, where, errors):
+    if not isinstance(name, str):
+        errors.append(f'{where} must name a registered class, got {name!r}')
+        return None
     try:
         return registry.get(name)
     except KeyError as err:
@@ -142,58 +108,97 @@ def _check_typed_block(registry, block, where, errors, warnings):
         return
     known = init_arguments(cls)
     if known is not None:
-        _unknown({k: v for k, v in block.items() if k != 'type'}, known, where, errors if _ours(cls) else warnings)
+        findings = errors if _ours(cls) else warnings
+        findings.extend(_unknown_lines([(where, key, known) for key in block if key != 'type' and key not in known]))
 
 
-def check_options(opt, check_paths=True):
+def _missing_paths(schema, block, where, errors):
+    for option in schema:
+        if option.kind != 'path':
+            continue
+        node = block
+        for part in option.key.split('.'):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, str) and node and not os.path.exists(node):
+            errors.append(f"{where}{option.key}: '{node}' does not exist")
+
+
+def _check_datasets(opt, is_train, check_paths, errors, warnings):
+    from basicsr.utils.registry import DATASET_REGISTRY
+    datasets = opt.get('datasets')
+    if not isinstance(datasets, dict):
+        return
+    phases = [phase.split('_')[0] for phase in datasets]
+    if is_train and 'train' not in phases:
+        errors.append("missing section 'datasets.train': the training set (a block whose name starts with train)")
+    for phase, block in datasets.items():
+        where = f'datasets.{phase}'
+        if is_train and phase.split('_')[0] not in ('train', 'val'):
+            errors.append(f"{where}: a dataset block's name must start with train or val (BasicSR's phases)")
+        if not isinstance(block, dict):
+            errors.append(f'{where} must be a mapping of dataset options, got {block!r}')
+            continue
+        cls = _registered(DATASET_REGISTRY, block.get('type'), f'{where}.type', errors)
+        schema = getattr(cls, 'option_schema', None) or BASICSR_DATASET_OPTIONS.get(getattr(cls, '__name__', None))
+        training = is_train and phase.split('_')[0] == 'train'
+        block_errors, unknown = (schema or LOADER_OPTIONS).findings(block, training=training, where=where, top=opt)
+        errors.extend(block_errors)
+        if schema is not None:
+            (errors if _ours(cls) else warnings).extend(_unknown_lines(unknown))
+        if check_paths:
+            if schema is not None:
+                _missing_paths(schema, block, f'{where}.', errors)
+            else:
+                for key in DATASET_PATH_KEYS:
+                    if isinstance(block.get(key), str) and block[key] and not os.path.exists(block[key]):
+                        errors.append(f"{where}.{key}: '{block[key]}' does not exist")
+
+
+def _check_metrics(opt, errors):
+    """Each ``val.metrics`` entry names a registered metric (else the first validation, after ``val_freq``
+    iterations, would fail) and says ``better: higher | lower``."""
+    from basicsr.utils.registry import METRIC_REGISTRY
+    metrics = opt.get('val').get('metrics') if isinstance(opt.get('val'), dict) else None
+    for name, metric in (metrics.items() if isinstance(metrics, dict) else ()):
+        where = f'val.metrics.{name}'
+        if not isinstance(metric, dict):
+            errors.append(f'{where} must be a mapping (type: calculate_psnr, ...), got {metric!r}')
+            continue
+        _registered(METRIC_REGISTRY, metric.get('type'), f'{where}.type', errors)
+        if metric.get('better', 'higher') not in ('higher', 'lower'):
+            errors.append(f"{where}.better must be one of higher, lower, got {metric['better']!r}")
+
+
+def check_options(opt, check_paths=True, is_train=True):
     """Check an option dict (as read from its file, ``--force_yml`` applied) before anything runs.
 
     Args:
         opt (dict): The options.
         check_paths (bool): Also check that the files and folders the options name exist.
+        is_train (bool): For ``basicsr train`` (``train``, ``logger`` and a training set are required);
+            False for ``basicsr test``.
 
     Returns:
-        list[str]: Warnings (findings in BasicSR's own classes, whose keys we do not list).
+        list[str]: Warnings (unknown keys of BasicSR's own classes, which may read keys we do not declare).
 
     Raises:
-        OptionCheckError: Every error found, one per line.
+        OptionCheckError: Every error found, one per line: the key, the value and what is allowed.
     """
     import dspo_basicsr  # noqa: F401  (fills the registries)
 
-    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY
+    from basicsr.utils.registry import ARCH_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY
 
     errors, warnings = [], []
-    model_cls = _registered(MODEL_REGISTRY, opt.get('model_type'), 'model_type', errors)
-    if model_cls is not None:
-        ours = _ours(model_cls)
-        declared = getattr(model_cls, 'known_options', {}) if ours else {}
-        known = {section: set(keys) | set(declared.get(section, ())) for section, keys in BASICSR_KEYS.items()}
-        findings = errors if ours else warnings
-        _unknown({k: v for k, v in opt.items() if not k.startswith('network_')}, known['top'], '', findings)
-        for section in ('train', 'val'):
-            if isinstance(opt.get(section), dict):
-                _unknown(opt[section], known[section], section, findings)
-        if ours and isinstance(_get(opt, 'val.sample'), dict):
-            _unknown(opt['val']['sample'], known['val.sample'], 'val.sample', findings)
-        if ours:
-            for dotted, (check, what) in VALUE_CHECKS.items():
-                value = _get(opt, dotted)
-                if value is not None and not check(value):
-                    hint = ' (YAML reads 1e-4 as a string: write 1.0e-4 or !!float 1e-4)' \
-                        if isinstance(value, str) and value[:1].isdigit() else ''
-                    errors.append(f'{dotted} must be {what}, got {value!r}{hint}')
-    for phase, dataset in (opt.get('datasets') or {}).items():
-        where = f'datasets.{phase}'
-        if not isinstance(dataset, dict):
-            errors.append(f'{where} must be a mapping of dataset options')
-            continue
-        cls = _registered(DATASET_REGISTRY, dataset.get('type'), f'{where}.type', errors)
-        if cls is not None and getattr(cls, 'known_options', None) is not None:
-            _unknown(dataset, set(cls.known_options) | set(LOADER_KEYS), where, errors)
-        if check_paths:
-            for key in DATASET_PATH_KEYS:
-                if isinstance(dataset.get(key), str) and dataset[key] and not os.path.exists(dataset[key]):
-                    errors.append(f"{where}.{key}: '{dataset[key]}' does not exist")
+    model_cls = _registered(MODEL_REGISTRY, opt.get('model_type'), 'model_type', errors) \
+        if 'model_type' in opt else None
+    ours = model_cls is not None and _ours(model_cls)
+    schema = getattr(model_cls, 'option_schema', None) if ours else \
+        BASICSR_MODELS_OPTIONS.get(getattr(model_cls, '__name__', None))
+    schema = schema or BASICSR_MODEL_OPTIONS
+    model_errors, unknown = schema.findings(opt, training=is_train)
+    errors.extend(model_errors)
+    (errors if ours else warnings).extend(_unknown_lines(unknown))
+    _check_datasets(opt, is_train, check_paths, errors, warnings)
     for key, network in opt.items():
         if key.startswith('network_') and isinstance(network, dict):
             _check_typed_block(ARCH_REGISTRY, network, key, errors, warnings)
@@ -201,14 +206,55 @@ def check_options(opt, check_paths=True):
                 for name, value in network.items():
                     if name.endswith('_path') and isinstance(value, str) and value and not os.path.exists(value):
                         errors.append(f"{key}.{name}: '{value}' does not exist")
-    for key, block in (opt.get('train') or {}).items():
+    _check_metrics(opt, errors)
+    train_opt = opt.get('train')
+    for key, block in (train_opt.items() if isinstance(train_opt, dict) else ()):
         if key.endswith('_opt') and isinstance(block, dict) and 'type' in block:
             _check_typed_block(LOSS_REGISTRY, block, f'train.{key}', errors, warnings)
     if check_paths:
-        for key, value in (opt.get('path') or {}).items():
-            if key.startswith('pretrain_network') and isinstance(value, str) and not os.path.exists(value):
-                errors.append(f"path.{key}: '{value}' does not exist")
+        _missing_paths(schema, opt, '', errors)
     if errors:
-        shown = errors[:8] + ([f'... and {len(errors) - 8} more'] if len(errors) > 8 else [])
+        shown = errors[:MAX_SHOWN] + ([f'... and {len(errors) - MAX_SHOWN} more'] if len(errors) > MAX_SHOWN else [])
         raise OptionCheckError('\n  '.join(['the options do not check:'] + shown))
     return warnings
+
+
+def option_tables():
+    """The option tables of ``docs/options.md``, by marker name: BasicSR's keys, then each class's own.
+
+    Returns:
+        dict[str, str]: Marker name (``basicsr-model``, ``basicsr-loader``, a model or dataset class name)
+        -> Markdown table.
+    """
+    import dspo_basicsr  # noqa: F401  (fills the registries)
+
+    from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
+
+    tables = {'basicsr-model': BASICSR_MODEL_OPTIONS.table(), 'basicsr-loader': LOADER_OPTIONS.table()}
+    for registry, base in ((MODEL_REGISTRY, BASICSR_MODEL_OPTIONS), (DATASET_REGISTRY, LOADER_OPTIONS)):
+        for name, cls in sorted(registry._obj_map.items()):
+            if _ours(cls) and getattr(cls, 'option_schema', None) is not None:
+                parent = next((k.option_schema for k in cls.__mro__[1:] if _ours(k) and
+                               getattr(k, 'option_schema', None) is not None), base)
+                tables[name] = cls.option_schema.table(beyond=parent)
+    for name, schema in {**BASICSR_MODELS_OPTIONS, **BASICSR_DATASET_OPTIONS}.items():
+        tables[name] = schema.table(beyond=BASICSR_MODEL_OPTIONS if name in BASICSR_MODELS_OPTIONS else LOADER_OPTIONS)
+    return tables
+
+
+def update_option_docs(text):
+    """``text`` (a docs page) with every ``<!-- options: NAME -->`` ... ``<!-- /options -->`` section regenerated.
+
+    Raises:
+        KeyError: A marker names no class with a schema.
+    """
+    import re
+    tables = option_tables()
+
+    def table(match):
+        name = match.group(1)
+        if name not in tables:
+            raise KeyError(f"docs marker 'options: {name}' names no schema; known: {', '.join(sorted(tables))}")
+        return f'<!-- options: {name} -->\n{tables[name]}\n<!-- /options -->'
+
+    return re.sub(r'<!-- options: ([\w-]+) -->.*?<!-- /options -->', table, text, flags=re.S)

@@ -129,7 +129,7 @@ def test_option_errors_are_actionable(tiny_set, tmp_path):
     opt['model_type'] = 'DSPOModel'
     with pytest.raises(ValueError, match='use DiffusionDROModel'):
         build_model(opt)
-    with pytest.raises(ValueError, match=r"unknown keys \['buffer'\]"):
+    with pytest.raises(ValueError, match=r"unknown option 'train.dro.buffer'"):
         build_model(_dro_opt(tiny_set, tmp_path, buffer=3))
     opt = _dro_opt(tiny_set, tmp_path, online_ratio=1.0, sampler_steps=2)
     opt['train']['timestep_range'] = [600, 700]

@@ -174,7 +174,7 @@ def test_prompt_dropout_replaces_prompts_by_the_empty_prompt(tiny_set, tmp_path,
 
     assert prompts_seen(0.0) == [['a cat', 'a dog']]
     assert prompts_seen(1.0) == [['', '']]
-    with pytest.raises(ValueError, match=r'train.prompt_dropout must be a probability in \[0, 1\], got 1.5'):
+    with pytest.raises(ValueError, match=r'train.prompt_dropout must be a non-negative finite number <= 1, got 1.5'):
         prompts_seen(1.5)
 
 

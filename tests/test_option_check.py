@@ -39,12 +39,77 @@ def test_unknown_key_of_our_classes_is_refused_naming_the_closest(dotted, closes
 
 
 @pytest.mark.parametrize('dotted, value, what', [
-    ('train.preference_opt.beta', 'abc', 'a positive number'), ('train.preference_opt.beta', -5, 'a positive number'),
-    ('train.grad_clip', 0, 'a positive number'), ('train.timestep_range', [500, 100], 'low < high'),
-    ('train.optim_g.lr', '1e-4', '!!float 1e-4'), ('val.val_freq', 'often', 'a positive number')])
+    ('train.preference_opt.beta', 'abc', 'a positive finite number'),
+    ('train.preference_opt.beta', -5, 'a positive finite number'),
+    ('train.preference_opt.beta', float('inf'), 'a positive finite number'),  # every step skipped, rc 0
+    ('train.grad_clip', 0, 'a positive finite number'), ('train.timestep_range', [500, 100], 'low < high'),
+    ('train.timestep_range', [0, 2000], 'high <= 1000'),  # an IndexError in the first step
+    ('train.optim_g.lr', '1e-4', '!!float 1e-4'), ('val.val_freq', 'often', 'a positive whole number'),
+    ('datasets.train.batch_size_per_gpu', -2, 'a positive integer'),
+    ('datasets.train.batch_size_per_gpu', 0, 'a positive integer'),
+    ('datasets.train.batch_size_per_gpu', 'two', 'a positive integer'),
+    ('datasets.train.gt_size', 7, 'a positive multiple of scale 4'),
+    ('datasets.train.num_worker_per_gpu', -1, 'a non-negative integer'),
+    ('datasets.train.use_hflip', 'false', 'true or false'),  # a quoted string turned flips on
+    ('num_gpu', 'abc', "a non-negative integer (or 'auto')"), ('train.warmup_iter', 'abc', 'a whole number'),
+    ('val.summary', 'sometimes', 'one of end, every'), ('val.preference_seed', 1.5, 'an integer'),
+    ('logger.save_checkpoint_freq', 0, 'a positive whole number'),
+    ('train.accumulate_grad_batches', 7, 'a divisor of train.total_iter')])
 def test_bad_values_are_refused_naming_key_and_what_it_must_be(dotted, value, what):
     message = refused(demo_with(dotted, value))
-    assert dotted in message and what in message and repr(value) in message
+    line = next(line for line in message.splitlines() if dotted in line)
+    assert what in line and repr(value) in line
+
+
+@pytest.mark.parametrize('dotted', ['train', 'network_g', 'logger', 'train.optim_g', 'train.preference_opt',
+                                    'logger.save_checkpoint_freq', 'train.total_iter', 'datasets',
+                                    'datasets.train.batch_size_per_gpu', 'datasets.train.dataroot'])
+def test_missing_section_or_required_key_is_refused_by_name(dotted):
+    opt = copy.deepcopy(DEMO)
+    *sections, key = dotted.split('.')
+    node = opt
+    for section in sections:
+        node = node[section]
+    del node[key]
+    message = refused(opt)
+    assert f"missing section '{dotted}'" in message or f"missing option '{dotted}'" in message
+    assert 'KeyError' not in message
+
+
+def test_test_runs_need_no_train_or_logger_section():
+    opt = copy.deepcopy(DEMO)
+    for section in ('train', 'logger'):
+        del opt[section]
+    del opt['datasets']['train']
+    assert check_options(opt, check_paths=False, is_train=False) == []
+    assert "missing section 'train'" in refused(opt)
+
+
+def test_validation_metrics_are_checked_at_start():
+    opt = copy.deepcopy(DEMO)
+    opt['val']['metrics'] = {'psnr': {'type': 'calculate_psnrr'},
+                             'lpips': {'type': 'calculate_lpips', 'better': 'less'}}
+    message = refused(opt)
+    assert "val.metrics.psnr.type: No object named 'calculate_psnrr'" in message
+    assert "val.metrics.lpips.better must be one of higher, lower, got 'less'" in message
+
+
+def test_path_section_is_checked():
+    message = refused(demo_with('path.strict_load_gg', True))
+    assert "unknown option 'path.strict_load_gg' (did you mean 'strict_load_g'?)" in message
+    assert 'path.strict_load_g must be true or false' in refused(demo_with('path.strict_load_g', 'yes'))
+
+
+def test_documented_and_read_keys_are_accepted_and_unread_ones_refused():
+    assert check_options(demo_with('val.summary', 'every'), check_paths=False) == []
+    assert check_options(demo_with('val.summary', False), check_paths=False) == []
+    assert "unknown option 'val.sample.start_timestep'" in refused(demo_with('val.sample.start_timestep', 999))
+
+
+def test_iteration_counts_may_be_written_as_basicsr_floats():
+    opt = demo_with('logger.save_checkpoint_freq', 5000.0)
+    opt['val']['val_freq'] = 5000.0
+    assert check_options(opt, check_paths=False) == []
 
 
 def test_every_finding_is_reported_at_once():
@@ -57,7 +122,7 @@ def test_every_finding_is_reported_at_once():
 def test_keys_other_engineers_add_are_known():
     opt = demo_with('train.accumulate_grad_batches', 2)
     opt['val']['sample'].update(color_fix='adain', tile_size=64, tile_overlap=8, vae_tile=True, process_size=512,
-                                prompt_source='ram', start_timestep=999)
+                                prompt_source='tags')
     assert check_options(opt, check_paths=False) == []
 
 
@@ -100,6 +165,27 @@ def test_non_text_option_file_is_one_line(tmp_path, content, what):
     assert len(ours) == 1 and 'Traceback' not in result.stderr
 
 
+@pytest.mark.parametrize('section, key, value, shown', [
+    ('datasets.train', 'batch_size_per_gpu', 0, "datasets.train.batch_size_per_gpu must be a positive integer, got 0"),
+    ('', 'num_gpu', 'abc', "num_gpu must be a non-negative integer (or 'auto'), got 'abc'"),
+    ('logger', 'save_checkpoint_frq', 2, "unknown option 'logger.save_checkpoint_frq'")])
+def test_bad_value_of_a_basicsr_key_is_refused_before_anything_is_archived(tmp_path, paired_folders, section, key,
+                                                                          value, shown):
+    opt = msrresnet_options(*paired_folders, name='kept')
+    previous = tmp_path / 'experiments' / 'kept' / 'models'
+    previous.mkdir(parents=True)
+    node = opt
+    for part in filter(None, section.split('.')):
+        node = node[part]
+    node[key] = value
+    if key == 'save_checkpoint_frq':
+        opt['model_type'] = 'DSPOModel'  # our model: unknown keys are errors (BasicSR's: warnings)
+        del opt['logger']['save_checkpoint_freq']
+    result = run_cli_refusal(['train', '-opt', write_options(tmp_path / 'bad.yml', opt)], cwd=tmp_path)
+    assert result.returncode == 2 and shown in result.stderr and 'Traceback' not in result.stderr
+    assert sorted(os.listdir(tmp_path / 'experiments')) == ['kept']
+
+
 def test_refused_run_leaves_the_previous_experiment_in_place(tmp_path, paired_folders):
     opt = msrresnet_options(*paired_folders, name='kept')
     previous = tmp_path / 'experiments' / 'kept' / 'models'
@@ -115,7 +201,8 @@ def test_refused_run_leaves_the_previous_experiment_in_place(tmp_path, paired_fo
 def test_force_yml_list_reaches_basicsr_as_data_not_code(tmp_path, paired_folders):
     marker = tmp_path / 'pwned'
     opt_file = write_options(tmp_path / 'msr.yml', msrresnet_options(*paired_folders, name='forced', total_iter=1))
-    result = run_cli(['train', '-opt', opt_file, '--force_yml', f"val:suffix=[__import__('os').mkdir('{marker}')]"],
-                     cwd=tmp_path)
+    result = run_cli_refusal(['train', '-opt', opt_file, '--force_yml',
+                              f"val:suffix=[__import__('os').mkdir('{marker}')]"], cwd=tmp_path)
     assert not marker.exists()
-    assert result.returncode == 0, result.stderr[-2000:]
+    # read as a YAML list of one string, never evaluated, and refused as not a string
+    assert result.returncode == 2 and 'val.suffix must be a string' in result.stderr

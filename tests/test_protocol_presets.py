@@ -60,7 +60,7 @@ def test_an_unknown_preset_is_one_clear_error():
         resolve_sample_options({'protocol': 'seer'})
     opt = _read('dspo_sd21.yml')
     opt['val']['sample'] = {'protocol': 'seer'}
-    with pytest.raises(ValueError, match='val.sample.protocol must be the name of a sampling protocol'):
+    with pytest.raises(ValueError, match='val.sample.protocol must be one of seesr, addsr, osediff, sd21'):
         check_options(opt, check_paths=False)
 
 

@@ -16,6 +16,7 @@ import random
 from torch.utils import data
 
 from dspo_basicsr.utils.image_io import read_rgb
+from dspo_basicsr.utils.option_schema import LOADER_OPTIONS, REQUIRED, Option
 
 from basicsr.utils.registry import DATASET_REGISTRY
 
@@ -47,14 +48,10 @@ def _require_columns(path, header, columns):
                        'options of the dataset to your header names.')
 
 
-# keys BasicSR itself puts in or reads from every dataset block
-LOADER_KEYS = frozenset({'name', 'type', 'phase', 'scale', 'use_shuffle', 'num_worker_per_gpu', 'batch_size_per_gpu',
-                         'dataset_enlarge_ratio', 'prefetch_mode', 'pin_memory', 'persistent_workers', 'io_backend'})
-
-
-def check_option_keys(opt, known, where):
-    """Refuse option keys a dataset does not read (a typo would otherwise be silently ignored)."""
-    unknown = sorted(set(opt) - set(known) - LOADER_KEYS)
+def check_option_keys(opt, schema, where):
+    """Refuse option keys a dataset does not declare in ``schema`` (a typo would otherwise be silently ignored)."""
+    known = schema.children('')
+    unknown = sorted(set(opt) - set(known))
     if unknown:
         raise KeyError(f"{where} {opt.get('name', '')!r}: unknown option(s) {unknown}; known options are "
                        f'{sorted(known)}.')
@@ -69,38 +66,40 @@ def pair_label(score_a, score_b):
 class IQAListDataset(data.Dataset):
     """Images with mean opinion scores.
 
-    Options (``opt``):
-        meta_file (str): CSV/TSV with a header row.
-        dataroot (str): Folder the image paths are relative to ('' for paths as written).
-        path_column (str): Header of the image path column (default 'path').
-        score_column (str): Header of the score column (default 'score').
-        lower_is_better (bool): The score is a distortion (DMOS); it is negated so higher is better.
-        mode (str): 'single' (image + score) or 'pair' (two random images + label).
-        crop_size (int, optional): Centre crop side.
-        pairs_per_epoch (int, optional): Length in 'pair' mode (default: number of images).
-        delimiter (str, optional): Field separator (default from the extension).
+    Options: :attr:`option_schema` (the table is in ``docs/options.md``).
 
     Items:
         single: ``img`` (3, H, W), ``score`` (float), ``key`` (str), ``path`` (str).
         pair: ``img_a``, ``img_b`` (3, H, W), ``label`` (float, P(a better)), ``key_a``, ``key_b``.
     """
 
+    #: every option this dataset reads: checked at start (dspo_basicsr.option_check), defaults read from here
+    option_schema = LOADER_OPTIONS.extend(
+        Option('meta_file', 'path', REQUIRED, 'CSV/TSV list with a header row'),
+        Option('dataroot', 'path', '', "folder the image paths are relative to ('': paths as written)"),
+        Option('path_column', 'str', 'path', 'header of the image path column'),
+        Option('score_column', 'str', 'score', 'header of the score column'),
+        Option('lower_is_better', 'bool', False, 'the score is a distortion (DMOS); it is negated'),
+        Option('mode', 'str', 'single', 'single: image + score; pair: two random images + label',
+               choices=('single', 'pair')),
+        Option('crop_size', 'int', None, 'centre crop side (~: whole images)', ge=1),
+        Option('pairs_per_epoch', 'int', None, "length in mode 'pair' (~: the number of images)", ge=1),
+        Option('delimiter', 'str', None, 'field separator (~: from the extension)'),
+    )
+
     def __init__(self, opt):
         super().__init__()
-        check_option_keys(opt, ('meta_file', 'dataroot', 'path_column', 'score_column', 'lower_is_better', 'mode',
-                                'crop_size', 'pairs_per_epoch', 'delimiter'), 'IQAListDataset')
+        check_option_keys(opt, self.option_schema, 'IQAListDataset')
+        option = self.option_schema.value  # the value in the block, checked, or the declared default
         self.opt = opt
         self.meta_file = opt['meta_file']
-        self.mode = opt.get('mode', 'single')
-        if self.mode not in ('single', 'pair'):
-            raise ValueError(f"IQAListDataset {opt.get('name', '')!r}: mode must be 'single' or 'pair', got "
-                             f'{self.mode!r}.')
-        self.crop_size = opt.get('crop_size')
-        path_column, score_column = opt.get('path_column', 'path'), opt.get('score_column', 'score')
-        rows, header = read_table(self.meta_file, opt.get('delimiter'))
+        self.mode = option(opt, 'mode')
+        self.crop_size = option(opt, 'crop_size')
+        path_column, score_column = option(opt, 'path_column'), option(opt, 'score_column')
+        rows, header = read_table(self.meta_file, option(opt, 'delimiter'))
         _require_columns(self.meta_file, header, (path_column, score_column))
-        root = opt.get('dataroot', '') or ''
-        sign = -1.0 if opt.get('lower_is_better', False) else 1.0
+        root = option(opt, 'dataroot') or ''
+        sign = -1.0 if option(opt, 'lower_is_better') else 1.0
         self.paths, self.scores = [], []
         for line, row in enumerate(rows, start=2):
             try:
@@ -112,7 +111,7 @@ class IQAListDataset(data.Dataset):
             self.scores.append(sign * score)
         if len(self.paths) < (2 if self.mode == 'pair' else 1):
             raise ValueError(f'list {self.meta_file!r} holds too few images for mode {self.mode!r}.')
-        self.pairs_per_epoch = int(opt.get('pairs_per_epoch') or len(self.paths))
+        self.pairs_per_epoch = int(option(opt, 'pairs_per_epoch') or len(self.paths))
 
     def __len__(self):
         return len(self.paths) if self.mode == 'single' else self.pairs_per_epoch
@@ -145,38 +144,41 @@ TWO_AFC_FORMATS = {
 class TwoAFCPairDataset(data.Dataset):
     """Human 2AFC pairs (RealSR-1K style list) for validating a quality model.
 
-    Options (``opt``):
-        meta_file (str): CSV/TSV with a header row.
-        dataroot (str): Folder the image names are relative to.
-        format (str, optional): Column preset: ``realsr1k`` for the RealSR-1K subjective results as
-            released (``sr_pair_names, group, name1_column, name2_column, score1_column, score2_column``).
-        columns (dict, optional): Header names for ``pair`` (pair name), ``group`` (e.g. the LR image or
-            the method pair), ``image_a``, ``image_b``, ``fraction_a`` (share preferring A) and optionally
-            ``fraction_b`` (used to normalise when both are given). Defaults are those words, or those of
-            ``format``; given keys override the preset.
-        group (str, optional): Keep only rows of this group (RealSR-1K: ``mad`` or ``mid``).
-        crop_size (int, optional): Centre crop side.
+    Options: :attr:`option_schema` (the table is in ``docs/options.md``). ``columns`` names the headers of
+    ``pair`` (pair name), ``group`` (e.g. the LR image or the method pair), ``image_a``, ``image_b``,
+    ``fraction_a`` (share preferring A) and optionally ``fraction_b`` (used to normalise when both are
+    given); defaults are those words, or those of ``format``; given keys override the preset.
 
     Items: ``img_a``, ``img_b`` (3, H, W), ``fraction_a`` (float in [0, 1]), ``key_a``, ``key_b``,
     ``pair``, ``group`` (str).
     """
 
+    #: every option this dataset reads: checked at start (dspo_basicsr.option_check), defaults read from here
+    option_schema = LOADER_OPTIONS.extend(
+        Option('meta_file', 'path', REQUIRED, 'CSV/TSV list of the pairs with a header row'),
+        Option('dataroot', 'path', '', 'folder the image names are relative to'),
+        Option('format', 'str', 'pairs', 'column preset (realsr1k: the RealSR-1K subjective results as released)',
+               choices=tuple(TWO_AFC_FORMATS)),
+        Option('columns', 'dict', None, 'header names overriding the preset (pair, group, image_a, image_b, '
+               'fraction_a, fraction_b)'),
+        Option('group', 'any', None, 'keep only rows of this group (RealSR-1K: mad or mid)'),
+        Option('crop_size', 'int', None, 'centre crop side (~: whole images)', ge=1),
+        Option('delimiter', 'str', None, 'field separator (~: from the extension)'),
+    )
+
     def __init__(self, opt):
         super().__init__()
-        check_option_keys(opt, ('meta_file', 'dataroot', 'format', 'columns', 'group', 'crop_size', 'delimiter'),
-                          'TwoAFCPairDataset')
+        check_option_keys(opt, self.option_schema, 'TwoAFCPairDataset')
+        option = self.option_schema.value  # the value in the block, checked, or the declared default
         self.opt = opt
         self.meta_file = opt['meta_file']
-        self.crop_size = opt.get('crop_size')
-        preset = TWO_AFC_FORMATS.get(opt.get('format') or 'pairs')
-        if preset is None:
-            raise ValueError(f"TwoAFCPairDataset {opt.get('name', '')!r}: unknown format {opt.get('format')!r}; "
-                             f'choose one of {sorted(TWO_AFC_FORMATS)}.')
-        columns = {**preset, **(opt.get('columns') or {})}
-        rows, header = read_table(self.meta_file, opt.get('delimiter'))
+        self.crop_size = option(opt, 'crop_size')
+        preset = TWO_AFC_FORMATS[option(opt, 'format') or 'pairs']
+        columns = {**preset, **(option(opt, 'columns') or {})}
+        rows, header = read_table(self.meta_file, option(opt, 'delimiter'))
         _require_columns(self.meta_file, header, [columns[k] for k in ('image_a', 'image_b', 'fraction_a')])
         rows = list(enumerate(rows, start=2))   # (file line, row)
-        group = opt.get('group')
+        group = option(opt, 'group')
         if group is not None:
             groups_found = sorted({row.get(columns['group'], '') for _, row in rows})
             rows = [(line, row) for line, row in rows if row.get(columns['group']) == str(group)]
@@ -184,7 +186,7 @@ class TwoAFCPairDataset(data.Dataset):
                 raise ValueError(f'2AFC list {self.meta_file!r} has no row of group {group!r} (column '
                                  f"{columns['group']!r}); its groups are {groups_found[:5]}"
                                  f"{' ...' if len(groups_found) > 5 else ''}.")
-        root = opt.get('dataroot', '') or ''
+        root = option(opt, 'dataroot') or ''
         self.items = []
         for line, row in rows:
             try:

@@ -12,6 +12,7 @@ import torch
 from torch.utils import data as data
 
 from dspo_basicsr.data.preference_set import PreferenceLMDB
+from dspo_basicsr.utils.option_schema import LOADER_OPTIONS, REQUIRED, Option, multiple_of_scale
 
 from basicsr.utils.registry import DATASET_REGISTRY
 
@@ -228,13 +229,19 @@ class PreferenceLMDBDataset(data.Dataset):
     ``dataset.collate_fn``).
 
     Args:
-        opt (dict): ``dataroot`` (the ``NAME.lmdb`` folder), ``phase``, ``scale`` (default: the set's),
-            ``gt_size`` (SR crop size, None = whole image), ``use_hflip``, ``use_rot``, ``max_instances``.
+        opt (dict): The dataset block: :attr:`option_schema` (the table is in ``docs/options.md``).
     """
 
     reader_class = PreferenceLMDB
-    #: option keys read beyond BasicSR's loader keys (checked at start: dspo_basicsr.option_check)
-    known_options = ('dataroot', 'gt_size', 'use_hflip', 'use_rot', 'max_instances')
+    #: every option this dataset reads: checked at start (dspo_basicsr.option_check), defaults read from here
+    option_schema = LOADER_OPTIONS.extend(
+        Option('dataroot', 'path', REQUIRED, 'the preference set (the NAME.lmdb folder)'),
+        Option('scale', 'int', None, "SR scale; must be the set's (~: the set's)", ge=1),
+        Option('gt_size', 'int', None, 'SR crop size in training (~: whole images)', ge=1, check=multiple_of_scale),
+        Option('use_hflip', 'bool', False, 'random horizontal flips in training'),
+        Option('use_rot', 'bool', False, 'random 90-degree rotations and vertical flips in training'),
+        Option('max_instances', 'int', None, 'keep at most this many instances per sample (~: all)', ge=1),
+    )
     collate_fn = staticmethod(collate_preference_batch)
 
     def __init__(self, opt):
@@ -243,18 +250,19 @@ class PreferenceLMDBDataset(data.Dataset):
         self.store = self.reader_class(opt['dataroot'])
         self.sids = self.store.ids()
         set_scale = self.store.header['scale']
-        self.scale = opt.get('scale') or set_scale
+        option = self.option_schema.value  # the value in the block, checked, or the declared default
+        self.scale = option(opt, 'scale') or set_scale
         if self.scale != set_scale:
             raise ValueError(f"option scale {self.scale} differs from the scale {set_scale} of preference set "
                              f"'{opt['dataroot']}'; remove the option or use the matching set.")
         self.train = opt.get('phase', 'train') == 'train'
-        self.gt_size = opt.get('gt_size') if self.train else None
+        self.gt_size = option(opt, 'gt_size') if self.train else None
         if self.gt_size is not None and self.gt_size % self.scale:
             raise ValueError(f'gt_size {self.gt_size} must be a multiple of scale {self.scale} so that the LQ crop '
                              'is aligned with the SR crop.')
-        self.use_hflip = bool(opt.get('use_hflip', False)) and self.train
-        self.use_rot = bool(opt.get('use_rot', False)) and self.train
-        self.max_instances = opt.get('max_instances')
+        self.use_hflip = option(opt, 'use_hflip') and self.train
+        self.use_rot = option(opt, 'use_rot') and self.train
+        self.max_instances = option(opt, 'max_instances')
 
     def __len__(self):
         return len(self.sids)

@@ -24,6 +24,7 @@ from torch.utils import data
 from torch.utils.data import default_collate
 
 from dspo_basicsr.data.iqa_list_dataset import IQAListDataset, check_option_keys, image_key, pair_label, read_rgb
+from dspo_basicsr.utils.option_schema import LOADER_OPTIONS, REQUIRED, Option
 
 from basicsr.utils.registry import DATASET_REGISTRY
 
@@ -58,32 +59,38 @@ def collate_method_groups(batch):
 class SRMethodGroupDataset(data.Dataset):
     """Method-pair groups for the model-ranking term.
 
-    Options (``opt``):
-        dataroot (str): Folder with one sub-folder of SR outputs per method.
-        ranking_json (str): Global scores of the methods.
-        methods (list[str], optional): Methods to use (default: those in both the folder and the JSON).
-        group_size (int): B, images per method in a group.
-        crop_size (int, optional): Centre crop side (deterministic, so backbone features can be cached).
-        label (str): 'hard' (1 / 0 / 0.5 from the score order) or 'thurstone' (Phi(mu_a - mu_b)).
-        groups_per_epoch (int, optional): Length (default: pairs x ceil(images / B)).
-        mos (dict, optional): :class:`IQAListDataset` options (mode is forced to 'pair'); adds one MOS pair.
+    Options: :attr:`option_schema` (the table is in ``docs/options.md``).
 
     Items: ``group_a``, ``group_b`` (B, 3, H, W); ``label`` (float, P(a better)); ``keys_a``, ``keys_b``
     (list of B cache keys); ``method_a``, ``method_b`` (str); with ``mos``: ``mos_a``, ``mos_b``
     (3, H, W), ``mos_label``, ``mos_key_a``, ``mos_key_b``.
     """
 
+    #: every option this dataset reads: checked at start (dspo_basicsr.option_check), defaults read from here
+    option_schema = LOADER_OPTIONS.extend(
+        Option('dataroot', 'path', REQUIRED, 'folder with one sub-folder of SR outputs per method'),
+        Option('ranking_json', 'path', REQUIRED, 'global scores of the methods'),
+        Option('methods', 'list', None, 'methods to use (~: those in both the folder and the JSON)'),
+        Option('group_size', 'int', 4, 'B: images per method in a group', ge=1),
+        Option('crop_size', 'int', None, 'centre crop side (deterministic, so backbone features can be cached)',
+               ge=1),
+        Option('label', 'str', 'hard', 'hard: 1 / 0 / 0.5 from the score order; thurstone: Phi(mu_a - mu_b)',
+               choices=('hard', 'thurstone')),
+        Option('groups_per_epoch', 'int', None, 'length (~: pairs x ceil(images / B))', ge=1),
+        Option('mos', 'dict', None, "IQAListDataset options (mode forced to 'pair'): adds one MOS pair per item"),
+    )
+
     def __init__(self, opt):
         super().__init__()
-        check_option_keys(opt, ('dataroot', 'ranking_json', 'methods', 'group_size', 'crop_size', 'label',
-                                'groups_per_epoch', 'mos'), 'SRMethodGroupDataset')
+        check_option_keys(opt, self.option_schema, 'SRMethodGroupDataset')
+        option = self.option_schema.value  # the value in the block, checked, or the declared default
         self.opt = opt
         root = opt['dataroot']
         if not os.path.isdir(root):
             raise FileNotFoundError(f"SRMethodGroupDataset: dataroot {root!r} is not a folder of method folders.")
         scores = read_ranking_json(opt['ranking_json'])
         folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        methods = opt.get('methods') or [m for m in folders if m in scores]
+        methods = option(opt, 'methods') or [m for m in folders if m in scores]
         unknown = [m for m in methods if m not in scores or m not in folders]
         if unknown:
             raise KeyError(f'SRMethodGroupDataset: methods {unknown} need both a folder in {root!r} and a score in '
@@ -100,20 +107,18 @@ class SRMethodGroupDataset(data.Dataset):
             self.files[method] = names
             stems = set(names) if stems is None else stems & set(names)
         self.images = sorted(stems)
-        self.group_size = int(opt.get('group_size', 4))
+        self.group_size = option(opt, 'group_size')
         if len(self.images) < self.group_size:
             raise ValueError(f'SRMethodGroupDataset: only {len(self.images)} images are shared by all methods in '
                              f'{root!r}, fewer than group_size {self.group_size}.')
         self.root = root
-        self.crop_size = opt.get('crop_size')
-        self.label_mode = opt.get('label', 'hard')
-        if self.label_mode not in ('hard', 'thurstone'):
-            raise ValueError(f"SRMethodGroupDataset: label must be 'hard' or 'thurstone', got {self.label_mode!r}.")
+        self.crop_size = option(opt, 'crop_size')
+        self.label_mode = option(opt, 'label')
         self.pairs = list(itertools.combinations(self.methods, 2))
-        self.length = int(opt.get('groups_per_epoch')
+        self.length = int(option(opt, 'groups_per_epoch')
                           or len(self.pairs) * math.ceil(len(self.images) / self.group_size))
         self.mos = None
-        if opt.get('mos'):
+        if option(opt, 'mos'):
             self.mos = IQAListDataset({**opt['mos'], 'mode': 'pair'})
 
     def __len__(self):

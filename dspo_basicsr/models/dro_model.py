@@ -26,6 +26,7 @@ from dspo_basicsr.archs.diffusion_sr_base import DiffusionSRArch, join_negative_
 from dspo_basicsr.losses.preference_loss import DiffusionDROLoss, instance_coverage
 from dspo_basicsr.models.dspo_model import DSPOModel, _gather_images
 from dspo_basicsr.models.online_negatives import (
+    SAMPLERS,
     LaggedPolicy,
     OnlineNegative,
     OnlineNegativeBuffer,
@@ -33,56 +34,48 @@ from dspo_basicsr.models.online_negatives import (
     sample_trajectory,
     trajectory_timesteps,
 )
+from dspo_basicsr.utils.option_schema import Option
 
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
-
-#: ``train.dro`` keys and their defaults.
-DRO_DEFAULTS = {
-    'expert': 'preferred',   # preferred | gt
-    'online_ratio': 0.5,     # share of samples whose negative is online (0: offline only, 1: online only)
-    'buffer_size': 64,       # replay buffer entries (one per LQ input)
-    'refresh_every': 100,    # K: optimizer updates between syncs of the lagged copy (the buffer is emptied then)
-    'sampler_steps': 10,     # steps of the lagged copy's sampler
-    'sampler': 'ddim',       # ddim | ddpm | dpmsolver++ (Diffusion-DRO's authors: dpmsolver++, 20 steps)
-    'perturb_timesteps': False,  # each online trajectory on its own shifted timesteps (the authors': true)
-    'cfg': 1.0,              # guidance scale of the lagged copy's sampling (~: the framework's default)
-    'seed': 0,               # seed of the online choices and of the lagged copy's sampling noise
-}
 
 
 @MODEL_REGISTRY.register()
 class DiffusionDROModel(DSPOModel):
     """:class:`DSPOModel` plus the Diffusion-DRO objective (``train.preference_opt.type: DiffusionDROLoss``).
 
-    Option keys beyond DSPOModel's, under ``train.dro`` (see :data:`DRO_DEFAULTS`):
-        expert: ``preferred`` (the preferred candidate) or ``gt`` (the ground truth; the set must store it).
-        online_ratio: share of each batch's samples whose negative is an online sample; the others take the
-            offline dispreferred candidate.
-        buffer_size, refresh_every, sampler_steps, sampler, cfg, seed: the lagged copy and its replay buffer.
+    Its options are DSPOModel's plus ``train.dro`` (:attr:`option_schema`; the table is in ``docs/options.md``).
     With any other preference loss the model behaves as DSPOModel.
     """
 
-    known_options = {**DSPOModel.known_options, 'train': DSPOModel.known_options['train'] + ('dro',)}
+    #: DSPOModel's options plus the lagged copy's and its replay buffer's (``train.dro``)
+    option_schema = DSPOModel.option_schema.extend(
+        Option('train.dro', 'dict', {}, 'Diffusion-DRO: the expert, the online negatives and their lagged copy'),
+        Option('train.dro.expert', 'str', 'preferred', 'preferred: the preferred candidate; gt: the ground truth '
+               '(the set must store it)', choices=('preferred', 'gt')),
+        Option('train.dro.online_ratio', 'number', 0.5, "share of each batch's samples whose negative is online "
+               '(0: offline only, 1: online only)', ge=0, le=1),
+        Option('train.dro.buffer_size', 'int', 64, 'replay buffer entries (one per LQ input)', ge=1),
+        Option('train.dro.refresh_every', 'int', 100, 'K: optimizer updates between syncs of the lagged copy '
+               '(the buffer is emptied then)', ge=1),
+        Option('train.dro.sampler_steps', 'int', 10, "steps of the lagged copy's sampler", ge=1),
+        Option('train.dro.sampler', 'str', 'ddim', "the lagged copy's sampler (Diffusion-DRO's authors: dpmsolver++, "
+               '20 steps)', choices=tuple(SAMPLERS)),
+        Option('train.dro.perturb_timesteps', 'bool', False, 'each online trajectory on its own shifted timesteps '
+               "(the authors': true)"),
+        Option('train.dro.cfg', 'number', 1.0, "guidance scale of the lagged copy's sampling (~: the framework's "
+               'default)', nullable=True),
+        Option('train.dro.seed', 'int', 0, "seed of the online choices and of the lagged copy's sampling noise"),
+    )
 
     def init_training_settings(self):
         super().init_training_settings()
-        dro_opt = dict(self.opt['train'].get('dro') or {})
-        unknown = sorted(set(dro_opt) - set(DRO_DEFAULTS))
-        if unknown:
-            raise ValueError(f'train.dro has unknown keys {unknown}; known keys: {sorted(DRO_DEFAULTS)}.')
-        self.dro_opt = {**DRO_DEFAULTS, **dro_opt}
+        self.dro_opt = self.option_schema.section(self.opt, 'train.dro')  # checked, defaults filled in
         self.ranking = isinstance(self.cri_pref, DiffusionDROLoss)
         if not self.ranking:
             return
-        if self.dro_opt['expert'] not in ('preferred', 'gt'):
-            raise ValueError(f"train.dro.expert '{self.dro_opt['expert']}' is unknown; choose preferred or gt.")
         self.online_ratio = float(self.dro_opt['online_ratio'])
-        if not 0 <= self.online_ratio <= 1:
-            raise ValueError(f'train.dro.online_ratio must lie in [0, 1], got {self.online_ratio}.')
-        self.refresh_every = int(self.dro_opt['refresh_every'])
-        if self.refresh_every < 1:
-            raise ValueError(f'train.dro.refresh_every must be at least 1 optimizer update, got {self.refresh_every}.')
+        self.refresh_every = self.dro_opt['refresh_every']
         self.negative_buffer = OnlineNegativeBuffer(self.dro_opt['buffer_size'])
         self.lagged = LaggedPolicy()
         self.dro_generator = torch.Generator(device=self.device).manual_seed(

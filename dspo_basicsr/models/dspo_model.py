@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition, sample_with_options
-from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
+from dspo_basicsr.archs.sampling_protocols import SAMPLING_PROTOCOLS, resolve_sample_options
 from dspo_basicsr.compat import atomic_torch_save, gather_in_sample_order, is_main_process, wait_for_all_ranks
 from dspo_basicsr.losses.preference_loss import (
     DEFAULT_BETA,
@@ -29,6 +29,13 @@ from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
 from dspo_basicsr.models.run_summary import summary_due, write_training_curves, write_validation_summary
 from dspo_basicsr.models.trainable_ema import EMA_SCHEDULES, TrainableEMA, ema_decay_at
 from dspo_basicsr.utils.checkpoint import read_checkpoint
+from dspo_basicsr.utils.option_schema import (
+    BASICSR_MODEL_OPTIONS,
+    REQUIRED,
+    Option,
+    timestep_range_in_schedule,
+    timesteps_in_schedule,
+)
 
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
@@ -50,6 +57,18 @@ def _gather_images(candidates, index):
     return candidates.gather(1, index.view(b, -1, 1, 1, 1).expand(-1, -1, c, h, w))
 
 
+def _below_one(value, opt, block):
+    return None if value < 1 else 'a number in [0, 1)'
+
+
+def _divides_total_iter(value, opt, block):
+    total_iter = (opt.get('train') or {}).get('total_iter')
+    if isinstance(total_iter, (int, float)) and total_iter % value:
+        return (f'a divisor of train.total_iter ({total_iter}, which counts micro-batches: make it a multiple of '
+                'train.accumulate_grad_batches so the last update is applied)')
+    return None
+
+
 class AccumulationWindow:
     """The micro-batches of one optimizer update so far: whether all were finite, and their summed logs."""
 
@@ -69,49 +88,71 @@ class AccumulationWindow:
 class DSPOModel(SRModel):
     """Preference fine-tuning of a registered diffusion SR framework (``network_g``).
 
-    Option keys beyond BasicSR's (all optional):
-        train.preference_opt: the objective, ``DSPOLoss`` | ``DiffusionDPOLoss`` | ``DiffusionSFTLoss``.
-        train.timestep_range: [low, high) of the training timesteps. Default: the whole schedule.
-        train.feedback_guidance_scale: s of the user-description feedback (the paper's M2); when set,
-            policy and reference predictions are ``eps(neg) + s (eps(prompt) - eps(neg))`` with the
-            sample's negative prompt appended to the framework's default. Default: off.
-        train.reference_dtype: ``bfloat16`` / ``float16`` to run the frozen reference at lower precision.
-        train.grad_clip: max gradient norm. Default: none.
-        train.max_nonfinite_steps: stop after this many non-finite losses in a row. Default: 10.
-        train.accumulate_grad_batches: k, micro-batches (BasicSR iterations) per optimizer update; each
-            micro-batch's loss is scaled by 1/k, the scheduler, warm-up, clipping and the non-finite guard act
-            once per update, and the logs average the k micro-batches. ``total_iter``, ``print_freq``,
-            ``save_checkpoint_freq`` and ``val_freq`` count micro-batches; scheduler milestones and
-            ``warmup_iter`` count updates. Default: 1.
-        train.ema_decay: BasicSR's EMA (``net_g_ema``) of the trained parameters only (ControlNet, LoRA
-            adapters or UNet; the frozen parts are shared), updated once per optimizer update; saved as
-            ``params_ema`` next to ``params``, used by validation, and by ``basicsr test`` when the
-            checkpoint has it. Default: 0 (off).
-        train.ema_schedule: ``constant`` (BasicSR's: ``ema_decay`` at every update) or ``diffusers``
-            (diffusers' ``EMAModel``: ``min(ema_decay, n / (9 + n))`` at the n-th update, 0 at the first).
-            Default: constant.
-        train.prompt_dropout: probability that a training sample's prompt is replaced by the empty prompt
-            (the policy and the reference see the same condition). Default: 0.
-        val.sample: ``protocol`` (a framework's official test protocol by name, ``seesr`` | ``addsr`` |
-            ``osediff`` | ``sd21``: :mod:`dspo_basicsr.archs.sampling_protocols`; keys set beside it override it),
-            ``steps``, ``cfg``, ``seed``, ``prompt``, ``negative_prompt``, ``sampler`` for SR validation,
-            and ``prompt_source`` (``prompt`` | ``tags``), ``color_fix`` (``adain`` | ``wavelet`` | ``none``),
-            ``process_size``, ``tile_size``, ``tile_overlap``, ``vae_tile`` (see ``DiffusionSRArch.sample``).
-        val.preference_timesteps: timesteps at which a preference validation set is scored.
-        val.preference_seed: seed of its latents and noise (sample i uses seed + i). Default: 0.
-        val.preference_beta: beta of its logits. Default: the training loss's, else 8000.
-        val.summary: ``end`` (default), ``every`` or ``false``: when an image validation set also gets
-            ``visualization/summary_<iter>.png`` (LQ | reference | current | GT) and ``training_curves.png``.
+    Its options are :attr:`option_schema` (BasicSR's plus the ones below; the table is in ``docs/options.md``).
+    ``train.accumulate_grad_batches`` = k: each micro-batch's loss is scaled by 1/k, the scheduler, warm-up,
+    clipping and the non-finite guard act once per update, and the logs average the k micro-batches.
+    ``total_iter``, ``print_freq``, ``save_checkpoint_freq`` and ``val_freq`` count micro-batches; scheduler
+    milestones and ``warmup_iter`` count updates.
     """
 
-    #: option keys this model reads beyond BasicSR's, by section (checked at start: dspo_basicsr.option_check)
-    known_options = {
-        'train': ('preference_opt', 'timestep_range', 'feedback_guidance_scale', 'reference_dtype', 'grad_clip',
-                  'max_nonfinite_steps', 'accumulate_grad_batches', 'prompt_dropout', 'ema_schedule'),
-        'val': ('sample', 'preference_timesteps', 'preference_seed', 'preference_beta'),
-        'val.sample': ('protocol', 'steps', 'cfg', 'seed', 'prompt', 'negative_prompt', 'sampler', 'color_fix',
-                       'tile_size', 'tile_overlap', 'vae_tile', 'process_size', 'prompt_source', 'start_timestep'),
-    }
+    #: every option this model reads: checked at start (dspo_basicsr.option_check), defaults read from here
+    option_schema = BASICSR_MODEL_OPTIONS.extend(
+        Option('train.preference_opt', 'dict', REQUIRED, 'the objective (type: DSPOLoss | DiffusionDPOLoss | '
+               'DiffusionSFTLoss | DiffusionDROLoss) and its arguments', typed='loss'),
+        Option('train.preference_opt.beta', 'number', DEFAULT_BETA, 'KL weight beta of the objective', gt=0,
+               read_by='the loss'),
+        Option('train.preference_opt.loss_weight', 'number', 1.0, 'weight of the objective', read_by='the loss'),
+        Option('train.timestep_range', 'list', None, '[low, high) of the training timesteps (~: the whole schedule)',
+               check=timestep_range_in_schedule),
+        Option('train.feedback_guidance_scale', 'number', None, "s of the user-description feedback (the paper's "
+               "M2): predictions eps(neg) + s (eps(prompt) - eps(neg)) with the sample's negative prompt (~: off)"),
+        Option('train.reference_dtype', 'str', None, 'run the frozen reference at this precision (~: as the policy)',
+               choices=('bfloat16', 'float16', 'float32')),
+        Option('train.grad_clip', 'number', None, 'max gradient norm (~: no clipping)', gt=0),
+        Option('train.max_nonfinite_steps', 'int', 10, 'stop after this many non-finite losses in a row', ge=1),
+        Option('train.accumulate_grad_batches', 'int', 1, 'k: micro-batches (iterations) per optimizer update',
+               ge=1, check=_divides_total_iter),
+        Option('train.ema_decay', 'number', 0, 'EMA of the trained parameters (net_g_ema, saved as params_ema next to '
+               'params, used by validation and by basicsr test); 0: none', ge=0, check=_below_one),
+        Option('train.ema_schedule', 'str', 'constant', "constant: ema_decay at every update (BasicSR's); diffusers: "
+               "min(ema_decay, n / (9 + n)) at the n-th update (diffusers' EMAModel)", choices=EMA_SCHEDULES),
+        Option('train.prompt_dropout', 'number', 0, "probability that a training sample's prompt is replaced by the "
+               'empty prompt (policy and reference see the same condition)', ge=0, le=1),
+        Option('path.param_key_g', 'str', None, 'the key of the weights in the checkpoint (~: params when training; '
+               'in basicsr test params_ema when the checkpoint has it, else params)'),
+        Option('val.sample', 'dict', {}, 'SR sampling of image validation sets (DiffusionSRArch.sample)'),
+        Option('val.sample.protocol', 'str', None, "a framework's official test protocol by name "
+               '(archs/sampling_protocols.py); keys set beside it override it', choices=tuple(SAMPLING_PROTOCOLS),
+               read_by='resolve_sample_options'),
+        Option('val.sample.steps', 'int', None, "sampler steps (~: the framework's default)", ge=1,
+               read_by='sample_with_options'),
+        Option('val.sample.cfg', 'number', None, "guidance scale (~: the framework's default)",
+               read_by='sample_with_options'),
+        Option('val.sample.seed', 'int', 0, 'seed of the sampling noise'),
+        Option('val.sample.prompt', 'str', '', 'the user prompt', read_by='sample_with_options'),
+        Option('val.sample.negative_prompt', 'str', None, "negative prompt (~: the framework's default)",
+               read_by='sample_with_options'),
+        Option('val.sample.sampler', 'str', None, "sampler (~: the framework's)", choices=('ddpm', 'ddim'),
+               read_by='sample_with_options'),
+        Option('val.sample.prompt_source', 'str', 'prompt', 'prompt: the prompt as given; tags: tagger tags first',
+               choices=('prompt', 'tags'), read_by='sample_with_options'),
+        Option('val.sample.color_fix', 'str', 'none', 'colour correction against the upsampled LQ',
+               choices=('adain', 'wavelet', 'none'), read_by='sample_with_options'),
+        Option('val.sample.process_size', 'int', None, 'an LQ with a side below process_size / scale is resized up '
+               'first (~: never)', ge=1, read_by='sample_with_options'),
+        Option('val.sample.tile_size', 'int', None, 'latent tile size (~: no tiling)', ge=1,
+               read_by='sample_with_options'),
+        Option('val.sample.tile_overlap', 'int', 4, 'overlap of latent tiles', ge=0, read_by='sample_with_options'),
+        Option('val.sample.vae_tile', 'bool', False, "diffusers' tiled VAE", read_by='sample_with_options'),
+        Option('val.preference_timesteps', 'list', [100, 300, 500, 700, 900], 'timesteps at which a preference '
+               'validation set is scored', check=timesteps_in_schedule),
+        Option('val.preference_seed', 'int', 0, 'seed of its latents and noise (sample i uses seed + i)'),
+        Option('val.preference_beta', 'number', None, "beta of its logits (~: the training loss's, else 8000)",
+               gt=0),
+        Option('val.summary', 'str', 'end', 'when an image validation set also gets visualization/summary_<iter>.png '
+               'and training_curves.png (false or ~: never)', choices=('end', 'every'), also=(False,), nullable=True,
+               read_by='run_summary'),
+    )
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
@@ -123,15 +164,15 @@ class DSPOModel(SRModel):
         net = build_network(opt['network_g']).to(self.device)
         # The reference is taken from the pretrained source before any fine-tuned weight is loaded, so a
         # resumed run gets the same reference as the first one, never the resumed policy.
-        reference_dtype = opt.get('train', {}).get('reference_dtype') if self.is_train else None
+        reference_dtype = self.option_schema.value(opt, 'train.reference_dtype') if self.is_train else None
         self.net_ref = net.build_reference(getattr(torch, reference_dtype) if reference_dtype else None).to(self.device)
         get_root_logger().info(f'Reference model: frozen copies of {sorted(self.net_ref.copies) or "nothing"} '
                                f'(LoRA adapters disabled on shared parts), checksum {self.reference_checksum():.12e}.')
         load_path = opt['path'].get('pretrain_network_g')
         if load_path is not None:
             # training loads the policy's own weights; basicsr test the EMA when the checkpoint has it (~)
-            param_key = opt['path'].get('param_key_g') or ('params' if self.is_train else None)
-            self.load_network(net, load_path, opt['path'].get('strict_load_g', True), param_key)
+            param_key = self.option_schema.value(opt, 'path.param_key_g') or ('params' if self.is_train else None)
+            self.load_network(net, load_path, self.option_schema.value(opt, 'path.strict_load_g'), param_key)
         self.net_g = self.model_to_device(net)
         self.print_network(self.net_g)
         self.net_g_ema = None
@@ -146,28 +187,23 @@ class DSPOModel(SRModel):
     def init_training_settings(self):
         train_opt = self.opt['train']
         self.net_g.train()
-        self.setup_ema(float(train_opt.get('ema_decay') or 0), train_opt.get('ema_schedule') or 'constant')
-        self.prompt_dropout = float(train_opt.get('prompt_dropout') or 0)
-        if not 0 <= self.prompt_dropout <= 1:
-            raise ValueError(f'train.prompt_dropout must be a probability in [0, 1], got {self.prompt_dropout}.')
+        option = self.option_schema.value  # the value in the file, checked, or the declared default
+        self.setup_ema(option(self.opt, 'train.ema_decay'), option(self.opt, 'train.ema_schedule'))
+        self.prompt_dropout = option(self.opt, 'train.prompt_dropout')
         self.cri_pref = build_loss(train_opt['preference_opt']).to(self.device)
         needed = getattr(self.cri_pref, 'model_type', 'DSPOModel')
         if needed not in {cls.__name__ for cls in type(self).__mro__}:
             raise ValueError(f"train.preference_opt.type {train_opt['preference_opt']['type']} is not handled by "
                              f'model_type {type(self).__name__}; use {needed} (model_type: {needed}).')
-        self.feedback_scale = train_opt.get('feedback_guidance_scale')
-        low, high = train_opt.get('timestep_range', [0, self.bare.noise_scheduler.config.num_train_timesteps])
+        option = self.option_schema.value  # the value in the file, checked, or the declared default
+        self.feedback_scale = option(self.opt, 'train.feedback_guidance_scale')
+        schedule = [0, self.bare.noise_scheduler.config.num_train_timesteps]
+        low, high = option(self.opt, 'train.timestep_range') or schedule
         self.timestep_range = (int(low), int(high))
-        self.max_nonfinite = int(train_opt.get('max_nonfinite_steps', 10))
+        self.max_nonfinite = option(self.opt, 'train.max_nonfinite_steps')
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
-        self.accumulate = int(train_opt.get('accumulate_grad_batches', 1))
-        if self.accumulate < 1:
-            raise ValueError(f'train.accumulate_grad_batches must be at least 1, got {self.accumulate}.')
-        total_iter = int(train_opt.get('total_iter', 0))
-        if total_iter % self.accumulate:
-            raise ValueError(f'train.total_iter ({total_iter}) counts micro-batches; make it a multiple of '
-                             f'train.accumulate_grad_batches ({self.accumulate}) so the last update is applied.')
+        self.accumulate = option(self.opt, 'train.accumulate_grad_batches')
         self.window = None
         self.log_dict = OrderedDict()  # filled at the end of each window; empty until the first update
         self.setup_optimizers()
@@ -404,7 +440,7 @@ class DSPOModel(SRModel):
         if not window.finite:
             self._skip_update(current_iter, 'loss')
             return
-        max_norm = self.opt['train'].get('grad_clip') or math.inf
+        max_norm = self.option_schema.value(self.opt, 'train.grad_clip') or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
         if not torch.isfinite(grad_norm):
             self._skip_update(current_iter, 'gradient')
@@ -473,7 +509,8 @@ class DSPOModel(SRModel):
     # ------------------------------------------------------------------ sampling validation
     def test(self):
         sample_opt = resolve_sample_options(self.opt.get('val', {}).get('sample'))  # a protocol preset expanded
-        generator = torch.Generator(device=self.device).manual_seed(int(sample_opt.get('seed', 0)))
+        seed = sample_opt.get('seed', self.option_schema.value(self.opt, 'val.sample.seed'))
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
         bare = self.bare
         bare.eval()
         # The official test scripts' inference settings (docs/frameworks.md): tag prompts, colour fix, tiling.
@@ -506,7 +543,7 @@ class DSPOModel(SRModel):
         """(sample index, collated batch of that one sample) for this rank's share of the set."""
         rank, world = get_dist_info()
         dataset = dataloader.dataset
-        show = bool(self.opt['val'].get('pbar', False)) and rank == 0
+        show = self.option_schema.value(self.opt, 'val.pbar') and rank == 0
         for i in tqdm(range(rank, len(dataset), world), desc=desc, leave=False, disable=not show):
             yield i, dataloader.collate_fn([dataset[i]])
 
@@ -552,12 +589,13 @@ class DSPOModel(SRModel):
         number of ranks. Logs ``implicit_acc`` (share of paired instances where the policy prefers the
         preferred candidate more than the reference does; 0.5 = no preference learned) and ``logit_mean``.
         """
-        val_opt = self.opt['val']
         dataset_name = dataloader.dataset.opt['name']
-        timesteps = val_opt.get('preference_timesteps', [100, 300, 500, 700, 900])
+        option = self.option_schema.value
+        timesteps = option(self.opt, 'val.preference_timesteps')
         # beta scales logit_mean (not implicit_acc): the training loss's, or val.preference_beta in basicsr test
-        beta = float(val_opt.get('preference_beta') or getattr(getattr(self, 'cri_pref', None), 'beta', DEFAULT_BETA))
-        seed = int(val_opt.get('preference_seed', 0))
+        beta = float(option(self.opt, 'val.preference_beta') or
+                     getattr(getattr(self, 'cri_pref', None), 'beta', DEFAULT_BETA))
+        seed = option(self.opt, 'val.preference_seed')
         # the training loss's instance error (mean or sum inside the mask: the logits' scale), else mean
         instance_reduction = getattr(getattr(self, 'cri_pref', None), 'instance_error', 'mean')
         generator = torch.Generator(device=self.device)

@@ -13,9 +13,8 @@ The backbone never changes, so its outputs are cached per image (memory or LMDB)
 training runs the rectifier only. Validation reports 2AFC agreement on human pairs and SRCC / PLCC on
 MOS lists.
 
-Option file sections used: ``network_g`` (RankCalibratedIQAArch), ``feature_cache``
-(``enabled``, ``backend``: memory | lmdb, ``lmdb_path``), ``train`` (``optim_g``, ``scheduler``,
-``fidelity_opt``, ``lambda2``), ``val``.
+Options: ``RankCalibrationModel.option_schema`` (BasicSR's plus ``feature_cache`` and ``train.fidelity_opt``,
+``train.lambda2``; the table is in ``docs/options.md``).
 """
 import json
 import os
@@ -31,6 +30,7 @@ from dspo_basicsr.compat import atomic_torch_save
 from dspo_basicsr.data.iqa_list_dataset import TwoAFCPairDataset
 from dspo_basicsr.metrics.two_afc import human_ceiling, model_choice, oracle_ceiling, two_afc_score
 from dspo_basicsr.models.backbone_feature_cache import BackboneFeatureCache
+from dspo_basicsr.utils.option_schema import BASICSR_MODEL_OPTIONS, Option
 
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
@@ -44,8 +44,16 @@ from basicsr.utils.registry import MODEL_REGISTRY
 class RankCalibrationModel(BaseModel):
     """Frozen IQA backbone + trainable rectifier, trained on model rankings and MOS pairs."""
 
-    #: option keys this model reads beyond BasicSR's, by section (checked at start: dspo_basicsr.option_check)
-    known_options = {'top': ('feature_cache',), 'train': ('fidelity_opt', 'lambda2')}
+    #: every option this model reads: checked at start (dspo_basicsr.option_check), defaults read from here
+    option_schema = BASICSR_MODEL_OPTIONS.extend(
+        Option('feature_cache', 'dict', {}, 'cache of the frozen backbone features'),
+        Option('feature_cache.enabled', 'bool', True, 'cache the features (after epoch 1 only the rectifier runs)'),
+        Option('feature_cache.backend', 'str', 'memory', 'where the cache lives', choices=('memory', 'lmdb')),
+        Option('feature_cache.lmdb_path', 'str', None, 'the LMDB folder of backend lmdb'),
+        Option('train.fidelity_opt', 'dict', {'type': 'FidelityLoss'}, 'the fidelity loss (type and arguments)',
+               typed='loss'),
+        Option('train.lambda2', 'number', 1.0, 'lambda2: weight of the MOS term l_p', ge=0),
+        drop=('train.ema_decay',))
 
     def __init__(self, opt):
         super().__init__(opt)
@@ -56,15 +64,12 @@ class RankCalibrationModel(BaseModel):
         if load_path is not None:
             self.net_g.load_rectifier(load_path)
             get_root_logger().info(f'Loaded rectifier weights from {load_path}.')
-        cache_opt = dict(opt.get('feature_cache') or {})
-        unknown = sorted(set(cache_opt) - {'enabled', 'backend', 'lmdb_path'})
-        if unknown:
-            raise KeyError(f'feature_cache: unknown option(s) {unknown}; known: enabled, backend, lmdb_path.')
+        cache_opt = self.option_schema.section(opt, 'feature_cache')  # checked, defaults filled in
         self.feature_cache = None
-        if cache_opt.get('enabled', True):
+        if cache_opt['enabled']:
             self.feature_cache = BackboneFeatureCache(
-                self.net_g.backbone.feature_dim, backend=cache_opt.get('backend', 'memory'),
-                lmdb_path=cache_opt.get('lmdb_path'), backbone_id=json.dumps(opt['network_g'].get('backbone', {}),
+                self.net_g.backbone.feature_dim, backend=cache_opt['backend'],
+                lmdb_path=cache_opt['lmdb_path'], backbone_id=json.dumps(opt['network_g'].get('backbone', {}),
                                                                             sort_keys=True))
         self.backbone_passes = 0  # images run through the backbone (the cache keeps this flat after epoch 1)
         if self.is_train:
@@ -73,8 +78,9 @@ class RankCalibrationModel(BaseModel):
     def init_training_settings(self):
         train_opt = self.opt['train']
         self.net_g.train()
-        self.cri_fidelity = build_loss(train_opt.get('fidelity_opt') or {'type': 'FidelityLoss'}).to(self.device)
-        self.lambda2 = float(train_opt.get('lambda2', 1.0))
+        option = self.option_schema.value  # the value in the file, checked, or the declared default
+        self.cri_fidelity = build_loss(option(self.opt, 'train.fidelity_opt')).to(self.device)
+        self.lambda2 = float(option(self.opt, 'train.lambda2'))
         optim_opt = dict(train_opt['optim_g'])
         optim_type = optim_opt.pop('type')
         self.optimizer_g = self.get_optimizer(optim_type, list(self.net_g.rectifier.parameters()), **optim_opt)
@@ -172,7 +178,7 @@ class RankCalibrationModel(BaseModel):
     @torch.no_grad()
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         dataset_name = dataloader.dataset.opt['name']
-        use_pbar = self.opt['val'].get('pbar', False)
+        use_pbar = self.option_schema.value(self.opt, 'val.pbar')
         self.net_g.eval()
         two_afc = isinstance(dataloader.dataset, TwoAFCPairDataset)  # otherwise a MOS list (IQAListDataset)
         score_a, score_b, fractions, mos = [], [], [], []
