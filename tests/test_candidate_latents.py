@@ -1,6 +1,7 @@
 """Precomputed candidate latents (issue 22): written by scripts/add_candidate_latents.py, read by the dataset,
 drawn by DSPOModel exactly as encoding would draw them, refused when another VAE wrote them."""
 import importlib.util
+import math
 import os
 import random
 
@@ -141,3 +142,22 @@ def test_crop_is_aligned_to_the_vae_factor_and_flips_follow_the_images(latent_se
         image = image[::-1] if vflip else image
         image = image.swapaxes(0, 1) if rot else image
         np.testing.assert_allclose(item['candidates'][0].permute(1, 2, 0).numpy(), image / 255, atol=1e-6)
+
+
+@pytest.mark.parametrize('instance_level', [False, True])
+def test_dro_step_with_stored_latents_never_runs_the_vae_encoder(latent_set, tmp_path, monkeypatch, instance_level):
+    from basicsr.models import build_model
+    opt = in_process_options(latent_set, tmp_path)
+    opt['model_type'] = 'DiffusionDROModel'
+    opt['train']['preference_opt'] = {'type': 'DiffusionDROLoss', 'margin': 1e-3, 'instance_level': instance_level}
+    opt['train']['dro'] = {'sampler_steps': 2, 'sampler': 'ddim', 'buffer_size': 8, 'expert': 'preferred',
+                           'online_ratio': 0.5}
+    model = build_model(opt)
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError('the VAE encoder ran')
+
+    monkeypatch.setattr(model.bare.vae, 'encode', no_encoding)
+    model.feed_data(_batch(latent_set['latents'], phase='train', gt_size=32))
+    model.optimize_parameters(1)
+    assert math.isfinite(model.get_current_log()['l_dro'])
