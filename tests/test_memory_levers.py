@@ -109,3 +109,40 @@ def test_adamw8bit_without_bitsandbytes_is_one_clear_line(monkeypatch):
 def test_unknown_optimizer_lists_adamw8bit():
     with pytest.raises(ValueError, match='AdamW8bit'):
         build_optimizer('NoSuchAdam', [torch.nn.Parameter(torch.zeros(2))], 1e-3)
+
+
+@pytest.fixture(scope='module')
+def tiny_set(tmp_path_factory):
+    from dspo_fixtures import make_tiny_preference_set
+    return make_tiny_preference_set(str(tmp_path_factory.mktemp('levers_set')))
+
+
+def test_dspo_model_with_every_lever_keeps_trained_parameters_float32(tiny_set, tmp_path, monkeypatch):
+    pytest.importorskip('bitsandbytes')
+    from dspo_basicsr.models.dspo_model import DSPOModel
+
+    from dspo_fixtures import in_process_options, preference_batch
+    opt = in_process_options(tiny_set, tmp_path)
+    opt['network_g'].update(mixed_precision='bf16', gradient_checkpointing=True)
+    opt['train']['reference_dtype'] = 'bfloat16'
+    opt['train']['optim_g'] = {'type': 'AdamW8bit', 'lr': 1e-3, 'weight_decay': 0.0}
+    model = DSPOModel(opt)
+    assert type(model.optimizer_g).__name__ == 'AdamW8bit'
+    assert all(v.dtype == torch.bfloat16 for v in model.net_ref.state_dict().values())
+    assert all(p.dtype == torch.bfloat16 for p in model.bare.unet.parameters())
+    assert model.bare.unet.is_gradient_checkpointing and model.bare.controlnet.is_gradient_checkpointing
+    set_to_none = []
+    zero_grad = model.optimizer_g.zero_grad
+
+    def recorded_zero_grad(set_to_none_arg=None, **kwargs):
+        set_to_none.append(kwargs.get('set_to_none', set_to_none_arg))
+        zero_grad(**kwargs)
+
+    monkeypatch.setattr(model.optimizer_g, 'zero_grad', recorded_zero_grad)
+    before = {n: p.detach().clone() for n, p in model.bare.named_parameters() if p.requires_grad}
+    model.feed_data(preference_batch(tiny_set))
+    model.optimize_parameters(1)
+    assert set_to_none == [True]  # gradients freed, not zero-filled, before the step's backward
+    trained = {n: p for n, p in model.bare.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in trained.values())
+    assert any(not torch.equal(before[n], p) for n, p in trained.items())
