@@ -1,4 +1,6 @@
 """The memory levers of issue 22 (docs/frameworks.md, "Memory levers"): each one is an option and does what it says."""
+import math
+
 import pytest
 import torch
 
@@ -97,6 +99,22 @@ def test_adamw8bit_keeps_8bit_moments_and_descends():
     assert optimizer.state[bias]['state1'].dtype == torch.float32
 
 
+def test_adamw8bit_state_survives_a_weights_only_checkpoint():
+    import io
+    pytest.importorskip('bitsandbytes')
+    weight = torch.nn.Parameter(torch.randn(64, 128))
+    optimizer = build_optimizer('AdamW8bit', [weight], 1e-2)
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = build_optimizer('AdamW8bit', [weight], 1e-2)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(resumed.state[weight]['state1'], optimizer.state[weight]['state1'])
+    assert resumed.state[weight]['state1'].dtype == torch.uint8
+
+
 def test_adamw8bit_without_bitsandbytes_is_one_clear_line(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, 'bitsandbytes', None)  # import bitsandbytes now raises ImportError
@@ -141,6 +159,8 @@ def test_dspo_model_with_every_lever_keeps_trained_parameters_float32(tiny_set, 
     monkeypatch.setattr(model.optimizer_g, 'zero_grad', recorded_zero_grad)
     before = {n: p.detach().clone() for n, p in model.bare.named_parameters() if p.requires_grad}
     model.feed_data(preference_batch(tiny_set))
+    # The bf16 reference computes as the bf16-autocast policy at initialisation: every logit 0, loss ln 2.
+    torch.testing.assert_close(model.preference_loss().loss.item(), math.log(2), rtol=0, atol=1e-6)
     model.optimize_parameters(1)
     assert set_to_none == [True]  # gradients freed, not zero-filled, before the step's backward
     trained = {n: p for n, p in model.bare.named_parameters() if p.requires_grad}
