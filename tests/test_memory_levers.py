@@ -58,6 +58,7 @@ def test_every_attention_runs_pytorch_sdpa(framework):
     assert attentions
     assert all(isinstance(m.processor, AttnProcessor2_0) for m in attentions), \
         {type(m.processor).__name__ for m in attentions}
+    assert net.text_encoder.config._attn_implementation == 'sdpa'
 
 
 @pytest.mark.parametrize('framework,trainable', [('sd2', 'controlnet'), ('sd2', 'unet_lora'), ('seesr', 'controlnet'),

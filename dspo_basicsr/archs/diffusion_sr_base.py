@@ -270,6 +270,7 @@ class DiffusionSRArch(nn.Module):
         """SHA-256 (hex) of the VAE's class, config, and every weight's name, dtype, shape and bytes.
 
         Stored with precomputed candidate latents, so latents written by another VAE (or precision) are refused.
+        A VAE on the ``meta`` device (the memory planner) has no bytes: its digest covers names, dtypes and shapes.
         """
         import hashlib
         import json
@@ -277,9 +278,10 @@ class DiffusionSRArch(nn.Module):
         config = {k: v for k, v in dict(self.vae.config).items() if not k.startswith('_')}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         for name, value in sorted(self.vae.state_dict().items()):
-            value = value.detach().cpu().contiguous()
             digest.update(f'{name}:{value.dtype}:{tuple(value.shape)}'.encode())
-            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b'')
+            if value.is_meta or not value.numel():
+                continue
+            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     @torch.no_grad()
