@@ -17,7 +17,7 @@ import sys
 import torch
 
 import dspo_basicsr  # noqa: F401
-from dspo_basicsr.data.preference_set import PreferenceLMDB, write_preference_lmdb
+from dspo_basicsr.data.preference_set import PreferenceLMDB, resumable_ids, write_preference_lmdb
 from dspo_basicsr.preference.candidate_latents import samples_with_candidate_latents
 from dspo_basicsr.preference.pipeline import run_interruptible
 from dspo_basicsr.utils.options import read_option_file
@@ -43,7 +43,8 @@ def main(argv=None):
     if not hasattr(framework, 'encode_posterior'):
         parser.error(f"network_g of '{args.opt}' ({options['network_g'].get('type')}) is not a diffusion SR framework.")
     source = PreferenceLMDB(args.src)
-    write_preference_lmdb(args.dst, samples_with_candidate_latents(source, framework, args.device, args.chunk),
+    samples = samples_with_candidate_latents(source, framework, args.device, args.chunk, done=resumable_ids(args.dst))
+    write_preference_lmdb(args.dst, samples,
                           scale=source.header['scale'], overwrite=args.overwrite, total=len(source),
                           png_compression=source.header.get('png_compression', 0), progress=not args.no_progress)
     print(f'wrote {args.dst}: {len(source)} samples with candidate_latents')

@@ -161,3 +161,31 @@ def test_dro_step_with_stored_latents_never_runs_the_vae_encoder(latent_set, tmp
     model.feed_data(_batch(latent_set['latents'], phase='train', gt_size=32))
     model.optimize_parameters(1)
     assert math.isfinite(model.get_current_log()['l_dro'])
+
+
+def test_interrupted_run_resumes_without_reencoding_the_stored_samples(latent_set, tmp_path, monkeypatch):
+    from dspo_basicsr.data.preference_set import resumable_ids, write_preference_lmdb
+    from dspo_basicsr.preference import candidate_latents
+    source = PreferenceLMDB(latent_set['lmdb'])
+    torch.manual_seed(0)
+    net = ControlSD2Arch(pretrained_model_path=latent_set['model'], controlnet_path=latent_set['controlnet'])
+    dst = str(tmp_path / 'resumed.lmdb')
+
+    def interrupted(samples, after):
+        for n, sample in enumerate(samples):
+            if n == after:
+                raise KeyboardInterrupt
+            yield sample
+
+    with pytest.raises(KeyboardInterrupt):
+        write_preference_lmdb(dst, interrupted(candidate_latents.samples_with_candidate_latents(source, net), 2),
+                              progress=False, batch_bytes=1)
+    encoded = []
+    original = net.encode_posterior
+    monkeypatch.setattr(net, 'encode_posterior', lambda images: encoded.append(len(images)) or original(images))
+    done = resumable_ids(dst)
+    assert len(done) == 2
+    store = write_preference_lmdb(dst, candidate_latents.samples_with_candidate_latents(source, net, done=done),
+                                  progress=False)
+    assert store.ids() == source.ids() and all('candidate_latents' in store[s].extras for s in store.ids())
+    assert len(encoded) == 1  # only the third sample (3 candidates, one VAE call) was encoded again

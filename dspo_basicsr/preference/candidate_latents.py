@@ -22,7 +22,7 @@ def candidate_latents_record(framework):
 
 
 @torch.no_grad()
-def samples_with_candidate_latents(store, framework, device='cpu', chunk=4):
+def samples_with_candidate_latents(store, framework, device='cpu', chunk=4, done=()):
     """The samples of a preference set with their candidates' VAE posteriors added.
 
     Args:
@@ -31,14 +31,20 @@ def samples_with_candidate_latents(store, framework, device='cpu', chunk=4):
             ``encode_posterior`` are the ones training would use), already on ``device``.
         device (str | torch.device): Where the VAE runs.
         chunk (int): Candidates encoded per VAE call (bounds the encoder's memory).
+        done (Iterable[str]): Ids already written by an interrupted run (:func:`resumable_ids` of the
+            destination): yielded as they are, not encoded, for the writer to skip.
 
     Yields:
         PreferenceSample: With ``extras['candidate_latents']`` float32 (N, 2, C, H/f, W/f) (mean, std) and
         ``meta['candidate_latents']`` the record of :func:`candidate_latents_record`.
     """
     record = candidate_latents_record(framework)
+    done = set(done)
     for sid in store.ids():
         sample = store[sid]
+        if sid in done:
+            yield sample
+            continue
         images = torch.from_numpy(np.stack(sample.candidates)).permute(0, 3, 1, 2).float().div(255)  # (N, 3, H, W)
         posteriors = []
         for part in images.split(chunk):
