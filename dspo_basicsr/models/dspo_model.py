@@ -176,6 +176,7 @@ class DSPOModel(SRModel):
             self.gt = data['gt'].to(self.device)
         self.extras = {name: value.to(self.device) for name, value in data.get('extras', {}).items()}
         self.has_candidates = 'candidates' in data
+        self.candidate_latents = None
         if self.has_candidates:
             self.candidates = data['candidates'].to(self.device)
             self.seg = data['seg'].to(self.device)
@@ -185,7 +186,6 @@ class DSPOModel(SRModel):
             self.scores = data['scores'].to(self.device) if 'scores' in data else None
             self.prompts = list(data['prompt'])
             self.negative_prompts = list(data['negative_prompt'])
-            self.candidate_latents = None
             if 'candidate_latents' in data:  # (B, K, 2, C, h, w) stored posteriors: no VAE encoding of candidates
                 self.check_candidate_latents_vae(data['candidate_latents_vae'])
                 self.candidate_latents = data['candidate_latents'].to(self.device)
