@@ -15,6 +15,7 @@ import os
 import torch
 
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_component_folder
+from dspo_basicsr.archs.precision import LowPrecisionFrozenPartsMixin
 from dspo_basicsr.archs.tiny_components import tiny_sd_components
 
 from basicsr.utils.registry import ARCH_REGISTRY
@@ -84,7 +85,7 @@ def build_tiny_control_sd2_folder(folder, seed=0):
 
 
 @ARCH_REGISTRY.register()
-class ControlSD2Arch(DiffusionSRArch):
+class ControlSD2Arch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
     """SD2.x-base UNet + ControlNet conditioned on the bicubic-upsampled LQ image, with a text prompt.
 
     Args:
@@ -104,12 +105,18 @@ class ControlSD2Arch(DiffusionSRArch):
         ram_tiny (bool | dict | None): The RAM checkpoint is a tiny one (tests, demo); None: as ``tiny``.
         start_strength (float): Where :meth:`sample` starts: 1 (default) from pure noise; below 1 from the
             LQ latent noised to that fraction of the schedule (see :class:`DiffusionSRArch`).
+        mixed_precision (str | None): ``bf16`` (or ``fp16``): the frozen networks (the UNet when only the
+            ControlNet or LoRA trains, VAE, text encoder) stored in that precision and every network run under
+            autocast; trained parameters stay float32. Default: None (float32).
+        gradient_checkpointing (bool): Recompute the activations of the UNet, ControlNet and any other trained
+            network in the backward pass (``DiffusionSRArch.setup_gradient_checkpointing``). Default: False.
     """
 
     def __init__(self, pretrained_model_path=None, controlnet_path=None, tiny=False, scale=4, trainable='controlnet',
                  conditioning_scale=1.0, lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS,
                  sampler='ddpm', prediction_type=None, default_steps=50, default_cfg=5.5, ram_path=None,
-                 dape_path=None, ram_tiny=None, start_strength=1.0):
+                 dape_path=None, ram_tiny=None, start_strength=1.0, mixed_precision=None,
+                 gradient_checkpointing=False):
         from diffusers import ControlNetModel, DDPMScheduler
         if tiny:
             tiny = tiny if isinstance(tiny, dict) else {}
@@ -140,6 +147,8 @@ class ControlSD2Arch(DiffusionSRArch):
             ram_tiny = bool(tiny) if ram_tiny is None else ram_tiny
             self.ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=ram_tiny, tagging=True)
         self.setup_trainable()
+        self.setup_mixed_precision(mixed_precision)
+        self.setup_gradient_checkpointing(gradient_checkpointing)
 
     def condition(self, lq, prompts, negative_prompts=None, **extras):
         """LQ (B, 3, h, w) in [0, 1] and B prompts -> condition dict (computed once per LQ; no extras used).
@@ -155,9 +164,11 @@ class ControlSD2Arch(DiffusionSRArch):
 
     def predict_noise(self, x_t, t, cond):
         """(N, C, h, w) noisy latents and (N,) timesteps -> (N, C, h, w) noise (or v) prediction."""
-        down, mid = self.controlnet(
-            x_t, t, encoder_hidden_states=cond['prompt_embeds'], controlnet_cond=cond['control_image'],
-            conditioning_scale=self.conditioning_scale, return_dict=False)
-        return self.unet(
-            x_t, t, encoder_hidden_states=cond['prompt_embeds'], down_block_additional_residuals=down,
-            mid_block_additional_residual=mid, return_dict=False)[0]
+        with self.autocast():
+            down, mid = self.controlnet(
+                x_t, t, encoder_hidden_states=cond['prompt_embeds'], controlnet_cond=cond['control_image'],
+                conditioning_scale=self.conditioning_scale, return_dict=False)
+            eps = self.unet(
+                x_t, t, encoder_hidden_states=cond['prompt_embeds'], down_block_additional_residuals=down,
+                mid_block_additional_residual=mid, return_dict=False)[0]
+        return eps.float()

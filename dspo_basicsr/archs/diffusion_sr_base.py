@@ -163,6 +163,32 @@ class DiffusionSRArch(nn.Module):
             if 'lora_' in name:
                 param.requires_grad_(True)
 
+    #: Networks of the denoising path: the gradient of the loss flows back through them to any trained part
+    #: (a trained ControlNet's residuals go through the frozen UNet), so their activations are kept for backward.
+    denoising_modules = ('unet', 'controlnet')
+
+    def setup_gradient_checkpointing(self, enabled):
+        """Recompute activations in the backward pass instead of keeping them (less memory, ~30% more time).
+
+        Call after ``setup_trainable``. Checkpointed: every trained network (full or LoRA) and every denoising
+        network (the UNet also when only the ControlNet trains: the ControlNet's gradient passes through it).
+        diffusers' non-reentrant checkpointing carries gradients to LoRA weights inside a frozen network; a
+        network that no gradient reaches (the ControlNet when only the UNet's LoRA trains) records nothing.
+        The VAE and text encoder run without gradients and are left alone.
+
+        Returns:
+            list[str]: The submodules now checkpointed.
+        """
+        if not enabled:
+            return []
+        names = []
+        for name, module in self.named_children():
+            trains = any(p.requires_grad for p in module.parameters())
+            if (trains or name in self.denoising_modules) and hasattr(module, 'enable_gradient_checkpointing'):
+                module.enable_gradient_checkpointing()
+                names.append(name)
+        return names
+
     @property
     def full_trainable_modules(self):
         """Names of the submodules fine-tuned in full (they need a frozen copy as reference)."""
@@ -217,22 +243,64 @@ class DiffusionSRArch(nn.Module):
         return 2**(len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode_images(self, images, sample_posterior=False, generator=None):
-        """Images in [0, 1] (N, 3, H, W) -> scaled latents (N, C, H/f, W/f)."""
+    def encode_posterior(self, images):
+        """Images in [0, 1] (N, 3, H, W) -> the VAE's latent posterior: mean and std, each (N, C, H/f, W/f), unscaled.
+
+        What a preference set stores as precomputed candidate latents (:mod:`dspo_basicsr.data.candidate_latents`).
+        """
         dist = self.vae.encode(images * 2 - 1).latent_dist
-        latents = dist.sample(generator) if sample_posterior else dist.mode()
+        return dist.mean, dist.std
+
+    def latents_from_posterior(self, mean, std, sample_posterior=False, generator=None):
+        """Scaled latents (N, C, h, w) from a posterior: its mode, or a sample drawn from ``generator``.
+
+        The sample is diffusers' ``DiagonalGaussianDistribution.sample``: ``mean + std * randn_tensor(...)``, so
+        a stored posterior gives exactly the latents that encoding the images would give with the same generator.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+        latents = mean
+        if sample_posterior:
+            latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return latents * self.vae.config.scaling_factor
 
     @torch.no_grad()
-    def posterior_noise_ratio(self, images):
-        """Spread of posterior samples around the mode over the spread of the mode latents of ``images`` (N, 3, H, W).
+    def encode_images(self, images, sample_posterior=False, generator=None):
+        """Images in [0, 1] (N, 3, H, W) -> scaled latents (N, C, H/f, W/f)."""
+        return self.latents_from_posterior(*self.encode_posterior(images), sample_posterior, generator)
+
+    @torch.no_grad()
+    def vae_digest(self):
+        """SHA-256 (hex) of the VAE's class, config, and every weight's name, dtype, shape and bytes.
+
+        Stored with precomputed candidate latents, so latents written by another VAE (or precision) are refused.
+        A VAE on the ``meta`` device (the memory planner) has no bytes: its digest covers names, dtypes and shapes.
+        """
+        import hashlib
+        import json
+        digest = hashlib.sha256(type(self.vae).__name__.encode())
+        config = {k: v for k, v in dict(self.vae.config).items() if not k.startswith('_')}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for name, value in sorted(self.vae.state_dict().items()):
+            digest.update(f'{name}:{value.dtype}:{tuple(value.shape)}'.encode())
+            if value.is_meta or not value.numel():
+                continue
+            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    @torch.no_grad()
+    def posterior_noise_ratio(self, images=None, posterior=None):
+        """Spread of posterior samples around the mode over the spread of the mode latents.
 
         SD's VAE is nearly deterministic (a ratio far below 1); a random or mode-trained tiny VAE keeps a posterior std
         as large as its latents (ratio 1 or more), and then every posterior-sampled training latent is noise.
+
+        Args:
+            images (Tensor | None): (N, 3, H, W) in [0, 1], encoded here.
+            posterior (tuple[Tensor, Tensor] | None): Or their stored posterior (mean, std), each (N, C, h, w).
         """
-        mode = self.encode_images(images)
-        sampled = self.encode_images(images, sample_posterior=True,
-                                     generator=torch.Generator(device=self.device).manual_seed(0))
+        mean, std = self.encode_posterior(images) if posterior is None else posterior
+        mode = self.latents_from_posterior(mean, std)
+        sampled = self.latents_from_posterior(mean, std, True, torch.Generator(device=mean.device).manual_seed(0))
         return ((sampled - mode).std() / mode.std().clamp_min(1e-12)).item()
 
     @torch.no_grad()

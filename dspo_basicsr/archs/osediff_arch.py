@@ -229,6 +229,8 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         lora_rank, lora_alpha, lora_target_modules: the DSPO LoRA (see :class:`DiffusionSRArch`).
         default_cfg (float): Guidance scale of :meth:`sample` (OSEDiff: 1, none).
         mixed_precision (str | None): ``bf16``: frozen weights in bf16, networks under autocast, LoRA in float32.
+        gradient_checkpointing (bool): Recompute the trained UNet's activations (LoRA'd or full) in the backward
+            pass. Default: False.
     """
 
     default_steps = 1
@@ -236,7 +238,7 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
     def __init__(self, pretrained_model_path=None, osediff_path=None, tiny=False, scale=4, trainable='unet_lora',
                  timestep_mode='operating_point', lora_rank=4, lora_alpha=None,
                  lora_target_modules=DEFAULT_LORA_TARGETS, default_cfg=1.0, mixed_precision=None, ram_path=None,
-                 dape_path=None, ram_tiny=None):
+                 dape_path=None, ram_tiny=None, gradient_checkpointing=False):
         from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
         ram = None
         if tiny:
@@ -269,6 +271,7 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         self.default_cfg = default_cfg
         self.setup_trainable()
         self.setup_mixed_precision(mixed_precision)
+        self.setup_gradient_checkpointing(gradient_checkpointing)
 
     # ------------------------------------------------------------------ operating point
     @property

@@ -42,9 +42,10 @@ class LowPrecisionFrozenPartsMixin:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     @torch.no_grad()
-    def encode_images(self, images, sample_posterior=False, generator=None):
+    def encode_posterior(self, images):
         with self.autocast():
-            return super().encode_images(images, sample_posterior, generator).float()
+            mean, std = super().encode_posterior(images)
+        return mean.float(), std.float()
 
     @torch.no_grad()
     def decode_latents(self, latents):

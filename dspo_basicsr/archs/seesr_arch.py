@@ -179,7 +179,8 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         default_steps (int): 50. default_cfg (float): 5.5.
         mixed_precision (str | None): ``bf16`` (or ``fp16``): frozen networks stored in that precision and every
             network run under autocast; trained parameters stay float32. Default: None (float32).
-        gradient_checkpointing (bool): Recompute UNet / ControlNet activations in the backward pass.
+        gradient_checkpointing (bool): Recompute the activations of the UNet, ControlNet and any other trained
+            network in the backward pass (``DiffusionSRArch.setup_gradient_checkpointing``). Default: False.
         default_negative_prompt (str | None): Replaces SeeSR's "dotted, noise, blur, lowres, smooth"; a sample's
             own negative prompt (user-description feedback) is appended to it.
     """
@@ -221,9 +222,7 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
             self.ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=tiny_ram, tagging=ram_tagging)
         self.setup_trainable()
         self.setup_mixed_precision(mixed_precision)
-        if gradient_checkpointing:  # recompute activations in the backward pass: less memory, ~30% more time
-            self.unet.enable_gradient_checkpointing()
-            self.controlnet.enable_gradient_checkpointing()
+        self.setup_gradient_checkpointing(gradient_checkpointing)
 
     @staticmethod
     def _build_components(pretrained_model_path, seesr_model_path, tiny):

@@ -4,6 +4,7 @@ Every training item holds the LQ image, its N candidates, the instance label map
 preferences, all cropped and augmented identically. The label map is relabelled compactly per crop, so
 the DSPO loss sees instance ids 0..M-1 of the instances actually present.
 """
+import math
 import os
 import random
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils import data as data
 
-from dspo_basicsr.data.preference_set import PreferenceLMDB
+from dspo_basicsr.data.preference_set import CANDIDATE_LATENTS_KEY, PreferenceDataError, PreferenceLMDB
 from dspo_basicsr.utils.option_schema import LOADER_OPTIONS, REQUIRED, Option, multiple_of_scale
 
 from basicsr.utils.registry import DATASET_REGISTRY
@@ -20,7 +21,7 @@ from basicsr.utils.registry import DATASET_REGISTRY
 INSTANCE_KEYS = {'win': -1, 'lose': -1, 'instance_ids': -1, 'area': 0, 'scores': np.nan}
 
 
-def random_aligned_crop(sample, scale, gt_size, rng=random):
+def random_aligned_crop(sample, scale, gt_size, rng=random, align=1):
     """Crop offsets of one random ``gt_size`` patch on the SR grid, aligned with the LQ grid.
 
     Args:
@@ -29,6 +30,7 @@ def random_aligned_crop(sample, scale, gt_size, rng=random):
         gt_size (int): Patch size on the SR grid, a multiple of ``scale``.
         rng (random.Random): Source of randomness (the ``random`` module by default, which BasicSR's
             worker_init_fn seeds per worker).
+        align (int): The SR offsets are also multiples of this (the VAE factor f with stored latents).
 
     Returns:
         tuple[int, int]: (top, left) of the LQ patch; the SR patch starts at (top * scale, left * scale).
@@ -38,7 +40,47 @@ def random_aligned_crop(sample, scale, gt_size, rng=random):
     if h < lq_size or w < lq_size:
         raise ValueError(f"sample '{sample.sid}' has an LQ of {h}x{w}, smaller than the LQ patch {lq_size}x{lq_size} "
                          f'(gt_size {gt_size} / scale {scale}); lower gt_size or remove the sample.')
-    return rng.randint(0, h - lq_size), rng.randint(0, w - lq_size)
+    step = align // math.gcd(align, scale)  # LQ offsets that are multiples of step put SR offsets on the align grid
+    return rng.randint(0, (h - lq_size) // step) * step, rng.randint(0, (w - lq_size) // step) * step
+
+
+def stored_candidate_latents(sample, source=None):
+    """The sample's precomputed candidate posteriors (N, 2, C, H/f, W/f), their VAE digest and f.
+
+    Returns:
+        tuple[ndarray, str, int] | None: None when the sample stores none.
+
+    Raises:
+        PreferenceDataError: The array or its meta record does not match the candidates.
+    """
+    latents = (sample.extras or {}).get(CANDIDATE_LATENTS_KEY)
+    if latents is None:
+        return None
+    record = sample.meta.get(CANDIDATE_LATENTS_KEY)
+    where = f'x/{CANDIDATE_LATENTS_KEY}'
+    if not isinstance(record, dict) or not isinstance(record.get('vae_digest'), str):
+        raise PreferenceDataError(source, sample.sid, 'meta', f"the sample stores '{CANDIDATE_LATENTS_KEY}' but its "
+                                  "meta lacks their 'vae_digest'; rewrite them with scripts/add_candidate_latents.py.")
+    height, width = sample.candidates[0].shape[:2]
+    n = len(sample.candidates)
+    factor = height // latents.shape[-2] if latents.ndim == 5 and latents.shape[-2] else 0
+    if (latents.ndim != 5 or latents.shape[:2] != (n, 2) or not factor
+            or latents.shape[-2:] != (height // factor, width // factor) or height % factor or width % factor):
+        raise PreferenceDataError(source, sample.sid, where, f'shape {latents.shape} is not (N={n}, 2, C, H/f, W/f) '
+                                  f'for {n} candidates of {height}x{width}; rewrite them with '
+                                  'scripts/add_candidate_latents.py.')
+    return latents, record['vae_digest'], factor
+
+
+def _augment_latents(latents, hflip, vflip, rot90):
+    """The flips / transpose of :func:`_augment` on the last two axes of (..., h, w) latents."""
+    if hflip:
+        latents = latents[..., ::-1]
+    if vflip:
+        latents = latents[..., ::-1, :]
+    if rot90:
+        latents = latents.swapaxes(-1, -2)
+    return latents
 
 
 def _augment(array, hflip, vflip, rot90):
@@ -90,7 +132,8 @@ def relabel_instances(seg, instances, max_instances=None):
     return lut[seg], kept, area_all[kept]
 
 
-def preference_item(sample, scale, gt_size=None, use_hflip=False, use_rot=False, max_instances=None, rng=random):
+def preference_item(sample, scale, gt_size=None, use_hflip=False, use_rot=False, max_instances=None, rng=random,
+                    use_candidate_latents=True, source=None):
     """One training item: aligned crop, shared augmentation, compact instance tables, tensors.
 
     Args:
@@ -101,6 +144,11 @@ def preference_item(sample, scale, gt_size=None, use_hflip=False, use_rot=False,
         use_rot (bool): Random vertical flip and transpose (rotations by multiples of 90 degrees).
         max_instances (int | None): Cap on M (see :func:`relabel_instances`).
         rng (random.Random): Source of randomness.
+        use_candidate_latents (bool): Return the stored candidate latents (when the sample has them).
+            With a crop they are the window of the whole candidate's latent (the crop is aligned to the VAE
+            factor f), with flips the flipped latent: close to, not equal to, encoding the cropped / flipped
+            image, since the VAE sees across the crop border and is not flip-equivariant.
+        source (str | None): The set's path, for error messages.
 
     Returns:
         dict: ``lq`` (3, h, w), ``candidates`` (N, 3, H, W), ``gt`` (3, H, W) if the sample has one, all
@@ -108,11 +156,17 @@ def preference_item(sample, scale, gt_size=None, use_hflip=False, use_rot=False,
         ``win``, ``lose``, ``instance_ids`` (M,) long; ``area`` (M,) float pixel counts in the crop;
         ``pair`` (2,) long; ``scores`` (M, N) float per-candidate instance scores (higher is better, NaN =
         unscored; see :func:`instance_score_table`); ``extras`` dict of float tensors; ``prompt``,
-        ``negative_prompt``, ``sid``, ``lq_path`` strings.
+        ``negative_prompt``, ``sid``, ``lq_path`` strings; with stored latents ``candidate_latents``
+        (N, 2, C, H/f, W/f) float (posterior mean and std) and ``candidate_latents_vae`` (the VAE digest).
     """
     lq, candidates, seg, gt = sample.lq, sample.candidates, sample.seg, sample.gt
+    stored = stored_candidate_latents(sample, source) if use_candidate_latents else None
+    latents, factor = (stored[0], stored[2]) if stored else (None, 1)
     if gt_size is not None:
-        top, left = random_aligned_crop(sample, scale, gt_size, rng)
+        if gt_size % factor:
+            raise ValueError(f'gt_size {gt_size} must be a multiple of the VAE factor {factor} of the stored candidate '
+                             "latents; change gt_size, or set use_candidate_latents: false in the dataset's options.")
+        top, left = random_aligned_crop(sample, scale, gt_size, rng, align=factor)
         lq_size = gt_size // scale
         lq = lq[top:top + lq_size, left:left + lq_size]
         top, left = top * scale, left * scale
@@ -120,6 +174,8 @@ def preference_item(sample, scale, gt_size=None, use_hflip=False, use_rot=False,
         candidates = [c[window] for c in candidates]
         seg = seg[window]
         gt = None if gt is None else gt[window]
+        if latents is not None:
+            latents = latents[..., top // factor:(top + gt_size) // factor, left // factor:(left + gt_size) // factor]
     flips = (use_hflip and rng.random() < 0.5, use_rot and rng.random() < 0.5, use_rot and rng.random() < 0.5)
     lq = _augment(lq, *flips)
     candidates = [_augment(c, *flips) for c in candidates]
@@ -144,13 +200,18 @@ def preference_item(sample, scale, gt_size=None, use_hflip=False, use_rot=False,
         'instance_ids': torch.tensor([sample.instances[i]['id'] for i in kept], dtype=torch.long),
         'pair': torch.tensor([int(pair[0]), int(pair[1])], dtype=torch.long),
         'scores': torch.from_numpy(instance_score_table([sample.instances[i] for i in kept], len(candidates))),
-        'extras': {name: torch.from_numpy(np.asarray(value)).float() for name, value in (sample.extras or {}).items()},
+        'extras': {name: torch.from_numpy(np.asarray(value)).float() for name, value in (sample.extras or {}).items()
+                   if name != CANDIDATE_LATENTS_KEY},
         'prompt': sample.prompt,
         'negative_prompt': sample.negative_prompt,
         'sid': sample.sid,
     }
     if gt is not None:
         item['gt'] = _images_to_tensor([_augment(gt, *flips)])[0]
+    if latents is not None:
+        item['candidate_latents'] = torch.from_numpy(np.ascontiguousarray(_augment_latents(latents, *flips),
+                                                                          dtype=np.float32))
+        item['candidate_latents_vae'] = stored[1]
     return item
 
 
@@ -241,6 +302,8 @@ class PreferenceLMDBDataset(data.Dataset):
         Option('use_hflip', 'bool', False, 'random horizontal flips in training'),
         Option('use_rot', 'bool', False, 'random 90-degree rotations and vertical flips in training'),
         Option('max_instances', 'int', None, 'keep at most this many instances per sample (~: all)', ge=1),
+        Option('use_candidate_latents', 'bool', True, "read the set's precomputed candidate latents when it has "
+               'them, so training does not encode the candidates'),
     )
     collate_fn = staticmethod(collate_preference_batch)
 
@@ -263,6 +326,7 @@ class PreferenceLMDBDataset(data.Dataset):
         self.use_hflip = option(opt, 'use_hflip') and self.train
         self.use_rot = option(opt, 'use_rot') and self.train
         self.max_instances = option(opt, 'max_instances')
+        self.use_candidate_latents = option(opt, 'use_candidate_latents')
 
     def __len__(self):
         return len(self.sids)
@@ -270,11 +334,12 @@ class PreferenceLMDBDataset(data.Dataset):
     def __getitem__(self, index):
         sid = self.sids[index]
         item = preference_item(self.store[sid], self.scale, self.gt_size, self.use_hflip, self.use_rot,
-                               self.max_instances)
+                               self.max_instances, use_candidate_latents=self.use_candidate_latents,
+                               source=self.store.path)
         # BasicSR's validation names its saved images after os.path.basename(lq_path).
         item['lq_path'] = os.path.join(self.store.path, sid)
         return item
 
 
 __all__ = ['PreferenceLMDBDataset', 'preference_item', 'collate_preference_batch', 'relabel_instances',
-           'random_aligned_crop']
+           'random_aligned_crop', 'stored_candidate_latents']

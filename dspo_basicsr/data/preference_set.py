@@ -14,6 +14,12 @@ Keys (``{sid}`` is a sample id, N the number of candidates):
   ``stored`` (sizes, N, whether ``gt`` and which extras are stored).
 * ``{sid}/x/{name}``: ``.npy`` bytes of an extra array (e.g. RAM embeddings), read with
   ``allow_pickle=False``.
+
+Precomputed candidate latents (optional, ``scripts/add_candidate_latents.py``): the extra
+``candidate_latents`` is a float32 array (N, 2, C, H/f, W/f): for each candidate its VAE latent posterior,
+``[:, 0]`` the mean and ``[:, 1]`` the std, unscaled (before the VAE's ``scaling_factor``). The sample's meta
+field ``candidate_latents`` records ``vae_digest`` (``DiffusionSRArch.vae_digest`` of the VAE that wrote them),
+``vae_scale_factor`` f and ``scaling_factor``.
 """
 import os
 import shutil
@@ -34,7 +40,11 @@ from dspo_basicsr.data.preference_sample import (
     stored_meta,
 )
 
-__all__ = ['PreferenceDataError', 'PreferenceLMDB', 'write_preference_lmdb', 'resumable_ids']
+__all__ = ['PreferenceDataError', 'PreferenceLMDB', 'write_preference_lmdb', 'resumable_ids',
+           'CANDIDATE_LATENTS_KEY']
+
+#: Name of the extra array and of the meta field of precomputed candidate latents (see the module docstring).
+CANDIDATE_LATENTS_KEY = 'candidate_latents'
 
 FORMAT_NAME = 'dspo-preference'
 FORMAT_VERSION = 1

@@ -209,8 +209,13 @@ class DiffusionDROModel(DSPOModel):
         b, k = self.candidates.shape[:2]
         coverage = instance_coverage(self.seg, self.win.shape[1], self.bare.vae_scale_factor)
         exists = coverage.sum(dim=(2, 3)) > 0  # (B, M); padded instances have no area
-        images = self.candidates if gt is None else torch.cat([self.candidates, gt[:, None]], dim=1)
-        latents = self._encode(images.flatten(0, 1)).unflatten(0, (b, images.shape[1]))  # (B, K[+1], C, h, w)
+        if getattr(self, 'candidate_latents', None) is not None:  # stored posteriors: only the GT is encoded
+            latents = self.encode_candidates(self._all_candidates(), sample_posterior=True).unflatten(0, (b, k))
+            if gt is not None:
+                latents = torch.cat([latents, self._encode(gt)[:, None]], dim=1)  # (B, K + 1, C, h, w)
+        else:
+            images = self.candidates if gt is None else torch.cat([self.candidates, gt[:, None]], dim=1)
+            latents = self._encode(images.flatten(0, 1)).unflatten(0, (b, images.shape[1]))  # (B, K[+1], C, h, w)
         expert = self.win if gt is None else torch.where(exists, k, -1)
         negative = self.lose.clone()
         online_column = None
@@ -224,11 +229,18 @@ class DiffusionDROModel(DSPOModel):
     def _image_table(self, online, gt):
         """Image level: columns = [expert, negative]; indices (B,), -1 where a sample has no such image."""
         b = self.candidates.shape[0]
-        pair_images = _gather_images(self.candidates, self.pair.clamp_min(0))  # (B, 2, 3, H, W)
-        expert_latents = self._encode(pair_images[:, 0] if gt is None else gt)
-        negative_latents = torch.zeros_like(expert_latents)  # online rows: placeholders, see diffusion_inputs
-        if (~online).any():
-            negative_latents[~online] = self._encode(pair_images[:, 1][~online])
+        pair = self.pair.clamp_min(0)
+        if getattr(self, 'candidate_latents', None) is not None:  # stored posteriors: no encoding of candidates
+            expert_latents = self.encode_candidates(pair[:, :1], sample_posterior=True) if gt is None else \
+                self._encode(gt)
+            negative_latents = self.encode_candidates(pair[:, 1:], sample_posterior=True)
+            negative_latents[online] = 0  # online rows: placeholders, see diffusion_inputs
+        else:
+            pair_images = _gather_images(self.candidates, pair)  # (B, 2, 3, H, W)
+            expert_latents = self._encode(pair_images[:, 0] if gt is None else gt)
+            negative_latents = torch.zeros_like(expert_latents)  # online rows: placeholders, see diffusion_inputs
+            if (~online).any():
+                negative_latents[~online] = self._encode(pair_images[:, 1][~online])
         latents = torch.stack([expert_latents, negative_latents], dim=1)  # (B, 2, C, h, w)
         expert = torch.zeros(b, dtype=torch.long, device=self.device) if gt is not None else \
             torch.where(self.pair[:, 0] >= 0, 0, -1)

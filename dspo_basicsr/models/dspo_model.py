@@ -256,6 +256,7 @@ class DSPOModel(SRModel):
             self.gt = data['gt'].to(self.device)
         self.extras = {name: value.to(self.device) for name, value in data.get('extras', {}).items()}
         self.has_candidates = 'candidates' in data
+        self.candidate_latents = None
         if self.has_candidates:
             self.candidates = data['candidates'].to(self.device)
             self.seg = data['seg'].to(self.device)
@@ -265,6 +266,20 @@ class DSPOModel(SRModel):
             self.scores = data['scores'].to(self.device) if 'scores' in data else None
             self.prompts = list(data['prompt'])
             self.negative_prompts = list(data['negative_prompt'])
+            if 'candidate_latents' in data:  # (B, K, 2, C, h, w) stored posteriors: no VAE encoding of candidates
+                self.check_candidate_latents_vae(data['candidate_latents_vae'])
+                self.candidate_latents = data['candidate_latents'].to(self.device)
+
+    def check_candidate_latents_vae(self, digests):
+        """Refuse candidate latents written by another VAE than network_g's (digests: one per sample)."""
+        if getattr(self, '_vae_digest', None) is None:
+            self._vae_digest = self.bare.vae_digest()
+        other = sorted({d for d in digests if d != self._vae_digest})
+        if other:
+            raise ValueError(f"the preference set's candidate latents were written by another VAE (digest "
+                             f'{other[0][:12]}..., network_g\'s VAE: {self._vae_digest[:12]}...); rewrite them with '
+                             'scripts/add_candidate_latents.py and this option file, or set '
+                             'use_candidate_latents: false in the dataset options.')
 
     # ------------------------------------------------------------------ the step
     def _all_candidates(self):
@@ -283,9 +298,18 @@ class DSPOModel(SRModel):
         """VAE latents of the chosen candidates: index (B, J) -> (B*J, C, h, w), candidate-major per LQ.
 
         The posterior is sampled in training (``sample_posterior`` None: ``is_train``), from ``generator``.
+        With precomputed candidate latents in the batch the stored posterior is used and the VAE does not run.
         """
-        images = _gather_images(self.candidates, index).flatten(0, 1)
         sample = self.is_train if sample_posterior is None else sample_posterior
+        stored = getattr(self, 'candidate_latents', None)
+        if stored is not None:
+            # (B, K, 2, C, h, w) -> (B, J, 2, C, h, w): the chosen candidates' posteriors
+            posterior = _gather_images(stored.flatten(2, 3), index).unflatten(2, stored.shape[2:4])
+            mean, std = posterior.flatten(0, 1).unbind(1)  # each (B*J, C, h, w)
+            if sample and not getattr(self, '_posterior_checked', False):
+                self.check_posterior_noise(posterior=(mean, std))
+            return self.bare.latents_from_posterior(mean, std, sample, generator)
+        images = _gather_images(self.candidates, index).flatten(0, 1)
         if sample and not getattr(self, '_posterior_checked', False):
             self.check_posterior_noise(images)
         return self.bare.encode_images(images, sample_posterior=sample, generator=generator)
@@ -293,14 +317,17 @@ class DSPOModel(SRModel):
     #: posterior_noise_ratio above which the first posterior-sampled batch is reported (SD's VAE: far below)
     max_posterior_noise_ratio = 0.1
 
-    def check_posterior_noise(self, images):
+    def check_posterior_noise(self, images=None, posterior=None):
         """Warn once when the VAE posterior noise swamps the candidates' latents (a random or mode-trained VAE).
+
+        Args:
+            images (Tensor | None): Candidates (N, 3, H, W), or ``posterior`` their stored (mean, std).
 
         Returns:
             float: :meth:`~dspo_basicsr.archs.diffusion_sr_base.DiffusionSRArch.posterior_noise_ratio` of ``images``.
         """
         self._posterior_checked = True
-        ratio = self.bare.posterior_noise_ratio(images)
+        ratio = self.bare.posterior_noise_ratio(images, posterior)
         if ratio > self.max_posterior_noise_ratio:
             get_root_logger().warning(
                 f"network_g's VAE posterior noise is {ratio:.2f} x the spread of the candidates' latents; "

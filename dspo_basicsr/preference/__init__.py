@@ -18,6 +18,7 @@ Building preference data (imported on first use, so reading a set stays light)::
     feedback         description_feedback, MiniLMEmbedder
     pipeline         WorkFolder, run_candidate_step, run_segment_step, run_scoring_step, assemble_preference_set
     contact_sheet    write_contact_sheets
+    candidate_latents samples_with_candidate_latents, candidate_latents_record
 """
 import importlib
 
@@ -32,6 +33,7 @@ _BUILDING = {
     'feedback': ('description_feedback', 'MiniLMEmbedder'),
     'pipeline': ('WorkFolder', 'run_candidate_step', 'run_segment_step', 'run_scoring_step', 'assemble_preference_set'),
     'contact_sheet': ('write_contact_sheets', ),
+    'candidate_latents': ('samples_with_candidate_latents', 'candidate_latents_record'),
 }
 _LAZY = {name: module for module, names in _BUILDING.items() for name in names}
 
