@@ -112,6 +112,16 @@ def _check_typed_block(registry, block, where, errors, warnings):
         findings.extend(_unknown_lines([(where, key, known) for key in block if key != 'type' and key not in known]))
 
 
+def _check_optimizers(train_opt, errors):
+    """``train.optim_*.type`` names an optimizer :func:`~dspo_basicsr.utils.optimizers.build_optimizer` knows."""
+    from dspo_basicsr.utils.optimizers import EIGHT_BIT_OPTIMIZERS, torch_optimizer_names
+    known = torch_optimizer_names() + sorted(EIGHT_BIT_OPTIMIZERS)
+    for key, block in (train_opt.items() if isinstance(train_opt, dict) else ()):
+        if key.startswith('optim_') and isinstance(block, dict) and block.get('type') not in known:
+            errors.append(f"train.{key}.type must be a torch.optim optimizer or {', '.join(EIGHT_BIT_OPTIMIZERS)}"
+                          f"{_closest(str(block.get('type')), known)}, got {block.get('type')!r}")
+
+
 def _missing_paths(schema, block, where, errors):
     for option in schema:
         if option.kind != 'path':
@@ -208,6 +218,7 @@ def check_options(opt, check_paths=True, is_train=True):
                         errors.append(f"{key}.{name}: '{value}' does not exist")
     _check_metrics(opt, errors)
     train_opt = opt.get('train')
+    _check_optimizers(train_opt, errors)
     for key, block in (train_opt.items() if isinstance(train_opt, dict) else ()):
         if key.endswith('_opt') and isinstance(block, dict) and 'type' in block:
             _check_typed_block(LOSS_REGISTRY, block, f'train.{key}', errors, warnings)

@@ -94,6 +94,13 @@ def test_validation_metrics_are_checked_at_start():
     assert "val.metrics.lpips.better must be one of higher, lower, got 'less'" in message
 
 
+def test_optimizer_type_is_checked_at_start():
+    assert "train.optim_g.type must be a torch.optim optimizer or AdamW8bit (did you mean 'AdamW8bit'?), " \
+        "got 'AdamW8bt'" in refused(demo_with('train.optim_g.type', 'AdamW8bt'))
+    for name in ('AdamW8bit', 'AdamW', 'SGD'):
+        check_options(demo_with('train.optim_g.type', name), check_paths=False)
+
+
 def test_path_section_is_checked():
     message = refused(demo_with('path.strict_load_gg', True))
     assert "unknown option 'path.strict_load_gg' (did you mean 'strict_load_g'?)" in message
