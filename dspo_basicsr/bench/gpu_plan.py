@@ -21,10 +21,11 @@ Torch's own tools measure the step:
 A lower bound of the step time on a GPU is FLOPs / its dense bf16 tensor-core peak (:data:`GPU_PEAK_BF16_TFLOPS`);
 real steps are slower (kernels below peak, memory-bound ops, fp32 parts), so it is a floor, not an estimate.
 
-Known limits: allocator fragmentation and CUDA/cuBLAS workspaces are not in the figures (add roughly 1-2 GB
-of context and workspace on a real card); kernels that differ by device (flash attention keeps no (L x L)
-attention matrix on CUDA, while meta tensors record the shapes of the op that dispatches here) make the
-activation figure an upper bound for attention-heavy steps.
+What CUDA does differently from ``meta`` (autocast, the fused attention kernel) is emulated by
+:class:`CudaOnMeta`. Known limits: allocator fragmentation, the CUDA context and cuBLAS workspaces are not in
+the figures (count roughly 1-2 GB more on a real card); normalisations keep their input dtype where CUDA
+autocast runs them in float32; RAM (SeeSR's and AddSR's validation tagger / embedder) is not built, so their
+validation sample is not planned; only objectives without data-dependent shapes run (DSPO, Diffusion-DPO).
 """
 import contextlib
 import copy
@@ -34,8 +35,7 @@ from functools import partial
 from unittest import mock
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dspo_basicsr.bench.dspo_step import synthetic_preference_batch
@@ -135,7 +135,8 @@ def _meta_model_class(model_class):
 def apply_overrides(opt, overrides):
     """Set dotted keys in a nested option dict, as ``--force_yml``: ``['train.optim_g.type=AdamW8bit', ...]``.
 
-    Values are read as YAML scalars (``true``, ``1e-5``, ``[a, b]``) by the safe loader.
+    Values are read as YAML by the safe loader (``true``, ``null``, ``[a, b]``); a number that YAML 1.1 leaves a
+    string (``1e-5``, BasicSR files write ``!!float 1e-5``) is read as a float.
     """
     import yaml
     for item in overrides or ():
@@ -146,7 +147,13 @@ def apply_overrides(opt, overrides):
         *parents, leaf = key.strip().split('.')
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        node[leaf] = parsed
     return opt
 
 
@@ -167,36 +174,61 @@ def training_options(opt, real_size=True):
     }
 
 
-# ---------------------------------------------------------------------------- autocast on meta
-class MetaAutocast(TorchDispatchMode):
-    """What ``torch.autocast('cuda', dtype)`` does to dtypes, for ``meta`` tensors (torch has no meta autocast).
+# ---------------------------------------------------------------------------- CUDA's kernels on meta
+class CudaOnMeta(torch.overrides.TorchFunctionMode):
+    """What CUDA does differently from the ``meta`` device in a training step: autocast and fused attention.
 
-    The floating inputs of matrix products, convolutions and attention (and of their backward ops) are cast to
-    ``dtype``, so their outputs, and what follows them, are low precision as on CUDA; weight gradients come back
-    at the parameter's dtype (autograd casts them). It acts below autograd (a dispatch mode, which also runs
-    in the backward pass and in gradient checkpointing's recomputation), so, unlike CUDA autocast, a matrix
-    product keeps its float32 input for backward where that input was float32 (the first layer after a float32
-    op): activations are close to, and a little above, CUDA's. Normalisations stay in their input's dtype (CUDA
-    runs them in float32): a little below.
+    Attention: ``F.scaled_dot_product_attention`` without a mask runs as PyTorch's memory-efficient kernel
+    (``aten._scaled_dot_product_efficient_attention``), which CUDA picks for these shapes and which keeps no
+    (L x L) attention matrix for backward; on meta the call would take the math path, which does.
+
+    ``dtype`` (``torch.autocast('cuda', dtype)``; None: no autocast), applied above autograd as autocast is:
+    the floating inputs of matrix products, convolutions and attention are cast to ``dtype`` (so backward
+    saves the low-precision copies, as on CUDA), and normalisations and softmax run in float32 (CUDA
+    autocast's float32 list); other ops follow type promotion. A torch-function mode is switched off while
+    it handles a call, so ``Tensor.backward`` runs with the mode pushed again: gradient checkpointing's
+    recomputation in the backward pass then casts as the forward did.
     """
 
-    LOW = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
-           torch.ops.aten.convolution, torch.ops.aten.convolution_backward,
-           torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
-           torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
-           torch.ops.aten._scaled_dot_product_efficient_attention,
-           torch.ops.aten._scaled_dot_product_efficient_attention_backward}
+    LOW = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, torch.matmul, torch.mm, torch.bmm,
+           torch.baddbmm, torch.addmm, F.scaled_dot_product_attention, torch.Tensor.__matmul__, torch.Tensor.matmul,
+           torch.Tensor.bmm, torch.Tensor.mm}
+    HIGH = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax}
 
-    def __init__(self, dtype):
+    def __init__(self, dtype=None):
         super().__init__()
         self.dtype = dtype
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def fused_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        **kwargs):
+        if attn_mask is not None or kwargs.get('enable_gqa'):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                                  **kwargs)
+        if self.dtype is not None:
+            query, key, value = (t.to(self.dtype) for t in (query, key, value))
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, None, grad, dropout_p, is_causal, scale=scale)[0]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.overloadpacket in self.LOW:
+        if func is F.scaled_dot_product_attention:
+            return self.fused_attention(*args, **kwargs)
+        if func is torch.Tensor.backward:
+            from torch.autograd.graph import _engine_run_backward
+            loss = args[0]
+            gradient = args[1] if len(args) > 1 else kwargs.get('gradient')
+            with self:
+                _engine_run_backward((loss,), (torch.ones_like(loss) if gradient is None else gradient,), False, False,
+                                     (), allow_unreachable=True, accumulate_grad=True)
+            return None
+        target = None if self.dtype is None else self.dtype if func in self.LOW else \
+            torch.float32 if func in self.HIGH else None
+        if target is not None:
             def cast(value):
-                return value.to(self.dtype) if torch.is_tensor(value) and value.dtype == torch.float32 else value
-            args, kwargs = tree_map(cast, (args, kwargs))
+                return value.to(target) if torch.is_tensor(value) and value.is_floating_point() else value
+            args = tuple(cast(a) for a in args)
+            kwargs = {k: cast(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
 
@@ -251,10 +283,9 @@ class PhaseFlopCounter(FlopCounterMode):
 
 # ---------------------------------------------------------------------------- the plan
 def planned_autocast(framework):
-    """:class:`MetaAutocast` at the framework's ``mixed_precision`` dtype (those frameworks run every network under
-    autocast), else a no-op. ``train.reference_dtype``'s own autocast is not emulated (its weights are cast)."""
-    dtype = getattr(framework, 'compute_dtype', None)
-    return MetaAutocast(dtype) if dtype is not None else contextlib.nullcontext()
+    """:class:`CudaOnMeta` with autocast at the framework's ``mixed_precision`` dtype (those frameworks run every
+    network under autocast). ``train.reference_dtype``'s own autocast is not emulated (its weights are cast)."""
+    return CudaOnMeta(getattr(framework, 'compute_dtype', None))
 
 
 class _NoHook:
@@ -501,10 +532,22 @@ def plan_matrix(read_options, size=512, overrides=(), cases=None):
     return rows
 
 
+#: Held by the CUDA context, cuBLAS workspaces and allocator slack beyond the planned tensors (GiB), in "fits".
+CUDA_OVERHEAD_GIB = 1.5
+
+
+def fits_on(peak_bytes, cards=(24, 40, 80)):
+    """The smallest card (GiB of memory; a "24 GB" RTX 4090 has 24 GiB) that holds ``peak_bytes`` plus
+    :data:`CUDA_OVERHEAD_GIB`, or ``'> 80 GB'``."""
+    peak = peak_bytes / 2**30 + CUDA_OVERHEAD_GIB
+    return next((f'{gb} GB' for gb in cards if peak <= gb), f'> {cards[-1]} GB')
+
+
 def matrix_markdown(rows):
-    """The markdown table of :func:`plan_matrix` rows (for ``docs/frameworks.md``)."""
-    head = ('| framework | trainable | K | M2 | ckpt | params | grads | optim | activations | peak GiB | fits | '
-            'TFLOP/step | H100 floor s |\n' + '| --- ' * 13 + '|')
+    """The markdown table of :func:`plan_matrix` rows (for ``docs/frameworks.md``): parameters, gradients and
+    optimizer state as held after the step, activations and the total at the step's peak."""
+    head = ('| framework | trainable | K | M2 | ckpt | params GiB | grads GiB | optim GiB | activations GiB | '
+            'peak GiB | fits | TFLOP/step | H100 floor s |\n' + '| --- ' * 13 + '|')
     lines = [head]
     for label, case, plan in rows:
         start = (f"| {label} | {case['trainable']} | {case['candidates']} | {'on' if case['feedback'] else 'off'} | "
@@ -512,11 +555,9 @@ def matrix_markdown(rows):
         if 'error' in plan:
             lines.append(f"{start} n/a: {plan['error'].replace('|', '/')} |" + ' |' * 7)
             continue
-        m = plan['memory']
-        peak = m['total'] / 2**30
-        fits = next((f'{gb} GB' for gb in (24, 40, 80) if peak <= gb * 1e9 / 2**30 - 1.5), '> 80 GB')
+        m, held = plan['memory'], plan.get('memory_after_step', plan['memory'])
         lines.append(
-            f"{start} {_gib(m['parameters'])} | {_gib(m['gradients'])} | "
-            f"{_gib(m['optimizer_state'])} | {_gib(m['activations'] + m['temporaries'])} | {peak:.1f} | {fits} | "
+            f"{start} {_gib(held['parameters'])} | {_gib(held['gradients'])} | {_gib(held['optimizer_state'])} | "
+            f"{_gib(m['activations'] + m['temporaries'])} | {m['total'] / 2**30:.1f} | {fits_on(m['total'])} | "
             f"{plan['flops']['total'] / 1e12:.1f} | {plan['step_time_floor_s']['H100 SXM']:.2f} |")
     return '\n'.join(lines)
