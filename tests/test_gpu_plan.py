@@ -138,3 +138,13 @@ def test_the_training_step_still_runs_on_the_cpu_after_the_meta_paths():
     model.optimize_parameters(1)
     assert model.log_dict['l_dspo'] == pytest.approx(model.log_dict['l_dspo'])  # a float, not NaN
     assert any(not torch.equal(a, p) for a, p in zip(before, model.trainable_params))
+
+
+def test_a_bf16_reference_saves_two_bytes_per_reference_weight(control_plan):
+    opt = tiny_options()
+    opt['train']['reference_dtype'] = 'bfloat16'
+    plan = plan_step(opt, size=64, candidates=2, real_size=False, validation=False)
+    reference_elements = control_plan['memory_after_step']['gradients'] // 4  # the reference copies the trained part
+    saved = control_plan['memory_after_step']['parameters'] - plan['memory_after_step']['parameters']
+    assert saved == 2 * reference_elements
+    assert plan['flops']['reference forward'] > 0

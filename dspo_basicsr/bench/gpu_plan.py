@@ -23,9 +23,10 @@ real steps are slower (kernels below peak, memory-bound ops, fp32 parts), so it 
 
 What CUDA does differently from ``meta`` (autocast, the fused attention kernel) is emulated by
 :class:`CudaOnMeta`. Known limits: allocator fragmentation, the CUDA context and cuBLAS workspaces are not in
-the figures (count roughly 1-2 GB more on a real card); normalisations keep their input dtype where CUDA
-autocast runs them in float32; RAM (SeeSR's and AddSR's validation tagger / embedder) is not built, so their
-validation sample is not planned; only objectives without data-dependent shapes run (DSPO, Diffusion-DPO).
+the figures (count roughly 1-2 GB more on a real card); autocast is emulated for the functions diffusers'
+networks call (``CudaOnMeta.LOW`` / ``HIGH``), not for every op CUDA autocast lists; RAM (SeeSR's and AddSR's
+validation tagger / embedder) is not built, so their validation sample is not planned; only objectives without
+data-dependent shapes run (tested with DSPO; SFT's loss indexes by a mask and does not).
 """
 import contextlib
 import copy
@@ -282,9 +283,16 @@ class PhaseFlopCounter(FlopCounterMode):
 
 
 # ---------------------------------------------------------------------------- the plan
+def _under(mode, function):
+    def call(*args, **kwargs):
+        with mode:
+            return function(*args, **kwargs)
+    return call
+
+
 def planned_autocast(framework):
     """:class:`CudaOnMeta` with autocast at the framework's ``mixed_precision`` dtype (those frameworks run every
-    network under autocast). ``train.reference_dtype``'s own autocast is not emulated (its weights are cast)."""
+    network under autocast); :func:`plan_step` adds ``train.reference_dtype``'s autocast around the reference."""
     return CudaOnMeta(getattr(framework, 'compute_dtype', None))
 
 
@@ -382,6 +390,9 @@ def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True,
     with loaders, torch.device('meta'):
         model = _meta_model_class(model_class)(train_opt)
     bare = model.bare
+    reference = model.net_ref
+    if reference.dtype is not None:  # train.reference_dtype: the reference's own autocast, emulated on meta
+        reference.predict_noise = _under(CudaOnMeta(reference.dtype), reference.predict_noise)
     data = synthetic_preference_batch(batch, candidates, instances, size, 'meta', scale=bare.scale)
     if bare.__class__.__name__ in ('SeeSRArch', 'AddSRArch'):
         dim = getattr(bare, 'image_embed_dim', RAM_EMBEDS_SHAPE[1])
