@@ -12,9 +12,12 @@ precomputed RAM embeddings (145, 512) feeds ``DSPOModel.optimize_parameters`` (t
 with AdamW; frozen UNet, VAE and text encoder in bf16 and every network under bf16 autocast through
 ``network_g.mixed_precision: bf16``; the frozen reference ControlNet is an fp32 copy run under the same
 autocast, so policy and reference compute identically at initialisation (loss ln 2)).
-One warm-up step, then ``--steps`` timed steps. Prints one JSON line:
-median / min step time
-(s) and peak allocated / reserved GPU memory (GiB).
+One warm-up step, then ``--steps`` timed steps. Prints one JSON line: median / min step time (s), peak
+allocated / reserved GPU memory (GiB) on CUDA, and peak resident memory (GiB) of the build-and-load phase
+and of the steps (on CPU the model's weights and optimizer state live there).
+
+    python scripts/bench_seesr_step.py --device cpu --size 128 --candidates 2 --feedback 0 --steps 1
+    #  the real-size smoke step on a CPU (about 16 GiB of RAM; docs/frameworks.md has its figures)
 """
 import argparse
 import itertools
@@ -28,7 +31,8 @@ import numpy as np
 import torch
 
 import dspo_basicsr  # noqa: F401  (registration)
-from dspo_basicsr.bench.timer import timed
+from dspo_basicsr.bench.resident_memory import peak_rss_bytes, reset_peak_rss
+from dspo_basicsr.bench.timer import time_call, timed
 from dspo_basicsr.losses.preference_loss import DEFAULT_BETA
 
 
@@ -62,19 +66,25 @@ def build_real_size_folders(work, device):
     vocab = _byte_level_vocab()
     with open(SD2_BASE_UNET_CONFIG, encoding='utf-8') as f:
         unet_config = _strip_config(json.load(f))
+    sd_path, seesr_path = os.path.join(work, 'sd2'), os.path.join(work, 'seesr')
+    # One network at a time, saved and freed before the next: on a CPU the peak resident memory of this
+    # build stays at about one UNet plus one ControlNet (fp32) instead of all five components together.
     with torch.device(device):  # random init on the GPU is fast
         unet = UNet2DConditionModel.from_config(unet_config)
         controlnet = add_image_cross_attention(ControlNetModel.from_unet(unet))
-        unet_sd = UNet2DConditionModel.from_config(unet_config)
         add_image_cross_attention(unet)
-        components = dict(unet=unet_sd, vae=AutoencoderKL(**sd2_vae_config()),
-                          text_encoder=CLIPTextModel(CLIPTextConfig(**sd2_text_config(len(vocab)))))
-    components['tokenizer'] = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    components['noise_scheduler'] = tiny_noise_scheduler()
-    sd_path, seesr_path = os.path.join(work, 'sd2'), os.path.join(work, 'seesr')
-    save_sd_components(sd_path, {k: v.to('cpu') if hasattr(v, 'to') and k != 'noise_scheduler' else v
-                                 for k, v in components.items()})
     save_seesr_networks(seesr_path, unet.to('cpu'), controlnet.to('cpu'))
+    del unet, controlnet
+    builders = dict(unet=lambda: UNet2DConditionModel.from_config(unet_config),
+                    vae=lambda: AutoencoderKL(**sd2_vae_config()),
+                    text_encoder=lambda: CLIPTextModel(CLIPTextConfig(**sd2_text_config(len(vocab)))))
+    for name, build in builders.items():
+        with torch.device(device):
+            component = build()
+        save_sd_components(sd_path, {name: component.to('cpu')})
+        del component
+    save_sd_components(sd_path, dict(tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+                                     noise_scheduler=tiny_noise_scheduler()))
     return sd_path, seesr_path
 
 
@@ -163,7 +173,9 @@ def main(argv=None):
             model.feed_data(batch)
             model.optimize_parameters(next(iterations))
 
-        step()  # warm-up, outside the peak-memory window
+        build_rss = peak_rss_bytes()
+        reset_peak_rss()
+        warmup_s = time_call(step, args.device)  # warm-up, outside the peak-GPU-memory window
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -175,6 +187,9 @@ def main(argv=None):
             'unet_params_M': round(sum(p.numel() for p in arch.unet.parameters()) / 1e6, 1),
             'controlnet_params_M': round(sum(p.numel() for p in arch.controlnet.parameters()) / 1e6, 1),
             'step_time_s_median': round(timing.median, 3), 'step_time_s_min': round(timing.min, 3),
+            'warmup_step_s': round(warmup_s, 3), 'threads': torch.get_num_threads(),
+            'peak_rss_build_GiB': round(build_rss / 2**30, 2),
+            'peak_rss_steps_GiB': round(peak_rss_bytes() / 2**30, 2),
             'loss': float(model.get_current_log().get('l_dspo', float('nan'))),
         }
         if cuda:

@@ -482,7 +482,8 @@ class DiffusionSRArch(nn.Module):
         cfg = self.default_cfg if cfg is None else cfg
         cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
         scheduler = self._sampling_scheduler(sampler)
-        scheduler.set_timesteps(steps, device=self.device)
+        # the timesteps stay on the CPU for a meta-device framework (the GPU planner): the loop compares them
+        scheduler.set_timesteps(steps, device='cpu' if self.device.type == 'meta' else self.device)
         if self.start_strength < 1:
             scheduler.timesteps = scheduler.timesteps[-max(1, round(steps * self.start_strength)):]
         latents = self.initial_latents(lq, scheduler, generator)
@@ -625,8 +626,8 @@ class FrozenReference:
     @torch.no_grad()
     def predict_noise(self, x_t, t, cond):
         """Reference noise prediction, same signature as the policy's ``predict_noise``."""
-        autocast = (torch.autocast(x_t.device.type, dtype=self.dtype) if self.dtype is not None
-                    else contextlib.nullcontext())
+        autocast = (torch.autocast(x_t.device.type, dtype=self.dtype)
+                    if self.dtype is not None and x_t.device.type != 'meta' else contextlib.nullcontext())
         with self._as_reference(), autocast:
             return self.policy.predict_noise(x_t, t, cond).float()
 

@@ -36,8 +36,9 @@ class LowPrecisionFrozenPartsMixin:
                 param.data = param.data.float()
 
     def autocast(self):
-        """Autocast to the compute dtype on this framework's device (a no-op context without one)."""
-        if self.compute_dtype is None:
+        """Autocast to the compute dtype on this framework's device (a no-op context without one, and on
+        ``meta``, which torch cannot autocast: the GPU planner emulates it, ``bench/gpu_plan.py``)."""
+        if self.compute_dtype is None or self.device.type == 'meta':
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 

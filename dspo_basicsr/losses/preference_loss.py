@@ -371,7 +371,8 @@ def preference_statistics(logits, valid, err_theta_w, err_theta_l, err_ref_w, er
     for name, value in (('err_theta_w', err_theta_w), ('err_theta_l', err_theta_l),
                         ('err_ref_w', err_ref_w), ('err_ref_l', err_ref_l)):
         value = value.detach().float()
-        stats[name] = value[valid].mean() if value.shape == valid.shape else value.mean()
+        # a masked mean without boolean indexing (data-dependent shapes do not run on the GPU planner's meta tensors)
+        stats[name] = torch.where(valid, value, 0).sum() / valid.sum() if value.shape == valid.shape else value.mean()
     return stats
 
 

@@ -180,7 +180,10 @@ class DSPOModel(SRModel):
             self.init_training_settings()
 
     def reference_checksum(self):
-        """Sum of every weight of the reference's frozen copies (logged, to compare runs and resumes)."""
+        """Sum of every weight of the reference's frozen copies (logged, to compare runs and resumes); NaN on
+        ``meta`` (the GPU planner's shapes-only build)."""
+        if any(v.is_meta for v in self.net_ref.state_dict().values()):
+            return math.nan
         return float(sum(v.double().sum() for v in self.net_ref.state_dict().values()))
 
     # ------------------------------------------------------------------ setup
@@ -327,6 +330,9 @@ class DSPOModel(SRModel):
             float: :meth:`~dspo_basicsr.archs.diffusion_sr_base.DiffusionSRArch.posterior_noise_ratio` of ``images``.
         """
         self._posterior_checked = True
+        probe = images if images is not None else posterior[0]
+        if probe.is_meta:  # the GPU planner: shapes only, nothing to measure
+            return math.nan
         ratio = self.bare.posterior_noise_ratio(images, posterior)
         if ratio > self.max_posterior_noise_ratio:
             get_root_logger().warning(
@@ -413,6 +419,8 @@ class DSPOModel(SRModel):
         return result.statistics()
 
     def _finite_everywhere(self, value):
+        if value.is_meta:  # the GPU planner runs the step on shapes only: take the finite path
+            return True
         finite = torch.isfinite(value.detach()).all().float()
         if self.opt['dist']:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -469,7 +477,7 @@ class DSPOModel(SRModel):
             return
         max_norm = self.option_schema.value(self.opt, 'train.grad_clip') or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
-        if not torch.isfinite(grad_norm):
+        if not grad_norm.is_meta and not torch.isfinite(grad_norm):
             self._skip_update(current_iter, 'gradient')
             return
         self.optimizer_g.step()
@@ -491,6 +499,12 @@ class DSPOModel(SRModel):
         if p > 0:  # no draw at 0, so runs without dropout keep their random stream
             dropped = (torch.rand(len(self.prompts)) < p).tolist()
             self.prompts = ['' if drop else prompt for drop, prompt in zip(dropped, self.prompts)]
+
+    def reduce_loss_dict(self, loss_dict):
+        """BasicSR's averaging over ranks to floats; NaN for the ``meta`` tensors of the GPU planner's step."""
+        if any(torch.is_tensor(v) and v.is_meta for v in loss_dict.values()):
+            return OrderedDict((key, math.nan) for key in loss_dict)
+        return super().reduce_loss_dict(loss_dict)
 
     def _window_path(self, current_iter):
         rank = self.opt.get('rank', 0)
