@@ -57,6 +57,12 @@ def _add_server_arguments(parser):
     parser.add_argument('--host', default='127.0.0.1', help='listen address (other than loopback needs a token)')
     parser.add_argument('--port', type=int, default=8765)
     parser.add_argument('--token', default=None, help='access token (default: a random one off loopback)')
+    parser.add_argument('--annotators', default=None,
+                        help='comma-separated names: print one invitation link each; only these names may sign in')
+
+
+def _names(text):
+    return [name.strip() for name in text.split(',') if name.strip()] if text else None
 
 
 def main(argv=None):
@@ -84,11 +90,11 @@ def main(argv=None):
             work = demo_work_folder(args.root)
             study, store = open_study(args.db or os.path.join(work, 'annotations.sqlite'),
                                       {'kind': 'instances', 'work': work})
-            serve(study, store, args.host, args.port, args.token)
+            serve(study, store, args.host, args.port, args.token, annotators=_names(args.annotators))
             return 0
         study, store = open_study(args.db, _study_options(args))
         if args.command == 'serve':
-            serve(study, store, args.host, args.port, args.token)
+            serve(study, store, args.host, args.port, args.token, annotators=_names(args.annotators))
             return 0
         from dspo_basicsr.annotation.report import format_report, write_report
         report = write_report(study, store, args.out, args.min_votes)
