@@ -198,6 +198,9 @@ def check_options(opt, check_paths=True):
         for key, value in (opt.get('path') or {}).items():
             if key.startswith('pretrain_network') and isinstance(value, str) and not os.path.exists(value):
                 errors.append(f"path.{key}: '{value}' does not exist")
+    if check_paths:  # a bad validation image would otherwise end the run at its first validation
+        from dspo_basicsr.data.validation_images import unreadable_validation_images
+        errors += unreadable_validation_images(opt)
     if errors:
         shown = errors[:8] + ([f'... and {len(errors) - 8} more'] if len(errors) > 8 else [])
         raise OptionCheckError('\n  '.join(['the options do not check:'] + shown))
