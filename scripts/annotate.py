@@ -8,8 +8,10 @@
     python scripts/annotate.py demo [--root datasets/demo]
 
 ``serve`` listens on 127.0.0.1:8765; ``--host 0.0.0.0`` exposes it and then requires an access token (printed
-with the address). A database holds one study: once created, ``serve --db DB`` and ``report --db DB`` need
-no study arguments. ``report`` prints the majority votes, agreement (pairwise, Fleiss' kappa), answers and
+with the address). Each annotator's name is theirs once signed in (a secret in a browser cookie);
+``--annotators a,b,c`` prints one invitation link per name and lets only those names sign in. A database
+holds one study: once created, ``serve --db DB`` and ``report --db DB`` need no study arguments.
+``report`` prints the majority votes, agreement (pairwise, Fleiss' kappa), answers and
 time per annotator and win rates, and writes the exports: ``human_annotations.json`` (for
 ``score_instances.py --scorer human --annotations``; ``--write-instances`` also writes WORK/instances/ from
 it), ``votes_realsr1k.csv`` + ``images/`` and ``vote_counts.csv`` (for ``rank_methods.py`` and
