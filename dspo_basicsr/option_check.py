@@ -224,6 +224,9 @@ def check_options(opt, check_paths=True, is_train=True):
             _check_typed_block(LOSS_REGISTRY, block, f'train.{key}', errors, warnings)
     if check_paths:
         _missing_paths(schema, opt, '', errors)
+    if check_paths:  # a bad validation image would otherwise end the run at its first validation
+        from dspo_basicsr.data.validation_images import unreadable_validation_images
+        errors += unreadable_validation_images(opt)
     if errors:
         shown = errors[:MAX_SHOWN] + ([f'... and {len(errors) - MAX_SHOWN} more'] if len(errors) > MAX_SHOWN else [])
         raise OptionCheckError('\n  '.join(['the options do not check:'] + shown))

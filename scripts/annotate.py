@@ -8,8 +8,10 @@
     python scripts/annotate.py demo [--root datasets/demo]
 
 ``serve`` listens on 127.0.0.1:8765; ``--host 0.0.0.0`` exposes it and then requires an access token (printed
-with the address). A database holds one study: once created, ``serve --db DB`` and ``report --db DB`` need
-no study arguments. ``report`` prints the majority votes, agreement (pairwise, Fleiss' kappa), answers and
+with the address). Each annotator's name is theirs once signed in (a secret in a browser cookie);
+``--annotators a,b,c`` prints one invitation link per name and lets only those names sign in. A database
+holds one study: once created, ``serve --db DB`` and ``report --db DB`` need no study arguments.
+``report`` prints the majority votes, agreement (pairwise, Fleiss' kappa), answers and
 time per annotator and win rates, and writes the exports: ``human_annotations.json`` (for
 ``score_instances.py --scorer human --annotations``; ``--write-instances`` also writes WORK/instances/ from
 it), ``votes_realsr1k.csv`` + ``images/`` and ``vote_counts.csv`` (for ``rank_methods.py`` and
@@ -57,6 +59,12 @@ def _add_server_arguments(parser):
     parser.add_argument('--host', default='127.0.0.1', help='listen address (other than loopback needs a token)')
     parser.add_argument('--port', type=int, default=8765)
     parser.add_argument('--token', default=None, help='access token (default: a random one off loopback)')
+    parser.add_argument('--annotators', default=None,
+                        help='comma-separated names: print one invitation link each; only these names may sign in')
+
+
+def _names(text):
+    return [name.strip() for name in text.split(',') if name.strip()] if text else None
 
 
 def main(argv=None):
@@ -84,11 +92,11 @@ def main(argv=None):
             work = demo_work_folder(args.root)
             study, store = open_study(args.db or os.path.join(work, 'annotations.sqlite'),
                                       {'kind': 'instances', 'work': work})
-            serve(study, store, args.host, args.port, args.token)
+            serve(study, store, args.host, args.port, args.token, annotators=_names(args.annotators))
             return 0
         study, store = open_study(args.db, _study_options(args))
         if args.command == 'serve':
-            serve(study, store, args.host, args.port, args.token)
+            serve(study, store, args.host, args.port, args.token, annotators=_names(args.annotators))
             return 0
         from dspo_basicsr.annotation.report import format_report, write_report
         report = write_report(study, store, args.out, args.min_votes)

@@ -135,7 +135,7 @@ def chromium():
 class ThreadServer:
     """The app of ``study`` and ``store`` served by uvicorn in a thread of the test process (fast restarts)."""
 
-    def __init__(self, study, store, token=None):
+    def __init__(self, study, store, token=None, invited_only=False):
         import threading
 
         import uvicorn
@@ -144,7 +144,7 @@ class ThreadServer:
 
         self.port = free_port()
         self.url = f'http://127.0.0.1:{self.port}/'
-        self.server = uvicorn.Server(uvicorn.Config(create_app(study, store, token), host='127.0.0.1',
+        self.server = uvicorn.Server(uvicorn.Config(create_app(study, store, token, invited_only), host='127.0.0.1',
                                                     port=self.port, log_level='warning'))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

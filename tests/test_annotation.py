@@ -36,12 +36,19 @@ from annotation_fixtures import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def request(url, body=None, headers=None):
-    """``(status, bytes)`` of a GET, or of a POST of ``body`` as JSON."""
-    data = None if body is None else json.dumps(body).encode()
+def browser_session():
+    """An opener that keeps cookies (one annotator's browser)."""
+    import http.cookiejar
+    return urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+
+def request(url, body=None, headers=None, session=None, data=None):
+    """``(status, bytes)`` of a GET, or of a POST of ``body`` as JSON (or of raw ``data``)."""
+    if body is not None:
+        data = json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={'Content-Type': 'application/json', **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=30) as reply:
+        with (session or urllib.request.build_opener()).open(req, timeout=30) as reply:
             return reply.status, reply.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
@@ -171,22 +178,23 @@ def test_server_answers_undo_resume_token_and_refusals(tmp_path):
     work = make_work_folder(str(tmp_path), num=1)
     study, store = open_study(str(tmp_path / 'a.sqlite'), {'kind': 'instances', 'work': work.root, 'top_k': 2})
     server = ThreadServer(study, store)
+    ann = browser_session()
     try:
-        status, page = request(server.url + 'annotate?annotator=ann')
+        status, page = request(server.url + 'annotate?annotator=ann', session=ann)
         first = study.next_item(set(), 'ann')[1]
         assert status == 200 and f'data-item="{first}"'.encode() in page
         status, _ = request(server.url + 'api/answer', {'annotator': 'ann', 'item': first, 'round': 0,
-                                                        'answer': {'best': 0, 'worst': 2}, 'seconds': 3})
+                                                        'answer': {'best': 0, 'worst': 2}, 'seconds': 3}, session=ann)
         assert status == 200
         # the same item again (a stale tab) is refused; so is a bad answer
         assert request(server.url + 'api/answer', {'annotator': 'ann', 'item': first, 'round': 0,
-                                                   'answer': {'best': 0, 'worst': 2}})[0] == 409
+                                                   'answer': {'best': 0, 'worst': 2}}, session=ann)[0] == 409
         second = study.next_item({(0, first)}, 'ann')[1]
         status, body = request(server.url + 'api/answer', {'annotator': 'ann', 'item': second, 'round': 0,
-                                                           'answer': {'best': 0, 'worst': 0}})
+                                                           'answer': {'best': 0, 'worst': 0}}, session=ann)
         assert status == 400 and b'two different candidates' in body
-        assert request(server.url + 'api/undo', {'annotator': 'ann'})[0] == 200
-        assert f'data-item="{first}"'.encode() in request(server.url + 'annotate?annotator=ann')[1]
+        assert request(server.url + 'api/undo', {'annotator': 'ann'}, session=ann)[0] == 200
+        assert f'data-item="{first}"'.encode() in request(server.url + 'annotate?annotator=ann', session=ann)[1]
         # images: only the study's items and roles; nothing by path
         assert request(server.url + f'image?item={first}&role=c0')[0] == 200
         for query in ('item=..%2F..%2Fetc%2Fpasswd&role=c0', f'item={first}&role=..%2F..%2Fseg',
@@ -214,6 +222,52 @@ def test_server_answers_undo_resume_token_and_refusals(tmp_path):
     with pytest.raises(StudyError, match='belongs to another study'):
         open_study(str(tmp_path / 'a.sqlite'), {'kind': 'instances', 'work': work.root, 'top_k': 3})
     assert open_study(str(tmp_path / 'a.sqlite'))[0].top_k == 2
+
+
+def test_server_caps_bodies_checks_types_and_keeps_each_annotator_to_their_own_name(tmp_path):
+    """Issue 24 item 7: 413 for a large body, 400 (no traceback) for bad types, 403 for another's name."""
+    from dspo_basicsr.annotation.server import MAX_BODY_BYTES
+    from dspo_basicsr.annotation.studio import invitation_links
+
+    work = make_work_folder(str(tmp_path), num=1)
+    study, store = open_study(str(tmp_path / 'a.sqlite'), {'kind': 'instances', 'work': work.root, 'top_k': 2})
+    server = ThreadServer(study, store)
+    ann, eve = browser_session(), browser_session()
+    try:
+        assert request(server.url + 'annotate?annotator=ann', session=ann)[0] == 200  # first sign-in: secret issued
+        first = study.next_item(set(), 'ann')[1]
+        base = {'annotator': 'ann', 'item': first, 'round': 0}
+        huge = json.dumps(dict(base, answer={'best': 0, 'worst': 1}, pad='x' * (MAX_BODY_BYTES + 1))).encode()
+        assert request(server.url + 'api/answer', session=ann, data=huge)[0] == 413
+        for bad in ({'answer': 'best'}, {'round': [0]}, {'round': '0'}, {'item': 7},
+                    {'answer': {'best': 0, 'worst': 1, 'hallucinated': [{}]}}, {'annotator': ['ann']}):
+            status, body = request(server.url + 'api/answer', {**base, 'answer': {'best': 0, 'worst': 1}, **bad},
+                                   session=ann)
+            assert status == 400 and b'Traceback' not in body and json.loads(body)['error'], bad
+        # another browser can neither take the name nor answer or undo for it
+        assert request(server.url + 'annotate?annotator=ann', session=eve)[0] == 403
+        assert request(server.url + 'api/answer', dict(base, answer={'best': 0, 'worst': 1}), session=eve)[0] == 403
+        assert request(server.url + 'api/undo', {'annotator': 'ann'}, session=eve)[0] == 403
+        assert request(server.url + 'api/answer', dict(base, answer={'best': 0, 'worst': 1}), session=ann)[0] == 200
+        assert request(server.url + 'annotate?annotator=eve', session=eve)[0] == 200  # a name of one's own
+        cookie = next(c for c in ann.handlers if hasattr(c, 'cookiejar')).cookiejar
+        assert all(c.has_nonstandard_attr('HttpOnly') for c in cookie)
+    finally:
+        server.stop()
+    assert [a.item for a in store.answers('ann')] == [first]
+    # invitation links: only the invited names sign in, each with their own link
+    links = invitation_links(store, 'http://127.0.0.1:0/', ['bo', 'ann'])
+    assert 'invite=' in links['bo'] and links['bo'] != links['ann']
+    server = ThreadServer(study, store, invited_only=True)
+    try:
+        bo = browser_session()
+        assert request(server.url + 'annotate?annotator=bo', session=bo)[0] == 403
+        assert request(server.url + 'annotate?annotator=zed', session=bo)[0] == 403
+        assert request(server.url + links['bo'].split('/', 3)[3], session=bo)[0] == 200
+        assert request(server.url + 'annotate?annotator=bo', session=bo)[0] == 200  # the cookie now
+        assert request(server.url + 'annotate?annotator=ann', session=ann)[0] == 200
+    finally:
+        server.stop()
 
 
 # -- 2AFC and win-rate exports -------------------------------------------------------------------------------

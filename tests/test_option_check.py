@@ -213,3 +213,31 @@ def test_force_yml_list_reaches_basicsr_as_data_not_code(tmp_path, paired_folder
     assert not marker.exists()
     # read as a YAML list of one string, never evaluated, and refused as not a string
     assert result.returncode == 2 and 'val.suffix must be a string' in result.stderr
+
+
+def _val_folders_with_bad_images(tmp_path, paired_folders):
+    import shutil
+    gt, lq = (shutil.copytree(folder, tmp_path / f'val_{side}') for folder, side in zip(paired_folders, 'gl'))
+    (gt / 'zz_empty.png').write_bytes(b'')
+    png = next(p for p in sorted(os.listdir(lq)) if p.endswith('.png'))
+    data = (lq / png).read_bytes()
+    (lq / 'zz_cut.png').write_bytes(data[:len(data) // 2])
+    return str(gt), str(lq)
+
+
+def test_unreadable_validation_images_are_refused_at_start_naming_them(tmp_path, paired_folders):
+    """Issue 24 item 5: a zero-byte or cut PNG in a validation folder is refused before anything is written."""
+    opt = msrresnet_options(*paired_folders, name='kept')
+    gt, lq = _val_folders_with_bad_images(tmp_path, paired_folders)
+    opt['datasets']['val'].update(dataroot_gt=gt, dataroot_lq=lq)
+    with pytest.raises(OptionCheckError) as err:
+        check_options(opt)
+    message = str(err.value)
+    assert f"datasets.val.dataroot_gt: 1 file(s) in '{gt}' cannot be read as images (zz_empty.png: 0 bytes)" \
+        in message
+    assert 'zz_cut.png: not a readable image' in message
+    previous = tmp_path / 'experiments' / 'kept' / 'models'
+    previous.mkdir(parents=True)
+    result = run_cli(['train', '-opt', write_options(tmp_path / 'bad_val.yml', opt)], cwd=tmp_path)
+    assert result.returncode == 2 and 'zz_empty.png: 0 bytes' in result.stderr and 'Traceback' not in result.stderr
+    assert sorted(os.listdir(tmp_path / 'experiments')) == ['kept']

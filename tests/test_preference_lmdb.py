@@ -38,7 +38,9 @@ def test_round_trip_is_bit_exact(set_path):
     assert len(store) == 3 and store.ids() == ['img_000', 'img_001', 'img_002']
     assert store.header == {'format': 'dspo-preference', 'version': 1, 'num_samples': 3, 'num_candidates': 3,
                             'scale': 4, 'num_with_gt': 2, 'extras': ['ram_embedding', 'tags'],
-                            'png_compression': 0, 'writer': store.header['writer']}
+                            'png_compression': 0, 'writer': store.header['writer'],
+                            'content_digest': store.header['content_digest']}
+    assert len(store.header['content_digest']) == 32
     for expected in _samples():
         got = store[expected.sid]
         assert isinstance(got, PreferenceSample) and got.sid == expected.sid
@@ -227,6 +229,9 @@ def test_interrupted_build_leaves_no_set_and_resumes(tmp_path):
     assert store.ids() == ['s0', 's1', 's2', 's3', 's4'] and store.header['num_samples'] == 5
     np.testing.assert_array_equal(store['s1'].candidates[2], samples[1].candidates[2])
     assert not os.path.exists(path + '.tmp-build') and resumable_ids(path) == []
+    # the content digest of a resumed build is the one of a build in one go
+    once = write_preference_lmdb(str(tmp_path / 'once.lmdb'), samples, progress=False)
+    assert store.header['content_digest'] == once.header['content_digest']
 
 
 def test_concurrent_build_of_the_same_set_is_refused(tmp_path):
@@ -329,3 +334,87 @@ def test_truncated_data_file_is_a_preference_data_error_not_sigbus(set_path, kee
         f.truncate(int(os.path.getsize(data) * keep))
     with pytest.raises(PreferenceDataError, match='truncated'):
         PreferenceLMDB(set_path)['img_002']
+
+
+def _other_pixels():
+    samples = _samples()
+    samples[1].candidates[0] = 255 - samples[1].candidates[0]
+    return samples
+
+
+def test_reader_opened_before_a_rebuild_with_same_ids_but_other_pixels_raises(set_path):
+    """Issue 24 item 3: same ids, other pixels is not picked up silently (the content digest differs)."""
+    store = PreferenceLMDB(set_path)
+    before = store.header['content_digest']
+    assert store['img_001'].sid == 'img_001'
+    write_preference_lmdb(set_path, _other_pixels(), overwrite=True, progress=False)
+    with pytest.raises(PreferenceDataError, match=f'rebuilt at this path.*before {before}'):
+        store['img_001']
+    assert PreferenceLMDB(set_path).ids() == store.ids()
+
+
+class _FullDisk:
+    """Fault injection: the build's commits fail after ``after`` of them as LMDB fails on a full disk."""
+
+    def __init__(self, monkeypatch, after, error):
+        self.calls, self.after, self.error = 0, after, error
+        original = lmdb_set._Builder._commit
+
+        def commit(builder, payload):
+            self.calls += 1
+            if self.calls > self.after:
+                raise self.error
+            return original(builder, payload)
+
+        monkeypatch.setattr(lmdb_set._Builder, '_commit', commit)
+        monkeypatch.setattr(lmdb_set, '_free_bytes', lambda folder: 0)
+
+
+@pytest.mark.parametrize('error', [lmdb_set.lmdb.Error('mdb_txn_commit: Input/output error'),
+                                   OSError(28, 'No space left on device')])
+def test_disk_full_during_a_build_names_the_folder_removes_the_partial_build_and_keeps_the_old_set(
+        set_path, monkeypatch, error):
+    """Issue 24 item 5: one clear error, no `.tmp-build` left filling the disk, the old set intact."""
+    ids = PreferenceLMDB(set_path).ids()
+    _FullDisk(monkeypatch, after=2, error=error)
+    samples = [coordinate_sample(f's{i}', seed=i) for i in range(5)]
+    with pytest.raises(OSError, match=f'no space left on {re.escape(os.path.dirname(set_path))}') as raised:
+        write_preference_lmdb(set_path, samples, overwrite=True, batch_bytes=1, progress=False)
+    assert 'existing set kept' in str(raised.value)
+    assert not os.path.exists(set_path + '.tmp-build')
+    lmdb_set._close_readonly(set_path)
+    assert PreferenceLMDB(set_path).ids() == ids
+    np.testing.assert_array_equal(PreferenceLMDB(set_path)['img_002'].lq, _samples()[2].lq)
+
+
+def test_an_io_error_with_free_space_is_not_called_disk_full(tmp_path, monkeypatch):
+    _FullDisk(monkeypatch, after=0, error=lmdb_set.lmdb.Error('mdb_txn_commit: Input/output error'))
+    monkeypatch.setattr(lmdb_set, '_free_bytes', lambda folder: 1 << 40)
+    with pytest.raises(lmdb_set.lmdb.Error, match='Input/output error'):
+        write_preference_lmdb(str(tmp_path / 'p.lmdb'), _samples(), batch_bytes=1, progress=False)
+
+
+_TRUNCATE_WHILE_READING = """
+import os, sys
+from dspo_basicsr.preference import PreferenceDataError, PreferenceLMDB
+store = PreferenceLMDB(sys.argv[1])
+store['img_000']
+data = os.path.join(sys.argv[1], 'data.mdb')
+with open(data, 'r+b') as f:
+    f.truncate(os.path.getsize(data) // 3)
+try:
+    store['img_002']
+except PreferenceDataError as err:
+    print('refused:', err)
+"""
+
+
+def test_data_file_truncated_while_a_reader_holds_it_is_refused_before_the_next_read(set_path):
+    """Issue 24 item 5: the size is re-checked before each read (in a child: today's code dies of SIGBUS)."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, '-c', _TRUNCATE_WHILE_READING, set_path], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert 'refused:' in run.stdout and 'shrank from' in run.stdout

@@ -5,6 +5,7 @@ import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -60,6 +61,15 @@ def make_handler(state):
             if mode == 'echo_key_reply':
                 key = self.headers.get('Authorization', '').split()[-1]
                 return self.reply(200, {'choices': [{'message': {'content': f'your key {key} is fine'}}]})
+            if mode in ('echo_key_escaped', 'reason_quotes_key'):  # the key as JSON text escapes it: sk-a\/b
+                key = self.headers.get('Authorization', '').split()[-1].replace('/', '\\/')
+                if mode == 'echo_key_escaped':
+                    url = quote(key.replace('\\/', '/'), safe='')
+                    raw = '{"error": "invalid key ' + key + ', also sent as ' + url + '"}'
+                    return self.reply(401, None, raw)
+                n_images = sum(part['type'] == 'image_url' for part in body['messages'][0]['content'])
+                text = json.dumps({'best': n_images - 2, 'worst': 0, 'reason': 'the key is KEY'}).replace('KEY', key)
+                return self.reply(200, {'choices': [{'message': {'role': 'assistant', 'content': text}}]})
             if mode == 'slow':
                 time.sleep(0.6)
             content = body['messages'][0]['content']
@@ -74,8 +84,8 @@ def make_handler(state):
                 text = '```json\n' + json.dumps({'best': n_images - 2, 'worst': 0, 'reason': 'sharper'}) + '\n```'
             return self.reply(200, {'choices': [{'message': {'role': 'assistant', 'content': text}}]})
 
-        def reply(self, status, payload):
-            data = json.dumps(payload).encode()
+        def reply(self, status, payload, raw=None):
+            data = (raw if raw is not None else json.dumps(payload)).encode()
             self.send_response(status)
             self.send_header('Content-Type', 'application/json')
             self.send_header('Content-Length', str(len(data)))
@@ -247,3 +257,42 @@ def test_redact_secrets_removes_key_and_any_bearer_token():
     from dspo_basicsr.preference.vlm_client import redact_secrets
     text = redact_secrets('key sk-abc; header "Authorization: Bearer tok.en-9"', ['sk-abc'])
     assert text == 'key ***; header "Authorization: Bearer ***"'
+
+
+SLASH_KEY = 'sk-proj-Ab3/xY+9/zz'
+
+
+def test_key_with_slash_in_every_encoding_is_redacted():
+    from dspo_basicsr.preference.redaction import redact, redact_value
+    escaped = SLASH_KEY.replace('/', '\\/')
+    text = redact(f'raw {SLASH_KEY} json {escaped} url {quote(SLASH_KEY, safe="")} {json.dumps(escaped)}',
+                  [SLASH_KEY])
+    assert 'Ab3' not in text and text.count('***') == 4
+    assert redact_value({'e': [f'x {escaped}']}, [SLASH_KEY]) == {'e': ['x ***']}
+
+
+def test_key_echoed_json_escaped_or_quoted_in_a_reason_reaches_no_file_and_no_output(server, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Issue 24 item 6: errors/instances.json, stdout, vlm_cache/*.json and instances/*.json stay free of the key."""
+    from dspo_basicsr.preference.pipeline import run_scoring_step, scorer_from_options
+
+    from pipeline_fixtures import make_segmented_work
+
+    monkeypatch.setenv('DSPO_TEST_VLM_KEY', SLASH_KEY)
+    work = make_segmented_work(tmp_path, num=2, n_segments=3, min_area=64)
+    opt = {'scorer': {'type': 'vlm', 'base_url': server.base_url, 'model': 'tiny-vlm', 'min_crop': 8,
+                      'api_key_env': 'DSPO_TEST_VLM_KEY', 'timeout': 2, 'max_retries': 0, 'backoff': 0.01,
+                      'cache_dir': str(tmp_path / 'vlm_cache'), 'max_concurrency': 1}}
+    server.modes = ['reason_quotes_key', 'reason_quotes_key', 'echo_key_escaped']
+    report = run_scoring_step(work, scorer_from_options(opt), top_k=2, progress=True)
+    print(report.summary())
+    assert report.done == ['img0'] and list(report.failed) == ['img1']
+    out = capsys.readouterr()
+    leaks = ('Ab3', 'Ab3%2F')
+    files = [f for f in glob.glob(str(tmp_path / '**' / '*'), recursive=True) if os.path.isfile(f)]
+    assert any('vlm_cache' in f for f in files) and os.path.isfile(work.errors_json('instances'))
+    assert '***' in open(work.errors_json('instances')).read()
+    for f in files:
+        if f.endswith('.json'):
+            assert not any(leak in open(f).read() for leak in leaks), f
+    assert not any(leak in out.out + out.err for leak in leaks)

@@ -7,28 +7,42 @@ request needs it: ``?token=`` once (it is then kept in a cookie) or the ``X-Anno
 Without a token the server answers only requests addressed to a loopback name, and posts must be JSON, so
 a web page elsewhere cannot send answers to it.
 
+Each annotator has a secret of their own: issued at the first sign-in of a name (or beforehand, as the
+invitation links of ``serve --annotators a,b,c``), kept in the database and in an HttpOnly cookie of the
+browser. Opening, answering or undoing for a name needs its secret (cookie, or ``&invite=`` once), so one
+annotator cannot answer for another (403). Request bodies are capped (:data:`MAX_BODY_BYTES`, else 413)
+and an answer's fields are type-checked (400).
+
 Routes::
 
     GET  /                              start page: your name, everyone's progress
-    GET  /annotate?annotator=NAME       the annotator's next item (resume position), or "all done"
+    GET  /annotate?annotator=NAME[&invite=SECRET]  the annotator's next item (resume position), or "all done"
     GET  /image?item=KEY&role=R[&full=1][&annotator=NAME&round=I]
     POST /api/answer  {annotator, item, round, answer, seconds}
     POST /api/undo    {annotator}
     GET  /api/progress
 """
+import hashlib
 import hmac
 import html
 import json
 import os
+import secrets
+import threading
 import time
 
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-__all__ = ['create_app', 'render_item_page', 'annotator_progress', 'check_annotator', 'TOKEN_COOKIE']
+__all__ = ['create_app', 'render_item_page', 'annotator_progress', 'check_annotator', 'TOKEN_COOKIE',
+           'MAX_BODY_BYTES', 'annotator_cookie', 'issue_annotator_secret']
 
 TOKEN_COOKIE = 'dspo_annotation_token'
+# an answer is a few hundred bytes; anything far larger is refused before it is read into memory
+MAX_BODY_BYTES = 64 * 1024
+_SECRETS_META = 'annotator_secrets'
+_ISSUE_LOCK = threading.Lock()
 _STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'static')
 _STATIC_FILES = {'annotate.js': 'text/javascript; charset=utf-8', 'annotate.css': 'text/css; charset=utf-8'}
 _TITLES = {'instances': 'Instance preferences', 'pairs': '2AFC quality test', 'winrate': 'Win-rate study'}
@@ -45,6 +59,28 @@ def check_annotator(name):
     if not name or len(name) > 64 or any(ord(c) < 32 for c in name):
         raise ValueError('Give a name of 1 to 64 printable characters.')
     return name
+
+
+def annotator_cookie(name):
+    """The cookie name holding the secret of annotator ``name`` (names may hold any printable character)."""
+    return 'dspo_annotator_' + hashlib.sha256(name.encode('utf-8')).hexdigest()[:16]
+
+
+def issue_annotator_secret(store, name):
+    """The secret of annotator ``name``, issued (and stored in the database) when the name has none."""
+    with _ISSUE_LOCK:
+        issued = store.get_meta(_SECRETS_META) or {}
+        if name not in issued:
+            issued[name] = secrets.token_urlsafe(18)
+            store.set_meta(_SECRETS_META, issued)
+    return issued[name]
+
+
+class _Refused(Exception):
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
 
 
 def annotator_progress(study, store, annotator):
@@ -159,13 +195,14 @@ def _quote(text):
     return quote(text, safe='')
 
 
-def create_app(study, store, token=None):
+def create_app(study, store, token=None, invited_only=False):
     """The Starlette app of one study.
 
     Args:
         study: :class:`~dspo_basicsr.annotation.studies.InstanceStudy`, ``PairStudy`` or ``WinRateStudy``.
         store (AnnotationStore): Where answers go.
         token (str, optional): Access token every request must carry; None for a loopback-only server.
+        invited_only (bool): Only names with an issued secret (invitation links) may sign in.
     """
 
     def authorised(request):
@@ -192,17 +229,38 @@ def create_app(study, store, token=None):
     async def start(request):
         return HTMLResponse(_start_page(study, store))
 
+    def signed_in(request, annotator):
+        """True when the request carries the secret of ``annotator`` (its cookie)."""
+        stored = (store.get_meta(_SECRETS_META) or {}).get(annotator)
+        given = request.cookies.get(annotator_cookie(annotator)) or ''
+        return stored is not None and hmac.compare_digest(given.encode(), stored.encode())
+
     async def annotate(request):
         try:
             annotator = check_annotator(request.query_params.get('annotator'))
         except ValueError:
             return RedirectResponse('./', status_code=303)
+        issued = store.get_meta(_SECRETS_META) or {}
+        invite = request.query_params.get('invite') or ''
+        if annotator not in issued and not invited_only:
+            secret = issue_annotator_secret(store, annotator)  # first sign-in: the name is now this browser's
+        elif annotator in issued and (signed_in(request, annotator)
+                                      or hmac.compare_digest(invite.encode(), issued[annotator].encode())):
+            secret = issued[annotator]
+        else:
+            return PlainTextResponse(f'The name {annotator!r} is taken (or needs an invitation): open the link you '
+                                     'were given, from the browser you signed in with, or pick another name.',
+                                     status_code=403)
         answered, upcoming = annotator_progress(study, store, annotator)
         if upcoming is None:
-            return HTMLResponse(_done_page(study, annotator, len(answered)))
-        round_index, key = upcoming
-        return HTMLResponse(render_item_page(study, annotator, round_index, key, len(answered)),
-                            headers={'Cache-Control': 'no-store'})
+            response = HTMLResponse(_done_page(study, annotator, len(answered)))
+        else:
+            round_index, key = upcoming
+            response = HTMLResponse(render_item_page(study, annotator, round_index, key, len(answered)),
+                                    headers={'Cache-Control': 'no-store'})
+        response.set_cookie(annotator_cookie(annotator), secret, httponly=True, samesite='strict',
+                            max_age=365 * 86400)
+        return response
 
     async def image(request):
         query = request.query_params
@@ -226,25 +284,51 @@ def create_app(study, store, token=None):
     async def read_json(request):
         # JSON only: a cross-site form or text/plain post (no CORS preflight) is refused
         if request.headers.get('content-type', '').split(';')[0].strip() != 'application/json':
-            raise ValueError('Send the answer as application/json.')
+            raise _Refused(400, 'Send the answer as application/json.')
+        too_large = _Refused(413, f'The request body is larger than {MAX_BODY_BYTES} bytes.')
         try:
-            body = json.loads(await request.body())
+            if int(request.headers.get('content-length', 0)) > MAX_BODY_BYTES:
+                raise too_large
         except ValueError:
-            raise ValueError('The request body is not JSON.') from None
+            raise _Refused(400, 'Bad Content-Length.') from None
+        data = b''
+        async for chunk in request.stream():  # chunked bodies carry no length: count while reading
+            data += chunk
+            if len(data) > MAX_BODY_BYTES:
+                raise too_large
+        try:
+            body = json.loads(data)
+        except ValueError:
+            raise _Refused(400, 'The request body is not JSON.') from None
         if not isinstance(body, dict):
-            raise ValueError('The request body must be a JSON object.')
-        return body, check_annotator(body.get('annotator'))
+            raise _Refused(400, 'The request body must be a JSON object.')
+        try:
+            if not isinstance(body.get('annotator'), str):
+                raise ValueError("'annotator' must be a string.")
+            annotator = check_annotator(body['annotator'])
+        except ValueError as err:
+            raise _Refused(400, str(err)) from None
+        if not signed_in(request, annotator):
+            raise _Refused(403, f'Not signed in as {annotator!r}: open the annotation page of your own name.')
+        return body, annotator
 
     async def answer(request):
         try:
             body, annotator = await read_json(request)
+            round_index, key, given = body.get('round'), body.get('item'), body.get('answer')
+            if not isinstance(round_index, int) or isinstance(round_index, bool) or not isinstance(key, str):
+                raise _Refused(400, "'round' must be an integer and 'item' a string.")
+            if not isinstance(given, dict):
+                raise _Refused(400, "'answer' must be a JSON object.")
             _, upcoming = annotator_progress(study, store, annotator)
-            item = (int(body.get('round', -1)), str(body.get('item')))
+            item = (round_index, key)
             if upcoming != item:
                 return JSONResponse({'error': 'This item is not your next one (answered in another tab?); '
                                               'the page reloads.'}, status_code=409)
-            stored = study.validate(item[1], body.get('answer') or {})
-        except ValueError as err:
+            stored = study.validate(item[1], given)
+        except _Refused as err:
+            return JSONResponse({'error': str(err)}, status_code=err.status)
+        except (TypeError, ValueError) as err:
             return JSONResponse({'error': str(err)}, status_code=400)
         seconds = body.get('seconds')
         seconds = float(seconds) if isinstance(seconds, (int, float)) and 0 <= seconds < 86400 else None
@@ -254,8 +338,8 @@ def create_app(study, store, token=None):
     async def undo(request):
         try:
             _, annotator = await read_json(request)
-        except ValueError as err:
-            return JSONResponse({'error': str(err)}, status_code=400)
+        except _Refused as err:
+            return JSONResponse({'error': str(err)}, status_code=err.status)
         undone = store.undo_last(annotator)
         return JSONResponse({'ok': undone is not None, 'item': undone.item if undone else None})
 

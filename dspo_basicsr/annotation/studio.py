@@ -52,17 +52,42 @@ def access_token(host, token=None):
     return None if host in LOOPBACK_HOSTS else secrets.token_urlsafe(18)
 
 
-def serve(study, store, host='127.0.0.1', port=8765, token=None, log_level='warning'):
-    """Run the app with uvicorn until interrupted (prints the address to open)."""
+def invitation_links(store, address, annotators, token=None):
+    """``{name: link}``: each annotator's own address (their secret issued now when they have none yet)."""
+    from urllib.parse import urlencode
+
+    from dspo_basicsr.annotation.server import check_annotator, issue_annotator_secret
+
+    links = {}
+    for name in annotators:
+        name = check_annotator(name)
+        query = {'annotator': name, 'invite': issue_annotator_secret(store, name)}
+        if token:
+            query['token'] = token
+        links[name] = f'{address}annotate?{urlencode(query)}'
+    return links
+
+
+def serve(study, store, host='127.0.0.1', port=8765, token=None, log_level='warning', annotators=None):
+    """Run the app with uvicorn until interrupted (prints the address to open).
+
+    ``annotators`` (list of names): print one invitation link per name and let only these names sign in.
+    """
     import uvicorn
 
     from dspo_basicsr.annotation.server import create_app
 
     token = access_token(host, token)
     shown = f'[{host}]' if ':' in host else host
-    address = f'http://{shown}:{port}/' + (f'?token={token}' if token else '')
+    base = f'http://{shown}:{port}/'
+    address = base + (f'?token={token}' if token else '')
     print(f'{study.kind} study, {len(study.items)} items, answers in {store.path}\nopen {address}', flush=True)
-    uvicorn.run(create_app(study, store, token), host=host, port=port, log_level=log_level)
+    if annotators:
+        print('invitation links (one per annotator; each holds that annotator\'s secret, send it to them only):')
+        for name, link in invitation_links(store, base, annotators, token).items():
+            print(f'  {name}: {link}', flush=True)
+    uvicorn.run(create_app(study, store, token, invited_only=bool(annotators)), host=host, port=port,
+                log_level=log_level)
 
 
 def demo_work_folder(root='datasets/demo', work=None, progress=True):

@@ -6,7 +6,9 @@ Values are PNG bytes, UTF-8 JSON or ``.npy`` bytes written without pickle; nothi
 Keys (``{sid}`` is a sample id, N the number of candidates):
 
 * ``__format__``: JSON header ``{"format": "dspo-preference", "version": 1, "num_samples",
-  "num_candidates", "scale", "num_with_gt", "extras", "writer"}``.
+  "num_candidates", "scale", "num_with_gt", "extras", "writer", "content_digest"}``; ``content_digest``
+  (BLAKE2b of every sample's ids, keys and stored bytes, in write order) tells a set rebuilt with the same
+  ids but other pixels apart (sets written before it was added have none).
 * ``__ids__``: JSON list of the sample ids, in write order.
 * ``{sid}/lq``, ``{sid}/gt`` (optional), ``{sid}/c0`` .. ``{sid}/c{N-1}``: PNG, RGB images.
 * ``{sid}/seg``: 16-bit single-channel PNG label map at SR size.
@@ -21,6 +23,8 @@ Precomputed candidate latents (optional, ``scripts/add_candidate_latents.py``): 
 field ``candidate_latents`` records ``vae_digest`` (``DiffusionSRArch.vae_digest`` of the VAE that wrote them),
 ``vae_scale_factor`` f and ``scaling_factor``.
 """
+import errno
+import hashlib
 import os
 import shutil
 
@@ -50,6 +54,7 @@ FORMAT_NAME = 'dspo-preference'
 FORMAT_VERSION = 1
 _BUILD_KEY = b'__build__'
 _ORDER_PREFIX = b'__order__/'
+_DIGEST_PREFIX = b'__digest__/'
 _MIB = 1 << 20
 # The map of a build starts here and grows as samples arrive (LMDB files grow with the data, not the map).
 INITIAL_MAP_SIZE = 64 * _MIB
@@ -98,7 +103,8 @@ class _Builder:
         return order
 
     def add(self, sid, items):
-        items = items + [(_ORDER_PREFIX + b'%09d' % (len(self.order)), sid.encode('utf-8'))]
+        n = b'%09d' % len(self.order)
+        items = items + [(_ORDER_PREFIX + n, sid.encode('utf-8')), (_DIGEST_PREFIX + n, _sample_digest(items))]
         self.order.append(sid)
         self.pending.append(items)
         self.pending_bytes += sum(len(k) + len(v) for k, v in items)
@@ -120,17 +126,59 @@ class _Builder:
             self.env.set_mapsize(max(needed, 2 * map_size))
         while True:
             try:
-                with self.env.begin(write=True) as txn:
-                    for key, value in payload:
-                        txn.put(key, value)
+                self._commit(payload)
                 break
             except lmdb.MapFullError:
                 self.env.set_mapsize(2 * self.env.info()['map_size'])
+            except (lmdb.Error, OSError) as error:
+                if _disk_full(error, self.folder, 2 * sum(len(k) + len(v) for k, v in payload)):
+                    raise _DiskFull(self.folder) from None
+                raise
         self.pending, self.pending_bytes = [], 0
+
+    def _commit(self, payload):
+        with self.env.begin(write=True) as txn:
+            for key, value in payload:
+                txn.put(key, value)
 
     def drop_pending(self):
         del self.order[len(self.order) - len(self.pending):]
         self.pending, self.pending_bytes = [], 0
+
+
+def _sample_digest(items):
+    """16-byte BLAKE2b of one sample's stored (key, value) pairs, in key order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key, value in sorted(items):
+        digest.update(b'%d:%s%d:' % (len(key), key, len(value)))
+        digest.update(value)
+    return digest.digest()
+
+
+class _DiskFull(Exception):
+    """The file system of a build ran out of space (turned into one OSError by the writer)."""
+
+
+def _free_bytes(folder):
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def _disk_full(error, folder, needed):
+    """True when ``error`` of a write to ``folder`` comes from a full disk.
+
+    LMDB reports a failed write as ``mdb_txn_commit: Input/output error`` (EIO) or ENOSPC; the free
+    space of the file system tells the two causes apart.
+    """
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    if 'No space left' in text or 'Disk quota' in text:
+        return True
+    try:
+        return 'Input/output error' in text and _free_bytes(folder) < needed + 4 * _MIB
+    except OSError:
+        return False
 
 
 def resumable_ids(path):
@@ -235,10 +283,19 @@ def write_preference_lmdb(path, samples, scale=None, overwrite=False, resume=Tru
             shutil.rmtree(temp)
             raise ValueError(f"no samples were given for preference set '{final}'.")
         _finish(builder, final, scale, num_candidates, png_compression)
-    except BaseException:
+    except BaseException as error:
         builder.drop_pending()
         builder.env.close()
+        full = isinstance(error, _DiskFull) or (isinstance(error, (lmdb.Error, OSError))
+                                                and _disk_full(error, temp, 0))
+        if full:  # the partial build would only fill the disk further; the old set stays as it was
+            shutil.rmtree(temp, ignore_errors=True)
         os.close(guard)
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on {os.path.dirname(final) or '.'} while building "
+                          f"preference set '{final}'; the partial build was removed and "
+                          f"{'the existing set kept' if os.path.exists(final) else 'nothing written'}. Free "
+                          'space (or build elsewhere) and run again.') from None
         raise
     builder.env.close()
     try:
@@ -300,15 +357,37 @@ def _finish(builder, final, scale, num_candidates, png_compression):
     from dspo_basicsr.version import __version__
     header = {'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'num_samples': len(builder.order),
               'num_candidates': num_candidates, 'scale': scale, 'num_with_gt': num_with_gt,
-              'extras': sorted(extras), 'png_compression': png_compression, 'writer': f'dspo_basicsr {__version__}'}
+              'extras': sorted(extras), 'png_compression': png_compression, 'writer': f'dspo_basicsr {__version__}',
+              'content_digest': _content_digest(builder)}
     builder.flush([(b'__ids__', encode_json(builder.order)), (b'__format__', encode_json(header))])
     with builder.env.begin(write=True) as txn:
         txn.delete(_BUILD_KEY)
         for n in range(len(builder.order)):
             txn.delete(_ORDER_PREFIX + b'%09d' % n)
+            txn.delete(_DIGEST_PREFIX + b'%09d' % n)
     builder.env.sync(True)
     with open(os.path.join(builder.folder, 'meta_info.txt'), 'w', encoding='utf-8') as f:
         f.write('\n'.join(lines) + '\n')
+
+
+def _content_digest(builder):
+    """Hex BLAKE2b over the samples' ids and digests, in write order."""
+    digest = hashlib.blake2b(digest_size=16)
+    with builder.env.begin() as txn:
+        for n, sid in enumerate(builder.order):
+            sample = txn.get(_DIGEST_PREFIX + b'%09d' % n)
+            if sample is None:  # a build interrupted by a writer without digests: hash what is stored
+                prefix = f'{sid}/'.encode('utf-8')
+                cursor = txn.cursor()
+                items = []
+                if cursor.set_range(prefix):
+                    for key, value in cursor:
+                        if not key.startswith(prefix):
+                            break
+                        items.append((bytes(key), bytes(value)))
+                sample = _sample_digest(items)
+            digest.update(sid.encode('utf-8') + b'\0' + bytes(sample))
+    return digest.hexdigest()
 
 
 def _move_into_place(temp, final):
@@ -333,7 +412,7 @@ def _data_file_id(path):
     except OSError:
         raise PreferenceDataError(path, None, None, 'the folder holds no LMDB data.mdb; this is not a preference '
                                   'set written by write_preference_lmdb.') from None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_size
 
 
 _META_MAGIC = 0xBEEFC0DE
@@ -368,9 +447,16 @@ def check_data_file_size(path):
 
 
 def _open_readonly(path):
-    file_id, pid = _data_file_id(path), os.getpid()
+    dev, ino, size = _data_file_id(path)
+    file_id, pid = (dev, ino), os.getpid()
     entry = _READ_ENVIRONMENTS.get(path)
     if entry is not None and entry[:2] == (pid, file_id):
+        # Re-checked before every read: a data.mdb truncated under an open map would end the process
+        # with SIGBUS on the first page past its end (see docs/preference_lmdb.md for what stays).
+        if size < entry[3]:
+            raise PreferenceDataError(path, None, None, f'data.mdb shrank from {entry[3]} to {size} bytes while '
+                                      'it was being read (truncated by a copy or another program); restore or '
+                                      'rebuild the set and restart the job that reads it.')
         return entry[2]
     if entry is not None:
         _close_readonly(path)  # inherited from the parent process, or the set was replaced
@@ -379,7 +465,7 @@ def _open_readonly(path):
         env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True, max_readers=1024)
     except lmdb.Error as error:
         raise PreferenceDataError(path, None, None, f'not a readable LMDB environment ({error}).') from None
-    _READ_ENVIRONMENTS[path] = (pid, file_id, env)
+    _READ_ENVIRONMENTS[path] = (pid, file_id, env, size)
     return env
 
 
@@ -424,7 +510,9 @@ class PreferenceLMDB:
             if (self._header, self._ids) != old:
                 raise PreferenceDataError(self.path, None, None, 'the set was rebuilt at this path while it was '
                                           f'being read (it now holds {len(self._ids)} samples, before '
-                                          f'{len(old[1])}); restart the job that reads it.')
+                                          f"{len(old[1])}; content digest {self._header.get('content_digest')}, "
+                                          f"before {old[0].get('content_digest')}); restart the job that reads "
+                                          'it.')
             env = _open_readonly(self.path)
         return env
 

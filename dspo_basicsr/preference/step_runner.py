@@ -8,6 +8,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from dspo_basicsr.preference.redaction import redact
 from dspo_basicsr.preference.work_folder import _read_json, _write_json
 
 __all__ = ['StepReport', 'run_resumable', 'invalidate', 'run_interruptible']
@@ -106,7 +107,7 @@ def run_resumable(work, report, sids, finished, process, overwrite=False, progre
         if outcome[sid] is None:
             report.done.append(sid)
         else:
-            report.failed[sid] = f'{type(outcome[sid]).__name__}: {outcome[sid]}'
+            report.failed[sid] = redact(f'{type(outcome[sid]).__name__}: {outcome[sid]}')
     if shard.distributed:
         _merge_rank_errors(work, report, shard, sids)
         shard.barrier()  # a next step in the same launch lists the items of every rank's shard
@@ -128,7 +129,7 @@ def _attempt(process, sid):
 
 def _show(bar, step, sid, error, others):
     if error is not None:
-        bar.write(f'[{step}] {sid} failed: {type(error).__name__}: {error}')
+        bar.write(redact(f'[{step}] {sid} failed: {type(error).__name__}: {error}'))
     if others:
         others.refresh()
     else:

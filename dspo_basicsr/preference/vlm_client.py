@@ -27,6 +27,8 @@ import time
 import cv2
 import numpy as np
 
+from dspo_basicsr.preference.redaction import redact, register_secret
+
 __all__ = ['VLMClient', 'RateLimit', 'VLMError', 'VLMRequestError', 'VLMReplyError', 'image_data_url',
            'parse_json_reply', 'COMPARE_PROMPT', 'DESCRIBE_PROMPT']
 
@@ -114,16 +116,9 @@ class RateLimit:
             time.sleep(start - now)
 
 
-_BEARER = re.compile(r'(Bearer\s+)[^\s"\'\\,;]+', re.IGNORECASE)
-
-
 def redact_secrets(text, secrets=()):
-    """``text`` with every secret and any ``Bearer`` token replaced by ``***`` (before it is stored or shown)."""
-    text = str(text)
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, '***')
-    return _BEARER.sub(r'\1***', text)
+    """``text`` with every known secret (and ``secrets``) in any encoding and any Bearer token as ``***``."""
+    return redact(text, secrets)
 
 
 class VLMClient:
@@ -174,6 +169,7 @@ class VLMClient:
         headers = {'Content-Type': 'application/json'}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
+            register_secret(key)
             headers['Authorization'] = f'Bearer {key}'
         return headers
 
@@ -237,7 +233,7 @@ class VLMClient:
             try:
                 with open(path, encoding='utf-8') as handle:
                     text = json.load(handle)['content']
-                value = parse(text)
+                value = parse(redact(text, [os.environ.get(self.api_key_env or '')]))
                 with self._count_lock:
                     self.num_cache_hits += 1
                 return value
@@ -249,6 +245,8 @@ class VLMClient:
         except (KeyError, IndexError, TypeError) as err:
             raise VLMReplyError(f'{self.url} returned no choices[0].message.content: '
                                 f'{self._remote(json.dumps(response))!r}') from err
+        # a reply may quote the key (in any encoding): it is neither cached nor passed on
+        text = redact(text, [os.environ.get(self.api_key_env or '')])
         try:
             value = parse(text)
         except VLMReplyError as err:  # its message quotes the reply, which may echo the key

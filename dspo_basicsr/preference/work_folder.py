@@ -20,6 +20,8 @@ import re
 import cv2
 import numpy as np
 
+from dspo_basicsr.preference.redaction import redact, redact_value
+
 __all__ = ['IMAGE_EXTENSIONS', 'WorkFolder', 'discover_inputs', 'read_image', 'write_image', 'read_label_map']
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
@@ -60,7 +62,9 @@ def read_label_map(path):
 
 
 def _write_json(path, value):
-    _atomic_write_bytes(path, json.dumps(value, indent=1, sort_keys=False).encode('utf-8'))
+    # every record of the work folder passes the redaction (a reason or reply may quote the API key)
+    text = redact(json.dumps(redact_value(value), indent=1, sort_keys=False))
+    _atomic_write_bytes(path, text.encode('utf-8'))
 
 
 def _read_json(path):
