@@ -28,6 +28,8 @@ def main(argv=None):
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                         help='option override, e.g. network_g.trainable=unet_lora (repeatable)')
     parser.add_argument('--no-validation', action='store_true', help='skip the validation sample')
+    parser.add_argument('--cached-latents', action='store_true',
+                        help="the set stores the candidates' VAE posteriors (scripts/add_candidate_latents.py)")
     parser.add_argument('--json', help='also write the plan as JSON to this file')
     parser.add_argument('--matrix', metavar='FILE', help='plan the docs matrix and write its markdown table to FILE')
     args = parser.parse_args(argv)
@@ -45,7 +47,7 @@ def main(argv=None):
         parser.error('give -opt FILE (or --matrix FILE)')
     opt = apply_overrides(read_option_file(args.opt), args.set)
     plan = plan_step(opt, size=args.size, candidates=args.candidates, batch=args.batch,
-                     validation=not args.no_validation)
+                     validation=not args.no_validation, cached_latents=args.cached_latents)
     print(format_plan(plan))
     if args.json:
         with open(args.json, 'w', encoding='utf-8') as f:

@@ -71,6 +71,13 @@ def test_more_candidates_cost_more_activations_and_flops(control_plan):
     assert four['memory_after_step']['optimizer_state'] == control_plan['memory_after_step']['optimizer_state']
 
 
+def test_cached_latents_remove_the_candidates_vae_encoding(control_plan):
+    cached = plan_step(tiny_options(), size=64, candidates=2, real_size=False, validation=False, cached_latents=True)
+    assert cached['settings']['cached_latents'] and not control_plan['settings']['cached_latents']
+    assert cached['flops']['vae'] < control_plan['flops']['vae']
+    assert cached['flops']['policy forward'] == control_plan['flops']['policy forward']
+
+
 @pytest.mark.parametrize('arch, network, feedback', [
     ('ControlSD2Arch', {}, 5.5),
     ('SeeSRArch', {'mixed_precision': 'bf16', 'tiny': {'ram': False}}, None),

@@ -358,7 +358,8 @@ def expected_state_bytes(model):
         optimizer_state=sum(2 * p.numel() * p.element_size() + 4 for p in trainable))
 
 
-def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True, validation=True):
+def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True, validation=True,
+              cached_latents=False):
     """Build ``opt``'s framework on ``meta`` and measure one training step and one validation sample.
 
     Args:
@@ -369,6 +370,8 @@ def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True,
         instances (int): Instances of the synthetic label map.
         real_size (bool): Released sizes (True) or the option file's own ``tiny`` build (tests).
         validation (bool): Also plan one validation sample.
+        cached_latents (bool): The batch carries the candidates' stored VAE posteriors
+            (``scripts/add_candidate_latents.py``), so the step runs no VAE encoder on the candidates.
 
     Returns:
         dict: ``memory`` (bytes by category at the step's peak; gradients are freed before each step, so the
@@ -397,6 +400,11 @@ def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True,
     if bare.__class__.__name__ in ('SeeSRArch', 'AddSRArch'):
         dim = getattr(bare, 'image_embed_dim', RAM_EMBEDS_SHAPE[1])
         data['extras'] = {'ram_embeds': torch.empty(batch, RAM_EMBEDS_SHAPE[0], dim, device='meta')}
+    if cached_latents:  # (B, K, 2, C, h, w): posterior mean and std per candidate, as the dataset gives them
+        factor, channels = bare.vae_scale_factor, bare.vae.config.latent_channels
+        data['candidate_latents'] = torch.empty(batch, candidates, 2, channels, size // factor, size // factor,
+                                                device='meta')
+        data['candidate_latents_vae'] = [bare.vae_digest()] * batch
     iteration = iter(range(1, 10**6))
 
     def step():
@@ -428,7 +436,7 @@ def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True,
                              mixed_precision=train_opt['network_g'].get('mixed_precision'),
                              gradient_checkpointing=bool(train_opt['network_g'].get('gradient_checkpointing')),
                              reference_dtype=train_opt['train'].get('reference_dtype'),
-                             accumulate_grad_batches=model.accumulate),
+                             accumulate_grad_batches=model.accumulate, cached_latents=cached_latents),
         parameters_M=OrderedDict(
             trainable=round(sum(p.numel() for p in bare.parameters() if p.requires_grad) / 1e6, 1),
             frozen=round(sum(p.numel() for p in bare.parameters() if not p.requires_grad) / 1e6, 1),
