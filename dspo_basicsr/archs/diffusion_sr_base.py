@@ -51,6 +51,15 @@ def check_component_folder(path, subfolder, what):
         raise missing_weights_error(path, expected, what)
 
 
+def resize_images(images, size):
+    """Images (B, C, h, w) in [0, 1] resized to ``size`` (H, W) with PIL's bicubic filter, which the official test
+    scripts use (``PIL.Image.resize``: a = -0.5, antialiased when shrinking; torch's ``antialias=True`` bicubic is
+    that filter), clamped to [0, 1]; returned as is when already that size."""
+    if tuple(images.shape[2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=tuple(size), mode='bicubic', align_corners=False, antialias=True).clamp(0, 1)
+
+
 def tile_starts(length, tile, overlap):
     """Offsets of tiles of size ``tile`` every ``tile - overlap`` along ``length``, the last flush with the end."""
     if length <= tile:
@@ -364,10 +373,14 @@ class DiffusionSRArch(nn.Module):
     def sample(self, lq, prompt=None, negative_prompt=None, steps=None, cfg=None, generator=None, sampler=None,
                prompt_source='prompt', color_fix='none', process_size=None, tile_size=None, tile_overlap=4,
                vae_tile=False):
-        """Super-resolve LQ images by sampling the diffusion model, as the official test scripts do.
+        """Super-resolve LQ images of any size by sampling the diffusion model, as the official test scripts do.
+
+        The LQ is resized to :meth:`process_lq_size` (short side up to ``process_size / scale``, then to the
+        latent grid), sampled, colour-fixed, and the output resized back to exactly ``scale`` x the LQ size:
+        both resizes stretch the whole image, so the output stays aligned with the input.
 
         Args:
-            lq (Tensor): (B, 3, h, w) low-quality images in [0, 1].
+            lq (Tensor): (B, 3, h, w) low-quality images in [0, 1], any h, w >= 1.
             prompt (str | list[str] | None): Text prompt(s).
             negative_prompt (str | list[str] | None): Appended to the framework's default negative prompt.
             steps (int | None): Sampling steps (framework default if None).
@@ -379,37 +392,51 @@ class DiffusionSRArch(nn.Module):
             color_fix (str): ``adain``, ``wavelet`` or ``none``, against the bicubic-upsampled LQ
                 (:mod:`dspo_basicsr.archs.color_fix`).
             process_size (int | None): An LQ whose shorter side is below ``process_size / scale`` is first resized
-                (bicubic) so that it is that long, and the output resized back (the test scripts' 512).
+                so that it is that long (the test scripts' 512); see :meth:`process_lq_size`.
             tile_size (int | None): Latent tile size: a latent larger than tile_size^2 is denoised in overlapping
                 tiles blended with Gaussian weights (SeeSR / OSEDiff: 96, AddSR: 320). None: no tiling.
             tile_overlap (int): Overlap of latent tiles (SeeSR / AddSR: 4, OSEDiff: 32).
-            vae_tile (bool): Encode and decode with diffusers' tiled VAE (less memory on large images).
+            vae_tile (bool): Encode and decode large images in tiles, above the official scripts' thresholds
+                (:meth:`vae_tiling`).
 
         Returns:
             Tensor: (B, 3, h*scale, w*scale) SR images in [0, 1].
         """
         from dspo_basicsr.archs.color_fix import color_fix as apply_color_fix
-        prompts, negatives = self.sampling_prompts(lq, prompt, negative_prompt, prompt_source)
         lq_in = self.resize_to_process_size(lq, process_size)
+        tagged = lq_in if self.tags_processed_input else lq
+        prompts, negatives = self.sampling_prompts(tagged, prompt, negative_prompt, prompt_source)
         tiling = (int(tile_size), int(tile_overlap)) if tile_size else None
         with self.vae_tiling(vae_tile):
             sr = self.sample_images(lq_in, prompts, negatives, steps=steps, cfg=cfg, generator=generator,
-                                    sampler=sampler, tiling=tiling)
+                                    sampler=sampler, tiling=tiling, extras=self.sampling_extras(lq))
+        processed = (lq_in.shape[2] * self.scale, lq_in.shape[3] * self.scale)
+        if tuple(sr.shape[2:]) != processed:
+            raise RuntimeError(f'{type(self).__name__}.sample_images gave {tuple(sr.shape[2:])} for an LQ of '
+                               f'{tuple(lq_in.shape[2:])}; expected {processed} (scale {self.scale}).')
         sr = apply_color_fix(sr, self.upsample_lq(lq_in), color_fix)
-        out_size = (lq.shape[2] * self.scale, lq.shape[3] * self.scale)
-        if tuple(sr.shape[2:]) != out_size:
-            sr = F.interpolate(sr, size=out_size, mode='bicubic', align_corners=False).clamp(0, 1)
-        return sr
+        return resize_images(sr, (lq.shape[2] * self.scale, lq.shape[3] * self.scale))
 
-    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None):
+    #: tags are taken from the LQ after the process-size resize (OSEDiff's ``test_osediff.py``) instead of from the
+    #: LQ as read (SeeSR's ``test_seesr.py``, AddSR's ``test_addsr.py``)
+    tags_processed_input = False
+
+    def sampling_extras(self, lq):
+        """Per-image condition inputs :meth:`sample` computes from the LQ as read (before the process-size resize)
+        and passes to :meth:`condition` (SeeSR: RAM embeddings); none by default."""
+        return {}
+
+    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None,
+                      extras=None):
         """The framework's sampler on prepared prompts: DDPM / DDIM with guidance from :meth:`initial_latents`.
 
-        Runs the ``scheduler.timesteps`` not after :meth:`sampling_start` (SeeSR's ``pipeline_seesr.py``
-        skips ``t > start_steps``).
+        ``lq`` (B, 3, h, w) has sizes on the latent grid (:meth:`process_lq_size`); ``extras`` are keyword
+        arguments of :meth:`condition` (:meth:`sampling_extras`). Runs the ``scheduler.timesteps`` not after
+        :meth:`sampling_start` (SeeSR's ``pipeline_seesr.py`` skips ``t > start_steps``).
         """
         steps = steps or self.default_steps
         cfg = self.default_cfg if cfg is None else cfg
-        cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
+        cond = self.condition(lq, prompts, negatives if cfg != 1 else None, **(extras or {}))
         scheduler = self._sampling_scheduler(sampler)
         scheduler.set_timesteps(steps, device=self.device)
         if self.start_strength < 1:
@@ -430,19 +457,29 @@ class DiffusionSRArch(nn.Module):
         """The last timestep sampling may start at (timesteps after it are skipped): the first of ``scheduler``."""
         return int(scheduler.timesteps[0])
 
-    def resize_to_process_size(self, lq, process_size):
-        """LQ (B, 3, h, w) resized up (bicubic) so its shorter side is ``process_size // scale``, when shorter
-        (``test_seesr.py``, ``test_osediff.py``); sizes are kept to multiples that the latent grid needs."""
-        if not process_size:
-            return lq
-        h, w = lq.shape[2:]
-        low = process_size // self.scale
-        if min(h, w) >= low:
-            return lq
-        ratio = low / min(h, w)
-        step = max(1, self.vae_scale_factor // math.gcd(self.vae_scale_factor, self.scale))
-        size = (max(step, int(ratio * h) // step * step), max(step, int(ratio * w) // step * step))
-        return F.interpolate(lq, size=size, mode='bicubic', align_corners=False).clamp(0, 1)
+    @property
+    def lq_size_step(self):
+        """LQ sizes are multiples of this, so that ``scale`` x the LQ is a multiple of the latent factor."""
+        return self.vae_scale_factor // math.gcd(self.vae_scale_factor, self.scale)
+
+    def process_lq_size(self, height, width, process_size=None):
+        """The (height, width) an LQ of ``height`` x ``width`` is sampled at, as the official test scripts.
+
+        ``test_seesr.py``, ``test_addsr.py`` and ``test_osediff.py``: an image whose shorter side is below
+        ``process_size // scale`` is resized to ``int(ratio * side)`` with ``ratio = (process_size // scale) /
+        shorter side``; then its ``scale`` x upsampling is cut down to a multiple of 8 (``size // 8 * 8``).
+        Here the LQ itself is resized, to the multiple of :attr:`lq_size_step` that gives the same upsampled
+        size (at least one step).
+        """
+        if process_size and min(height, width) < process_size // self.scale:
+            ratio = (process_size // self.scale) / min(height, width)
+            height, width = int(ratio * height), int(ratio * width)
+        step = self.lq_size_step
+        return max(step, height // step * step), max(step, width // step * step)
+
+    def resize_to_process_size(self, lq, process_size=None):
+        """LQ (B, 3, h, w) resized (:func:`resize_images`) to :meth:`process_lq_size`; unchanged if it is that size."""
+        return resize_images(lq, self.process_lq_size(lq.shape[2], lq.shape[3], process_size))
 
     @contextlib.contextmanager
     def vae_tiling(self, enabled):
