@@ -42,6 +42,9 @@ class AddSRArch(SeeSRArch):
         to AddSR's "clean, high-resolution, 8k, extremely detailed, best quality, sharp").
     """
 
+    #: ``pipeline_addsr.py`` ``_init_tiled_vae`` hooks only the decoder (the encoder's hook is commented out)
+    vae_encoder_tile_size = None
+
     def __init__(self, addsr_model_path=None, seesr_model_path=None, psr_weight=0.4,
                  sampling_timesteps=ADDSR_TIMESTEPS, default_cfg=1.0, added_prompt=None, **kwargs):
         if added_prompt is None:

@@ -225,7 +225,8 @@ class DiffusionSRArch(nn.Module):
     @torch.no_grad()
     def encode_images(self, images, sample_posterior=False, generator=None):
         """Images in [0, 1] (N, 3, H, W) -> scaled latents (N, C, H/f, W/f)."""
-        dist = self.vae.encode(images * 2 - 1).latent_dist
+        with self.vae_part(self.vae, 'encoder'):
+            dist = self.vae.encode(images * 2 - 1).latent_dist
         latents = dist.sample(generator) if sample_posterior else dist.mode()
         return latents * self.vae.config.scaling_factor
 
@@ -244,7 +245,8 @@ class DiffusionSRArch(nn.Module):
     @torch.no_grad()
     def decode_latents(self, latents):
         """Scaled latents (N, C, h, w) -> images in [0, 1] (N, 3, h*f, w*f)."""
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        with self.vae_part(self.vae, 'decoder'):
+            images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((images + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
@@ -397,7 +399,7 @@ class DiffusionSRArch(nn.Module):
                 tiles blended with Gaussian weights (SeeSR / OSEDiff: 96, AddSR: 320). None: no tiling.
             tile_overlap (int): Overlap of latent tiles (SeeSR / AddSR: 4, OSEDiff: 32).
             vae_tile (bool): Encode and decode large images in tiles, above the official scripts' thresholds
-                (:meth:`vae_tiling`).
+                (:meth:`vae_part`).
 
         Returns:
             Tensor: (B, 3, h*scale, w*scale) SR images in [0, 1].
@@ -481,9 +483,15 @@ class DiffusionSRArch(nn.Module):
         """LQ (B, 3, h, w) resized (:func:`resize_images`) to :meth:`process_lq_size`; unchanged if it is that size."""
         return resize_images(lq, self.process_lq_size(lq.shape[2], lq.shape[3], process_size))
 
+    #: VAE tiling sizes of the official scripts: encoder tiles in image pixels (``--vae_encoder_tiled_size``
+    #: 1024; None: the encoder is never tiled, as AddSR), decoder tiles in latent pixels (224)
+    vae_encoder_tile_size = 1024
+    vae_decoder_tile_size = 224
+
     @contextlib.contextmanager
     def vae_tiling(self, enabled):
-        """Inside the block the VAE encodes / decodes in tiles (diffusers' ``enable_tiling``) when ``enabled``."""
+        """Inside the block the VAE encodes / decodes large images in tiles (diffusers' ``enable_tiling``) when
+        ``enabled``, with the official scripts' thresholds (:meth:`vae_part`)."""
         vaes = [m for m in (self.vae, getattr(self, 'lq_vae', None)) if m is not None]
         if not enabled:
             yield
@@ -495,6 +503,37 @@ class DiffusionSRArch(nn.Module):
         finally:
             for vae in vaes:
                 vae.disable_tiling()
+
+    @contextlib.contextmanager
+    def vae_part(self, vae, part):
+        """Set a tiling ``vae``'s tile sizes for its ``encoder`` or ``decoder`` inside the block.
+
+        SeeSR's / OSEDiff's ``vaehook.py`` (``VAEHook``) leaves an image untiled when its longer side is at most
+        ``tile + 2 * pad`` (pad 32 image pixels for the encoder, 11 latent pixels for the decoder) and otherwise
+        runs padded tiles of about that extent. diffusers tiles above ``tile_sample_min_size`` /
+        ``tile_latent_min_size`` with tiles of that size, so both are set to ``tile + 2 * pad``: the same
+        threshold and tile extent. Within the tiles the algorithm stays diffusers' (GroupNorm statistics per
+        tile, 25 % blended overlaps), where ``VAEHook`` shares GroupNorm statistics over the whole image.
+        """
+        if not getattr(vae, 'use_tiling', False):
+            yield
+            return
+        f = self.vae_scale_factor
+        saved = vae.tile_sample_min_size, vae.tile_latent_min_size
+        if part == 'encoder':
+            if self.vae_encoder_tile_size is None:
+                vae.use_tiling = False
+            else:
+                extent = (self.vae_encoder_tile_size + 2 * 32) // f * f
+                vae.tile_sample_min_size, vae.tile_latent_min_size = extent, extent // f
+        else:
+            extent = self.vae_decoder_tile_size + 2 * 11
+            vae.tile_sample_min_size, vae.tile_latent_min_size = extent * f, extent
+        try:
+            yield
+        finally:
+            vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+            vae.use_tiling = True
 
     def tiled_prediction(self, predict, x_t, cond, tiling):
         """``predict(x_t, cond)`` over overlapping latent tiles blended with Gaussian weights.

@@ -282,7 +282,7 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         """LQ (B, 3, h, w) in [0, 1] -> z_L (B, C, h*s/f, w*s/f): OSEDiff's encoder on the bicubic x s LQ
         (the posterior mode, or a sample drawn with ``generator`` when one is given)."""
         images = self.upsample_lq(lq) * 2 - 1
-        with self.autocast():
+        with self.autocast(), self.vae_part(self.lq_vae, 'encoder'):
             dist = self.lq_vae.encode(images).latent_dist
             latents = (dist.sample(generator) if generator is not None else dist.mode()) \
                 * self.lq_vae.config.scaling_factor
