@@ -21,9 +21,9 @@ def test_images_below_the_thresholds_are_encoded_and_decoded_untiled():
 
 def test_images_above_the_thresholds_are_tiled_and_addsr_never_tiles_its_encoder():
     arch = ControlSD2Arch(tiny=SD_LIKE).eval()
-    arch.vae_encoder_tile_size, arch.vae_decoder_tile_size = 16, 2  # thresholds 80 px and 24 latent pixels
+    arch.vae_encoder_tile_size, arch.vae_decoder_tile_size = 16, 2  # thresholds 64 px and 24 latent pixels
     image = torch.rand(1, 3, 40, 88, generator=torch.Generator().manual_seed(0))
-    latents = torch.randn(1, 4, 8, 26, generator=torch.Generator().manual_seed(1))
+    latents = torch.randn(1, 4, 8, 27, generator=torch.Generator().manual_seed(1))
     plain = arch.encode_images(image), arch.decode_latents(latents)
     with arch.vae_tiling(True):
         tiled = arch.encode_images(image), arch.decode_latents(latents)

@@ -511,9 +511,11 @@ class DiffusionSRArch(nn.Module):
         SeeSR's / OSEDiff's ``vaehook.py`` (``VAEHook``) leaves an image untiled when its longer side is at most
         ``tile + 2 * pad`` (pad 32 image pixels for the encoder, 11 latent pixels for the decoder) and otherwise
         runs padded tiles of about that extent. diffusers tiles above ``tile_sample_min_size`` /
-        ``tile_latent_min_size`` with tiles of that size, so both are set to ``tile + 2 * pad``: the same
-        threshold and tile extent. Within the tiles the algorithm stays diffusers' (GroupNorm statistics per
-        tile, 25 % blended overlaps), where ``VAEHook`` shares GroupNorm statistics over the whole image.
+        ``tile_latent_min_size`` with tiles of that size, so both are set to ``tile + 2 * pad``, rounded down to a
+        multiple of 4 latent pixels (diffusers' 25 % overlap gives a wrong output size otherwise): encoder 1088
+        px (upstream's threshold), decoder 244 latent pixels (upstream: 246). Within the tiles the algorithm stays
+        diffusers' (GroupNorm statistics per tile, 25 % blended overlaps), where ``VAEHook`` shares GroupNorm
+        statistics over the whole image.
         """
         if not getattr(vae, 'use_tiling', False):
             yield
@@ -524,10 +526,10 @@ class DiffusionSRArch(nn.Module):
             if self.vae_encoder_tile_size is None:
                 vae.use_tiling = False
             else:
-                extent = (self.vae_encoder_tile_size + 2 * 32) // f * f
-                vae.tile_sample_min_size, vae.tile_latent_min_size = extent, extent // f
+                extent = (self.vae_encoder_tile_size + 2 * 32) // f // 4 * 4  # latent pixels
+                vae.tile_sample_min_size, vae.tile_latent_min_size = extent * f, extent
         else:
-            extent = self.vae_decoder_tile_size + 2 * 11
+            extent = (self.vae_decoder_tile_size + 2 * 11) // 4 * 4
             vae.tile_sample_min_size, vae.tile_latent_min_size = extent * f, extent
         try:
             yield
