@@ -134,7 +134,9 @@ def _unet_scope(name):
 
 
 def _vae_scope(name):
-    return 'vae_lora_encoder_modules' if name.startswith('encoder.') else None
+    # OSEDiff's ``initialize_vae`` (``osediff.py``): the encoder's layers and ``quant_conv`` (not ``post_quant_conv``);
+    # it appends ``quant_conv`` once per pattern, a repetition peft ignores.
+    return 'vae_lora_encoder_modules' if name.startswith('encoder.') or name == 'quant_conv.weight' else None
 
 
 def inject_osediff_adapters(unet, vae, lora):
