@@ -234,6 +234,7 @@ def _build_basicsr_network(name, entry, device):
 
 
 def _build_framework_method(entry, device):
+    from dspo_basicsr.archs.diffusion_sr_base import sample_with_options
     from dspo_basicsr.preference.pipeline import build_framework
 
     framework = build_framework(entry['framework'], device=str(device))
@@ -241,9 +242,8 @@ def _build_framework_method(entry, device):
 
     def run(lr):
         generator = torch.Generator(device='cpu').manual_seed(int(sampling.get('seed', 0)))
-        return framework.sample(lr.to(device), prompt=sampling.get('prompt', ''),
-                                negative_prompt=sampling.get('negative_prompt'), steps=sampling.get('steps'),
-                                cfg=sampling.get('cfg'), generator=generator).clamp(0, 1)
+        # the sampling keys of val.sample: prompt, steps, guidance and the protocol (process_size, tiling, ...)
+        return sample_with_options(framework, lr.to(device), sampling, generator).clamp(0, 1)
 
     return run
 

@@ -163,3 +163,18 @@ def test_osediff_bf16_frozen_unet_with_float32_lora(osediff, tmp_path):
     model.optimize_parameters(1)
     assert math.isfinite(model.get_current_log()['l_dspo'])
     assert arch.sample(torch.rand(1, 3, 8, 8)).dtype == torch.float32
+
+
+def test_osediff_lora_file_holds_and_loads_the_quant_conv_target(osediff):
+    lora = read_osediff_lora(osediff['osediff_path'])
+    assert 'quant_conv' in lora['vae_lora_encoder_modules']  # OSEDiff's initialize_vae targets it
+    assert not any(m.startswith(('decoder.', 'post_quant_conv')) for m in lora['vae_lora_encoder_modules'])
+    quant_conv_lora = {k: v for k, v in lora['state_dict_vae'].items() if k.startswith('quant_conv.')}
+    assert quant_conv_lora
+    loaded = OSEDiffArch(pretrained_model_path=osediff['pretrained_model_path'], osediff_path=osediff['osediff_path'])
+    plain = OSEDiffArch(pretrained_model_path=osediff['pretrained_model_path'])
+    a = quant_conv_lora['quant_conv.lora_A.default_encoder.weight'].flatten(1)  # (r, C)
+    b = quant_conv_lora['quant_conv.lora_B.default_encoder.weight'].flatten(1)  # (C, r)
+    scaling = 8 / lora['rank_vae']  # OSEDIFF_LORA_ALPHA / rank
+    merged = plain.lq_vae.quant_conv.weight.flatten(1) + scaling * b @ a
+    torch.testing.assert_close(loaded.lq_vae.quant_conv.weight.flatten(1), merged)

@@ -42,6 +42,9 @@ class AddSRArch(SeeSRArch):
         to AddSR's "clean, high-resolution, 8k, extremely detailed, best quality, sharp").
     """
 
+    #: ``pipeline_addsr.py`` ``_init_tiled_vae`` hooks only the decoder (the encoder's hook is commented out)
+    vae_encoder_tile_size = None
+
     def __init__(self, addsr_model_path=None, seesr_model_path=None, psr_weight=0.4,
                  sampling_timesteps=ADDSR_TIMESTEPS, default_cfg=1.0, added_prompt=None, **kwargs):
         if added_prompt is None:
@@ -60,14 +63,17 @@ class AddSRArch(SeeSRArch):
         return (x_t - (1 - alphas).sqrt() * eps) / alphas.sqrt()
 
     @torch.no_grad()
-    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None):
+    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None,
+                      extras=None):
         """AddSR sampling of LQ images (B, 3, h, w) in [0, 1] -> (B, 3, h*s, w*s) in [0, 1].
 
         ``steps`` (if given) takes the first ``steps`` of the sampling timesteps; ``sampler`` is ignored.
+        The PSR re-embedding resizes the refined image bicubically to RAM's input, as ``pipeline_addsr.py``
+        (``F.interpolate(image, size=(384, 384), mode='bicubic')``).
         """
         cfg = self.default_cfg if cfg is None else cfg
         timesteps = self.sampling_timesteps[:steps] if steps else self.sampling_timesteps
-        cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
+        cond = self.condition(lq, prompts, negatives if cfg != 1 else None, **(extras or {}))
         lq_up = cond['control_image']
         b = lq.shape[0]
         first = torch.full((b,), timesteps[0], device=self.device, dtype=torch.long)
@@ -83,7 +89,7 @@ class AddSRArch(SeeSRArch):
                 refined = self.psr_weight * self.decode_latents(x0) + (1 - self.psr_weight) * lq_up
                 cond = dict(cond, control_image=refined)
                 if self.ram is not None:
-                    cond['image_embeds'] = self.image_embeddings(refined)
+                    cond['image_embeds'] = self.image_embeddings(refined, resize_mode='bicubic')
             eps = self.tiled_prediction(lambda x, c, t=t: self.guided_prediction(x, t, c, cfg), latents, cond, tiling)
             x0 = self.predicted_x0(latents, eps, t)
             if i + 1 < len(timesteps):

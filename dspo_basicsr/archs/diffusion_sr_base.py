@@ -54,6 +54,15 @@ def check_component_folder(path, subfolder, what):
         raise missing_weights_error(path, expected, what)
 
 
+def resize_images(images, size):
+    """Images (B, C, h, w) in [0, 1] resized to ``size`` (H, W) with PIL's bicubic filter, which the official test
+    scripts use (``PIL.Image.resize``: a = -0.5, antialiased when shrinking; torch's ``antialias=True`` bicubic is
+    that filter), clamped to [0, 1]; returned as is when already that size."""
+    if tuple(images.shape[2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=tuple(size), mode='bicubic', align_corners=False, antialias=True).clamp(0, 1)
+
+
 def tile_starts(length, tile, overlap):
     """Offsets of tiles of size ``tile`` every ``tile - overlap`` along ``length``, the last flush with the end."""
     if length <= tile:
@@ -248,7 +257,8 @@ class DiffusionSRArch(nn.Module):
 
         What a preference set stores as precomputed candidate latents (:mod:`dspo_basicsr.data.candidate_latents`).
         """
-        dist = self.vae.encode(images * 2 - 1).latent_dist
+        with self.vae_part(self.vae, 'encoder'):  # untiled below the official tiling threshold
+            dist = self.vae.encode(images * 2 - 1).latent_dist
         return dist.mean, dist.std
 
     def latents_from_posterior(self, mean, std, sample_posterior=False, generator=None):
@@ -306,7 +316,8 @@ class DiffusionSRArch(nn.Module):
     @torch.no_grad()
     def decode_latents(self, latents):
         """Scaled latents (N, C, h, w) -> images in [0, 1] (N, 3, h*f, w*f)."""
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        with self.vae_part(self.vae, 'decoder'):
+            images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((images + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
@@ -435,10 +446,14 @@ class DiffusionSRArch(nn.Module):
     def sample(self, lq, prompt=None, negative_prompt=None, steps=None, cfg=None, generator=None, sampler=None,
                prompt_source='prompt', color_fix='none', process_size=None, tile_size=None, tile_overlap=4,
                vae_tile=False):
-        """Super-resolve LQ images by sampling the diffusion model, as the official test scripts do.
+        """Super-resolve LQ images of any size by sampling the diffusion model, as the official test scripts do.
+
+        The LQ is resized to :meth:`process_lq_size` (short side up to ``process_size / scale``, then to the
+        latent grid), sampled, colour-fixed, and the output resized back to exactly ``scale`` x the LQ size:
+        both resizes stretch the whole image, so the output stays aligned with the input.
 
         Args:
-            lq (Tensor): (B, 3, h, w) low-quality images in [0, 1].
+            lq (Tensor): (B, 3, h, w) low-quality images in [0, 1], any h, w >= 1.
             prompt (str | list[str] | None): Text prompt(s).
             negative_prompt (str | list[str] | None): Appended to the framework's default negative prompt.
             steps (int | None): Sampling steps (framework default if None).
@@ -450,37 +465,51 @@ class DiffusionSRArch(nn.Module):
             color_fix (str): ``adain``, ``wavelet`` or ``none``, against the bicubic-upsampled LQ
                 (:mod:`dspo_basicsr.archs.color_fix`).
             process_size (int | None): An LQ whose shorter side is below ``process_size / scale`` is first resized
-                (bicubic) so that it is that long, and the output resized back (the test scripts' 512).
+                so that it is that long (the test scripts' 512); see :meth:`process_lq_size`.
             tile_size (int | None): Latent tile size: a latent larger than tile_size^2 is denoised in overlapping
                 tiles blended with Gaussian weights (SeeSR / OSEDiff: 96, AddSR: 320). None: no tiling.
             tile_overlap (int): Overlap of latent tiles (SeeSR / AddSR: 4, OSEDiff: 32).
-            vae_tile (bool): Encode and decode with diffusers' tiled VAE (less memory on large images).
+            vae_tile (bool): Encode and decode large images in tiles, above the official scripts' thresholds
+                (:meth:`vae_part`).
 
         Returns:
             Tensor: (B, 3, h*scale, w*scale) SR images in [0, 1].
         """
         from dspo_basicsr.archs.color_fix import color_fix as apply_color_fix
-        prompts, negatives = self.sampling_prompts(lq, prompt, negative_prompt, prompt_source)
         lq_in = self.resize_to_process_size(lq, process_size)
+        tagged = lq_in if self.tags_processed_input else lq
+        prompts, negatives = self.sampling_prompts(tagged, prompt, negative_prompt, prompt_source)
         tiling = (int(tile_size), int(tile_overlap)) if tile_size else None
         with self.vae_tiling(vae_tile):
             sr = self.sample_images(lq_in, prompts, negatives, steps=steps, cfg=cfg, generator=generator,
-                                    sampler=sampler, tiling=tiling)
+                                    sampler=sampler, tiling=tiling, extras=self.sampling_extras(lq))
+        processed = (lq_in.shape[2] * self.scale, lq_in.shape[3] * self.scale)
+        if tuple(sr.shape[2:]) != processed:
+            raise RuntimeError(f'{type(self).__name__}.sample_images gave {tuple(sr.shape[2:])} for an LQ of '
+                               f'{tuple(lq_in.shape[2:])}; expected {processed} (scale {self.scale}).')
         sr = apply_color_fix(sr, self.upsample_lq(lq_in), color_fix)
-        out_size = (lq.shape[2] * self.scale, lq.shape[3] * self.scale)
-        if tuple(sr.shape[2:]) != out_size:
-            sr = F.interpolate(sr, size=out_size, mode='bicubic', align_corners=False).clamp(0, 1)
-        return sr
+        return resize_images(sr, (lq.shape[2] * self.scale, lq.shape[3] * self.scale))
 
-    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None):
+    #: tags are taken from the LQ after the process-size resize (OSEDiff's ``test_osediff.py``) instead of from the
+    #: LQ as read (SeeSR's ``test_seesr.py``, AddSR's ``test_addsr.py``)
+    tags_processed_input = False
+
+    def sampling_extras(self, lq):
+        """Per-image condition inputs :meth:`sample` computes from the LQ as read (before the process-size resize)
+        and passes to :meth:`condition` (SeeSR: RAM embeddings); none by default."""
+        return {}
+
+    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None,
+                      extras=None):
         """The framework's sampler on prepared prompts: DDPM / DDIM with guidance from :meth:`initial_latents`.
 
-        Runs the ``scheduler.timesteps`` not after :meth:`sampling_start` (SeeSR's ``pipeline_seesr.py``
-        skips ``t > start_steps``).
+        ``lq`` (B, 3, h, w) has sizes on the latent grid (:meth:`process_lq_size`); ``extras`` are keyword
+        arguments of :meth:`condition` (:meth:`sampling_extras`). Runs the ``scheduler.timesteps`` not after
+        :meth:`sampling_start` (SeeSR's ``pipeline_seesr.py`` skips ``t > start_steps``).
         """
         steps = steps or self.default_steps
         cfg = self.default_cfg if cfg is None else cfg
-        cond = self.condition(lq, prompts, negatives if cfg != 1 else None)
+        cond = self.condition(lq, prompts, negatives if cfg != 1 else None, **(extras or {}))
         scheduler = self._sampling_scheduler(sampler)
         # the timesteps stay on the CPU for a meta-device framework (the GPU planner): the loop compares them
         scheduler.set_timesteps(steps, device='cpu' if self.device.type == 'meta' else self.device)
@@ -502,23 +531,39 @@ class DiffusionSRArch(nn.Module):
         """The last timestep sampling may start at (timesteps after it are skipped): the first of ``scheduler``."""
         return int(scheduler.timesteps[0])
 
-    def resize_to_process_size(self, lq, process_size):
-        """LQ (B, 3, h, w) resized up (bicubic) so its shorter side is ``process_size // scale``, when shorter
-        (``test_seesr.py``, ``test_osediff.py``); sizes are kept to multiples that the latent grid needs."""
-        if not process_size:
-            return lq
-        h, w = lq.shape[2:]
-        low = process_size // self.scale
-        if min(h, w) >= low:
-            return lq
-        ratio = low / min(h, w)
-        step = max(1, self.vae_scale_factor // math.gcd(self.vae_scale_factor, self.scale))
-        size = (max(step, int(ratio * h) // step * step), max(step, int(ratio * w) // step * step))
-        return F.interpolate(lq, size=size, mode='bicubic', align_corners=False).clamp(0, 1)
+    @property
+    def lq_size_step(self):
+        """LQ sizes are multiples of this, so that ``scale`` x the LQ is a multiple of the latent factor."""
+        return self.vae_scale_factor // math.gcd(self.vae_scale_factor, self.scale)
+
+    def process_lq_size(self, height, width, process_size=None):
+        """The (height, width) an LQ of ``height`` x ``width`` is sampled at, as the official test scripts.
+
+        ``test_seesr.py``, ``test_addsr.py`` and ``test_osediff.py``: an image whose shorter side is below
+        ``process_size // scale`` is resized to ``int(ratio * side)`` with ``ratio = (process_size // scale) /
+        shorter side``; then its ``scale`` x upsampling is cut down to a multiple of 8 (``size // 8 * 8``).
+        Here the LQ itself is resized, to the multiple of :attr:`lq_size_step` that gives the same upsampled
+        size (at least one step).
+        """
+        if process_size and min(height, width) < process_size // self.scale:
+            ratio = (process_size // self.scale) / min(height, width)
+            height, width = int(ratio * height), int(ratio * width)
+        step = self.lq_size_step
+        return max(step, height // step * step), max(step, width // step * step)
+
+    def resize_to_process_size(self, lq, process_size=None):
+        """LQ (B, 3, h, w) resized (:func:`resize_images`) to :meth:`process_lq_size`; unchanged if it is that size."""
+        return resize_images(lq, self.process_lq_size(lq.shape[2], lq.shape[3], process_size))
+
+    #: VAE tiling sizes of the official scripts: encoder tiles in image pixels (``--vae_encoder_tiled_size``
+    #: 1024; None: the encoder is never tiled, as AddSR), decoder tiles in latent pixels (224)
+    vae_encoder_tile_size = 1024
+    vae_decoder_tile_size = 224
 
     @contextlib.contextmanager
     def vae_tiling(self, enabled):
-        """Inside the block the VAE encodes / decodes in tiles (diffusers' ``enable_tiling``) when ``enabled``."""
+        """Inside the block the VAE encodes / decodes large images in tiles (diffusers' ``enable_tiling``) when
+        ``enabled``, with the official scripts' thresholds (:meth:`vae_part`)."""
         vaes = [m for m in (self.vae, getattr(self, 'lq_vae', None)) if m is not None]
         if not enabled:
             yield
@@ -530,6 +575,39 @@ class DiffusionSRArch(nn.Module):
         finally:
             for vae in vaes:
                 vae.disable_tiling()
+
+    @contextlib.contextmanager
+    def vae_part(self, vae, part):
+        """Set a tiling ``vae``'s tile sizes for its ``encoder`` or ``decoder`` inside the block.
+
+        SeeSR's / OSEDiff's ``vaehook.py`` (``VAEHook``) leaves an image untiled when its longer side is at most
+        ``tile + 2 * pad`` (pad 32 image pixels for the encoder, 11 latent pixels for the decoder) and otherwise
+        runs padded tiles of about that extent. diffusers tiles above ``tile_sample_min_size`` /
+        ``tile_latent_min_size`` with tiles of that size, so both are set to ``tile + 2 * pad``, rounded down to a
+        multiple of 4 latent pixels (diffusers' 25 % overlap gives a wrong output size otherwise): encoder 1088
+        px (upstream's threshold), decoder 244 latent pixels (upstream: 246). Within the tiles the algorithm stays
+        diffusers' (GroupNorm statistics per tile, 25 % blended overlaps), where ``VAEHook`` shares GroupNorm
+        statistics over the whole image.
+        """
+        if not getattr(vae, 'use_tiling', False):
+            yield
+            return
+        f = self.vae_scale_factor
+        saved = vae.tile_sample_min_size, vae.tile_latent_min_size
+        if part == 'encoder':
+            if self.vae_encoder_tile_size is None:
+                vae.use_tiling = False
+            else:
+                extent = (self.vae_encoder_tile_size + 2 * 32) // f // 4 * 4  # latent pixels
+                vae.tile_sample_min_size, vae.tile_latent_min_size = extent * f, extent
+        else:
+            extent = (self.vae_decoder_tile_size + 2 * 11) // 4 * 4
+            vae.tile_sample_min_size, vae.tile_latent_min_size = extent * f, extent
+        try:
+            yield
+        finally:
+            vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+            vae.use_tiling = True
 
     def tiled_prediction(self, predict, x_t, cond, tiling):
         """``predict(x_t, cond)`` over overlapping latent tiles blended with Gaussian weights.

@@ -134,7 +134,9 @@ def _unet_scope(name):
 
 
 def _vae_scope(name):
-    return 'vae_lora_encoder_modules' if name.startswith('encoder.') else None
+    # OSEDiff's ``initialize_vae`` (``osediff.py``): the encoder's layers and ``quant_conv`` (not ``post_quant_conv``);
+    # it appends ``quant_conv`` once per pattern, a repetition peft ignores.
+    return 'vae_lora_encoder_modules' if name.startswith('encoder.') or name == 'quant_conv.weight' else None
 
 
 def inject_osediff_adapters(unet, vae, lora):
@@ -222,7 +224,8 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         pretrained_model_path (str | None): SD2.1-base folder (diffusers layout).
         osediff_path (str | None): OSEDiff's LoRA file (``osediff.pkl``); None keeps the plain SD weights
             (only for tests of the plumbing).
-        tiny (bool | dict): Tiny random SD components (tests, demo); a dict may give ``seed``.
+        tiny (bool | dict): Tiny random SD components (tests, demo); a dict may give ``seed`` and ``vae``
+            (arguments of :func:`tiny_vae_config`, e.g. four levels for SD's latent factor 8).
         scale (int): SR factor. Default: 4.
         trainable (str | list[str]): ``unet_lora`` (default) or ``unet``.
         timestep_mode (str): ``operating_point`` (x_t = LQ latent, t = 999; default) or ``noise``.
@@ -245,7 +248,7 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
             tiny = tiny if isinstance(tiny, dict) else {}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(tiny.get('seed', 0))
-                components = tiny_sd_components()
+                components = tiny_sd_components(vae=tiny.get('vae'))
                 if tiny.get('ram', True) and not ram_path:  # a random tiny RAM tagger, for prompt_source: tags
                     ram = RAMImageEmbedder(tiny=True, tagging=True)
         elif pretrained_model_path:
@@ -284,7 +287,7 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         """LQ (B, 3, h, w) in [0, 1] -> z_L (B, C, h*s/f, w*s/f): OSEDiff's encoder on the bicubic x s LQ
         (the posterior mode, or a sample drawn with ``generator`` when one is given)."""
         images = self.upsample_lq(lq) * 2 - 1
-        with self.autocast():
+        with self.autocast(), self.vae_part(self.lq_vae, 'encoder'):
             dist = self.lq_vae.encode(images).latent_dist
             latents = (dist.sample(generator) if generator is not None else dist.mode()) \
                 * self.lq_vae.config.scaling_factor
@@ -324,12 +327,16 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
             return x_t, alpha.sqrt() * implied_noise - (1 - alpha).sqrt() * latents
         return x_t, implied_noise
 
+    #: ``test_osediff.py`` tags the input after its process-size and multiple-of-8 resizes
+    tags_processed_input = True
+
     def image_tags(self, lq):
         """DAPE tags of the bicubic x s LQ, the image ``test_osediff.py`` tags."""
         return super().image_tags(self.upsample_lq(lq))
 
     @torch.no_grad()
-    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None):
+    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None,
+                      extras=None):
         """One step: LQ (B, 3, h, w) in [0, 1] -> SR (B, 3, h*s, w*s) in [0, 1]; ``steps``/``sampler`` ignored.
 
         As ``OSEDiff_test.forward``, the LQ latent is sampled from the (LoRA) VAE encoder's posterior

@@ -296,11 +296,12 @@ class RAMImageEmbedder(nn.Module):
                                  f'expected {tuple(weight.shape)}.')
             found[weight_key] = merged
 
-    def preprocess(self, images):
+    def preprocess(self, images, resize_mode='bilinear'):
         """(B, 3, H, W) in [0, 1] -> RAM's input: SeeSR's ``ram_transforms`` (``test_seesr.py``), a bilinear
         resize of the tensor to img_size x img_size (torchvision's tensor ``Resize``, no antialias in SeeSR's
-        torchvision 0.15) and the ImageNet normalisation."""
-        x = F.interpolate(images.float(), size=(self.img_size, self.img_size), mode='bilinear', align_corners=False)
+        torchvision 0.15) and the ImageNet normalisation. ``resize_mode='bicubic'``: AddSR's PSR re-embedding
+        (``pipeline_addsr.py``, ``F.interpolate(..., mode='bicubic')``)."""
+        x = F.interpolate(images.float(), size=(self.img_size, self.img_size), mode=resize_mode, align_corners=False)
         return (x - self.mean) / self.std
 
     def image_embeds(self, x):
@@ -310,9 +311,10 @@ class RAMImageEmbedder(nn.Module):
         return self.image_proj(tokens)
 
     @torch.no_grad()
-    def forward(self, images):
-        """(B, 3, H, W) images in [0, 1] -> RAM image embeddings (B, 1 + N, D)."""
-        return self.image_embeds(self.preprocess(images))
+    def forward(self, images, resize_mode='bilinear'):
+        """(B, 3, H, W) images in [0, 1] -> RAM image embeddings (B, 1 + N, D) (``resize_mode``: see
+        :meth:`preprocess`)."""
+        return self.image_embeds(self.preprocess(images, resize_mode))
 
     @torch.no_grad()
     def tag_logits(self, images):

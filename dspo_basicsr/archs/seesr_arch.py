@@ -133,14 +133,14 @@ def save_seesr_networks(folder, unet, controlnet):
 TINY_IMAGE_DIM = 24
 
 
-def tiny_seesr_networks(unet=None, image_cross_attention_dim=TINY_IMAGE_DIM):
+def tiny_seesr_networks(unet=None, image_cross_attention_dim=TINY_IMAGE_DIM, vae=None):
     """Tiny random SD components plus SeeSR UNet and ControlNet (ControlNet initialised from the UNet).
 
     Returns:
         dict: unet, vae, text_encoder, tokenizer, noise_scheduler, controlnet.
     """
     from diffusers import ControlNetModel
-    components = tiny_sd_components(unet=unet)
+    components = tiny_sd_components(unet=unet, vae=vae)
     base = components['unet']
     factor = 2**(len(components['vae'].config.block_out_channels) - 1)
     controlnet = ControlNetModel.from_unet(
@@ -230,7 +230,7 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
             tiny = tiny if isinstance(tiny, dict) else {}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(tiny.get('seed', 0))
-                components = tiny_seesr_networks(unet=tiny.get('unet'))
+                components = tiny_seesr_networks(unet=tiny.get('unet'), vae=tiny.get('vae'))
                 if tiny.get('ram', True):  # a random tiny RAM embedder, the same as build_tiny_seesr_folders saves
                     from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
                     components['ram'] = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM}, tagging=True)
@@ -244,8 +244,9 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         return components
 
     # ------------------------------------------------------------------ condition and prediction
-    def image_embeddings(self, lq, ram_embeds=None):
-        """RAM image embeddings (B, 145, 512): the precomputed ones when given, else from the RAM embedder."""
+    def image_embeddings(self, lq, ram_embeds=None, resize_mode='bilinear'):
+        """RAM image embeddings (B, 145, 512): the precomputed ones when given, else from the RAM embedder
+        (``resize_mode``: how RAM's input is resized to 384 x 384, see :meth:`RAMImageEmbedder.preprocess`)."""
         if ram_embeds is not None:
             if (ram_embeds.ndim != 3 or ram_embeds.shape[0] != lq.shape[0]
                     or ram_embeds.shape[2] != self.image_embed_dim):
@@ -258,7 +259,7 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
                              "precomputed 'ram_embeds': set ram_path, or add embeddings to the preference set with "
                              'scripts/add_ram_embeddings.py.')
         with torch.no_grad(), self.autocast():
-            return self.ram(lq).float()
+            return self.ram(lq, resize_mode=resize_mode).float()
 
     def condition(self, lq, prompts, negative_prompts=None, ram_embeds=None, **extras):
         """LQ (B, 3, h, w) in [0, 1] and B prompts -> condition dict (computed once per LQ).
@@ -295,6 +296,11 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
     def compose_tag_prompt(self, tags, prompt):
         """``test_seesr.py`` / ``test_addsr.py``: ``f"{tags}, {prompt},"`` then ``+= added_prompt`` (no space)."""
         return super().compose_tag_prompt(tags, prompt) + self.added_prompt
+
+    def sampling_extras(self, lq):
+        """RAM embeddings of the LQ as read, before the process-size resize: ``test_seesr.py`` and ``test_addsr.py``
+        embed the image they open (``get_validation_prompt``)."""
+        return {'ram_embeds': self.image_embeddings(lq)}
 
     def sampling_start(self, scheduler):
         return self.start_timestep if self.start_point == 'lr' else super().sampling_start(scheduler)

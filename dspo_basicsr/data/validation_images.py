@@ -10,6 +10,8 @@ import cv2
 __all__ = ['unreadable_validation_images', 'VALIDATION_FOLDER_KEYS']
 
 VALIDATION_FOLDER_KEYS = ('dataroot_gt', 'dataroot_lq', 'dataroot')
+#: BasicSR's datasets that list every file of a folder and read each at validation (others check their own data)
+IMAGE_FOLDER_DATASETS = ('PairedImageDataset', 'SingleImageDataset')
 
 
 def _problem(path):
@@ -26,9 +28,10 @@ def _problem(path):
 def unreadable_validation_images(opt, shown=5):
     """One line per validation folder holding files that cannot be read as images.
 
-    Goes through the ``val*`` and ``test*`` phases of ``opt['datasets']`` read from disk (``io_backend``
-    ``disk``, the default), and through every file of their ``dataroot_gt`` / ``dataroot_lq`` /
-    ``dataroot`` folders (BasicSR's folder datasets list every file, not only images).
+    Goes through the ``val*`` and ``test*`` phases of ``opt['datasets']`` that are BasicSR image-folder
+    datasets (:data:`IMAGE_FOLDER_DATASETS`) read from disk (``io_backend`` ``disk``, the default), and
+    through every file of their ``dataroot_gt`` / ``dataroot_lq`` / ``dataroot`` folders (BasicSR's folder
+    datasets list every file, not only images).
 
     Args:
         opt (dict): The run's options.
@@ -40,6 +43,8 @@ def unreadable_validation_images(opt, shown=5):
     findings = []
     for phase, dataset in (opt.get('datasets') or {}).items():
         if not (phase.startswith('val') or phase.startswith('test')) or not isinstance(dataset, dict):
+            continue
+        if dataset.get('type') not in IMAGE_FOLDER_DATASETS:
             continue
         if ((dataset.get('io_backend') or {}).get('type') or 'disk') != 'disk':
             continue
