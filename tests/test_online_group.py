@@ -8,6 +8,7 @@ import dspo_basicsr  # noqa: F401  (registers the model)
 from dspo_basicsr.models.online_group_model import group_labels, instance_psnr
 
 from basicsr.models import build_model
+
 from dspo_fixtures import in_process_options, make_tiny_preference_set, preference_batch
 
 
