@@ -21,8 +21,11 @@ def main(argv=None):
     parser.add_argument('--source', default='datasets/demo/demo_pref.lmdb', help='the demo preference set')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4], help='training seeds')
     parser.add_argument('--iters', type=int, default=50, help='training iterations per run')
-    parser.add_argument('--objectives', nargs='+', default=list(OBJECTIVE_FILES), choices=list(OBJECTIVE_FILES))
-    parser.add_argument('--share', type=float, default=0.4, help="share of the winner's instances to blotch")
+    parser.add_argument('--objectives', nargs='+', default=['sft', 'dpo', 'dspo', 'dro'],
+                        choices=list(OBJECTIVE_FILES),
+                        help='online: OnlineGroupModel (options/demo/online_group_demo.yml)')
+    parser.add_argument('--share', type=float, default=0.4,
+                        help="share of the winner's instances to blotch (0: the clean demo set, a control)")
     parser.add_argument('--out', default='results/local_anomalies', help='output folder')
     parser.add_argument('--workdir', default='.', help='where experiments/ goes')
     args = parser.parse_args(argv)

@@ -22,8 +22,10 @@ import numpy as np
 import yaml
 
 #: option files of the compared objectives (their train set is replaced by the benchmark set).
-OBJECTIVE_FILES = {key: f'options/demo/compare_{key}.yml' for key in ('sft', 'dpo', 'dspo', 'dro')}
-LABELS = {'base': 'Pretrained', 'sft': 'SFT', 'dpo': 'Diffusion-DPO', 'dspo': 'DSPO', 'dro': 'Diffusion-DRO'}
+OBJECTIVE_FILES = {**{key: f'options/demo/compare_{key}.yml' for key in ('sft', 'dpo', 'dspo', 'dro')},
+                   'online': 'options/demo/online_group_demo.yml'}
+LABELS = {'base': 'Pretrained', 'sft': 'SFT', 'dpo': 'Diffusion-DPO', 'dspo': 'DSPO', 'dro': 'Diffusion-DRO',
+          'online': 'Online group DSPO'}
 #: an instance is blotched when its mean colour is this far (8-bit levels, any channel) from the GT's.
 BLOTCH_THRESHOLD = 12.0
 MEASURES = ('win_rate', 'defect_rate', 'psnr', 'ssim')
@@ -49,6 +51,7 @@ def with_local_anomalies(sample, rng, share=0.4, alpha=0.6):
     In random order, up to ``share`` of the instances of the best candidate get a blotch of a random colour; a
     blotch is kept only if the best candidate still beats the worst by whole-image PSNR, so the image-level label
     stays true overall. The instance rows are then relabelled by instance PSNR (``instance_pairs_by_psnr``).
+    With ``share`` 0 nothing is pasted: the demo set with the whole-image pair, the control of the benchmark.
 
     Args:
         sample (PreferenceSample): With a GT (the demo set has one).
@@ -65,7 +68,7 @@ def with_local_anomalies(sample, rng, share=0.4, alpha=0.6):
     candidates = [c.copy() for c in sample.candidates]
     ids = [int(i) for i in np.unique(sample.seg)]
     blotched = []
-    for iid in rng.permutation(ids)[:max(1, int(round(share * len(ids))))]:
+    for iid in rng.permutation(ids)[:int(round(share * len(ids)))]:
         trial = paste_blotch(candidates[best], sample.seg == iid, rng.integers(0, 256, size=3), alpha)
         if best != worst and _psnr(trial, sample.gt) > whole[worst]:
             candidates[best] = trial
@@ -228,8 +231,9 @@ def run_local_anomalies(out_dir, source='datasets/demo/demo_pref.lmdb', seeds=(0
                         objectives=('sft', 'dpo', 'dspo', 'dro'), workdir='.', share=0.4, note=''):
     """Build the benchmark set, train every objective for every seed and measure it; returns (table, plot, rows).
 
-    Every run trains through the ``basicsr`` CLI with :func:`dspo_basicsr.comparison.train_run`, the runner of
-    ``scripts/compare_objectives.py``.
+    ``objectives`` are keys of :data:`OBJECTIVE_FILES` (``online``: OnlineGroupModel, which samples its own
+    candidates and reads only the LQ, GT and instances of the set). Every run trains through the ``basicsr`` CLI
+    with :func:`dspo_basicsr.comparison.train_run`, the runner of ``scripts/compare_objectives.py``.
     """
     import time
 
