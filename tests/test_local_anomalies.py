@@ -56,7 +56,7 @@ def test_blotch_detector_flags_pasted_blotches_only():
     sample = _sample()
     gt, seg = sample.gt, sample.seg
     assert blotch_rate([sample.candidates[0]], [gt], [seg]) == 0
-    blotched = paste_blotch(sample.candidates[0], (seg == 3) | (seg == 7), (255, 0, 255))
+    blotched = paste_blotch(sample.candidates[0], (seg == 3) | (seg == 7), (30, -20, 0))
     assert blotch_rate([blotched], [gt], [seg]) == pytest.approx(2 / 16)
 
 

@@ -37,25 +37,26 @@ def _psnr(image, gt, mask=None):
     return 10 * math.log10(255.0**2 / max(mse, 1e-10))
 
 
-def paste_blotch(image, mask, colour, alpha=0.6):
-    """``image`` with ``colour`` blended in at ``alpha`` inside ``mask`` (a copy; uint8 RGB)."""
+def paste_blotch(image, mask, shift):
+    """``image`` with the colour ``shift`` (8-bit levels per channel) added inside ``mask`` (a copy; uint8 RGB)."""
     out = image.astype(np.float64)
-    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, dtype=np.float64)
+    out[mask] += np.asarray(shift, dtype=np.float64)
     return np.clip(out.round(), 0, 255).astype(np.uint8)
 
 
-def with_local_anomalies(sample, rng, share=0.4, alpha=0.6):
+def with_local_anomalies(sample, rng, share=0.4, strength=24.0):
     """A demo sample whose image-level winner carries colour blotches in some instances.
 
     The image-level pair (``meta.pair``) is [best, worst] candidate by whole-image PSNR of the clean candidates.
-    In random order, up to ``share`` of the instances of the best candidate get a blotch of a random colour; a
-    blotch is kept only if the best candidate still beats the worst by whole-image PSNR, so the image-level label
+    In random order, up to ``share`` of the instances of the best candidate get a colour blotch (a shift of
+    ``strength`` 8-bit levels in a random colour direction, which :func:`blotch_rate` flags); a blotch is kept
+    only if the best candidate still beats the worst by whole-image PSNR, so the image-level label
     stays true overall. The instance rows are then relabelled by instance PSNR (``instance_pairs_by_psnr``).
     With ``share`` 0 nothing is pasted: the demo set with the whole-image pair, the control of the benchmark.
 
     Args:
         sample (PreferenceSample): With a GT (the demo set has one).
-        rng (np.random.Generator): Picks instances and colours.
+        rng (np.random.Generator): Picks instances and colour directions.
 
     Returns:
         PreferenceSample: ``meta.local_anomalies`` lists the blotched instance ids.
@@ -69,7 +70,8 @@ def with_local_anomalies(sample, rng, share=0.4, alpha=0.6):
     ids = [int(i) for i in np.unique(sample.seg)]
     blotched = []
     for iid in rng.permutation(ids)[:int(round(share * len(ids)))]:
-        trial = paste_blotch(candidates[best], sample.seg == iid, rng.integers(0, 256, size=3), alpha)
+        direction = rng.normal(size=3)
+        trial = paste_blotch(candidates[best], sample.seg == iid, strength * direction / np.linalg.norm(direction))
         if best != worst and _psnr(trial, sample.gt) > whole[worst]:
             candidates[best] = trial
             blotched.append(int(iid))
@@ -86,12 +88,12 @@ def label_disagreement(sample):
     return sum(row['lose'] == win or row['win'] == lose for row in paired) / max(len(paired), 1)
 
 
-def build_local_anomalies_set(source, path, seed=0, share=0.4, alpha=0.6, overwrite=True):
+def build_local_anomalies_set(source, path, seed=0, share=0.4, strength=24.0, overwrite=True):
     """Write the benchmark set at ``path`` from the demo set at ``source``; returns the mean label disagreement."""
     from dspo_basicsr.data.preference_set import PreferenceLMDB, write_preference_lmdb
     store = PreferenceLMDB(source)
     rng = np.random.default_rng(seed)
-    samples = [with_local_anomalies(store[sid], rng, share, alpha) for sid in store.ids()]
+    samples = [with_local_anomalies(store[sid], rng, share, strength) for sid in store.ids()]
     write_preference_lmdb(path, samples, overwrite=overwrite, progress=False)
     return float(np.mean([label_disagreement(s) for s in samples]))
 
