@@ -12,7 +12,7 @@ OURS = {
     'arch': {'ControlSD2Arch', 'SeeSRArch', 'AddSRArch', 'OSEDiffArch', 'CLIPQualityArch', 'RankCalibratedIQAArch'},
     'dataset': {'PreferenceLMDBDataset', 'SRMethodGroupDataset', 'IQAListDataset', 'TwoAFCPairDataset'},
     'loss': {'DSPOLoss', 'DiffusionDPOLoss', 'DiffusionSFTLoss', 'DiffusionDROLoss', 'FidelityLoss'},
-    'model': {'DSPOModel', 'DiffusionDROModel', 'RankCalibrationModel'},
+    'model': {'DSPOModel', 'DiffusionDROModel', 'OnlineGroupModel', 'RankCalibrationModel'},
     'metric': {'calculate_pyiqa', 'calculate_lpips', 'calculate_dists', 'calculate_musiq', 'calculate_maniqa',
                'calculate_clipiqa', 'calculate_pyiqa_niqe', 'calculate_calibrated_iqa'},
 }
