@@ -78,6 +78,19 @@ def test_cached_latents_remove_the_candidates_vae_encoding(control_plan):
     assert cached['flops']['policy forward'] == control_plan['flops']['policy forward']
 
 
+def test_eight_bit_adamw_state_is_bitsandbytes_layout(control_plan):
+    from dspo_basicsr.bench.gpu_plan import eight_bit_state_bytes
+    opt = tiny_options()
+    opt['train']['optim_g']['type'] = 'AdamW8bit'
+    plan = plan_step(opt, size=64, candidates=2, real_size=False, validation=False)
+    trainable = [p for p in build_tiny(tiny_options()).parameters() if p.requires_grad]
+    assert plan['settings']['optimizer'] == 'AdamW8bit'
+    assert plan['memory_after_step']['optimizer_state'] == eight_bit_state_bytes(trainable)
+    assert plan['memory_after_step']['optimizer_state'] < control_plan['memory_after_step']['optimizer_state']
+    assert eight_bit_state_bytes([torch.empty(256 * 64)]) == 2 * 256 * 64 + 2 * 4 * 64 + 4  # uint8 moments + absmax
+    assert eight_bit_state_bytes([torch.empty(100)]) == 8 * 100 + 4  # small tensors keep float32 moments
+
+
 @pytest.mark.parametrize('arch, network, feedback', [
     ('ControlSD2Arch', {}, 5.5),
     ('SeeSRArch', {'mixed_precision': 'bf16', 'tiny': {'ram': False}}, None),

@@ -31,6 +31,7 @@ data-dependent shapes run (tested with DSPO; SFT's loss indexes by a mask and do
 import contextlib
 import copy
 import json
+import math
 from collections import OrderedDict
 from functools import partial
 from unittest import mock
@@ -358,6 +359,31 @@ def expected_state_bytes(model):
         optimizer_state=sum(2 * p.numel() * p.element_size() + 4 for p in trainable))
 
 
+def eight_bit_state_bytes(params, blocksize=256, min_8bit_size=4096):
+    """Bytes of bitsandbytes' ``AdamW8bit`` state for ``params`` (bitsandbytes/optim/optimizer.py,
+    ``Optimizer2State.init_state``): a tensor of at least ``min_8bit_size`` elements keeps both moments in uint8
+    plus one float32 absmax per block of ``blocksize`` for each; a smaller one keeps float32 moments. Plus the
+    4-byte step count per tensor.
+    """
+    total = 0
+    for p in params:
+        n = p.numel()
+        if n < min_8bit_size:
+            total += 2 * 4 * n + 4
+        else:
+            total += 2 * n + 2 * 4 * math.ceil(n / blocksize) + 4
+    return total
+
+
+def _with_eight_bit_state(memory, adamw_bytes, eight_bit_bytes):
+    """A memory split with AdamW's state replaced by the 8-bit optimizer's (same peak otherwise)."""
+    memory = OrderedDict(memory)
+    delta = eight_bit_bytes - adamw_bytes
+    memory['optimizer_state'] += delta
+    memory['total'] += delta
+    return memory
+
+
 def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True, validation=True,
               cached_latents=False):
     """Build ``opt``'s framework on ``meta`` and measure one training step and one validation sample.
@@ -382,9 +408,15 @@ def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True,
     """
     import dspo_basicsr  # noqa: F401  (registration)
     from dspo_basicsr.models.dspo_model import DSPOModel
+    from dspo_basicsr.utils.optimizers import EIGHT_BIT_OPTIMIZERS
 
     from basicsr.utils.registry import MODEL_REGISTRY
     train_opt = training_options(opt, real_size)
+    # bitsandbytes' 8-bit kernels cannot run on meta tensors: the step runs AdamW, whose state is then replaced
+    # by the 8-bit layout's bytes (eight_bit_state_bytes); everything else is the same step
+    optimizer_type = train_opt['train']['optim_g']['type']
+    if optimizer_type in EIGHT_BIT_OPTIMIZERS:
+        train_opt['train']['optim_g']['type'] = 'AdamW'
     model_class = MODEL_REGISTRY.get(train_opt['model_type'])
     if not issubclass(model_class, DSPOModel):
         raise ValueError(f"model_type {train_opt['model_type']} is not a DSPOModel; the planner plans DSPOModel "
@@ -426,12 +458,17 @@ def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True,
         step()
         after_step = _memory_split(tracker.get_tracker_snapshot('current'))
     memory = _memory_split(tracker.get_tracker_snapshot('peak'))
+    if optimizer_type in EIGHT_BIT_OPTIMIZERS:
+        adamw = after_step['optimizer_state']
+        eight_bit = eight_bit_state_bytes(model.trainable_params)
+        memory = _with_eight_bit_state(memory, adamw, eight_bit)
+        after_step = _with_eight_bit_state(after_step, adamw, eight_bit)
     flops = OrderedDict((k, int(v)) for k, v in counter.phase_flops.items())
     flops['total'] = int(counter.get_total_flops())
     result = OrderedDict(
         settings=OrderedDict(framework=bare.__class__.__name__, size=size, candidates=candidates, batch=batch,
                              trainable=list(bare.trainable), feedback_guidance=getattr(model, 'feedback_scale', None),
-                             optimizer=train_opt['train']['optim_g']['type'],
+                             optimizer=optimizer_type,
                              objective=train_opt['train']['preference_opt']['type'],
                              mixed_precision=train_opt['network_g'].get('mixed_precision'),
                              gradient_checkpointing=bool(train_opt['network_g'].get('gradient_checkpointing')),
