@@ -203,6 +203,7 @@ class DSPOModel(SRModel):
         self.max_nonfinite = option(self.opt, 'train.max_nonfinite_steps')
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.updates_applied = 0  # the train pipeline fails a run that skipped every update
         self.accumulate = option(self.opt, 'train.accumulate_grad_batches')
         self.window = None
         self.log_dict = OrderedDict()  # filled at the end of each window; empty until the first update
@@ -473,6 +474,7 @@ class DSPOModel(SRModel):
             self._skip_update(current_iter, 'gradient')
             return
         self.optimizer_g.step()
+        self.updates_applied += 1
         if self.net_g_ema is not None:  # the update's number comes from the iteration, so a resume continues it
             self.net_g_ema.update(self.bare, ema_decay_at(self.ema_decay, current_iter // k, self.ema_schedule))
         self.nonfinite_in_row = 0
