@@ -20,10 +20,10 @@ Adaptations:
     * ``--auto_resume`` takes the newest state whose own file and matching network files load, and says in
       one line which newer files it skipped and why (:func:`load_resume_state`).
     * Exact resume: a state carries every rank's RNG states (Python, NumPy, torch CPU and CUDA) and the
-      sampler's epoch; the resumed sampler skips the batches of that epoch already trained on and restores
+      sampler's epoch; our train pipeline's sampler (``dspo_basicsr.train.ResumableSampler``) skips the
+      batches of that epoch already trained on and restores
       the RNG states just before the first batch is drawn, so the run continues the same sequence.
     * ``--force_yml`` values are read as YAML literals (1.4.2 ``eval``s them).
-    * Training runs enough epochs to reach ``train.total_iter`` (1.4.2 counts the dropped last batch).
     * ``calculate_niqe`` refuses images under :data:`NIQE_MIN_SIZE` px with a message (1.4.2's SVD fails).
 """
 import collections
@@ -181,9 +181,6 @@ def _all_rng_states():
     return gathered
 
 
-_train_sampler_epoch = {'epoch': None}
-
-
 def _save_training_state(self, epoch, current_iter):
     """``BaseModel.save_training_state``: every rank's RNG states, rank 0 writes atomically, all wait."""
     if current_iter != -1:
@@ -256,15 +253,11 @@ def newest_usable_state(opt, state_dir):
     return None, skipped
 
 
-_pending_resume = {}
-
-
 def load_resume_state(opt):
-    """Device-aware, weights-only replacement of ``basicsr.train.load_resume_state`` with a fallback.
+    """Device-aware, weights-only ``basicsr.train.load_resume_state`` with a fallback (used by our pipeline).
 
     With ``--auto_resume`` the newest state that loads, together with its network files, is taken; newer
-    ones that do not are named in one printed line. The state's RNG states and epoch position are kept for
-    the train sampler (exact resume).
+    ones that do not are named in one printed line.
     """
     import torch
 
@@ -289,37 +282,7 @@ def load_resume_state(opt):
         return None
     resume_state = torch.load(resume_state_path, map_location=training_device(), weights_only=True)
     check_resume(opt, resume_state['iter'])
-    _pending_resume.clear()
-    rngs = resume_state.get('rng')
-    if rngs and len(rngs) == opt.get('world_size', 1):
-        _pending_resume.update(rng=rngs[opt.get('rank', 0)])
-    elif rngs and opt.get('rank', 0) == 0:
-        print(f"resume: the state was written by {len(rngs)} processes, this run has {opt.get('world_size', 1)}; "
-              'RNG states are not restored (batches and noise differ from the interrupted run).', flush=True)
-    _pending_resume.update(epoch=resume_state['epoch'], iter=resume_state['iter'],
-                           batch_size=resume_state.get('batch_size_per_gpu'))
     return resume_state
-
-
-def _enlarged_sampler_iter(self):
-    """``EnlargedSampler.__iter__`` that, in the epoch a run resumes in, skips the batches already trained on
-    and restores the RNG states just before the first batch is drawn (lazily: the loader draws its own seed
-    between ``iter`` and the first batch, which the interrupted run did not do mid-epoch)."""
-    import torch
-    g = torch.Generator()
-    g.manual_seed(self.epoch)
-    indices = torch.randperm(self.total_size, generator=g).tolist()
-    indices = [v % len(self.dataset) for v in indices][self.rank:self.total_size:self.num_replicas]
-    pending = _pending_resume
-    if pending and pending.get('epoch') == self.epoch and pending.get('batch_size'):
-        per_epoch = self.num_samples // pending['batch_size']  # the train loader drops the last partial batch
-        done = pending['iter'] - self.epoch * per_epoch
-        if 0 <= done <= per_epoch:
-            indices = indices[done * pending['batch_size']:]
-        if 'rng' in pending:
-            set_rng_states(pending['rng'])
-        pending.clear()
-    yield from indices
 
 
 #: BasicSR's NIQE fits a Gaussian to 96-px block features of the image and of its half; below this side
@@ -338,22 +301,6 @@ def _niqe_with_min_size(calculate_niqe):
 
     import functools
     return functools.update_wrapper(calculate, calculate_niqe)  # still BasicSR's metric (name, module, doc)
-
-
-def _with_epochs_that_reach_total_iter(create_train_val_dataloader):
-    """BasicSR counts ``ceil(len(set) / batch)`` iterations an epoch, but its train loader drops the last
-    partial batch; with fewer epochs than needed a run (and a resumed one) ends before ``total_iter``."""
-    import math
-
-    def create(opt, logger):
-        train_loader, train_sampler, val_loaders, total_epochs, total_iters = create_train_val_dataloader(opt, logger)
-        per_epoch = len(train_loader) if train_loader is not None else 0
-        if per_epoch:
-            total_epochs = max(total_epochs, math.ceil(total_iters / per_epoch))
-        return train_loader, train_sampler, val_loaders, total_epochs, total_iters
-
-    create.__wrapped__ = create_train_val_dataloader
-    return create
 
 
 def _postprocess_yml_value(value):
@@ -458,22 +405,17 @@ def apply():
     import basicsr.train
     import basicsr.utils.dist_util as dist_util
     import basicsr.utils.options as options
-    from basicsr.data.data_sampler import EnlargedSampler
     from basicsr.models.base_model import BaseModel
     from basicsr.utils.registry import Registry
 
     options.ordered_yaml = safe_ordered_yaml
-    basicsr.train.load_resume_state = load_resume_state
     dist_util._init_dist_pytorch = _init_dist_pytorch
     dist_util._init_dist_slurm = _init_dist_slurm
     BaseModel.model_to_device = _model_to_device
     BaseModel.get_optimizer = _get_optimizer
     BaseModel.save_network = _save_network
     BaseModel.save_training_state = _save_training_state
-    EnlargedSampler.__iter__ = _enlarged_sampler_iter
     options._postprocess_yml_value = _postprocess_yml_value
-    basicsr.train.create_train_val_dataloader = _with_epochs_that_reach_total_iter(
-        basicsr.train.create_train_val_dataloader)
     import basicsr.metrics
     from basicsr.utils.registry import METRIC_REGISTRY
     niqe = _niqe_with_min_size(METRIC_REGISTRY._obj_map['calculate_niqe'])

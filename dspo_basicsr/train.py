@@ -14,12 +14,14 @@ owns the loop for what BasicSR's does not do:
 * a run in which every optimizer update was skipped (non-finite losses or gradients) is an error
   (:class:`AllUpdatesSkippedError`), not a success.
 
-Resume selection, exact resume, epochs that reach ``total_iter``, gloo/nccl and the dataset ``collate_fn`` come
-from :mod:`dspo_basicsr.compat`.
+It also owns the train loader: a :class:`ResumableSampler` that continues an interrupted epoch exactly, enough
+epochs to reach ``total_iter``, and the dataset's ``collate_fn``. Resume selection (``newest_usable_state``),
+gloo/nccl and the checkpoint writers still come from :mod:`dspo_basicsr.compat`.
 """
 import datetime
 import fcntl
 import logging
+import math
 import os
 import random
 import signal
@@ -136,6 +138,97 @@ def exit_with_launcher(poll_s=0.5, grace_s=120):
     threading.Thread(target=watch, name='launcher-watchdog', daemon=True).start()
 
 
+def _enlarged_sampler_class():
+    from basicsr.data.data_sampler import EnlargedSampler
+    return EnlargedSampler
+
+
+class ResumableSampler(_enlarged_sampler_class()):
+    """BasicSR's ``EnlargedSampler`` that can continue an epoch where an interrupted run left it.
+
+    After :meth:`resume_at`, the iteration over the resumed epoch skips the batches already trained on and
+    restores the saved RNG states just before the first index is handed out: lazily, because the loader draws
+    its own seed between ``iter()`` and the first batch, which the interrupted run did not do mid-epoch.
+    """
+
+    def __init__(self, dataset, num_replicas, rank, ratio=1):
+        super().__init__(dataset, num_replicas, rank, ratio)
+        self.pending = None
+
+    def resume_at(self, epoch, current_iter, batch_size, rng=None):
+        """Continue ``epoch`` after ``current_iter`` iterations of ``batch_size`` (the last partial batch dropped)."""
+        self.pending = {'epoch': epoch, 'iter': current_iter, 'batch_size': batch_size, 'rng': rng}
+
+    def __iter__(self):
+        from dspo_basicsr.compat import set_rng_states
+        g = torch.Generator()
+        g.manual_seed(self.epoch)
+        indices = torch.randperm(self.total_size, generator=g).tolist()
+        indices = [v % len(self.dataset) for v in indices][self.rank:self.total_size:self.num_replicas]
+        pending = self.pending
+        if pending is not None and pending['epoch'] == self.epoch and pending['batch_size']:
+            per_epoch = self.num_samples // pending['batch_size']
+            done = pending['iter'] - self.epoch * per_epoch
+            if 0 <= done <= per_epoch:
+                indices = indices[done * pending['batch_size']:]
+            if pending['rng'] is not None:
+                set_rng_states(pending['rng'])
+            self.pending = None
+        yield from indices
+
+
+def create_train_val_dataloader(opt, logger):
+    """``basicsr.train.create_train_val_dataloader`` with a :class:`ResumableSampler`, the datasets' own
+    ``collate_fn``, and enough epochs to reach ``total_iter`` (1.4.2 counts the dropped last batch)."""
+    from basicsr.data import build_dataloader, build_dataset
+
+    def loader(dataset, dataset_opt, sampler):
+        built = build_dataloader(dataset, dataset_opt, num_gpu=opt['num_gpu'], dist=opt['dist'], sampler=sampler,
+                                 seed=opt['manual_seed'])
+        if getattr(dataset, 'collate_fn', None) is not None:
+            built.collate_fn = dataset.collate_fn
+        return built
+
+    train_loader, train_sampler, val_loaders, total_epochs, total_iters = None, None, [], 0, 0
+    for phase, dataset_opt in opt['datasets'].items():
+        if phase == 'train':
+            ratio = dataset_opt.get('dataset_enlarge_ratio', 1)
+            train_set = build_dataset(dataset_opt)
+            train_sampler = ResumableSampler(train_set, opt['world_size'], opt['rank'], ratio)
+            train_loader = loader(train_set, dataset_opt, train_sampler)
+            total_iters = int(opt['train']['total_iter'])
+            per_epoch = math.ceil(len(train_set) * ratio / (dataset_opt['batch_size_per_gpu'] * opt['world_size']))
+            total_epochs = math.ceil(total_iters / per_epoch)
+            if len(train_loader):
+                total_epochs = max(total_epochs, math.ceil(total_iters / len(train_loader)))
+            logger.info('Training statistics:'
+                        f'\n\tNumber of train images: {len(train_set)}'
+                        f'\n\tDataset enlarge ratio: {ratio}'
+                        f'\n\tBatch size per gpu: {dataset_opt["batch_size_per_gpu"]}'
+                        f'\n\tWorld size (gpu number): {opt["world_size"]}'
+                        f'\n\tRequire iter number per epoch: {per_epoch}'
+                        f'\n\tTotal epochs: {total_epochs}; iters: {total_iters}.')
+        elif phase.split('_')[0] == 'val':
+            val_set = build_dataset(dataset_opt)
+            val_loaders.append(loader(val_set, dataset_opt, None))
+            logger.info(f'Number of val images/folders in {dataset_opt["name"]}: {len(val_set)}')
+        else:
+            raise ValueError(f'Dataset phase {phase} is not recognized.')
+    return train_loader, train_sampler, val_loaders, total_epochs, total_iters
+
+
+def resume_sampler(opt, sampler, resume_state):
+    """Set ``sampler`` to continue the interrupted epoch with this rank's saved RNG states (exact resume)."""
+    rngs = resume_state.get('rng')
+    rng = None
+    if rngs and len(rngs) == opt.get('world_size', 1):
+        rng = rngs[opt.get('rank', 0)]
+    elif rngs and opt.get('rank', 0) == 0:
+        print(f"resume: the state was written by {len(rngs)} processes, this run has {opt.get('world_size', 1)}; "
+              'RNG states are not restored (batches and noise differ from the interrupted run).', flush=True)
+    sampler.resume_at(resume_state['epoch'], resume_state['iter'], resume_state.get('batch_size_per_gpu'), rng)
+
+
 def parse_options(root_path, opt, args, is_train=True):
     """``basicsr.utils.options.parse_options`` for an option dict already read and overridden by ``--force_yml``.
 
@@ -226,7 +319,7 @@ def train_pipeline(root_path, opt, args):
 
     from basicsr.data.prefetch_dataloader import CPUPrefetcher, CUDAPrefetcher
     from basicsr.models import build_model
-    from basicsr.train import create_train_val_dataloader, init_tb_loggers
+    from basicsr.train import init_tb_loggers
     from basicsr.utils import (
         AvgTimer,
         MessageLogger,
@@ -263,6 +356,7 @@ def train_pipeline(root_path, opt, args):
         train_loader, train_sampler, val_loaders, total_epochs, total_iters = create_train_val_dataloader(opt, logger)
         model = build_model(opt)
         if resume_state:
+            resume_sampler(opt, train_sampler, resume_state)
             model.resume_training(resume_state)
             logger.info(f"Resuming training from epoch: {resume_state['epoch']}, iter: {resume_state['iter']}.")
             start_epoch, current_iter = resume_state['epoch'], resume_state['iter']
