@@ -125,22 +125,6 @@ def gather_in_sample_order(results):
     return [result for _, result in sorted(results, key=lambda r: r[0])]
 
 
-def _save_network(self, net, net_label, current_iter, param_key='params'):
-    """``BaseModel.save_network``: rank 0 only, atomic (1.4.2 writes in place)."""
-    if not is_main_process():
-        return
-    label = 'latest' if current_iter == -1 else current_iter
-    nets = net if isinstance(net, list) else [net]
-    keys = param_key if isinstance(param_key, list) else [param_key]
-    if len(nets) != len(keys):
-        raise ValueError(f'save_network: {len(nets)} networks but {len(keys)} param keys.')
-    save_dict = {}
-    for net_, key in zip(nets, keys):
-        state = self.get_bare_model(net_).state_dict()
-        save_dict[key] = {(k[7:] if k.startswith('module.') else k): v.cpu() for k, v in state.items()}
-    atomic_torch_save(save_dict, os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
-
-
 def rng_states():
     """This process's RNG states (Python, NumPy, torch CPU, every CUDA device), as weights-only-loadable values."""
     import numpy as np
@@ -179,20 +163,6 @@ def _all_rng_states():
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, own)  # transport only; what is stored is tensors and plain values
     return gathered
-
-
-def _save_training_state(self, epoch, current_iter):
-    """``BaseModel.save_training_state``: every rank's RNG states, rank 0 writes atomically, all wait."""
-    if current_iter != -1:
-        rngs = _all_rng_states()  # collective: every rank takes part
-        if is_main_process():
-            state = {'epoch': epoch, 'iter': current_iter,
-                     'optimizers': [o.state_dict() for o in self.optimizers],
-                     'schedulers': [s.state_dict() for s in self.schedulers],
-                     'rng': rngs, 'world_size': len(rngs),
-                     'batch_size_per_gpu': int(self.opt['datasets']['train'].get('batch_size_per_gpu', 1))}
-            atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
-    wait_for_all_ranks()
 
 
 def _network_files(opt, resume_iter):
@@ -349,20 +319,6 @@ def _init_dist_slurm(backend=None, port=None):
     dist.init_process_group(backend=_distributed_backend())
 
 
-def _model_to_device(self, net):
-    """``BaseModel.model_to_device`` that wraps DDP with ``device_ids`` only on CUDA."""
-    import torch
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-    net = net.to(self.device)
-    if self.opt['dist']:
-        find_unused = self.opt.get('find_unused_parameters', False)
-        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
-        net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
-    elif self.opt['num_gpu'] > 1:
-        net = DataParallel(net)
-    return net
-
-
 def _registry_get(self, name, suffix='basicsr'):
     obj = self._obj_map.get(name)
     if obj is None and suffix:
@@ -373,12 +329,6 @@ def _registry_get(self, name, suffix='basicsr'):
         raise KeyError(f"No object named '{name}' found in the '{self._name}' registry.{hint} "
                        f"Check the 'type' in the option file, or import the module that registers it.")
     return obj
-
-
-def _get_optimizer(self, optim_type, params, lr, **kwargs):
-    """``BaseModel.get_optimizer`` through :func:`dspo_basicsr.utils.optimizers.build_optimizer`."""
-    from dspo_basicsr.utils.optimizers import build_optimizer
-    return build_optimizer(optim_type, params, lr, **kwargs)
 
 
 def _with_dataset_collate(build_dataloader):
@@ -405,16 +355,11 @@ def apply():
     import basicsr.train
     import basicsr.utils.dist_util as dist_util
     import basicsr.utils.options as options
-    from basicsr.models.base_model import BaseModel
     from basicsr.utils.registry import Registry
 
     options.ordered_yaml = safe_ordered_yaml
     dist_util._init_dist_pytorch = _init_dist_pytorch
     dist_util._init_dist_slurm = _init_dist_slurm
-    BaseModel.model_to_device = _model_to_device
-    BaseModel.get_optimizer = _get_optimizer
-    BaseModel.save_network = _save_network
-    BaseModel.save_training_state = _save_training_state
     options._postprocess_yml_value = _postprocess_yml_value
     import basicsr.metrics
     from basicsr.utils.registry import METRIC_REGISTRY

@@ -229,6 +229,18 @@ def resume_sampler(opt, sampler, resume_state):
     sampler.resume_at(resume_state['epoch'], resume_state['iter'], resume_state.get('batch_size_per_gpu'), rng)
 
 
+def build_model(opt):
+    """``basicsr.models.build_model``, with :class:`~dspo_basicsr.models.base_model.DSPOBaseModel` in front of a
+    BasicSR model class (rank-0 atomic checkpoints, exact-resume states, any optimizer, DDP on CPU)."""
+    from dspo_basicsr.models.base_model import with_plugin_base
+
+    from basicsr.utils import get_root_logger
+    from basicsr.utils.registry import MODEL_REGISTRY
+    model = with_plugin_base(MODEL_REGISTRY.get(opt['model_type']))(opt)
+    get_root_logger().info(f'Model [{model.__class__.__name__}] is created.')
+    return model
+
+
 def parse_options(root_path, opt, args, is_train=True):
     """``basicsr.utils.options.parse_options`` for an option dict already read and overridden by ``--force_yml``.
 
@@ -318,7 +330,6 @@ def train_pipeline(root_path, opt, args):
     from dspo_basicsr.compat import load_resume_state
 
     from basicsr.data.prefetch_dataloader import CPUPrefetcher, CUDAPrefetcher
-    from basicsr.models import build_model
     from basicsr.train import init_tb_loggers
     from basicsr.utils import (
         AvgTimer,

@@ -186,3 +186,40 @@ def _alive(pid):
             return f.read().split(')')[-1].split()[0] != 'Z'
     except FileNotFoundError:
         return False
+
+
+#: BasicSR's own ``basicsr.train`` on the option file in argv[1], with or without ``import dspo_basicsr``
+BASICSR_TRAIN = '''
+import os, sys
+if sys.argv[2] == 'plugin':
+    import dspo_basicsr  # noqa: F401
+else:  # the one shim basicsr 1.4.2 needs to import on today's torchvision, as compat applies it
+    from torchvision.transforms import _functional_tensor
+    sys.modules['torchvision.transforms.functional_tensor'] = _functional_tensor
+from basicsr.train import train_pipeline
+sys.argv = ['basicsr', '-opt', sys.argv[1]]
+train_pipeline(os.getcwd())
+'''
+
+
+def test_import_dspo_basicsr_leaves_a_basicsr_srmodel_run_as_it_was(tmp_path, paired_folders):
+    script = tmp_path / 'basicsr_train.py'
+    script.write_text(BASICSR_TRAIN)
+    trees = {}
+    for mode in ('bare', 'plugin'):
+        cwd = tmp_path / mode
+        cwd.mkdir()
+        opt_file = write_options(cwd / 'msr.yml', augmenting_options(paired_folders, 'srmodel', 4, 2))
+        run = subprocess.run([sys.executable, str(script), opt_file, mode], cwd=cwd, env=cli_env(),
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        exp = cwd / 'experiments' / 'srmodel'
+        trees[mode] = {str(p.relative_to(exp)): p.read_bytes() for p in exp.rglob('*')
+                       if p.is_file() and p.suffix in ('.pth', '.state')}
+        trees[mode]['files'] = sorted(str(p.relative_to(exp)) for p in exp.rglob('*') if p.suffix != '.log')
+    assert trees['bare'].keys() == trees['plugin'].keys()
+    assert trees['bare']['files'] == ['models', 'models/net_g_2.pth', 'models/net_g_4.pth',
+                                      'models/net_g_latest.pth', 'msr.yml', 'training_states',
+                                      'training_states/2.state', 'training_states/4.state', 'visualization']
+    for name in trees['bare']:
+        assert trees['bare'][name] == trees['plugin'][name], f'{name} differs with import dspo_basicsr'

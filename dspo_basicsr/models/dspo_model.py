@@ -26,6 +26,7 @@ from dspo_basicsr.losses.preference_loss import (
 )
 from dspo_basicsr.metrics.metric_table import MissingWeightsError
 from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
+from dspo_basicsr.models.base_model import DSPOBaseModel
 from dspo_basicsr.models.run_summary import summary_due, write_training_curves, write_validation_summary
 from dspo_basicsr.models.trainable_ema import EMA_SCHEDULES, TrainableEMA, ema_decay_at
 from dspo_basicsr.utils.checkpoint import read_checkpoint
@@ -85,7 +86,7 @@ class AccumulationWindow:
 
 
 @MODEL_REGISTRY.register()
-class DSPOModel(SRModel):
+class DSPOModel(DSPOBaseModel, SRModel):
     """Preference fine-tuning of a registered diffusion SR framework (``network_g``).
 
     Its options are :attr:`option_schema` (BasicSR's plus the ones below; the table is in ``docs/options.md``).
