@@ -1,30 +1,26 @@
-"""Every adaptation of basicsr 1.4.2 to today's torch / torchvision, to CPU machines and to safe YAML.
+"""What basicsr 1.4.2 needs on today's torch / torchvision, and the helpers our pipeline shares.
 
-basicsr 1.4.2 was written for torch 1.x on CUDA. This module is the one place that adapts it; nothing
-else in the project patches basicsr. :func:`apply` is idempotent and runs on ``import dspo_basicsr``.
+:func:`apply` runs on ``import dspo_basicsr`` and is idempotent. It patches no BasicSR class: the base model
+behaviour (rank-0 atomic checkpoints, exact-resume states, any optimizer, DDP on CPU) is
+:class:`dspo_basicsr.models.base_model.DSPOBaseModel`, and the train loop (experiment lock, resume selection,
+resumable sampler, epochs that reach ``total_iter``, dataset ``collate_fn``, graceful stops) is
+:mod:`dspo_basicsr.train`. A BasicSR ``SRModel`` trained with ``basicsr.train`` writes the same bytes with
+and without ``import dspo_basicsr`` (``tests/test_train_pipeline.py``).
 
-Adaptations:
+Still applied by :func:`apply` (moving them is open work):
     * ``torchvision.transforms.functional_tensor`` (removed in torchvision 0.17) is aliased to its
-      successor before basicsr is imported.
-    * Option files are read with a safe, ordered YAML loader: a Python tag is an error.
-    * ``--auto_resume`` / ``path.resume_state`` load training states on the machine's device, with
-      ``weights_only=True``.
-    * ``--launcher pytorch|slurm`` uses nccl with CUDA and gloo without, and the process's
-      ``LOCAL_RANK`` for its GPU.
-    * DistributedDataParallel is built without CUDA ``device_ids`` on CPU.
+      successor before basicsr is imported (basicsr 1.4.2 does not import without it).
+    * BasicSR's option reader uses a safe, ordered YAML loader (a Python tag is an error), and ``--force_yml``
+      values are read as YAML literals (1.4.2 ``eval``s them): ``basicsr test`` still runs BasicSR's
+      ``parse_options``.
+    * ``--launcher pytorch|slurm`` uses nccl with CUDA and gloo without, and the process's ``LOCAL_RANK``.
     * A registry lookup that fails names the registry and the closest registered names.
-    * A dataset that defines ``collate_fn`` gets it in BasicSR's data loaders.
-    * ``optim_g.type`` may name any ``torch.optim`` optimizer (1.4.2 knows only Adam).
-    * Checkpoints: only rank 0 writes networks and training states, each to a temporary name that is flushed
-      and renamed, and every rank waits at a barrier until they are complete (:func:`atomic_torch_save`).
-    * ``--auto_resume`` takes the newest state whose own file and matching network files load, and says in
-      one line which newer files it skipped and why (:func:`load_resume_state`).
-    * Exact resume: a state carries every rank's RNG states (Python, NumPy, torch CPU and CUDA) and the
-      sampler's epoch; our train pipeline's sampler (``dspo_basicsr.train.ResumableSampler``) skips the
-      batches of that epoch already trained on and restores
-      the RNG states just before the first batch is drawn, so the run continues the same sequence.
-    * ``--force_yml`` values are read as YAML literals (1.4.2 ``eval``s them).
+    * A dataset that defines ``collate_fn`` gets it in BasicSR's data loaders (``basicsr test``).
     * ``calculate_niqe`` refuses images under :data:`NIQE_MIN_SIZE` px with a message (1.4.2's SVD fails).
+
+Helpers used by the models and :mod:`dspo_basicsr.train`: :func:`atomic_torch_save`, :func:`rng_states`,
+:func:`newest_usable_state` / :func:`load_resume_state` (``--auto_resume`` takes the newest state whose own
+file and network files load and names in one line the newer ones it skipped).
 """
 import collections
 import difflib
