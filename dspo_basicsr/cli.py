@@ -1,4 +1,4 @@
-"""The ``basicsr`` command: BasicSR's train and test pipelines with the plugin registered.
+"""The ``basicsr`` command: our train pipeline (:mod:`dspo_basicsr.train`) and BasicSR's test pipeline.
 
 Usage::
 
@@ -105,22 +105,25 @@ def main(argv=None):
               file=sys.stderr)
 
     import dspo_basicsr  # noqa: F401  (adapts basicsr and fills its registries)
-    sys.argv = basicsr_argv
     from dspo_basicsr.compat import ResumeStateError
     from dspo_basicsr.metrics.metric_table import MissingWeightsError
+    from dspo_basicsr.train import AllUpdatesSkippedError, ExperimentLockedError
     root_path = os.getcwd()
     try:
         if args.command == 'train':
-            from basicsr.train import train_pipeline
-            train_pipeline(root_path)
-        else:
-            from basicsr.test import test_pipeline
-            test_pipeline(root_path)
-    except (MissingWeightsError, ResumeStateError) as err:  # found at start, before any iteration
+            from dspo_basicsr.train import train_pipeline
+            sys.argv = basicsr_argv  # copy_opt_file writes the command into the copied option file
+            return train_pipeline(root_path, opt, args)
+        sys.argv = basicsr_argv
+        from basicsr.test import test_pipeline
+        test_pipeline(root_path)
+    except (MissingWeightsError, ResumeStateError, ExperimentLockedError) as err:  # before any iteration
         print(f'basicsr {args.command}: error: {err}', file=sys.stderr)
         return 2
+    except AllUpdatesSkippedError as err:
+        print(f'basicsr {args.command}: error: {err}', file=sys.stderr)
+        return 1
     return 0
-
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -1,30 +1,26 @@
-"""Every adaptation of basicsr 1.4.2 to today's torch / torchvision, to CPU machines and to safe YAML.
+"""What basicsr 1.4.2 needs on today's torch / torchvision, and the helpers our pipeline shares.
 
-basicsr 1.4.2 was written for torch 1.x on CUDA. This module is the one place that adapts it; nothing
-else in the project patches basicsr. :func:`apply` is idempotent and runs on ``import dspo_basicsr``.
+:func:`apply` runs on ``import dspo_basicsr`` and is idempotent. It patches no BasicSR class: the base model
+behaviour (rank-0 atomic checkpoints, exact-resume states, any optimizer, DDP on CPU) is
+:class:`dspo_basicsr.models.base_model.DSPOBaseModel`, and the train loop (experiment lock, resume selection,
+resumable sampler, epochs that reach ``total_iter``, dataset ``collate_fn``, graceful stops) is
+:mod:`dspo_basicsr.train`. A BasicSR ``SRModel`` trained with ``basicsr.train`` writes the same bytes with
+and without ``import dspo_basicsr`` (``tests/test_train_pipeline.py``).
 
-Adaptations:
+Still applied by :func:`apply` (moving them is open work):
     * ``torchvision.transforms.functional_tensor`` (removed in torchvision 0.17) is aliased to its
-      successor before basicsr is imported.
-    * Option files are read with a safe, ordered YAML loader: a Python tag is an error.
-    * ``--auto_resume`` / ``path.resume_state`` load training states on the machine's device, with
-      ``weights_only=True``.
-    * ``--launcher pytorch|slurm`` uses nccl with CUDA and gloo without, and the process's
-      ``LOCAL_RANK`` for its GPU.
-    * DistributedDataParallel is built without CUDA ``device_ids`` on CPU.
+      successor before basicsr is imported (basicsr 1.4.2 does not import without it).
+    * BasicSR's option reader uses a safe, ordered YAML loader (a Python tag is an error), and ``--force_yml``
+      values are read as YAML literals (1.4.2 ``eval``s them): ``basicsr test`` still runs BasicSR's
+      ``parse_options``.
+    * ``--launcher pytorch|slurm`` uses nccl with CUDA and gloo without, and the process's ``LOCAL_RANK``.
     * A registry lookup that fails names the registry and the closest registered names.
-    * A dataset that defines ``collate_fn`` gets it in BasicSR's data loaders.
-    * ``optim_g.type`` may name any ``torch.optim`` optimizer (1.4.2 knows only Adam).
-    * Checkpoints: only rank 0 writes networks and training states, each to a temporary name that is flushed
-      and renamed, and every rank waits at a barrier until they are complete (:func:`atomic_torch_save`).
-    * ``--auto_resume`` takes the newest state whose own file and matching network files load, and says in
-      one line which newer files it skipped and why (:func:`load_resume_state`).
-    * Exact resume: a state carries every rank's RNG states (Python, NumPy, torch CPU and CUDA) and the
-      sampler's epoch; the resumed sampler skips the batches of that epoch already trained on and restores
-      the RNG states just before the first batch is drawn, so the run continues the same sequence.
-    * ``--force_yml`` values are read as YAML literals (1.4.2 ``eval``s them).
-    * Training runs enough epochs to reach ``train.total_iter`` (1.4.2 counts the dropped last batch).
+    * A dataset that defines ``collate_fn`` gets it in BasicSR's data loaders (``basicsr test``).
     * ``calculate_niqe`` refuses images under :data:`NIQE_MIN_SIZE` px with a message (1.4.2's SVD fails).
+
+Helpers used by the models and :mod:`dspo_basicsr.train`: :func:`atomic_torch_save`, :func:`rng_states`,
+:func:`newest_usable_state` / :func:`load_resume_state` (``--auto_resume`` takes the newest state whose own
+file and network files load and names in one line the newer ones it skipped).
 """
 import collections
 import difflib
@@ -125,22 +121,6 @@ def gather_in_sample_order(results):
     return [result for _, result in sorted(results, key=lambda r: r[0])]
 
 
-def _save_network(self, net, net_label, current_iter, param_key='params'):
-    """``BaseModel.save_network``: rank 0 only, atomic (1.4.2 writes in place)."""
-    if not is_main_process():
-        return
-    label = 'latest' if current_iter == -1 else current_iter
-    nets = net if isinstance(net, list) else [net]
-    keys = param_key if isinstance(param_key, list) else [param_key]
-    if len(nets) != len(keys):
-        raise ValueError(f'save_network: {len(nets)} networks but {len(keys)} param keys.')
-    save_dict = {}
-    for net_, key in zip(nets, keys):
-        state = self.get_bare_model(net_).state_dict()
-        save_dict[key] = {(k[7:] if k.startswith('module.') else k): v.cpu() for k, v in state.items()}
-    atomic_torch_save(save_dict, os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
-
-
 def rng_states():
     """This process's RNG states (Python, NumPy, torch CPU, every CUDA device), as weights-only-loadable values."""
     import numpy as np
@@ -179,23 +159,6 @@ def _all_rng_states():
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, own)  # transport only; what is stored is tensors and plain values
     return gathered
-
-
-_train_sampler_epoch = {'epoch': None}
-
-
-def _save_training_state(self, epoch, current_iter):
-    """``BaseModel.save_training_state``: every rank's RNG states, rank 0 writes atomically, all wait."""
-    if current_iter != -1:
-        rngs = _all_rng_states()  # collective: every rank takes part
-        if is_main_process():
-            state = {'epoch': epoch, 'iter': current_iter,
-                     'optimizers': [o.state_dict() for o in self.optimizers],
-                     'schedulers': [s.state_dict() for s in self.schedulers],
-                     'rng': rngs, 'world_size': len(rngs),
-                     'batch_size_per_gpu': int(self.opt['datasets']['train'].get('batch_size_per_gpu', 1))}
-            atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
-    wait_for_all_ranks()
 
 
 def _network_files(opt, resume_iter):
@@ -256,15 +219,11 @@ def newest_usable_state(opt, state_dir):
     return None, skipped
 
 
-_pending_resume = {}
-
-
 def load_resume_state(opt):
-    """Device-aware, weights-only replacement of ``basicsr.train.load_resume_state`` with a fallback.
+    """Device-aware, weights-only ``basicsr.train.load_resume_state`` with a fallback (used by our pipeline).
 
     With ``--auto_resume`` the newest state that loads, together with its network files, is taken; newer
-    ones that do not are named in one printed line. The state's RNG states and epoch position are kept for
-    the train sampler (exact resume).
+    ones that do not are named in one printed line.
     """
     import torch
 
@@ -289,37 +248,7 @@ def load_resume_state(opt):
         return None
     resume_state = torch.load(resume_state_path, map_location=training_device(), weights_only=True)
     check_resume(opt, resume_state['iter'])
-    _pending_resume.clear()
-    rngs = resume_state.get('rng')
-    if rngs and len(rngs) == opt.get('world_size', 1):
-        _pending_resume.update(rng=rngs[opt.get('rank', 0)])
-    elif rngs and opt.get('rank', 0) == 0:
-        print(f"resume: the state was written by {len(rngs)} processes, this run has {opt.get('world_size', 1)}; "
-              'RNG states are not restored (batches and noise differ from the interrupted run).', flush=True)
-    _pending_resume.update(epoch=resume_state['epoch'], iter=resume_state['iter'],
-                           batch_size=resume_state.get('batch_size_per_gpu'))
     return resume_state
-
-
-def _enlarged_sampler_iter(self):
-    """``EnlargedSampler.__iter__`` that, in the epoch a run resumes in, skips the batches already trained on
-    and restores the RNG states just before the first batch is drawn (lazily: the loader draws its own seed
-    between ``iter`` and the first batch, which the interrupted run did not do mid-epoch)."""
-    import torch
-    g = torch.Generator()
-    g.manual_seed(self.epoch)
-    indices = torch.randperm(self.total_size, generator=g).tolist()
-    indices = [v % len(self.dataset) for v in indices][self.rank:self.total_size:self.num_replicas]
-    pending = _pending_resume
-    if pending and pending.get('epoch') == self.epoch and pending.get('batch_size'):
-        per_epoch = self.num_samples // pending['batch_size']  # the train loader drops the last partial batch
-        done = pending['iter'] - self.epoch * per_epoch
-        if 0 <= done <= per_epoch:
-            indices = indices[done * pending['batch_size']:]
-        if 'rng' in pending:
-            set_rng_states(pending['rng'])
-        pending.clear()
-    yield from indices
 
 
 #: BasicSR's NIQE fits a Gaussian to 96-px block features of the image and of its half; below this side
@@ -338,22 +267,6 @@ def _niqe_with_min_size(calculate_niqe):
 
     import functools
     return functools.update_wrapper(calculate, calculate_niqe)  # still BasicSR's metric (name, module, doc)
-
-
-def _with_epochs_that_reach_total_iter(create_train_val_dataloader):
-    """BasicSR counts ``ceil(len(set) / batch)`` iterations an epoch, but its train loader drops the last
-    partial batch; with fewer epochs than needed a run (and a resumed one) ends before ``total_iter``."""
-    import math
-
-    def create(opt, logger):
-        train_loader, train_sampler, val_loaders, total_epochs, total_iters = create_train_val_dataloader(opt, logger)
-        per_epoch = len(train_loader) if train_loader is not None else 0
-        if per_epoch:
-            total_epochs = max(total_epochs, math.ceil(total_iters / per_epoch))
-        return train_loader, train_sampler, val_loaders, total_epochs, total_iters
-
-    create.__wrapped__ = create_train_val_dataloader
-    return create
 
 
 def _postprocess_yml_value(value):
@@ -402,20 +315,6 @@ def _init_dist_slurm(backend=None, port=None):
     dist.init_process_group(backend=_distributed_backend())
 
 
-def _model_to_device(self, net):
-    """``BaseModel.model_to_device`` that wraps DDP with ``device_ids`` only on CUDA."""
-    import torch
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-    net = net.to(self.device)
-    if self.opt['dist']:
-        find_unused = self.opt.get('find_unused_parameters', False)
-        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
-        net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
-    elif self.opt['num_gpu'] > 1:
-        net = DataParallel(net)
-    return net
-
-
 def _registry_get(self, name, suffix='basicsr'):
     obj = self._obj_map.get(name)
     if obj is None and suffix:
@@ -426,12 +325,6 @@ def _registry_get(self, name, suffix='basicsr'):
         raise KeyError(f"No object named '{name}' found in the '{self._name}' registry.{hint} "
                        f"Check the 'type' in the option file, or import the module that registers it.")
     return obj
-
-
-def _get_optimizer(self, optim_type, params, lr, **kwargs):
-    """``BaseModel.get_optimizer`` through :func:`dspo_basicsr.utils.optimizers.build_optimizer`."""
-    from dspo_basicsr.utils.optimizers import build_optimizer
-    return build_optimizer(optim_type, params, lr, **kwargs)
 
 
 def _with_dataset_collate(build_dataloader):
@@ -458,22 +351,12 @@ def apply():
     import basicsr.train
     import basicsr.utils.dist_util as dist_util
     import basicsr.utils.options as options
-    from basicsr.data.data_sampler import EnlargedSampler
-    from basicsr.models.base_model import BaseModel
     from basicsr.utils.registry import Registry
 
     options.ordered_yaml = safe_ordered_yaml
-    basicsr.train.load_resume_state = load_resume_state
     dist_util._init_dist_pytorch = _init_dist_pytorch
     dist_util._init_dist_slurm = _init_dist_slurm
-    BaseModel.model_to_device = _model_to_device
-    BaseModel.get_optimizer = _get_optimizer
-    BaseModel.save_network = _save_network
-    BaseModel.save_training_state = _save_training_state
-    EnlargedSampler.__iter__ = _enlarged_sampler_iter
     options._postprocess_yml_value = _postprocess_yml_value
-    basicsr.train.create_train_val_dataloader = _with_epochs_that_reach_total_iter(
-        basicsr.train.create_train_val_dataloader)
     import basicsr.metrics
     from basicsr.utils.registry import METRIC_REGISTRY
     niqe = _niqe_with_min_size(METRIC_REGISTRY._obj_map['calculate_niqe'])

@@ -51,7 +51,8 @@ def run_cli_refusal(args, cwd):
     previous = os.getcwd()
     os.chdir(cwd)
     try:
-        with mock.patch('basicsr.train.train_pipeline', reached), mock.patch('basicsr.test.test_pipeline', reached), \
+        with mock.patch('dspo_basicsr.train.train_pipeline', reached), \
+                mock.patch('basicsr.test.test_pipeline', reached), \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = cli.main(list(args))

@@ -107,22 +107,21 @@ def test_resumed_sampler_skips_the_trained_batches_and_restores_rng_before_the_f
     import random
 
     from dspo_basicsr import compat
-
-    from basicsr.data.data_sampler import EnlargedSampler
-    sampler = EnlargedSampler(list(range(12)), num_replicas=1, rank=0)
+    from dspo_basicsr.train import ResumableSampler
+    sampler = ResumableSampler(list(range(12)), num_replicas=1, rank=0)
     sampler.set_epoch(1)
     whole = list(sampler)
     random.seed(5)
     saved = compat.rng_states()
     expected = random.random()
-    compat._pending_resume.update(epoch=1, iter=12 // 2 + 2, batch_size=2, rng=saved)
+    sampler.resume_at(epoch=1, current_iter=12 // 2 + 2, batch_size=2, rng=saved)
     random.seed(0)
     resumed = iter(sampler)
     random.seed(1)  # what the loader draws between iter() and the first batch is overwritten
     assert next(resumed) == whole[4]
     assert random.random() == expected
     assert list(resumed) == whole[5:]
-    assert not compat._pending_resume and list(sampler) == whole
+    assert sampler.pending is None and list(sampler) == whole
 
 
 def test_missing_pyiqa_weights_fail_before_the_first_iteration_in_one_report(tmp_path):

@@ -26,6 +26,7 @@ from dspo_basicsr.losses.preference_loss import (
 )
 from dspo_basicsr.metrics.metric_table import MissingWeightsError
 from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
+from dspo_basicsr.models.base_model import DSPOBaseModel
 from dspo_basicsr.models.run_summary import summary_due, write_training_curves, write_validation_summary
 from dspo_basicsr.models.trainable_ema import EMA_SCHEDULES, TrainableEMA, ema_decay_at
 from dspo_basicsr.utils.checkpoint import read_checkpoint
@@ -85,7 +86,7 @@ class AccumulationWindow:
 
 
 @MODEL_REGISTRY.register()
-class DSPOModel(SRModel):
+class DSPOModel(DSPOBaseModel, SRModel):
     """Preference fine-tuning of a registered diffusion SR framework (``network_g``).
 
     Its options are :attr:`option_schema` (BasicSR's plus the ones below; the table is in ``docs/options.md``).
@@ -206,6 +207,7 @@ class DSPOModel(SRModel):
         self.max_nonfinite = option(self.opt, 'train.max_nonfinite_steps')
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.updates_applied = 0  # the train pipeline fails a run that skipped every update
         self.accumulate = option(self.opt, 'train.accumulate_grad_batches')
         self.window = None
         self.log_dict = OrderedDict()  # filled at the end of each window; empty until the first update
@@ -481,6 +483,7 @@ class DSPOModel(SRModel):
             self._skip_update(current_iter, 'gradient')
             return
         self.optimizer_g.step()
+        self.updates_applied += 1
         if self.net_g_ema is not None:  # the update's number comes from the iteration, so a resume continues it
             self.net_g_ema.update(self.bare, ema_decay_at(self.ema_decay, current_iter // k, self.ema_schedule))
         self.nonfinite_in_row = 0

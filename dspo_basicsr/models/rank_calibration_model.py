@@ -30,18 +30,18 @@ from dspo_basicsr.compat import atomic_torch_save
 from dspo_basicsr.data.iqa_list_dataset import TwoAFCPairDataset
 from dspo_basicsr.metrics.two_afc import human_ceiling, model_choice, oracle_ceiling, two_afc_score
 from dspo_basicsr.models.backbone_feature_cache import BackboneFeatureCache
+from dspo_basicsr.models.base_model import DSPOBaseModel
 from dspo_basicsr.utils.option_schema import BASICSR_MODEL_OPTIONS, Option
 
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
-from basicsr.models.base_model import BaseModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import get_dist_info, master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 
 @MODEL_REGISTRY.register()
-class RankCalibrationModel(BaseModel):
+class RankCalibrationModel(DSPOBaseModel):
     """Frozen IQA backbone + trainable rectifier, trained on model rankings and MOS pairs."""
 
     #: every option this model reads: checked at start (dspo_basicsr.option_check), defaults read from here
