@@ -10,12 +10,13 @@ Here the lagged copy is a snapshot of the policy's *trainable* weights only; eve
 encoder, the frozen UNet under LoRA) is shared with the policy, so the copy costs one copy of the trained
 parameters. It is swapped into the policy for sampling by exchanging parameter storages (no copy).
 """
-import contextlib
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from dspo_basicsr.models.trainable_ema import parameters_swapped
 
 # 'dpmsolver++': the sampler Diffusion-DRO's authors draw online samples with (basiclab/DiffusionDRO train.py,
 # --buffer_scheduler DPMSolver++, 20 steps), diffusers' DPMSolverMultistepScheduler (algorithm dpmsolver++).
@@ -43,25 +44,12 @@ class LaggedPolicy:
         self.version += 1
         self.synced_iter = current_iter
 
-    @contextlib.contextmanager
     def swapped_into(self, framework):
         """Inside the block, ``framework`` runs with the lagged weights (storages exchanged, not copied)."""
         if self.state is None:
             raise RuntimeError('the lagged copy has not been synced yet; call sync(framework, iteration) first.')
         params = {name: p for name, p in framework.named_parameters() if p.requires_grad}
-        if set(params) != set(self.state):
-            raise KeyError(f'the lagged copy holds {len(self.state)} parameters but {type(framework).__name__} trains '
-                           f'{len(params)}; they must be the same set.')
-
-        def exchange():
-            for name, param in params.items():
-                param.data, self.state[name] = self.state[name], param.data
-
-        exchange()
-        try:
-            yield framework
-        finally:
-            exchange()
+        return parameters_swapped(framework, params, self.state, 'the lagged copy')
 
 
 def make_sampling_scheduler(framework, sampler):

@@ -69,20 +69,34 @@ class TrainableEMA:
         for name, value in state_dict.items():
             self.state[name].copy_(value)
 
-    @contextlib.contextmanager
     def swapped_into(self, framework):
         """Inside the block, ``framework`` runs with the averaged weights (storages exchanged, not copied)."""
-        params = _trained_parameters(framework)
-        if set(params) != set(self.state):
-            raise KeyError(f'the EMA holds {len(self.state)} parameters but {type(framework).__name__} trains '
-                           f'{len(params)}; they must be the same set.')
+        return parameters_swapped(framework, _trained_parameters(framework), self.state, 'the EMA')
 
-        def exchange():
-            for name, param in params.items():
-                param.data, self.state[name] = self.state[name], param.data
 
+@contextlib.contextmanager
+def parameters_swapped(framework, params, state, holder):
+    """Inside the block, the trained parameters ``params`` of ``framework`` hold the tensors of ``state``.
+
+    The storages are exchanged, not copied, and exchanged back on exit (also after an error), so a copy of the
+    trained weights (an EMA, a lagged policy) costs no second copy while it runs.
+
+    Args:
+        framework (nn.Module): The network whose parameters are swapped.
+        params (dict[str, Parameter]): Its trained parameters by name.
+        state (dict[str, Tensor]): The tensors to run with, by the same names (exchanged in place).
+        holder (str): What holds ``state``, for the error message.
+    """
+    if set(params) != set(state):
+        raise KeyError(f'{holder} holds {len(state)} parameters but {type(framework).__name__} trains '
+                       f'{len(params)}; they must be the same set.')
+
+    def exchange():
+        for name, param in params.items():
+            param.data, state[name] = state[name], param.data
+
+    exchange()
+    try:
+        yield framework
+    finally:
         exchange()
-        try:
-            yield framework
-        finally:
-            exchange()
