@@ -11,6 +11,30 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: a ``basicsr`` CLI run with ``action`` executed right after the optimizer step of iteration ``at``
+AFTER_STEP = '''
+import os, signal, sys, time
+import dspo_basicsr  # noqa: F401
+from basicsr.utils.registry import MODEL_REGISTRY
+from dspo_basicsr.cli import main
+model_class = MODEL_REGISTRY.get('{model}')
+step = model_class.optimize_parameters
+def step_then_act(self, current_iter):
+    step(self, current_iter)
+    if current_iter == {at}:
+        {action}
+model_class.optimize_parameters = step_then_act
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def after_step_script(tmp_path, action, at, model='SRModel'):
+    """The path of a script that runs the CLI with ``action`` (one line) after the step of iteration ``at``."""
+    script = tmp_path / f'after_step_{at}.py'
+    script.write_text(AFTER_STEP.format(model=model, at=at, action=action))
+    return str(script)
+
+
 def write_options(path, opt):
     """Write an option dict as YAML (plain mappings, safe dumper) and return the path as str."""
     with open(path, 'w', encoding='utf-8') as f:

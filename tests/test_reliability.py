@@ -7,22 +7,10 @@ import pytest
 import torch
 from test_cli import msrresnet_options
 
-from conftest import run_cli, write_options
+from conftest import after_step_script, run_cli, write_options
 
-KILL_AT = '''
-import os, signal, sys
-import dspo_basicsr  # noqa: F401
-from basicsr.utils.registry import MODEL_REGISTRY
-from dspo_basicsr.cli import main
-model_class = MODEL_REGISTRY.get('{model}')
-step = model_class.optimize_parameters
-def optimize_then_die(self, current_iter):
-    step(self, current_iter)
-    if current_iter == {kill_at}:
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as a pre-empted job dies
-model_class.optimize_parameters = optimize_then_die
-sys.exit(main(sys.argv[1:]))
-'''
+#: SIGKILL after a step: no cleanup, no flush, as a pre-empted job dies
+KILL = 'os.kill(os.getpid(), signal.SIGKILL)'
 
 
 def torchrun(nproc, port):
@@ -91,9 +79,8 @@ def test_run_killed_between_checkpoints_resumes_to_the_uninterrupted_weights(tmp
     whole = write_options(tmp_path / 'whole.yml', augmenting_options(paired_folders, 'whole', 12, save_every))
     assert run_cli(['train', '-opt', whole], cwd=tmp_path).returncode == 0
     killed = write_options(tmp_path / 'killed.yml', augmenting_options(paired_folders, 'killed', 12, save_every))
-    script = tmp_path / 'kill_at.py'
-    script.write_text(KILL_AT.format(kill_at=kill_at, model='SRModel'))
-    first = run_cli(['train', '-opt', killed], cwd=tmp_path, launcher=[sys.executable, str(script)], module=False)
+    script = after_step_script(tmp_path, KILL, kill_at)
+    first = run_cli(['train', '-opt', killed], cwd=tmp_path, launcher=[sys.executable, script], module=False)
     assert first.returncode == -9
     second = run_cli(['train', '-opt', killed, '--auto_resume'], cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -198,10 +185,9 @@ def test_killed_dspo_run_resumes_to_the_same_weights_noise_and_timesteps_include
         write_options(tmp_path / f'{name}.yml', dspo_options(tiny, name=f'dspo_{name}', total_iter=6, save_every=2,
                                                               val=False))
     assert run_cli(['train', '-opt', str(tmp_path / 'whole.yml')], cwd=tmp_path).returncode == 0
-    script = tmp_path / 'kill_at.py'
-    script.write_text(KILL_AT.format(kill_at=5, model='DSPOModel'))
+    script = after_step_script(tmp_path, KILL, 5, model='DSPOModel')
     first = run_cli(['train', '-opt', str(tmp_path / 'killed.yml')], cwd=tmp_path,
-                    launcher=[sys.executable, str(script)],
+                    launcher=[sys.executable, script],
                     module=False)
     assert first.returncode == -9
     second = run_cli(['train', '-opt', str(tmp_path / 'killed.yml'), '--auto_resume'], cwd=tmp_path)

@@ -10,29 +10,11 @@ import pytest
 import torch
 from test_reliability import augmenting_options, torchrun
 
-from conftest import run_cli, write_options
-
-#: runs the CLI with ``ACTION`` executed right after the optimizer step of iteration ``AT``
-AFTER_STEP = '''
-import os, signal, sys, time
-import dspo_basicsr  # noqa: F401
-from basicsr.utils.registry import MODEL_REGISTRY
-from dspo_basicsr.cli import main
-model_class = MODEL_REGISTRY.get('{model}')
-step = model_class.optimize_parameters
-def step_then_act(self, current_iter):
-    step(self, current_iter)
-    if current_iter == {at}:
-        {action}
-model_class.optimize_parameters = step_then_act
-sys.exit(main(sys.argv[1:]))
-'''
+from conftest import after_step_script, run_cli, write_options
 
 
 def hooked(tmp_path, action, at, model='SRModel'):
-    script = tmp_path / f'after_step_{at}.py'
-    script.write_text(AFTER_STEP.format(model=model, at=at, action=action))
-    return [sys.executable, str(script)]
+    return [sys.executable, after_step_script(tmp_path, action, at, model)]
 
 
 def cli_env():

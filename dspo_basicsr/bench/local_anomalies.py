@@ -137,36 +137,12 @@ def evaluate_held_out(option_file, checkpoint, n_segments=8):
         dict: ``win_rate`` (instance win rate over the base; 0.5 for the base), ``defect_rate``
         (:func:`blotch_rate`), ``psnr`` and ``ssim`` (BasicSR, crop border 4).
     """
-    import torch
-
     import dspo_basicsr  # noqa: F401  (compat, then registration)
-    from dspo_basicsr.demo.dspo import held_out_crops, instance_win_rate, sample_as_validation
-    from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
-    from dspo_basicsr.utils.checkpoint import read_checkpoint
-    from dspo_basicsr.utils.options import read_option_file
+    from dspo_basicsr.demo.dspo import held_out_samples, instance_win_rate
 
-    from basicsr.archs import build_network
     from basicsr.metrics import calculate_psnr, calculate_ssim
 
-    def to_uint8(image):
-        return (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
-
-    opt = read_option_file(option_file)
-    sample_opt = dict(opt['val'].get('sample') or {})
-    framework = build_network(dict(opt['network_g'])).eval()
-    reference = framework.build_reference()
-    if checkpoint is not None:
-        state = read_checkpoint(checkpoint, what='the trained benchmark weights')
-        framework.load_trainable_state_dict(state, source=f"checkpoint '{checkpoint}'")
-    segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
-    current, base, gts, segs = [], [], [], []
-    with torch.no_grad():
-        for _, gt, lq in held_out_crops(opt, 'local anomalies: held-out crops'):
-            current.append(to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
-            with reference.sampling():
-                base.append(to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
-            gts.append(gt)
-            segs.append(segment_instances(segmenter, gt, min_area=16))
+    current, base, gts, segs = held_out_samples(option_file, checkpoint, n_segments, 'local anomalies: held-out crops')
     return dict(win_rate=instance_win_rate(current, base, gts, segs)['win_rate'],
                 defect_rate=blotch_rate(current, gts, segs),
                 psnr=float(np.mean([calculate_psnr(i, g, crop_border=4) for i, g in zip(current, gts)])),

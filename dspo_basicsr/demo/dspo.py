@@ -468,12 +468,50 @@ def held_out_crops(opt, desc):
 
 
 @torch.no_grad()
+def held_out_samples(option_file, checkpoint, n_segments=8, description='held-out crops'):
+    """Samples of a demo model and of its pretrained base on the held-out crops, with the GTs' instances.
+
+    Both sample every ``val`` LQ of the option file's image validation set with its ``val.sample`` settings;
+    instances are SLIC segments of the GT (as in the demo set).
+
+    Args:
+        option_file (str): A demo training option file (``options/demo/dspo_demo.yml``).
+        checkpoint (str | None): ``net_g_*.pth`` written by that run; None: the pretrained base itself.
+        n_segments (int): SLIC segments per GT.
+        description (str): The progress bar's label.
+
+    Returns:
+        tuple[list, list, list, list]: Trained samples, base samples, GTs (uint8 HWC) and label maps.
+    """
+    from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
+    from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
+    from dspo_basicsr.utils.checkpoint import read_checkpoint
+    from dspo_basicsr.utils.options import read_option_file
+
+    from basicsr.archs import build_network
+
+    opt = read_option_file(option_file)
+    sample_opt = resolve_sample_options(opt['val'].get('sample'))  # a protocol preset expanded
+    framework = build_network(dict(opt['network_g'])).eval()
+    reference = framework.build_reference()
+    if checkpoint is not None:
+        state = read_checkpoint(checkpoint, what='the trained demo weights')
+        framework.load_trainable_state_dict(state, source=f"checkpoint '{checkpoint}'")
+    segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
+    current, pretrained, gts, segs = [], [], [], []
+    for _, gt, lq in held_out_crops(opt, description):
+        current.append(_to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
+        with reference.sampling():
+            pretrained.append(_to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
+        gts.append(gt)
+        segs.append(segment_instances(segmenter, gt, min_area=16))
+    return current, pretrained, gts, segs
+
+
 def held_out_win_rate(option_file, checkpoint, n_segments=8):
     """Instance win rate of a trained demo model over its pretrained base on the held-out crops.
 
-    Both sample every ``val`` LQ of the option file's image validation set with its ``val.sample``
-    settings; instances are SLIC segments of the GT (as in the demo set), judged by
-    :func:`instance_win_rate`.
+    Samples as :func:`held_out_samples`; instances are judged by :func:`instance_win_rate`.
 
     Args:
         option_file (str): A demo training option file (``options/demo/dspo_demo.yml``).
@@ -482,28 +520,9 @@ def held_out_win_rate(option_file, checkpoint, n_segments=8):
     Returns:
         dict: :func:`instance_win_rate`'s counts plus ``psnr_trained`` / ``psnr_pretrained`` (mean, dB).
     """
-    from dspo_basicsr.preference.segmentation import SLICSegmenter, segment_instances
-    from dspo_basicsr.utils.checkpoint import read_checkpoint
-    from dspo_basicsr.utils.options import read_option_file
-
-    from basicsr.archs import build_network
     from basicsr.metrics import calculate_psnr
 
-    opt = read_option_file(option_file)
-    from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
-    sample_opt = resolve_sample_options(opt['val'].get('sample'))  # a protocol preset expanded
-    framework = build_network(dict(opt['network_g'])).eval()
-    reference = framework.build_reference()
-    state = read_checkpoint(checkpoint, what='the trained demo weights')
-    framework.load_trainable_state_dict(state, source=f"checkpoint '{checkpoint}'")
-    segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
-    current, pretrained, gts, segs = [], [], [], []
-    for _, gt, lq in held_out_crops(opt, 'held-out win rate'):
-        current.append(_to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
-        with reference.sampling():
-            pretrained.append(_to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
-        gts.append(gt)
-        segs.append(segment_instances(segmenter, gt, min_area=16))
+    current, pretrained, gts, segs = held_out_samples(option_file, checkpoint, n_segments, 'held-out win rate')
     result = instance_win_rate(current, pretrained, gts, segs)
     for key, images in (('psnr_trained', current), ('psnr_pretrained', pretrained)):
         result[key] = float(np.mean([calculate_psnr(i, g, crop_border=4) for i, g in zip(images, gts)]))
