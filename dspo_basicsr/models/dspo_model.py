@@ -205,6 +205,7 @@ class DSPOModel(DSPOBaseModel, SRModel):
         low, high = option(self.opt, 'train.timestep_range') or schedule
         self.timestep_range = (int(low), int(high))
         self.max_nonfinite = option(self.opt, 'train.max_nonfinite_steps')
+        self.max_grad_norm = option(self.opt, 'train.grad_clip') or math.inf
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.updates_applied = 0  # the train pipeline fails a run that skipped every update
@@ -477,8 +478,7 @@ class DSPOModel(DSPOBaseModel, SRModel):
         if not window.finite:
             self._skip_update(current_iter, 'loss')
             return
-        max_norm = self.option_schema.value(self.opt, 'train.grad_clip') or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, self.max_grad_norm)
         if not grad_norm.is_meta and not torch.isfinite(grad_norm):
             self._skip_update(current_iter, 'gradient')
             return
