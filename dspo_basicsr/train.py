@@ -312,6 +312,18 @@ def _lock_experiment(opt, root_path):
     return lock
 
 
+def close_process_group():
+    """End a distributed run together: every rank waits for the others, then the process group is destroyed.
+
+    Left to interpreter exit, gloo's background threads can be torn down while still joinable, and a rank then
+    dies of SIGABRT ("terminate called without an active exception") after a complete run.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def train_pipeline(root_path, opt, args):
     """Train as ``basicsr.train.train_pipeline`` does, with the lock, graceful stops and the all-skipped check.
 
@@ -458,6 +470,7 @@ def train_pipeline(root_path, opt, args):
                 model.validation(val_loader, current_iter, tb_logger, opt['val']['save_img'])
         if tb_logger:
             tb_logger.close()
+        close_process_group()
         return 0
     finally:
         if lock is not None:
