@@ -37,12 +37,14 @@ def test_basicsr_functions_are_basicsrs_own_after_import():
     objects = {
         'options.ordered_yaml': options.ordered_yaml, 'options._postprocess_yml_value': options._postprocess_yml_value,
         'options.parse_options': options.parse_options, 'Registry.get': Registry.get,
-        'data.build_dataloader': basicsr.data.build_dataloader, 'train.build_dataloader': basicsr.train.build_dataloader,
+        'data.build_dataloader': basicsr.data.build_dataloader,
+        'train.build_dataloader': basicsr.train.build_dataloader,
         'test.build_dataloader': basicsr.test.build_dataloader, 'dist_util.init_dist': dist_util.init_dist,
         'dist_util._init_dist_pytorch': dist_util._init_dist_pytorch,
         'dist_util._init_dist_slurm': dist_util._init_dist_slurm,
         "METRIC_REGISTRY.get('calculate_niqe')": METRIC_REGISTRY.get('calculate_niqe'),
-        'metrics.calculate_niqe': basicsr.metrics.calculate_niqe, 'metrics.calculate_metric': basicsr.metrics.calculate_metric,
+        'metrics.calculate_niqe': basicsr.metrics.calculate_niqe,
+        'metrics.calculate_metric': basicsr.metrics.calculate_metric,
     }
     assert [name for name, obj in objects.items() if not _defined_in_basicsr(obj)] == []
     assert basicsr.metrics.calculate_niqe is METRIC_REGISTRY.get('calculate_niqe')
