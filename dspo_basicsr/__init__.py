@@ -1,7 +1,7 @@
 """dspo_basicsr: preference fine-tuning (DSPO, Diffusion-DPO, SFT, Diffusion-DRO) of diffusion SR models.
 
-Importing the package adapts basicsr 1.4.2 (:mod:`dspo_basicsr.compat`) and registers every arch,
-dataset, loss, metric and model of the plugin in BasicSR's registries.
+Importing the package applies the import shims basicsr 1.4.2 needs (:mod:`dspo_basicsr.compat`) and registers
+every arch, dataset, loss, metric and model of the plugin in BasicSR's registries; it replaces nothing of BasicSR.
 """
 from dspo_basicsr import compat
 

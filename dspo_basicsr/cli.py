@@ -1,4 +1,4 @@
-"""The ``basicsr`` command: our train pipeline (:mod:`dspo_basicsr.train`) and BasicSR's test pipeline.
+"""The ``basicsr`` command: our train and test pipelines (:mod:`dspo_basicsr.train`, :mod:`dspo_basicsr.test`).
 
 Usage::
 
@@ -16,7 +16,7 @@ import sys
 
 import yaml
 
-from dspo_basicsr.utils.options import OptionFileError, read_option_file  # noqa: F401  (re-exported)
+from dspo_basicsr.utils.options import OptionFileError, read_option_file, yaml_literal  # noqa: F401  (re-exported)
 
 USAGE = __doc__.split('Usage::', 1)[1].split('Experiments', 1)[0].rstrip()
 _FORCE_YML_ENTRY = re.compile(r'^[\w.\-]+(:[\w.\-]+)*=[^\n=]*$')
@@ -28,7 +28,6 @@ def apply_force_yml(opt, entries):
     Raises:
         OptionFileError: A malformed entry, a section that does not exist, or a value that is not YAML.
     """
-    from dspo_basicsr.compat import _postprocess_yml_value
     for entry in entries or ():
         if not _FORCE_YML_ENTRY.match(entry):
             raise OptionFileError(f'--force_yml entries must look like section:key=value (one =); refused: {entry!r}')
@@ -41,7 +40,7 @@ def apply_force_yml(opt, entries):
                                       'in the option file.')
             node = node[part]
         try:
-            node[parts[-1]] = _postprocess_yml_value(value.strip())
+            node[parts[-1]] = yaml_literal(value.strip())
         except yaml.YAMLError as err:
             raise OptionFileError(f'--force_yml {entry!r}: the value is not a YAML literal ({err}).') from None
     return opt
@@ -104,26 +103,24 @@ def main(argv=None):
         print(f'basicsr {args.command}: warning: {args.opt}: {warning} (BasicSR class; not checked further)',
               file=sys.stderr)
 
-    import dspo_basicsr  # noqa: F401  (adapts basicsr and fills its registries)
-    from dspo_basicsr.compat import ResumeStateError
+    import dspo_basicsr  # noqa: F401  (the import shims, then the registries filled)
     from dspo_basicsr.metrics.metric_table import MissingWeightsError
     from dspo_basicsr.train import AllUpdatesSkippedError, ExperimentLockedError
+    from dspo_basicsr.utils.resume import ResumeStateError
     root_path = os.getcwd()
     try:
         if args.command == 'train':
             from dspo_basicsr.train import train_pipeline
             sys.argv = basicsr_argv  # copy_opt_file writes the command into the copied option file
             return train_pipeline(root_path, opt, args)
-        sys.argv = basicsr_argv
-        from basicsr.test import test_pipeline
-        test_pipeline(root_path)
+        from dspo_basicsr.test import test_pipeline
+        return test_pipeline(root_path, opt, args)
     except (MissingWeightsError, ResumeStateError, ExperimentLockedError) as err:  # before any iteration
         print(f'basicsr {args.command}: error: {err}', file=sys.stderr)
         return 2
     except AllUpdatesSkippedError as err:
         print(f'basicsr {args.command}: error: {err}', file=sys.stderr)
         return 1
-    return 0
 
 if __name__ == '__main__':
     sys.exit(main())

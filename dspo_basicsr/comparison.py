@@ -177,8 +177,9 @@ def evaluate_checkpoint(opt, checkpoint, results_root, iteration=0):
     import torch
 
     import dspo_basicsr  # noqa: F401  (compat first, then registration)
+    from dspo_basicsr.utils.dataloader import build_dataloader
 
-    from basicsr.data import build_dataloader, build_dataset
+    from basicsr.data import build_dataset
     from basicsr.models import build_model
 
     opt = evaluation_options(opt, checkpoint, results_root)

@@ -18,6 +18,7 @@ import inspect
 import os
 
 from dspo_basicsr.utils.option_schema import BASICSR_MODEL_OPTIONS, LOADER_OPTIONS, REQUIRED, Option, multiple_of_scale
+from dspo_basicsr.utils.registry import registry_get
 
 __all__ = ['OptionCheckError', 'check_options', 'init_arguments', 'BASICSR_MODELS_OPTIONS', 'BASICSR_DATASET_OPTIONS']
 
@@ -95,7 +96,7 @@ def _registered(registry, name, where, errors):
         errors.append(f'{where} must name a registered class, got {name!r}')
         return None
     try:
-        return registry.get(name)
+        return registry_get(registry, name)
     except KeyError as err:
         errors.append(f'{where}: {err.args[0]}')
     return None

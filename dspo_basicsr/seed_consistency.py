@@ -93,7 +93,8 @@ def sample_seeds(bare, lq, num_seeds, sample_opt, batch_size, seed=0):
 
 def score_samples(samples, gt, metrics):
     """(S,) score per sample for each metric: {name: ndarray}. ``gt`` (3, H, W) in [0, 1] or None."""
-    from basicsr.metrics import calculate_metric
+    from dspo_basicsr.metrics.calculate import calculate_metric
+
     from basicsr.utils import tensor2img
     gt_img = None if gt is None else tensor2img(gt)
     scores = {}

@@ -15,15 +15,15 @@ owns the loop for what BasicSR's does not do:
   (:class:`AllUpdatesSkippedError`), not a success.
 
 It also owns the train loader: a :class:`ResumableSampler` that continues an interrupted epoch exactly, enough
-epochs to reach ``total_iter``, and the dataset's ``collate_fn``. Resume selection (``newest_usable_state``),
-gloo/nccl and the checkpoint writers still come from :mod:`dspo_basicsr.compat`.
+epochs to reach ``total_iter``, and the dataset's ``collate_fn``. The options are prepared, the process group
+started (gloo without CUDA) and the state to resume from chosen by :mod:`dspo_basicsr.utils` (``options``,
+``distributed``, ``resume``); BasicSR's own functions are called, never replaced.
 """
 import datetime
 import fcntl
 import logging
 import math
 import os
-import random
 import signal
 import socket
 import sys
@@ -160,7 +160,7 @@ class ResumableSampler(_enlarged_sampler_class()):
         self.pending = {'epoch': epoch, 'iter': current_iter, 'batch_size': batch_size, 'rng': rng}
 
     def __iter__(self):
-        from dspo_basicsr.compat import set_rng_states
+        from dspo_basicsr.utils.rng import set_rng_states
         g = torch.Generator()
         g.manual_seed(self.epoch)
         indices = torch.randperm(self.total_size, generator=g).tolist()
@@ -180,14 +180,13 @@ class ResumableSampler(_enlarged_sampler_class()):
 def create_train_val_dataloader(opt, logger):
     """``basicsr.train.create_train_val_dataloader`` with a :class:`ResumableSampler`, the datasets' own
     ``collate_fn``, and enough epochs to reach ``total_iter`` (1.4.2 counts the dropped last batch)."""
-    from basicsr.data import build_dataloader, build_dataset
+    from dspo_basicsr.utils.dataloader import build_dataloader
+
+    from basicsr.data import build_dataset
 
     def loader(dataset, dataset_opt, sampler):
-        built = build_dataloader(dataset, dataset_opt, num_gpu=opt['num_gpu'], dist=opt['dist'], sampler=sampler,
-                                 seed=opt['manual_seed'])
-        if getattr(dataset, 'collate_fn', None) is not None:
-            built.collate_fn = dataset.collate_fn
-        return built
+        return build_dataloader(dataset, dataset_opt, num_gpu=opt['num_gpu'], dist=opt['dist'], sampler=sampler,
+                                seed=opt['manual_seed'])
 
     train_loader, train_sampler, val_loaders, total_epochs, total_iters = None, None, [], 0, 0
     for phase, dataset_opt in opt['datasets'].items():
@@ -231,68 +230,16 @@ def resume_sampler(opt, sampler, resume_state):
 
 def build_model(opt):
     """``basicsr.models.build_model``, with :class:`~dspo_basicsr.models.base_model.DSPOBaseModel` in front of a
-    BasicSR model class (rank-0 atomic checkpoints, exact-resume states, any optimizer, DDP on CPU)."""
+    BasicSR model class (rank-0 atomic checkpoints, exact-resume states, any optimizer, DDP on CPU), and a
+    hint naming the closest registered models when ``model_type`` is not one (used by ``basicsr test`` too)."""
     from dspo_basicsr.models.base_model import with_plugin_base
+    from dspo_basicsr.utils.registry import registry_get
 
     from basicsr.utils import get_root_logger
     from basicsr.utils.registry import MODEL_REGISTRY
-    model = with_plugin_base(MODEL_REGISTRY.get(opt['model_type']))(opt)
+    model = with_plugin_base(registry_get(MODEL_REGISTRY, opt['model_type']))(opt)
     get_root_logger().info(f'Model [{model.__class__.__name__}] is created.')
     return model
-
-
-def parse_options(root_path, opt, args, is_train=True):
-    """``basicsr.utils.options.parse_options`` for an option dict already read and overridden by ``--force_yml``.
-
-    The seed is set here, after the overrides (1.4.2 applies ``--force_yml`` after seeding).
-    """
-    from basicsr.utils import set_random_seed
-    from basicsr.utils.dist_util import get_dist_info, init_dist
-
-    if args.launcher == 'none':
-        opt['dist'] = False
-        print('Disable distributed.', flush=True)
-    else:
-        opt['dist'] = True
-        if args.launcher == 'slurm' and 'dist_params' in opt:
-            init_dist(args.launcher, **opt['dist_params'])
-        else:
-            init_dist(args.launcher)
-    opt['rank'], opt['world_size'] = get_dist_info()
-
-    seed = opt.get('manual_seed')
-    if seed is None:
-        seed = random.randint(1, 10000)
-        opt['manual_seed'] = seed
-    set_random_seed(seed + opt['rank'])
-
-    opt['auto_resume'] = args.auto_resume
-    opt['is_train'] = is_train
-    if args.debug and not opt['name'].startswith('debug'):
-        opt['name'] = 'debug_' + opt['name']
-    if opt['num_gpu'] == 'auto':
-        opt['num_gpu'] = torch.cuda.device_count()
-    for phase, dataset in opt['datasets'].items():
-        dataset['phase'] = phase.split('_')[0]
-        if 'scale' in opt:
-            dataset['scale'] = opt['scale']
-        for key in ('dataroot_gt', 'dataroot_lq'):
-            if dataset.get(key) is not None:
-                dataset[key] = osp.expanduser(dataset[key])
-    for key, val in opt['path'].items():
-        if val is not None and ('resume_state' in key or 'pretrain_network' in key):
-            opt['path'][key] = osp.expanduser(val)
-
-    experiments_root = osp.join(root_path, 'experiments', opt['name'])
-    opt['path'].update(experiments_root=experiments_root, models=osp.join(experiments_root, 'models'),
-                       training_states=osp.join(experiments_root, 'training_states'), log=experiments_root,
-                       visualization=osp.join(experiments_root, 'visualization'))
-    if 'debug' in opt['name']:
-        if 'val' in opt:
-            opt['val']['val_freq'] = 8
-        opt['logger']['print_freq'] = 1
-        opt['logger']['save_checkpoint_freq'] = 8
-    return opt
 
 
 def _lock_experiment(opt, root_path):
@@ -339,7 +286,8 @@ def train_pipeline(root_path, opt, args):
         ExperimentLockedError: Another process runs the experiment; nothing was written.
         AllUpdatesSkippedError: Every optimizer update of the run was skipped.
     """
-    from dspo_basicsr.compat import load_resume_state
+    from dspo_basicsr.utils.options import parse_options
+    from dspo_basicsr.utils.resume import load_resume_state
 
     from basicsr.data.prefetch_dataloader import CPUPrefetcher, CUDAPrefetcher
     from basicsr.train import init_tb_loggers

@@ -76,7 +76,7 @@ def run_cli_refusal(args, cwd):
     os.chdir(cwd)
     try:
         with mock.patch('dspo_basicsr.train.train_pipeline', reached), \
-                mock.patch('basicsr.test.test_pipeline', reached), \
+                mock.patch('dspo_basicsr.test.test_pipeline', reached), \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = cli.main(list(args))

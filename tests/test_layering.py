@@ -6,7 +6,7 @@ Layers, from the bottom (docs/architecture.md draws them)::
     archs, losses, data, ranking, metrics     the registered building blocks
     models, preference, annotation, comparison, sr_methods, cli, bench, demo, the top package
 
-``registration`` (import-by-suffix) and ``compat`` (the basicsr 1.4.2 adaptations, which every entry point
+``registration`` (import-by-suffix) and ``compat`` (the import shims basicsr 1.4.2 needs, which every entry point
 needs applied first) are lower helpers: any layer may import them.
 """
 import ast
@@ -102,7 +102,7 @@ def test_an_upward_import_is_caught(line):
     ('dspo_basicsr.archs.new_arch', 'from dspo_basicsr.utils.checkpoint import read_checkpoint'),
     ('dspo_basicsr.archs.new_arch', 'from dspo_basicsr.data.preference_set import PreferenceLMDB'),
     ('dspo_basicsr.data.new_dataset', 'from .preference_sample import PreferenceSample'),
-    ('dspo_basicsr.data.new_dataset', 'from dspo_basicsr.compat import SafeOrderedLoader'),
+    ('dspo_basicsr.data.new_dataset', 'from dspo_basicsr.utils.options import SafeOrderedLoader'),
     ('dspo_basicsr.data.new_dataset', 'from dspo_basicsr import compat'),
     ('dspo_basicsr.data.new_dataset', 'from dspo_basicsr.version import __version__'),
     ('dspo_basicsr.archs.new_arch', 'from basicsr.utils.registry import ARCH_REGISTRY'),
@@ -113,4 +113,4 @@ def test_downward_imports_pass(module, line):
 
 def test_utils_import_no_building_block():
     assert layering_violations('from dspo_basicsr.archs import seesr_arch\n', 'dspo_basicsr.utils.new')
-    assert layering_violations('from dspo_basicsr.compat import SafeOrderedLoader\n', 'dspo_basicsr.utils.new') == []
+    assert layering_violations('from dspo_basicsr.compat import apply\n', 'dspo_basicsr.utils.new') == []

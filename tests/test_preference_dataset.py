@@ -9,7 +9,7 @@ import dspo_basicsr  # noqa: F401,I001  (adapts basicsr 1.4.2 before it is impor
 from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset, collate_preference_batch, preference_item
 from dspo_basicsr.preference import write_preference_lmdb
 
-from basicsr.data import build_dataloader, build_dataset
+from basicsr.data import build_dataset
 from basicsr.utils.registry import DATASET_REGISTRY
 
 from preference_fixtures import BLOCK, SCALE, block_id, coordinate_sample
@@ -161,7 +161,8 @@ def test_dataloader_with_two_workers(set_path):
     assert sorted(sids) == ['a', 'b', 'c']
 
 
-def test_basicsr_train_loader_uses_the_collate_fn(set_path):
+def test_our_train_loader_uses_the_collate_fn(set_path):
+    from dspo_basicsr.utils.dataloader import build_dataloader
     dataset_opt = {'phase': 'train', 'batch_size_per_gpu': 3, 'num_worker_per_gpu': 2}
     dataset = _dataset(set_path)
     loader = build_dataloader(dataset, dataset_opt, num_gpu=0, seed=0)

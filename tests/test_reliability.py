@@ -93,13 +93,13 @@ def test_run_killed_between_checkpoints_resumes_to_the_uninterrupted_weights(tmp
 def test_resumed_sampler_skips_the_trained_batches_and_restores_rng_before_the_first():
     import random
 
-    from dspo_basicsr import compat
     from dspo_basicsr.train import ResumableSampler
+    from dspo_basicsr.utils.rng import rng_states
     sampler = ResumableSampler(list(range(12)), num_replicas=1, rank=0)
     sampler.set_epoch(1)
     whole = list(sampler)
     random.seed(5)
-    saved = compat.rng_states()
+    saved = rng_states()
     expected = random.random()
     sampler.resume_at(epoch=1, current_iter=12 // 2 + 2, batch_size=2, rng=saved)
     random.seed(0)
@@ -130,9 +130,7 @@ def test_missing_pyiqa_weights_fail_before_the_first_iteration_in_one_report(tmp
 def test_niqe_refuses_small_images_naming_the_size():
     import numpy as np
 
-    import dspo_basicsr  # noqa: F401  (adapts basicsr)
-
-    from basicsr.metrics import calculate_metric
+    from dspo_basicsr.metrics.calculate import calculate_metric
     small = np.random.default_rng(0).integers(0, 256, (128, 160, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match=r'at least 192x192 px after crop_border, got 120x152'):
         calculate_metric({'img': small}, {'type': 'calculate_niqe', 'crop_border': 4})
@@ -154,7 +152,7 @@ def test_ctrl_c_in_a_data_step_is_one_line(capsys):
 
 
 def test_broken_explicit_resume_state_is_named(tmp_path):
-    from dspo_basicsr.compat import ResumeStateError, load_resume_state
+    from dspo_basicsr.utils.resume import ResumeStateError, load_resume_state
     state = tmp_path / '10.state'
     state.write_bytes(b'PK\x03\x04 cut short')
     opt = {'auto_resume': False, 'name': 'x', 'path': {'resume_state': str(state)}}

@@ -37,3 +37,40 @@ def test_read_rgb_crops_converts_and_names_bad_files(tmp_path):
     (tmp_path / 'text.png').write_text('not an image')
     with pytest.raises(ValueError, match='text.png.*not a readable image'):
         read_rgb(str(tmp_path / 'text.png'))
+
+
+def test_atomic_write_flushes_to_disk_and_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from dspo_basicsr.utils.atomic_write import atomic_json_dump, atomic_torch_save, atomic_write
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, 'fsync', lambda fd: synced.append(fd) or real_fsync(fd))
+    path = tmp_path / 'net_g_2.pth'
+    atomic_torch_save({'params': {'w': torch.ones(2)}}, path)
+    atomic_json_dump({'iter': 2}, tmp_path / 'record.json', indent=2)
+    assert len(synced) == 2 and (tmp_path / 'record.json').read_text() == '{\n  "iter": 2\n}'
+
+    def killed_halfway(f):
+        f.write(b'PK\x03\x04 half')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(path), killed_halfway)
+    assert torch.equal(torch.load(path, weights_only=True)['params']['w'], torch.ones(2))
+    assert sorted(os.listdir(tmp_path)) == ['net_g_2.pth', 'record.json']
+
+
+def test_registry_get_names_the_closest_and_leaves_basicsrs_get_alone():
+    import dspo_basicsr  # noqa: F401  (fills the registries)
+    from dspo_basicsr.utils.registry import registry_get
+
+    from basicsr.utils.registry import ARCH_REGISTRY
+    assert registry_get(ARCH_REGISTRY, 'MSRResNet') is ARCH_REGISTRY.get('MSRResNet')
+    with pytest.raises(KeyError, match=r"'MSRResNt' found in the 'arch' registry. Closest registered names: MSRResNet"):
+        registry_get(ARCH_REGISTRY, 'MSRResNt')
+    with pytest.raises(KeyError) as basicsrs:
+        ARCH_REGISTRY.get('MSRResNt')
+    assert 'Closest' not in str(basicsrs.value)

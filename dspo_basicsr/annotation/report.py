@@ -16,13 +16,14 @@ and the vote-count matrix read by ``rank_methods.py``.
 """
 import csv
 import itertools
-import json
 import math
 import os
 import shutil
 from collections import Counter, defaultdict
 
 import numpy as np
+
+from dspo_basicsr.utils.atomic_write import atomic_json_dump
 
 __all__ = ['fleiss_kappa', 'pairwise_agreement', 'wilson_interval', 'majority_instances', 'annotator_table',
            'human_annotation_json', 'write_realsr1k_votes', 'write_count_matrix', 'win_rates', 'plot_win_rates',
@@ -343,8 +344,7 @@ def write_report(study, store, out_dir, min_votes=1):
     if study.kind == 'instances':
         content, report['incomplete'] = human_annotation_json(study, report['majority'])
         files['human_annotation'] = os.path.join(out_dir, 'human_annotations.json')
-        with open(files['human_annotation'], 'w', encoding='utf-8') as handle:
-            json.dump(content, handle, indent=1)
+        atomic_json_dump(content, files['human_annotation'], indent=1)
     elif study.kind == 'pairs':
         files['realsr1k_votes'] = os.path.join(out_dir, 'votes_realsr1k.csv')
         write_realsr1k_votes(study, answers, files['realsr1k_votes'])
@@ -361,6 +361,5 @@ def write_report(study, store, out_dir, min_votes=1):
                                                     os.path.join(out_dir, 'win_rates.png'))
     report['files'] = files
     files['report'] = os.path.join(out_dir, 'report.json')
-    with open(files['report'], 'w', encoding='utf-8') as handle:
-        json.dump(report, handle, indent=1, default=str)
+    atomic_json_dump(report, files['report'], indent=1, default=str)
     return report

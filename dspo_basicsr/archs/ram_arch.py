@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspo_basicsr.utils.atomic_write import atomic_json_dump
 from dspo_basicsr.utils.checkpoint import read_checkpoint
 from dspo_basicsr.utils.image_io import read_rgb
 
@@ -452,8 +453,5 @@ def tag_image_folder(folder, out, embedder, upscale=1, device='cpu', progress=Tr
         if upscale > 1:
             image = F.interpolate(image, scale_factor=upscale, mode='bicubic', align_corners=False).clamp(0, 1)
         tags[stem] = embedder.tags(image)[0]
-        tmp = out + '.tmp'
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(tags, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, out)  # written after each image: an interrupted run loses nothing
+        atomic_json_dump(tags, out, indent=1, ensure_ascii=False)  # after each image: a killed run loses nothing
     return tags

@@ -2,13 +2,15 @@
 
 BasicSR 1.4.2's ``BaseModel`` writes checkpoints in place on every rank, keeps no RNG state, knows only the
 Adam optimizer and wraps DDP with CUDA ``device_ids``. :class:`DSPOBaseModel` overrides those four methods
-(the writers and the RNG states live in :mod:`dspo_basicsr.compat`); DSPOModel, DiffusionDROModel and
+(the writer, the ranks and the RNG states come from :mod:`dspo_basicsr.utils`); DSPOModel, DiffusionDROModel and
 RankCalibrationModel derive from it, and ``dspo_basicsr.train.build_model`` puts it in front of a BasicSR
 model class (e.g. ``SRModel``) for runs of the ``basicsr`` command, without changing BasicSR's classes.
 """
 import os
 
-from dspo_basicsr.compat import _all_rng_states, atomic_torch_save, is_main_process, wait_for_all_ranks
+from dspo_basicsr.utils.atomic_write import atomic_torch_save
+from dspo_basicsr.utils.distributed import is_main_process, wait_for_all_ranks
+from dspo_basicsr.utils.rng import all_rng_states
 
 from basicsr.models.base_model import BaseModel
 
@@ -52,7 +54,7 @@ class DSPOBaseModel(BaseModel):
     def save_training_state(self, epoch, current_iter):
         """``{iter}.state`` with every rank's RNG states; rank 0 writes atomically, every rank waits for it."""
         if current_iter != -1:
-            rngs = _all_rng_states()  # collective: every rank takes part
+            rngs = all_rng_states()  # collective: every rank takes part
             if is_main_process():
                 state = {'epoch': epoch, 'iter': current_iter,
                          'optimizers': [o.state_dict() for o in self.optimizers],

@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition, sample_with_options
 from dspo_basicsr.archs.sampling_protocols import SAMPLING_PROTOCOLS, resolve_sample_options
-from dspo_basicsr.compat import atomic_torch_save, gather_in_sample_order, is_main_process, wait_for_all_ranks
 from dspo_basicsr.losses.preference_loss import (
     DEFAULT_BETA,
     PreferenceBatch,
@@ -24,12 +23,15 @@ from dspo_basicsr.losses.preference_loss import (
     instance_coverage,
     preference_statistics,
 )
+from dspo_basicsr.metrics.calculate import calculate_metric
 from dspo_basicsr.metrics.metric_table import MissingWeightsError
 from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
 from dspo_basicsr.models.base_model import DSPOBaseModel
 from dspo_basicsr.models.run_summary import summary_due, write_training_curves, write_validation_summary
 from dspo_basicsr.models.trainable_ema import EMA_SCHEDULES, TrainableEMA, ema_decay_at
+from dspo_basicsr.utils.atomic_write import atomic_torch_save
 from dspo_basicsr.utils.checkpoint import read_checkpoint
+from dspo_basicsr.utils.distributed import gather_in_sample_order, is_main_process, wait_for_all_ranks
 from dspo_basicsr.utils.option_schema import (
     BASICSR_MODEL_OPTIONS,
     REQUIRED,
@@ -40,7 +42,6 @@ from dspo_basicsr.utils.option_schema import (
 
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
-from basicsr.metrics import calculate_metric
 from basicsr.models.base_model import BaseModel
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
@@ -528,8 +529,7 @@ class DSPOModel(DSPOBaseModel, SRModel):
                  'count': self.window.count, 'finite': self.window.finite}
         path = self._window_path(current_iter)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(state, path + '.tmp')
-        os.replace(path + '.tmp', path)
+        atomic_torch_save(state, path)
 
     def resume_training(self, resume_state):
         super().resume_training(resume_state)
@@ -690,7 +690,7 @@ class DSPOModel(DSPOBaseModel, SRModel):
         else:
             self.save_network(self.net_g, 'net_g', current_iter)
         self.save_accumulation_window(current_iter)  # this rank's gradients of an unfinished window
-        self.save_training_state(epoch, current_iter)  # ends at a barrier (dspo_basicsr.compat)
+        self.save_training_state(epoch, current_iter)  # ends at a barrier (utils.distributed)
 
     def save_network(self, net, net_label, current_iter, param_key='params'):
         """Save only the trained parameters (never the reference), refusing non-finite values.

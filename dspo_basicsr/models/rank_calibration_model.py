@@ -26,11 +26,11 @@ from scipy import stats
 from tqdm import tqdm
 
 from dspo_basicsr.archs.rank_calibrated_iqa_arch import network_options_path
-from dspo_basicsr.compat import atomic_torch_save
 from dspo_basicsr.data.iqa_list_dataset import TwoAFCPairDataset
 from dspo_basicsr.metrics.two_afc import human_ceiling, model_choice, oracle_ceiling, two_afc_score
 from dspo_basicsr.models.backbone_feature_cache import BackboneFeatureCache
 from dspo_basicsr.models.base_model import DSPOBaseModel
+from dspo_basicsr.utils.atomic_write import atomic_json_dump, atomic_torch_save
 from dspo_basicsr.utils.option_schema import BASICSR_MODEL_OPTIONS, Option
 
 from basicsr.archs import build_network
@@ -246,9 +246,7 @@ class RankCalibrationModel(DSPOBaseModel):
             # absolute, so the metric finds the backbone from any working directory
             network['backbone']['load_path'] = os.path.abspath(backbone_path)
         json_path = network_options_path(path)
-        with open(f'{json_path}.tmp{os.getpid()}', 'w', encoding='utf-8') as f:
-            json.dump({'network_g': network, 'iter': current_iter}, f, indent=2)
-        os.replace(f'{json_path}.tmp{os.getpid()}', json_path)
+        atomic_json_dump({'network_g': network, 'iter': current_iter}, json_path, indent=2)
         atomic_torch_save({'params': state}, path)  # last: a complete .pth always has its .json
 
     def get_current_visuals(self):

@@ -10,9 +10,9 @@ import os
 import numpy as np
 import torch
 
+from dspo_basicsr.metrics.calculate import calculate_metric
 from dspo_basicsr.utils.visualization import draw_summary, plot_training_curves
 
-from basicsr.metrics import calculate_metric
 from basicsr.utils import get_root_logger, tensor2img
 
 

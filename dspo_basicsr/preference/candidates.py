@@ -2,8 +2,8 @@
 
 For each LQ image a diffusion SR framework samples under a grid of settings (steps, cfg, seed, ...), the
 framework's default setting being always one of them. Every output is scored with IQA metrics through
-BasicSR's metric registry (``basicsr.metrics.calculate_metric``), each metric is normalised across the
-candidates of that image (direction aware: for NIQE lower is better), and the top N by mean normalised
+BasicSR's metric registry (``dspo_basicsr.metrics.calculate.calculate_metric``), each metric is normalised
+across the candidates of that image (direction aware: for NIQE lower is better), and the top N by mean normalised
 score are kept; if the default output is not among them it replaces the lowest kept one.
 
 The framework is anything with ``sample(lq, prompt, negative_prompt=None, steps=..., cfg=...,
@@ -205,7 +205,7 @@ def _bgr(image):
 
 
 def score_candidates(candidates, gt=None, metrics=None):
-    """Score each candidate with IQA metrics through BasicSR's ``calculate_metric``.
+    """Score each candidate with IQA metrics through ``dspo_basicsr.metrics.calculate.calculate_metric``.
 
     Full-reference metrics are computed against ``gt`` and skipped when there is none. Images are
     passed to the metric functions as BasicSR passes them in validation: HWC BGR uint8 (``img``, ``img2``).
@@ -219,7 +219,8 @@ def score_candidates(candidates, gt=None, metrics=None):
     Returns:
         dict[str, list[float]]: Per metric, one value per candidate (only metrics that apply).
     """
-    from basicsr.metrics import calculate_metric
+    from dspo_basicsr.metrics.calculate import calculate_metric
+
     from basicsr.utils.registry import METRIC_REGISTRY
 
     metrics = DEFAULT_METRICS if metrics is None else metrics

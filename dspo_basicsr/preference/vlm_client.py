@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from dspo_basicsr.preference.redaction import redact, register_secret
+from dspo_basicsr.utils.atomic_write import atomic_json_dump
 
 __all__ = ['VLMClient', 'RateLimit', 'VLMError', 'VLMRequestError', 'VLMReplyError', 'image_data_url',
            'parse_json_reply', 'COMPARE_PROMPT', 'DESCRIBE_PROMPT']
@@ -252,10 +253,7 @@ class VLMClient:
         except VLMReplyError as err:  # its message quotes the reply, which may echo the key
             raise VLMReplyError(redact_secrets(str(err), [os.environ.get(self.api_key_env or '')])) from None
         if path:
-            tmp = f'{path}.tmp{os.getpid()}-{threading.get_ident()}'
-            with open(tmp, 'w', encoding='utf-8') as handle:
-                json.dump({'model': self.model, 'content': text}, handle)
-            os.replace(tmp, path)
+            atomic_json_dump({'model': self.model, 'content': text}, path)
         return value
 
     # -- tasks -----------------------------------------------------------------------------------

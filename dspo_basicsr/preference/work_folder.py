@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from dspo_basicsr.preference.redaction import redact, redact_value
+from dspo_basicsr.utils.atomic_write import atomic_write_bytes
 
 __all__ = ['IMAGE_EXTENSIONS', 'WorkFolder', 'discover_inputs', 'read_image', 'write_image', 'read_label_map']
 
@@ -36,13 +37,6 @@ def read_image(path):
     return np.ascontiguousarray(image[..., ::-1])
 
 
-def _atomic_write_bytes(path, data):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
 def write_image(path, image):
     """Write (H, W, 3) uint8 RGB or (H, W) uint16 as PNG, atomically."""
     image = np.asarray(image)
@@ -50,7 +44,7 @@ def write_image(path, image):
     ok, png = cv2.imencode('.png', np.ascontiguousarray(array))
     if not ok:
         raise ValueError(f'Cannot encode {path} as PNG.')
-    _atomic_write_bytes(path, png.tobytes())
+    atomic_write_bytes(path, png.tobytes())
 
 
 def read_label_map(path):
@@ -64,7 +58,7 @@ def read_label_map(path):
 def _write_json(path, value):
     # every record of the work folder passes the redaction (a reason or reply may quote the API key)
     text = redact(json.dumps(redact_value(value), indent=1, sort_keys=False))
-    _atomic_write_bytes(path, text.encode('utf-8'))
+    atomic_write_bytes(path, text.encode('utf-8'))
 
 
 def _read_json(path):

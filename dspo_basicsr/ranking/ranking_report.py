@@ -3,13 +3,13 @@
 The JSON (``{"scores": {method: mu}, "intervals": {method: [lower, upper]}, ...}``) is what
 ``SRMethodGroupDataset`` reads as ``ranking_json``.
 """
-import json
 import os
 
 import numpy as np
 
 from dspo_basicsr.ranking.thurstone import bootstrap_intervals
 from dspo_basicsr.ranking.votes import read_votes
+from dspo_basicsr.utils.atomic_write import atomic_json_dump
 
 __all__ = ['rank_methods', 'format_ranking', 'write_ranking_json', 'plot_ranking']
 
@@ -53,8 +53,7 @@ def format_ranking(ranking):
 def write_ranking_json(ranking, path):
     """Write the ranking dict as JSON (creating the folder)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(ranking, f, indent=2)
+    atomic_json_dump(ranking, path, indent=2)
 
 
 def plot_ranking(ranking, path):

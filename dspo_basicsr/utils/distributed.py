@@ -1,7 +1,12 @@
-"""Which share of a data job this process does, under ``torchrun`` or ``srun`` (``--launcher none|pytorch|slurm``).
+"""Processes of a run: the process group of training, and the share of a data job each process does.
 
-A data step started as G processes (``torchrun --nproc_per_node=G``, or ``srun`` with G tasks per node on
-several nodes, or a slurm job array) splits its work by sample id: rank ``r`` of ``W`` takes the ids
+Training (``basicsr train|test --launcher none|pytorch|slurm``): :func:`init_dist` starts the process group
+as BasicSR's ``init_dist`` does, with nccl when CUDA is present and gloo without, on the process's
+``LOCAL_RANK``; :func:`is_main_process`, :func:`wait_for_all_ranks` and :func:`gather_in_sample_order` are
+what the models and pipelines need of it, and all are no-ops in one process.
+
+Data jobs: a data step started as G processes (``torchrun --nproc_per_node=G``, or ``srun`` with G tasks per
+node on several nodes, or a slurm job array) splits its work by sample id: rank ``r`` of ``W`` takes the ids
 ``r, r + W, r + 2W, ...`` of the list every rank computed at the same moment, and runs on GPU ``LOCAL_RANK``.
 The ranks meet once, at a barrier, after listing (so an item finished by a fast rank does not change another
 rank's list); for that only, a CPU (gloo) process group is started. Slurm job arrays have no common start:
@@ -14,7 +19,8 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-__all__ = ['DataShard', 'data_shard', 'add_launcher_argument']
+__all__ = ['DataShard', 'data_shard', 'add_launcher_argument', 'init_dist', 'distributed_backend', 'training_device',
+           'is_main_process', 'wait_for_all_ranks', 'gather_in_sample_order']
 
 LAUNCHERS = ('none', 'pytorch', 'slurm')
 
@@ -123,3 +129,95 @@ def add_launcher_argument(parser):
                         help='run as one of several processes started by torchrun (pytorch) or srun (slurm); '
                              'each takes every W-th unfinished sample')
     return parser
+
+
+# -- the process group of training -------------------------------------------------------------------------
+
+def distributed_backend():
+    """nccl when this process has CUDA, gloo without (BasicSR 1.4.2 always asks for nccl)."""
+    import torch
+    return 'nccl' if torch.cuda.is_available() else 'gloo'
+
+
+def training_device():
+    """The device this process trains on: its CUDA device when CUDA is present, else the CPU."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def init_dist(launcher, **kwargs):
+    """Start the process group of ``--launcher pytorch|slurm`` (``basicsr.utils.dist_util.init_dist``'s job).
+
+    The backend is :func:`distributed_backend` (a ``backend`` in ``kwargs``, e.g. from ``dist_params``, is
+    ignored: nccl cannot run without CUDA); the CUDA device is ``LOCAL_RANK`` (1.4.2 takes ``RANK`` modulo
+    the GPUs of the node, wrong on a second node with fewer GPUs).
+
+    Args:
+        launcher (str): ``pytorch`` (torchrun: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or ``slurm`` (srun).
+        **kwargs: ``port`` under slurm; other keys go to ``init_process_group`` under torchrun.
+    """
+    import torch.multiprocessing as mp
+    kwargs.pop('backend', None)
+    if mp.get_start_method(allow_none=True) is None:
+        mp.set_start_method('spawn')
+    if launcher == 'pytorch':
+        _init_dist_pytorch(**kwargs)
+    elif launcher == 'slurm':
+        _init_dist_slurm(**kwargs)
+    else:
+        raise ValueError(f'--launcher must be pytorch or slurm to start a process group, got {launcher!r}.')
+
+
+def _init_dist_pytorch(**kwargs):
+    import torch
+    import torch.distributed as dist
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get('LOCAL_RANK', int(os.environ['RANK']) % torch.cuda.device_count()))
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=distributed_backend(), **kwargs)
+
+
+def _init_dist_slurm(port=None):
+    import subprocess
+
+    import torch
+    import torch.distributed as dist
+    proc_id = int(os.environ['SLURM_PROCID'])
+    num_gpus = torch.cuda.device_count()
+    local_rank = int(os.environ.get('SLURM_LOCALID', proc_id % max(num_gpus, 1)))
+    if num_gpus:
+        torch.cuda.set_device(local_rank)
+    node_list = os.environ['SLURM_NODELIST']
+    os.environ.setdefault('MASTER_ADDR', subprocess.getoutput(f'scontrol show hostname {node_list} | head -n1'))
+    if port is not None:
+        os.environ['MASTER_PORT'] = str(port)
+    os.environ.setdefault('MASTER_PORT', '29500')
+    os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+    os.environ['LOCAL_RANK'] = str(local_rank)
+    os.environ['RANK'] = str(proc_id)
+    dist.init_process_group(backend=distributed_backend())
+
+
+def is_main_process():
+    """True on rank 0 of a distributed run and in a single-process run."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def wait_for_all_ranks():
+    """Barrier of a distributed run (no-op in one process): no rank goes on before rank 0 has written."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def gather_in_sample_order(results):
+    """``[(sample index, result), ...]`` of every rank, as one list of results in sample order (on all ranks)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    return [result for _, result in sorted(results, key=lambda r: r[0])]

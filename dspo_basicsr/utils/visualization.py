@@ -2,13 +2,14 @@
 
 Pure drawing functions (numpy / OpenCV / matplotlib); the model gathers what they draw.
 """
-import json
 import math
 import os
 import re
 
 import cv2
 import numpy as np
+
+from dspo_basicsr.utils.atomic_write import atomic_json_dump
 
 #: Column order of :func:`draw_summary`.
 SUMMARY_COLUMNS = ('LQ (bicubic x{scale})', 'reference', 'current', 'GT')
@@ -72,8 +73,7 @@ def draw_summary(rows, path, tile_size=192, scale=4):
                              for r in canvas_rows], axis=0)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     cv2.imwrite(path, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
-    with open(os.path.splitext(path)[0] + '.json', 'w') as f:
-        json.dump(layout, f, indent=1)
+    atomic_json_dump(layout, os.path.splitext(path)[0] + '.json', indent=1)
     return layout
 
 

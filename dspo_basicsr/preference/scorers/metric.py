@@ -26,7 +26,7 @@ METRIC_PRESETS = {
 
 
 class MetricInstanceScorer(InstanceScorer):
-    """Metrics inside each instance, through BasicSR's ``calculate_metric``.
+    """Metrics inside each instance, through ``dspo_basicsr.metrics.calculate.calculate_metric``.
 
     Full-reference metrics compare the instance against the GT: on the instance's bounding box, pixels
     outside the mask are replaced by the GT in the candidate, so only the instance differs (for PSNR this
@@ -56,9 +56,8 @@ class MetricInstanceScorer(InstanceScorer):
         self.min_crop = int(min_crop)
 
     def score_instance(self, context, instance_id):
+        from dspo_basicsr.metrics.calculate import calculate_metric
         from dspo_basicsr.preference.candidates import normalise_scores
-
-        from basicsr.metrics import calculate_metric
 
         mask = context.seg == instance_id
         y0, y1, x0, x1 = instance_box(mask, self.min_crop)
