@@ -47,6 +47,7 @@ def test_every_module_of_the_package_imports():
     assert basicsr.__version__.startswith('1.4.2')
 
 
+@pytest.mark.slow
 def test_import_fills_the_registries_without_importing_diffusion_libraries():
     """The arch files register on import but import diffusers / transformers / peft only to build a network."""
     import os
