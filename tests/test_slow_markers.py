@@ -1,5 +1,5 @@
 """Every test that starts other processes is marked ``slow`` (read statically with ast), so that
-``pytest -m "not slow"`` stays the fast inner loop (docs/reliability.md, "The test suite").
+``pytest -m "not slow"`` stays the fast inner loop (docs/architecture.md, "Start-up and the test loop").
 
 A test starts processes when its body, a helper or fixture it uses (from its own module, ``conftest.py`` or a
 ``*_fixtures.py`` module), calls ``subprocess.*``, the CLI helper ``run_cli`` (``conftest.py``), or names
