@@ -1,4 +1,4 @@
-"""Print what DSPO's open conventions (instance error, area weights) do to a small instance at beta 8000.
+"""Print what DSPO's open conventions (instance error, area weights) do to a small instance at the default beta.
 
     python scripts/dspo_conventions.py [--beta 8000] [--delta 1e-4]
 
@@ -8,11 +8,12 @@ The figures of ``docs/objectives.md`` ("Conventions the paper leaves open"); the
 import argparse
 
 from dspo_basicsr.bench.dspo_conventions import convention_figures
+from dspo_basicsr.losses.preference_loss import DEFAULT_BETA
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--beta', type=float, default=8000.0)
+    parser.add_argument('--beta', type=float, default=DEFAULT_BETA, help='KL weight beta (default %(default)g)')
     parser.add_argument('--delta', type=float, default=1e-4, help='per-pixel error the policy removed on winners')
     args = parser.parse_args()
     for title, paired in (('all three instances paired', (True, True, True)),

@@ -156,6 +156,7 @@ def test_total_iter_must_hold_whole_windows(tiny_set, tmp_path):
         build_model(_options(tiny_set, tmp_path, 2, total_iter=3))
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_accumulates_trains_and_saves_once(tiny_set, tmp_path):
     torchrun = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--nproc_per_node=2',
                 '--master_port=29623']

@@ -78,6 +78,7 @@ def test_addsr_loads_seesr_layout_and_samples_at_its_four_timesteps_with_self_re
     assert arch.default_cfg == 1.0 and arch.default_steps == 4
 
 
+@pytest.mark.slow
 def test_addsr_trains_through_cli_and_samples_through_basicsr_test(addsr, tmp_path):
     _train_and_test_through_cli('addsr', addsr, tmp_path, 'controlnet.')
 
@@ -143,6 +144,7 @@ def test_osediff_preference_likelihood_at_its_operating_point(osediff, tmp_path)
     torch.testing.assert_close(reference, fresh)
 
 
+@pytest.mark.slow
 def test_osediff_trains_through_cli_and_samples_through_basicsr_test(osediff, tmp_path):
     _train_and_test_through_cli('osediff', osediff, tmp_path, 'unet.')
     saved = torch.load(next(iter(glob.glob(str(tmp_path / 'experiments' / '*' / 'models' / 'net_g_2.pth')))),

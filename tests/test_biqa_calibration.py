@@ -194,6 +194,7 @@ def test_non_finite_loss_stops_training(data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- CLI and metric
+@pytest.mark.slow
 def test_calibration_trains_and_validates_through_cli(trained, data, tmp_path):
     log, run = trained
     assert 'l_t:' in log and 'l_p:' in log and 'l_total:' in log
@@ -225,6 +226,7 @@ def _write_paired_images(root, names=('a', 'b', 'c')):
         cv2.imwrite(str(root / 'lq' / f'{name}.png'), cv2.resize(gt, (16, 16), interpolation=cv2.INTER_AREA))
 
 
+@pytest.mark.slow
 def test_calibrated_metric_inside_srmodel_validation(trained, tmp_path):
     from basicsr.data import build_dataloader, build_dataset
     from basicsr.models import build_model

@@ -109,6 +109,7 @@ def test_vgg16_file_elsewhere_is_found_by_torchvision(tmp_path):
     assert torch.hub.get_dir() == before
 
 
+@pytest.mark.slow
 def test_command_line_offline_distances(tmp_path):
     import subprocess
     import sys

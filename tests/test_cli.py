@@ -51,6 +51,7 @@ def test_unsafe_yaml_tag_is_rejected_and_nothing_runs(tmp_path):
     assert not (tmp_path / 'experiments').exists()
 
 
+@pytest.mark.slow
 def test_unknown_type_names_registry_and_closest(tmp_path, paired_folders):
     opt = msrresnet_options(*paired_folders, name='typo')
     opt['network_g']['type'] = 'MSRResNt'
@@ -59,6 +60,7 @@ def test_unknown_type_names_registry_and_closest(tmp_path, paired_folders):
     assert "'arch' registry" in result.stderr and 'MSRResNet' in result.stderr
 
 
+@pytest.mark.slow
 def test_train_then_auto_resume_on_cpu(tmp_path, paired_folders):
     opt_file = write_options(tmp_path / 'msr.yml', msrresnet_options(*paired_folders, total_iter=4))
     first = run_cli(['train', '-opt', opt_file], cwd=tmp_path)
@@ -77,6 +79,7 @@ def test_train_then_auto_resume_on_cpu(tmp_path, paired_folders):
     assert not glob.glob(str(tmp_path / 'experiments' / '*archived*'))
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_with_torchrun(tmp_path, paired_folders):
     local_torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
     if shutil.which('torchrun') is None and not os.path.exists(local_torchrun):

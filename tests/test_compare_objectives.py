@@ -83,6 +83,7 @@ def test_option_files_must_share_framework_data_and_validation(tiny_set, tmp_pat
         load_objective_options([dspo, dspo])
 
 
+@pytest.mark.slow
 def test_runner_trains_evaluates_and_writes_table_and_plot(tiny_set, tmp_path):
     main = runpy.run_path(os.path.join(REPO, 'scripts', 'compare_objectives.py'), run_name='dspo_test')['main']
     files = [write_options(tmp_path / f'{k}.yml', _objective_options(tiny_set, k)) for k in ('dspo', 'dro')]

@@ -143,6 +143,7 @@ def test_compare_options_measure_implicit_accuracy_on_held_out_pairs():
         assert opt['datasets']['train']['dataroot'] == 'datasets/demo/demo_pref.lmdb', path
 
 
+@pytest.mark.slow
 def test_build_demo_data_writes_the_held_out_pairs_of_the_validation_crops(tmp_path):
     import os
 
@@ -210,6 +211,7 @@ def test_demo_base_settings_reach_the_pretraining_functions_and_the_tiny_network
     assert list(arch.controlnet.config.down_block_types) == list(DEMO_BASE['unet_down_block_types'])
 
 
+@pytest.mark.slow
 def test_base_quality_measures_each_stage_with_the_validation_metric(tmp_path):
     import glob
     import os

@@ -10,6 +10,8 @@ import torch
 from conftest import make_paired_folders, run_cli, write_options
 from dspo_fixtures import dspo_options, make_tiny_preference_set
 
+pytestmark = pytest.mark.slow  # two processes under torchrun
+
 
 @pytest.fixture(scope='module')
 def tiny_set(tmp_path_factory):

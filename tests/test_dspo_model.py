@@ -174,6 +174,7 @@ def test_nonfinite_weights_never_reach_a_checkpoint(tiny_set, tmp_path):
     assert sorted(os.listdir(tmp_path / 'models')) == ['net_g_1.pth']
 
 
+@pytest.mark.slow
 def test_cli_trains_saves_auto_resumes_with_same_reference_and_tests(tiny_set, tmp_path):
     opt_file = write_options(tmp_path / 'dspo.yml', dspo_options(tiny_set, total_iter=2))
     first = run_cli(['train', '-opt', opt_file], cwd=tmp_path)

@@ -27,6 +27,7 @@ def demo(request, tmp_path_factory):
     return request.param, root, paths, model
 
 
+@pytest.mark.slow
 def test_framework_demo_writes_the_released_layout(demo):
     framework, root, paths, _ = demo
     folder = os.path.join(root, framework)
@@ -44,6 +45,7 @@ def test_framework_demo_writes_the_released_layout(demo):
     assert sorted(os.listdir(os.path.join(paths['val'], 'gt'))) == sorted(os.listdir(os.path.join(paths['val'], 'lq')))
 
 
+@pytest.mark.slow
 def test_framework_demo_candidates_are_sampled_by_the_loaded_framework(demo):
     """Candidates come from this framework loaded back through its real loading code, not another model: the
     stored default candidate is what the loaded model samples with the default setting."""
@@ -61,6 +63,7 @@ def test_framework_demo_candidates_are_sampled_by_the_loaded_framework(demo):
     assert any(i['win'] >= 0 for i in sample.instances)
 
 
+@pytest.mark.slow
 def test_framework_demo_training_latents_are_not_posterior_noise(demo):
     """The cause of the old SeeSR / AddSR / OSEDiff demos' 0.5 implicit accuracy: DSPOModel samples the VAE
     posterior in training, and a random tiny VAE's posterior std was ~7x the spread of its latents, so the

@@ -35,6 +35,7 @@ def build_tiny(opt):
     return build_network(dict(opt['network_g']))
 
 
+@pytest.mark.slow
 def test_state_bytes_equal_a_count_by_hand_from_numel(control_plan):
     net = build_tiny(tiny_options())
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -51,6 +52,7 @@ def test_state_bytes_equal_a_count_by_hand_from_numel(control_plan):
     assert peak['activations'] > 0 and peak['total'] > after['total']
 
 
+@pytest.mark.slow
 def test_flops_are_split_consistently(control_plan):
     flops = control_plan['flops']
     phases = [k for k in flops if k != 'total']
@@ -64,6 +66,7 @@ def test_flops_are_split_consistently(control_plan):
     assert floors['RTX 4090'] > floors['A100 SXM'] > floors['H100 SXM'] > 0
 
 
+@pytest.mark.slow
 def test_more_candidates_cost_more_activations_and_flops(control_plan):
     four = plan_step(tiny_options(), size=64, candidates=4, real_size=False, validation=False)
     assert four['flops']['total'] > control_plan['flops']['total']
@@ -71,6 +74,7 @@ def test_more_candidates_cost_more_activations_and_flops(control_plan):
     assert four['memory_after_step']['optimizer_state'] == control_plan['memory_after_step']['optimizer_state']
 
 
+@pytest.mark.slow
 def test_cached_latents_remove_the_candidates_vae_encoding(control_plan):
     cached = plan_step(tiny_options(), size=64, candidates=2, real_size=False, validation=False, cached_latents=True)
     assert cached['settings']['cached_latents'] and not control_plan['settings']['cached_latents']
@@ -78,6 +82,7 @@ def test_cached_latents_remove_the_candidates_vae_encoding(control_plan):
     assert cached['flops']['policy forward'] == control_plan['flops']['policy forward']
 
 
+@pytest.mark.slow
 def test_eight_bit_adamw_state_is_bitsandbytes_layout(control_plan):
     from dspo_basicsr.bench.gpu_plan import eight_bit_state_bytes
     opt = tiny_options()
@@ -91,6 +96,7 @@ def test_eight_bit_adamw_state_is_bitsandbytes_layout(control_plan):
     assert eight_bit_state_bytes([torch.empty(100)]) == 8 * 100 + 4  # small tensors keep float32 moments
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch, network, feedback', [
     ('ControlSD2Arch', {}, 5.5),
     ('SeeSRArch', {'mixed_precision': 'bf16', 'tiny': {'ram': False}}, None),
@@ -111,6 +117,7 @@ def test_planner_runs_each_tiny_framework_with_a_validation_sample(arch, network
     assert arch in format_plan(plan)
 
 
+@pytest.mark.slow
 def test_meta_autocast_keeps_bf16_activations_and_frozen_weights():
     full = plan_step(tiny_options('SeeSRArch'), size=64, candidates=2, real_size=False, validation=False)
     mixed = plan_step(tiny_options('SeeSRArch', mixed_precision='bf16'), size=64, candidates=2, real_size=False,
@@ -120,6 +127,7 @@ def test_meta_autocast_keeps_bf16_activations_and_frozen_weights():
     assert mixed['memory_after_step']['optimizer_state'] == full['memory_after_step']['optimizer_state']
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_lowers_the_activation_peak():
     plain = plan_step(tiny_options('SeeSRArch'), size=64, candidates=2, real_size=False, validation=False)
     ckpt = plan_step(tiny_options('SeeSRArch', gradient_checkpointing=True), size=64, candidates=2,
@@ -139,6 +147,7 @@ def test_overrides_set_dotted_keys_as_yaml_values():
         apply_overrides({}, ['network_g.trainable'])
 
 
+@pytest.mark.slow
 def test_matrix_markdown_row_says_what_fits(control_plan):
     table = matrix_markdown([('tiny', dict(trainable='controlnet', candidates=2, feedback=0, checkpointing=False),
                               control_plan)])
@@ -160,6 +169,7 @@ def test_the_training_step_still_runs_on_the_cpu_after_the_meta_paths():
     assert any(not torch.equal(a, p) for a, p in zip(before, model.trainable_params))
 
 
+@pytest.mark.slow
 def test_a_bf16_reference_saves_two_bytes_per_reference_weight(control_plan):
     opt = tiny_options()
     opt['train']['reference_dtype'] = 'bfloat16'

@@ -193,6 +193,7 @@ def test_bad_value_of_a_basicsr_key_is_refused_before_anything_is_archived(tmp_p
     assert sorted(os.listdir(tmp_path / 'experiments')) == ['kept']
 
 
+@pytest.mark.slow
 def test_refused_run_leaves_the_previous_experiment_in_place(tmp_path, paired_folders):
     opt = msrresnet_options(*paired_folders, name='kept')
     previous = tmp_path / 'experiments' / 'kept' / 'models'
@@ -225,6 +226,7 @@ def _val_folders_with_bad_images(tmp_path, paired_folders):
     return str(gt), str(lq)
 
 
+@pytest.mark.slow
 def test_unreadable_validation_images_are_refused_at_start_naming_them(tmp_path, paired_folders):
     """Issue 24 item 5: a zero-byte or cut PNG in a validation folder is refused before anything is written."""
     opt = msrresnet_options(*paired_folders, name='kept')

@@ -409,6 +409,7 @@ except PreferenceDataError as err:
 """
 
 
+@pytest.mark.slow
 def test_data_file_truncated_while_a_reader_holds_it_is_refused_before_the_next_read(set_path):
     """Issue 24 item 5: the size is re-checked before each read (in a child: today's code dies of SIGBUS)."""
     import subprocess

@@ -396,6 +396,7 @@ def test_chain_scripts_with_tiny_control_sd2(script_chain):
     assert record['grid'][0] == {'steps': 2, 'cfg': 2.0, 'seed': 0} and len(record['all_scores']['psnr']) == 3
 
 
+@pytest.mark.slow
 def test_chain_preference_set_trains_dspo_steps(script_chain):
     """The set built by the chain trains DSPO through ``basicsr train`` (3 iterations on CPU)."""
     import dspo_basicsr  # noqa: F401

@@ -46,6 +46,7 @@ def test_methods_from_file_names():
     assert methods_from_file_names('01450_BSRGAN.png', '01450_DASR.png', 'DASR_BSRGAN') is None
 
 
+@pytest.mark.slow
 def test_realsr1k_ranks_with_one_command(tmp_path):
     votes = write_realsr1k(tmp_path / 'sr_subjective_results.csv')
     out = tmp_path / 'ranking'

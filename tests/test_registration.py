@@ -47,15 +47,18 @@ def test_every_module_of_the_package_imports():
     assert basicsr.__version__.startswith('1.4.2')
 
 
+@pytest.mark.slow
 def test_import_fills_the_registries_without_importing_diffusion_libraries():
-    """The arch files register on import but import diffusers / transformers / peft only to build a network."""
+    """The arch files register on import but import diffusers / transformers / peft only to build a network (and
+    the metric files pyiqa only to build a metric)."""
     import os
     import subprocess
     import sys
     code = ('import sys, dspo_basicsr\n'
             'from basicsr.utils.registry import ARCH_REGISTRY\n'
             "assert {'ControlSD2Arch', 'SeeSRArch', 'AddSRArch', 'OSEDiffArch'} <= set(ARCH_REGISTRY._obj_map)\n"
-            "print(sorted(m for m in ('diffusers', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))\n"
+            "heavy = ('diffusers', 'transformers', 'peft', 'bitsandbytes', 'pyiqa', 'timm')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n"
             "from dspo_basicsr.archs import image_cross_attention\n"
             "cls = image_cross_attention.ImageCrossAttentionTransformer2DModel\n"
             "print(cls.__module__, cls.__qualname__, 'diffusers' in sys.modules)\n")

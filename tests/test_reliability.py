@@ -26,6 +26,7 @@ def augmenting_options(paired_folders, name, total_iter, save_every):
     return opt
 
 
+@pytest.mark.slow
 def test_two_processes_write_every_checkpoint_once_and_completely(tmp_path, paired_folders):
     opt = augmenting_options(paired_folders, 'ddp_ckpt', total_iter=40, save_every=2)
     result = run_cli(['train', '-opt', write_options(tmp_path / 'ddp.yml', opt), '--launcher', 'pytorch'],
@@ -43,6 +44,7 @@ def test_two_processes_write_every_checkpoint_once_and_completely(tmp_path, pair
     assert not torch.equal(state['rng'][0]['torch'], state['rng'][1]['torch'])
 
 
+@pytest.mark.slow
 def test_auto_resume_falls_back_past_truncated_state_and_empty_network(tmp_path, paired_folders):
     opt_file = write_options(tmp_path / 'msr.yml', augmenting_options(paired_folders, 'fallback', 6, 2))
     assert run_cli(['train', '-opt', opt_file], cwd=tmp_path).returncode == 0
@@ -62,6 +64,7 @@ def test_auto_resume_falls_back_past_truncated_state_and_empty_network(tmp_path,
     assert not glob.glob(str(tmp_path / 'experiments' / '*archived*'))
 
 
+@pytest.mark.slow
 def test_auto_resume_with_no_usable_state_refuses_instead_of_starting_from_zero(tmp_path, paired_folders):
     opt_file = write_options(tmp_path / 'msr.yml', augmenting_options(paired_folders, 'broken', 2, 2))
     assert run_cli(['train', '-opt', opt_file], cwd=tmp_path).returncode == 0
@@ -74,6 +77,7 @@ def test_auto_resume_with_no_usable_state_refuses_instead_of_starting_from_zero(
     assert not glob.glob(str(tmp_path / 'experiments' / '*archived*'))
 
 
+@pytest.mark.slow
 def test_run_killed_between_checkpoints_resumes_to_the_uninterrupted_weights(tmp_path, paired_folders):
     kill_at, save_every = 9, 4  # 6 batches an epoch: resumed from iteration 8, 2 batches into the second epoch
     whole = write_options(tmp_path / 'whole.yml', augmenting_options(paired_folders, 'whole', 12, save_every))
@@ -111,6 +115,7 @@ def test_resumed_sampler_skips_the_trained_batches_and_restores_rng_before_the_f
     assert sampler.pending is None and list(sampler) == whole
 
 
+@pytest.mark.slow
 def test_missing_pyiqa_weights_fail_before_the_first_iteration_in_one_report(tmp_path):
     from dspo_fixtures import dspo_options, make_tiny_preference_set
     opt = dspo_options(make_tiny_preference_set(str(tmp_path / 'set')), name='no_weights', total_iter=2)
@@ -176,6 +181,7 @@ def test_candidate_step_with_missing_metric_weights_fails_before_sampling(tmp_pa
     assert 'metrics.lpips (lpips)' in str(err.value) and 'metrics.dists (dists)' in str(err.value)
 
 
+@pytest.mark.slow
 def test_killed_dspo_run_resumes_to_the_same_weights_noise_and_timesteps_included(tmp_path):
     from dspo_fixtures import dspo_options, make_tiny_preference_set
     tiny = make_tiny_preference_set(str(tmp_path / 'set'))

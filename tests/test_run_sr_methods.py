@@ -78,6 +78,7 @@ def test_tiles_match_the_whole_image():
     assert padded.shape == whole.shape
 
 
+@pytest.mark.slow
 def test_outputs_resume_and_feed_method_groups(setup, tmp_path, monkeypatch):
     out = tmp_path / 'sr_outputs'
     real_write, writes = sr_methods._write_png, []

@@ -329,6 +329,7 @@ def test_tiled_and_untiled_sampling_agree_where_tiles_overlap():
 
 
 # ------------------------------------------------------------------ basicsr test with the official protocol
+@pytest.mark.slow
 @pytest.mark.parametrize('framework', ['seesr', 'osediff'])
 def test_basicsr_test_runs_with_tag_prompts_and_colour_fix(framework, tmp_path):
     import glob

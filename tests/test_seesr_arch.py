@@ -226,6 +226,7 @@ def test_feedback_guidance_changes_training_errors_only_when_on(seesr, tmp_path)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_add_ram_embeddings_script_then_training_uses_them(seesr, tmp_path):
     prompts = tmp_path / 'tags.json'
     prompts.write_text(json.dumps({'s00': 'tree, sky, house'}))
@@ -258,6 +259,7 @@ def run_cli_script(args):
     return subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_seesr_trains_through_cli_and_samples_through_basicsr_test(seesr, tmp_path):
     opt = framework_options('seesr', seesr, seesr['lmdb'], total_iter=2, feedback=2.0)
     train = run_cli(['train', '-opt', write_options(tmp_path / 'train.yml', opt)], cwd=tmp_path)

@@ -60,6 +60,7 @@ def _tree(root):
     return files
 
 
+@pytest.mark.slow
 def test_two_process_steps_process_each_sample_once_and_equal_one_process(tmp_path):
     lq_dir, gt_dir = make_image_folders(str(tmp_path / 'data'), num=5, size=32)
     chain = write_chain_yaml(tmp_path / 'chain.yml')

@@ -2,6 +2,7 @@
 import os
 import re
 
+import pytest
 import torch
 import yaml
 
@@ -10,6 +11,8 @@ from dspo_basicsr.models.rank_calibration_model import RankCalibrationModel
 
 from biqa_fixtures import REPO, model_options
 from conftest import make_paired_folders, run_cli
+
+pytestmark = pytest.mark.slow  # trains through the CLI in a subprocess
 
 OPTION = os.path.join(REPO, 'options', 'train_msrresnet_calibrated_iqa.yml')
 

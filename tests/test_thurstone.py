@@ -102,6 +102,7 @@ def test_readers_and_bootstrap(tmp_path):
     assert list(np.argsort(mu)) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_rank_methods_report(tmp_path):
     import json
     import subprocess

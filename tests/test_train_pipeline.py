@@ -12,6 +12,8 @@ from test_reliability import augmenting_options, torchrun
 
 from conftest import after_step_script, run_cli, write_options
 
+pytestmark = pytest.mark.slow  # every test runs the CLI in a subprocess
+
 
 def hooked(tmp_path, action, at, model='SRModel'):
     return [sys.executable, after_step_script(tmp_path, action, at, model)]
@@ -134,7 +136,6 @@ def test_signal_inside_an_accumulation_window_finishes_the_update(tmp_path):
     assert os.listdir(states) == ['4.state']  # iteration 3 was inside the window 3-4
 
 
-@pytest.mark.slow
 def test_torchrun_workers_exit_when_the_launcher_is_killed(tmp_path, paired_folders):
     opt_file = write_options(tmp_path / 'ddp.yml', augmenting_options(paired_folders, 'orphans', 100000, 100000))
     marker = f"open({str(tmp_path / 'training')!r} + str(os.getpid()), 'w').close()"

@@ -104,7 +104,7 @@ def demo_work_folder(root='datasets/demo', work=None, progress=True):
     import numpy as np
 
     from dspo_basicsr.data.preference_set import PreferenceLMDB
-    from dspo_basicsr.preference.pipeline import WorkFolder, _write_json, write_image
+    from dspo_basicsr.preference.work_folder import WorkFolder, write_image, write_json
 
     lmdb_path = os.path.join(root, 'demo_pref.lmdb')
     if not os.path.isdir(lmdb_path):
@@ -125,7 +125,7 @@ def demo_work_folder(root='datasets/demo', work=None, progress=True):
         for n, candidate in enumerate(sample.candidates):
             write_image(work.candidate_png(sid, n), candidate)
         meta = sample.meta or {}
-        _write_json(work.candidates_json(sid), {
+        write_json(work.candidates_json(sid), {
             'sid': sid, 'prompt': sample.prompt, 'negative_prompt': '', 'has_gt': sample.gt is not None,
             'num_candidates': len(sample.candidates), 'scale': sample.candidates[0].shape[0] // sample.lq.shape[0],
             'settings': meta.get('candidates', [{}] * len(sample.candidates)),
@@ -133,7 +133,7 @@ def demo_work_folder(root='datasets/demo', work=None, progress=True):
             'scores': meta.get('candidate_scores', {}), 'mean_score': meta.get('candidate_mean_score', []),
             'source': {'preference_set': os.path.abspath(lmdb_path)}})
         write_image(work.seg_png(sid), sample.seg.astype(np.uint16))
-        _write_json(work.seg_json(sid), {'num_instances': int(sample.seg.max()) + 1,
+        write_json(work.seg_json(sid), {'num_instances': int(sample.seg.max()) + 1,
                                          'areas': np.bincount(sample.seg.ravel().astype(np.int64)).tolist(),
                                          'segmented': 'demo preference set', 'segmenter': meta.get('segmenter')})
     return work.root
@@ -150,7 +150,8 @@ def write_instance_files(study, annotation_path, progress=True):
         StepReport: The scoring step's report.
     """
     from dspo_basicsr.preference.instance_scoring import HumanInstanceScorer
-    from dspo_basicsr.preference.pipeline import WorkFolder, _read_json, _write_json, run_scoring_step
+    from dspo_basicsr.preference.pipeline import run_scoring_step
+    from dspo_basicsr.preference.work_folder import WorkFolder, read_json, write_json
 
     scorer = HumanInstanceScorer(annotation_path)
     exported = sorted(scorer.samples)
@@ -163,10 +164,10 @@ def write_instance_files(study, annotation_path, progress=True):
     kept = {sid: {i: study.descriptions(sid, i) for i in study.records[sid]['instances']} for sid in exported}
     report = run_scoring_step(work, scorer, top_k=study.top_k, overwrite=True, progress=progress)
     for sid in report.done:
-        record = _read_json(work.instances_json(sid))
+        record = read_json(work.instances_json(sid))
         for entry in record['instances']:
             descriptions = kept[sid].get(entry['id'])
             if descriptions:
                 entry.setdefault('feedback', {'negative': [], 'source': 'human'})['descriptions'] = descriptions
-        _write_json(work.instances_json(sid), record)
+        write_json(work.instances_json(sid), record)
     return report

@@ -24,7 +24,8 @@ def base_quality(option_file):
     """
     from dspo_basicsr.archs.color_fix import color_fix
     from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
-    from dspo_basicsr.demo.dspo import _to_uint8, held_out_crops, sample_as_validation
+    from dspo_basicsr.demo.dspo import held_out_crops, sample_as_validation
+    from dspo_basicsr.utils.image_io import to_uint8_rgb
     from dspo_basicsr.utils.options import read_option_file
 
     from basicsr.archs import build_network
@@ -46,6 +47,6 @@ def base_quality(option_file):
             'vae_round_trip_bicubic_color_fixed': color_fix(round_trip, bicubic, sample_opt.get('color_fix', 'none')),
             'vae_round_trip_gt': framework.decode_latents(framework.encode_images(gt_tensor)), 'sampled': sampled}
         for key, image in images.items():
-            stages[key].append(calculate_psnr(_to_uint8(image[0]), gt, crop_border=crop_border))
+            stages[key].append(calculate_psnr(to_uint8_rgb(image[0]), gt, crop_border=crop_border))
     return dict({key: round(float(np.mean(values)), 4) for key, values in stages.items()},
                 images=len(stages['sampled']))

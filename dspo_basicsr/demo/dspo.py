@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dspo_basicsr.utils.image_io import to_uint8_rgb
+
 from basicsr.data.degradations import add_gaussian_noise, add_jpg_compression, bivariate_Gaussian
 
 #: (skimage.data function, prompt) of the photos the demo uses; all ship inside scikit-image.
@@ -291,10 +293,6 @@ def pretrain_tiny_framework(framework, hq, lq, prompts, vae_steps=200, diffusion
     return framework
 
 
-def _to_uint8(image):
-    return (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
-
-
 def demo_preference_samples(framework, crops, lqs, segmenter):
     """The demo's preference samples: :data:`DEMO_CANDIDATE_SETTINGS` candidates of each LQ, SLIC instances of the
     HQ crop, and each instance's preferred / dispreferred candidate by PSNR (:func:`instance_pairs_by_psnr`).
@@ -316,7 +314,7 @@ def demo_preference_samples(framework, crops, lqs, segmenter):
         for setting in DEMO_CANDIDATE_SETTINGS:
             generator = torch.Generator().manual_seed(setting['seed'])
             sr = framework.sample(lq_tensor, prompt, steps=setting['steps'], cfg=setting['cfg'], generator=generator)
-            candidates.append(_to_uint8(sr[0]))
+            candidates.append(to_uint8_rgb(sr[0]))
         seg = segment_instances(segmenter, hq, min_area=16)
         yield PreferenceSample(
             sid=sid, lq=lq, candidates=candidates, seg=seg, instances=instance_pairs_by_psnr(candidates, hq, seg),
@@ -500,9 +498,9 @@ def held_out_samples(option_file, checkpoint, n_segments=8, description='held-ou
     segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
     current, pretrained, gts, segs = [], [], [], []
     for _, gt, lq in held_out_crops(opt, description):
-        current.append(_to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
+        current.append(to_uint8_rgb(sample_as_validation(framework, lq, sample_opt)[0]))
         with reference.sampling():
-            pretrained.append(_to_uint8(sample_as_validation(framework, lq, sample_opt)[0]))
+            pretrained.append(to_uint8_rgb(sample_as_validation(framework, lq, sample_opt)[0]))
         gts.append(gt)
         segs.append(segment_instances(segmenter, gt, min_area=16))
     return current, pretrained, gts, segs

@@ -28,7 +28,6 @@ from tqdm import tqdm
 from dspo_basicsr.demo.dspo import (
     DEMO_BASE,
     DEMO_CANDIDATE_SETTINGS,
-    _to_uint8,
     degrade,
     demo_tiny_components,
     denoiser_options,
@@ -38,6 +37,7 @@ from dspo_basicsr.demo.dspo import (
     pretrain_tiny_vae,
     vae_options,
 )
+from dspo_basicsr.utils.image_io import to_uint8_rgb
 
 __all__ = ['FRAMEWORK_DEMOS', 'build_framework_demo', 'framework_network_options']
 
@@ -208,7 +208,7 @@ def build_framework_demo(framework, root='datasets/demo', scale=4, size=64, crop
                 generator = torch.Generator().manual_seed(setting['seed'])
                 sr = framework_model.sample(_as_tensor([train_lq[index]]), prompt, steps=setting['steps'],
                                             cfg=setting['cfg'], generator=generator)
-                candidates.append(_to_uint8(sr[0]))
+                candidates.append(to_uint8_rgb(sr[0]))
             seg = segment_instances(segmenter, hq_crop, min_area=16)
             yield PreferenceSample(
                 sid=sid, lq=train_lq[index], candidates=candidates, seg=seg,

@@ -21,7 +21,7 @@ from dspo_basicsr.metrics.metric_table import metric_info
 __all__ = [
     'DEFAULT_METRICS', 'METRIC_DIRECTIONS', 'FULL_REFERENCE_METRICS', 'expand_settings_grid', 'sample_candidates',
     'generate_candidates', 'score_candidates', 'normalise_scores', 'select_candidates', 'metric_is_higher_better',
-    'image_to_tensor', 'tensor_to_image', 'seed_groups'
+    'image_to_tensor', 'tensor_to_image', 'seed_groups', 'metric_call_options'
 ]
 
 # The issue's defaults: PSNR and SSIM against GT when present, NIQE, CLIP-IQA (pyiqa adapter).
@@ -45,7 +45,17 @@ FULL_REFERENCE_METRICS = {
     'calculate_psnr', 'calculate_ssim', 'calculate_psnr_pt', 'calculate_ssim_pt', 'calculate_lpips',
     'calculate_dists', 'psnr', 'ssim', 'lpips', 'dists', 'ms_ssim', 'fsim', 'vif', 'pieapp', 'ahiq', 'ckdn'
 }
+# Keys of a metric option that are ours (direction, GT use), not arguments of the metric.
 _OUR_KEYS = ('better', 'full_reference')
+
+
+def metric_call_options(opt):
+    """The arguments of BasicSR's ``calculate_metric`` from a metric option: our keys (``better``,
+    ``full_reference``) left out, ``crop_border`` 0 where BasicSR's own metrics require it."""
+    call_opt = {k: copy.deepcopy(v) for k, v in opt.items() if k not in _OUR_KEYS}
+    if call_opt['type'] in ('calculate_psnr', 'calculate_ssim', 'calculate_niqe'):
+        call_opt.setdefault('crop_border', 0)  # a required argument of BasicSR's own metrics
+    return call_opt
 
 
 def _metric_key(opt):
@@ -233,9 +243,7 @@ def score_candidates(candidates, gt=None, metrics=None):
         full_reference = metric_is_full_reference(opt)
         if full_reference and gt is None:
             continue
-        call_opt = {k: copy.deepcopy(v) for k, v in opt.items() if k not in _OUR_KEYS}
-        if call_opt['type'] in ('calculate_psnr', 'calculate_ssim', 'calculate_niqe'):
-            call_opt.setdefault('crop_border', 0)  # a required argument of BasicSR's own metrics
+        call_opt = metric_call_options(opt)
         if call_opt['type'] not in METRIC_REGISTRY:
             raise KeyError(f"Metric {name!r}: type {call_opt['type']!r} is not registered in BasicSR's METRIC_REGISTRY "
                            f'(registered: {sorted(METRIC_REGISTRY._obj_map)}); import dspo_basicsr first or fix '

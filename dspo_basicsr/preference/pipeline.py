@@ -23,12 +23,12 @@ from dspo_basicsr.preference.step_runner import StepReport, invalidate, run_inte
 from dspo_basicsr.preference.work_folder import (
     IMAGE_EXTENSIONS,
     WorkFolder,
-    _read_json,
-    _write_json,
     discover_inputs,
     read_image,
+    read_json,
     read_label_map,
     write_image,
+    write_json,
 )
 
 __all__ = [
@@ -91,7 +91,7 @@ def run_candidate_step(work, inputs, framework, settings, num_keep=4, metrics=No
                       num_candidates=len(result['images']), scale=int(getattr(framework, 'scale', 0)) or
                       result['images'][0].shape[0] // lq.shape[0], grid=settings,
                       source={'lq': os.path.abspath(lq_path), 'gt': os.path.abspath(gt_path) if gt_path else None})
-        _write_json(work.candidates_json(sid), record)  # last: marks the item finished
+        write_json(work.candidates_json(sid), record)  # last: marks the item finished
 
     return run_resumable(work, StepReport('candidates'), list(paths), work.candidates_json, process, overwrite,
                          progress, shard=shard)
@@ -124,7 +124,7 @@ def run_segment_step(work, segmenter, min_area=0, uncovered='background', source
     os.makedirs(os.path.join(work.root, 'seg'), exist_ok=True)
 
     def process(sid):
-        record = _read_json(work.candidates_json(sid))
+        record = read_json(work.candidates_json(sid))
         use_gt = record.get('has_gt') and source in ('auto', 'gt')
         if source == 'gt' and not record.get('has_gt'):
             raise ValueError('source is gt but this item has no GT image.')
@@ -133,7 +133,7 @@ def run_segment_step(work, segmenter, min_area=0, uncovered='background', source
         invalidate(work.seg_json(sid), work.instances_json(sid))
         write_image(work.seg_png(sid), seg)
         describe = getattr(segmenter, 'describe', None)
-        _write_json(work.seg_json(sid), {
+        write_json(work.seg_json(sid), {
             'num_instances': int(seg.max()) + 1, 'areas': np.bincount(seg.ravel()).tolist(),
             'segmented': 'gt' if use_gt else f'c{record["default_candidate"]}', 'min_area': min_area,
             'uncovered': uncovered, 'segmenter': describe() if callable(describe) else type(segmenter).__name__})
@@ -192,7 +192,7 @@ def run_scoring_step(work, scorer, top_k=5, feedback=None, overwrite=False, prog
             raise RuntimeError('; '.join(errors))
         base = ', '.join(t for t in (record.get('negative_prompt', ''),
                                      scorer.sample_extras(context).get('negative_prompt', '')) if t)
-        _write_json(work.instances_json(sid), {
+        write_json(work.instances_json(sid), {
             'instances': instances, 'negative_prompt': negative_prompt_from_instances(instances, base),
             'top_k': top_k, 'scorer': scorer.describe()})
 
@@ -226,7 +226,7 @@ def assemble_preference_set(work, path, overwrite=False, resume=True, progress=T
             report.failed[sid] = 'not scored yet (run segment_instances.py and score_instances.py first)'
     if not finished:
         raise ValueError(f'No finished item in {work.root}: run the candidate, segment and scoring steps first.')
-    scales = {_read_json(work.candidates_json(sid)).get('scale') for sid in finished}
+    scales = {read_json(work.candidates_json(sid)).get('scale') for sid in finished}
     if len(scales) != 1:
         raise ValueError(f'Items of {work.root} have different scales {sorted(scales)}; one set holds one scale.')
     stored = set(resumable_ids(path)) if resume else set()  # an interrupted build keeps these

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 
 from dspo_basicsr.preference.redaction import redact
-from dspo_basicsr.preference.work_folder import _read_json, _write_json
+from dspo_basicsr.preference.work_folder import read_json, write_json
 
 __all__ = ['StepReport', 'run_resumable', 'invalidate', 'run_interruptible']
 
@@ -183,17 +183,17 @@ def _merge_rank_errors(work, report, shard, sids):
     """
     step = report.step
     os.makedirs(os.path.dirname(work.errors_json(step)), exist_ok=True)
-    _write_json(work.rank_errors_json(step, shard.rank), {'world_size': shard.world_size, 'failed': report.failed})
+    write_json(work.rank_errors_json(step, shard.rank), {'world_size': shard.world_size, 'failed': report.failed})
     paths = [work.rank_errors_json(step, rank) for rank in range(shard.world_size)]
     if not all(os.path.isfile(path) for path in paths):
         return
     failed = {}
     for path in paths:
         try:
-            failed.update(_read_json(path)['failed'])
+            failed.update(read_json(path)['failed'])
         except (OSError, ValueError, KeyError):
             return  # a rank is writing its file right now; it merges after writing
-    _write_json(work.errors_json(step), {sid: failed[sid] for sid in sids if sid in failed})
+    write_json(work.errors_json(step), {sid: failed[sid] for sid in sids if sid in failed})
 
 
 def run_interruptible(main):

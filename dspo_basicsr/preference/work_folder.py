@@ -23,7 +23,8 @@ import numpy as np
 from dspo_basicsr.preference.redaction import redact, redact_value
 from dspo_basicsr.utils.atomic_write import atomic_write_bytes
 
-__all__ = ['IMAGE_EXTENSIONS', 'WorkFolder', 'discover_inputs', 'read_image', 'write_image', 'read_label_map']
+__all__ = ['IMAGE_EXTENSIONS', 'WorkFolder', 'discover_inputs', 'read_image', 'write_image', 'read_label_map',
+           'read_json', 'write_json']
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 _SID_PATTERN = re.compile(r'^[A-Za-z0-9_.\-]+$')
@@ -55,13 +56,14 @@ def read_label_map(path):
     return seg.astype(np.uint16)
 
 
-def _write_json(path, value):
-    # every record of the work folder passes the redaction (a reason or reply may quote the API key)
+def write_json(path, value):
+    """Write a JSON record of the work folder atomically, secrets redacted (a reason or reply may quote a key)."""
     text = redact(json.dumps(redact_value(value), indent=1, sort_keys=False))
     atomic_write_bytes(path, text.encode('utf-8'))
 
 
-def _read_json(path):
+def read_json(path):
+    """A JSON record of the work folder."""
     with open(path, encoding='utf-8') as handle:
         return json.load(handle)
 
@@ -112,7 +114,7 @@ class WorkFolder:
 
     def load_candidates(self, sid):
         """``(record, lq, gt or None, [candidates])`` of a finished candidate item."""
-        record = _read_json(self.candidates_json(sid))
+        record = read_json(self.candidates_json(sid))
         lq = read_image(self.lq_png(sid))
         gt = read_image(self.gt_png(sid)) if record.get('has_gt') else None
         candidates = [read_image(self.candidate_png(sid, n)) for n in range(record['num_candidates'])]
@@ -124,13 +126,13 @@ class WorkFolder:
 
         record, lq, gt, candidates = self.load_candidates(sid)
         seg = read_label_map(self.seg_png(sid))
-        scored = _read_json(self.instances_json(sid))
+        scored = read_json(self.instances_json(sid))
         meta = {
             'candidates': record['settings'],
             'default_candidate': record['default_candidate'],
             'candidate_scores': record['scores'],
             'candidate_mean_score': record['mean_score'],
-            'segmenter': _read_json(self.seg_json(sid)).get('segmenter'),
+            'segmenter': read_json(self.seg_json(sid)).get('segmenter'),
             'scorer': scored.get('scorer'),
         }
         if record.get('source'):
@@ -141,7 +143,7 @@ class WorkFolder:
 
     def write_errors(self, report):
         os.makedirs(os.path.dirname(self.errors_json(report.step)), exist_ok=True)
-        _write_json(self.errors_json(report.step), report.failed)
+        write_json(self.errors_json(report.step), report.failed)
 
 
 def discover_inputs(lq_dir, gt_dir=None):

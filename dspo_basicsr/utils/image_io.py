@@ -1,11 +1,11 @@
-"""Image files as tensors: the one reader the datasets, the taggers and the MAD tools share."""
+"""Image files as tensors: the one reader the datasets, the taggers and the MAD tools share, and its inverse."""
 import os
 
 import cv2
 import numpy as np
 import torch
 
-__all__ = ['read_rgb']
+__all__ = ['read_rgb', 'to_uint8_rgb']
 
 
 def read_rgb(path, crop_size=None):
@@ -35,3 +35,15 @@ def read_rgb(path, crop_size=None):
         img = img[top:top + crop_size, left:left + crop_size]
     img = np.ascontiguousarray(img[:, :, ::-1], dtype=np.float32) / 255.0   # BGR -> RGB
     return torch.from_numpy(img).permute(2, 0, 1).contiguous()           # (H, W, 3) -> (3, H, W)
+
+
+def to_uint8_rgb(image):
+    """An RGB image tensor as a uint8 array (what :func:`read_rgb` reads, back to pixels).
+
+    Args:
+        image (Tensor): (3, H, W) in [0, 1]; values outside are clamped.
+
+    Returns:
+        np.ndarray: (H, W, 3) uint8 RGB.
+    """
+    return (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)  # (3,H,W)->(H,W,3)

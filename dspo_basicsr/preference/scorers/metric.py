@@ -1,7 +1,7 @@
 """The metric scorer: BasicSR metrics inside each instance (the DSPO paper's fidelity / perception scoring)."""
 import numpy as np
 
-from dspo_basicsr.preference.candidates import _OUR_KEYS, DEFAULT_METRICS, metric_is_full_reference
+from dspo_basicsr.preference.candidates import DEFAULT_METRICS, metric_call_options, metric_is_full_reference
 from dspo_basicsr.preference.scorers.base import InstanceScorer, ScorerItemError, instance_box, json_float, pick_pair
 
 __all__ = ['METRIC_PRESETS', 'MetricInstanceScorer']
@@ -68,9 +68,7 @@ class MetricInstanceScorer(InstanceScorer):
             full_reference = metric_is_full_reference(opt)
             if full_reference and gt_crop is None:
                 continue
-            call_opt = {k: v for k, v in opt.items() if k not in _OUR_KEYS}
-            if call_opt['type'] in ('calculate_psnr', 'calculate_ssim', 'calculate_niqe'):
-                call_opt.setdefault('crop_border', 0)
+            call_opt = metric_call_options(opt)
             values = []
             for index, candidate in enumerate(context.candidates):
                 crop = candidate[y0:y1, x0:x1]
