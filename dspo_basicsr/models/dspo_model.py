@@ -600,9 +600,11 @@ class DSPOModel(DSPOBaseModel, SRModel):
         beta (it scales ``logit_mean``, not ``implicit_acc``) is the training loss's, or
         ``val.preference_beta`` (in ``basicsr test``, where there is no training loss).
         """
-        settings = PreferenceValidationSettings.from_options(self.option_schema.value, self.opt, self.cri_pref)
-        show = self.option_schema.value(self.opt, 'val.pbar')
-        results = validate_preferences(self, dataloader, settings, show)
+        option = self.option_schema.value
+        settings = PreferenceValidationSettings.for_objective(
+            self.cri_pref, timesteps=option(self.opt, 'val.preference_timesteps'),
+            seed=option(self.opt, 'val.preference_seed'), beta=option(self.opt, 'val.preference_beta'))
+        results = validate_preferences(self, dataloader, settings, option(self.opt, 'val.pbar'))
         if results is not None:
             self._log_validation_results(dataloader.dataset.opt['name'], results, current_iter, tb_logger,
                                          better={name: 'higher' for name in results})

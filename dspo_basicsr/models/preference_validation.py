@@ -35,19 +35,19 @@ class PreferenceValidationSettings:
     instance_reduction: str = 'mean'
 
     @classmethod
-    def from_options(cls, option, opt, loss=None):
-        """The settings of option file ``opt``; beta and instance error follow the training objective ``loss``.
+    def for_objective(cls, loss, timesteps, seed, beta=None):
+        """Settings whose beta and instance error follow the training objective ``loss``.
 
         Args:
-            option: the model's ``option_schema.value`` (checked value or declared default).
-            opt (dict): the options.
             loss (nn.Module | None): the training objective (``train.preference_opt``); None in ``basicsr test``.
-                Its ``beta`` (DSPO, Diffusion-DPO) is used unless ``val.preference_beta`` is set, else
-                :data:`DEFAULT_BETA`; its ``instance_error`` (DSPO) gives the instance reduction, else ``mean``.
+            timesteps (list[int]): ``val.preference_timesteps``.
+            seed (int): ``val.preference_seed``.
+            beta (float | None): ``val.preference_beta``; None: the objective's ``beta`` (DSPO, Diffusion-DPO),
+                else :data:`DEFAULT_BETA`. The instance error is the objective's ``instance_error`` (DSPO), else
+                ``mean``.
         """
-        beta = option(opt, 'val.preference_beta') or getattr(loss, 'beta', DEFAULT_BETA)
-        return cls(timesteps=[int(t) for t in option(opt, 'val.preference_timesteps')],
-                   seed=int(option(opt, 'val.preference_seed')), beta=float(beta),
+        return cls(timesteps=[int(t) for t in timesteps], seed=int(seed),
+                   beta=float(beta or getattr(loss, 'beta', DEFAULT_BETA)),
                    instance_reduction=getattr(loss, 'instance_error', 'mean'))
 
 
