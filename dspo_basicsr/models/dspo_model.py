@@ -399,6 +399,8 @@ class DSPOModel(DSPOBaseModel, SRModel):
         """
         bare = self.bare
         if latents is None:
+            if index is None:
+                raise ValueError('denoising_errors needs the candidates to score (index) or their latents.')
             latents = self.encode_candidates(index, generator).unflatten(0, index.shape)
         b, j, c, h, w = latents.shape
         latents = latents.flatten(0, 1)  # (B, J, C, h, w) -> (B*J, C, h, w), candidate-major per LQ
