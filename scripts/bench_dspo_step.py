@@ -24,7 +24,7 @@ from basicsr.models import build_model
 def sft_step(model):
     """Plain diffusion loss on the same B x K candidates: one policy forward + backward, no reference."""
     model.optimizer_g.zero_grad(set_to_none=True)
-    index = model._all_candidates()
+    index = model.all_candidates()
     err_theta, _ = model.denoising_errors(index, with_reference=False)
     diffusion_sft_loss(err_theta).backward()
     model.optimizer_g.step()
@@ -35,7 +35,7 @@ def per_instance_loop_step(model, beta):
     model.optimizer_g.zero_grad(set_to_none=True)
     bare = model.bare
     coverage = instance_coverage(model.seg, model.win.shape[1], bare.vae_scale_factor)
-    latents = model.encode_candidates(model._all_candidates())
+    latents = model.encode_candidates(model.all_candidates())
     b, k = model.candidates.shape[:2]
     latents = latents.view(b, k, *latents.shape[1:])
     total = 0

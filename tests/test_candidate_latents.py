@@ -80,7 +80,7 @@ def test_model_draws_from_stored_latents_exactly_as_from_encoding(latent_set, tm
     for path in (latent_set['lmdb'], latent_set['latents']):
         model.feed_data(_batch(path))
         assert (model.candidate_latents is not None) == (path == latent_set['latents'])
-        index = model._all_candidates()
+        index = model.all_candidates()
         drawn.append(model.encode_candidates(index, torch.Generator().manual_seed(3), sample_posterior=True))
     # The same noise draws; the posteriors differ only by the float rounding of another VAE batch composition
     # (the writer encodes 4 candidates per call, training 6). Equal posteriors give equal samples (test above).

@@ -4,6 +4,7 @@ import torch
 
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.losses import diffusion_dro_differences, diffusion_dro_loss, dspo_logits, instance_coverage
+from dspo_basicsr.losses.preference_loss import PreferenceBatch
 
 from basicsr.losses import build_loss
 
@@ -84,13 +85,24 @@ def test_no_valid_pair_gives_zero_with_graph():
     assert loss.item() == 0.0 and loss.requires_grad
 
 
+def _dro_batch(coverage, expert=None, negative=None):
+    """A :class:`PreferenceBatch` carrying Diffusion-DRO's expert / negative indices (no stored pairs)."""
+    b, m = coverage.shape[:2]
+    none = torch.full((b, m), -1)
+    return PreferenceBatch(coverage=coverage, win=none, lose=none, pair=torch.full((b, 2), -1), num_candidates=2,
+                           expert=expert, negative=negative)
+
+
 def test_registered_wrapper():
     cri = build_loss({'type': 'DiffusionDROLoss', 'margin': 0.0, 'instance_level': True, 'loss_weight': 2.0})
     assert cri.log_key == 'l_dro' and cri.needs_reference and cri.model_type == 'DiffusionDROModel'
     assert cri.instance_level
     err_theta = _image_errors([[0.3, 0.5]])
     err_ref = _image_errors([[0.2, 0.6]])
-    result = cri(err_theta, err_ref, torch.tensor([0]), torch.tensor([1]))
+    # One instance covering the image: the instance-level loss equals the image-level one.
+    batch = _dro_batch(torch.ones(1, 1, 2, 2, dtype=torch.float64), expert=torch.tensor([[0]]),
+                       negative=torch.tensor([[1]]))
+    result = cri(err_theta, err_ref, batch)
     assert result.loss.item() == pytest.approx(2 * 0.2)
     # The result carries what the loss used: d = (0.3 - 0.2) - (0.5 - 0.6) = 0.2, logit = -d.
     assert result.logits.shape == (1, 1) and result.logits.item() == pytest.approx(-0.2)
@@ -100,3 +112,21 @@ def test_registered_wrapper():
     assert [stats[k].item() for k in ('err_theta_w', 'err_theta_l', 'err_ref_w', 'err_ref_l')] == \
         pytest.approx([0.3, 0.5, 0.2, 0.6])
     assert build_loss({'type': 'DiffusionDROLoss'}).margin == 1e-3
+
+
+def test_wrapper_reads_the_batch_and_refuses_one_without_experts():
+    err_theta = _image_errors([[0.30, 0.50], [0.10, 0.40]])
+    err_ref = _image_errors([[0.20, 0.60], [0.20, 0.30]])
+    # Two instances of different areas: image level ignores the coverage, instance level weighs by area.
+    coverage = torch.zeros(2, 2, 2, 2, dtype=torch.float64)
+    coverage[:, 0, 0], coverage[:, 1, 1] = 1, 1
+    image = build_loss({'type': 'DiffusionDROLoss', 'margin': 1e-3})
+    result = image(err_theta, err_ref, _dro_batch(coverage, torch.tensor([0, 0]), torch.tensor([1, 1])))
+    assert result.loss.item() == pytest.approx((0.201 + 0.0) / 2, abs=1e-12) and result.logits.shape == (2, 1)
+    instance = build_loss({'type': 'DiffusionDROLoss', 'margin': 1e-3, 'instance_level': True})
+    per_instance = instance(err_theta, err_ref, _dro_batch(coverage, torch.tensor([[0, 0], [0, -1]]),
+                                                           torch.tensor([[1, 1], [1, 1]])))
+    assert per_instance.logits.shape == (2, 2)
+    assert per_instance.valid.tolist() == [[True, True], [True, False]]
+    with pytest.raises(ValueError, match='model_type: DiffusionDROModel'):
+        image(err_theta, err_ref, _dro_batch(coverage))

@@ -123,8 +123,6 @@ def test_utils_import_no_building_block():
 # Private names imported across modules that other branches make public (#25 item 5); the lead empties this set
 # when merging them. (importing module, imported name)
 KNOWN_UNTIL_MERGE = {
-    # h2-models: the dspo_model.py split
-    ('dspo_basicsr.models.dro_model', 'dspo_basicsr.models.dspo_model._gather_images'),
     # h3-archs: the tiny factories move to demo/
     ('dspo_basicsr.demo.tiny_seesr', 'dspo_basicsr.archs.seesr_arch._strip_config'),
     ('dspo_basicsr.bench.gpu_plan', 'dspo_basicsr.archs.seesr_arch._strip_config'),

@@ -199,7 +199,7 @@ def _batch(lmdb):
 def _errors(model, data, negative_prompts):
     model.feed_data(data)
     model.negative_prompts = list(negative_prompts)
-    index = model._all_candidates()
+    index = model.all_candidates()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         return model.denoising_errors(index, generator=generator, timesteps=torch.tensor([300, 600]))

@@ -350,6 +350,26 @@ def implicit_accuracy(logits, valid=None):
     return torch.where(count > 0, (score * valid).sum() / count.clamp_min(1), score.new_tensor(0.5))
 
 
+def logit_statistics(logits, valid=None):
+    """How far preference logits favour the preferred images: what preference validation reports.
+
+    Args:
+        logits (Tensor): preference logits, any shape (positive = the policy prefers the preferred image
+            more than the reference does).
+        valid (Tensor, optional): bool mask of the logits that belong to a real pair; None: all of them.
+
+    Returns:
+        dict[str, Tensor]: detached scalars ``implicit_acc`` (:func:`implicit_accuracy`; 0.5 when nothing is
+        valid) and ``logit_mean`` (the mean valid logit; 0 when nothing is valid).
+    """
+    logits = logits.detach()
+    valid = torch.ones_like(logits, dtype=torch.bool) if valid is None else valid.bool()
+    return {
+        'implicit_acc': implicit_accuracy(logits, valid),
+        'logit_mean': (logits * valid).sum() / valid.sum().clamp_min(1),
+    }
+
+
 def preference_statistics(logits, valid, err_theta_w, err_theta_l, err_ref_w, err_ref_l):
     """The statistics logged each step next to the loss (``docs/objectives.md``).
 
@@ -360,14 +380,10 @@ def preference_statistics(logits, valid, err_theta_w, err_theta_l, err_ref_w, er
             shaped like ``logits`` (only the valid entries count) or already restricted to them.
 
     Returns:
-        dict[str, Tensor]: detached scalars ``implicit_acc``, ``logit_mean``, ``err_theta_w``,
-        ``err_theta_l``, ``err_ref_w``, ``err_ref_l``.
+        dict[str, Tensor]: detached scalars ``implicit_acc``, ``logit_mean`` (:func:`logit_statistics`),
+        ``err_theta_w``, ``err_theta_l``, ``err_ref_w``, ``err_ref_l``.
     """
-    logits, valid = logits.detach(), valid.bool()
-    stats = {
-        'implicit_acc': implicit_accuracy(logits, valid),
-        'logit_mean': (logits * valid).sum() / valid.sum().clamp_min(1),
-    }
+    stats = logit_statistics(logits, valid)
     for name, value in (('err_theta_w', err_theta_w), ('err_theta_l', err_theta_l),
                         ('err_ref_w', err_ref_w), ('err_ref_l', err_ref_l)):
         value = value.detach().float()
@@ -387,6 +403,10 @@ class PreferenceBatch:
         pair (Tensor): (B, 2) long image-level [preferred, dispreferred] pair, -1 when there is none.
         num_candidates (int): K, the candidates per LQ image.
         scores (Tensor | None): (B, M, K) per-candidate instance scores, higher is better, NaN = unscored.
+        expert (Tensor | None): Diffusion-DRO: long index, into the J images the model scored, of each term's
+            expert image: (B, M) per instance, (B,) per image; -1 where there is none. Set by
+            ``DiffusionDROModel``, which chooses the images (candidates, GT, online samples).
+        negative (Tensor | None): Diffusion-DRO: the negative image of each term, shaped like ``expert``.
     """
 
     coverage: torch.Tensor
@@ -395,6 +415,8 @@ class PreferenceBatch:
     pair: torch.Tensor
     num_candidates: int
     scores: Optional[torch.Tensor] = None
+    expert: Optional[torch.Tensor] = None
+    negative: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -689,7 +711,8 @@ class DiffusionDROLoss(_PreferenceLoss):
     """Diffusion-DRO ranking loss on expert / negative images. See :func:`diffusion_dro_loss`.
 
     Needs ``model_type: DiffusionDROModel``, which chooses the expert (preferred candidate or GT) and the
-    negative (offline dispreferred candidate or an online sample of a lagged copy of the policy).
+    negative (offline dispreferred candidate or an online sample of a lagged copy of the policy), runs those
+    images through the networks and puts their indices into the batch (``expert``, ``negative``).
 
     Args:
         margin (float): Ranking margin. Default: 1e-3.
@@ -706,13 +729,20 @@ class DiffusionDROLoss(_PreferenceLoss):
         self.margin = margin
         self.instance_level = bool(instance_level)
 
-    def forward(self, err_theta, err_ref, expert, negative, coverage=None):
-        """Shapes as :func:`diffusion_dro_differences`.
+    def forward(self, err_theta, err_ref, batch):
+        """err_theta, err_ref (B, J, h, w) of the J images the model scored; ``batch`` a :class:`PreferenceBatch`
+        with ``expert`` and ``negative`` indices into J ((B, M) with ``instance_level``, else (B,)); the instance
+        level reads ``batch.coverage``.
 
         Returns:
             PreferenceResult: per-instance (B, M) or per-image (B, 1) terms; the logits are ``-d`` (positive
             when the policy ranks the expert above the negative, relative to the reference).
         """
+        if batch.expert is None or batch.negative is None:
+            raise ValueError('DiffusionDROLoss needs the expert and negative image of every term in the batch, '
+                             'which DiffusionDROModel sets; use model_type: DiffusionDROModel.')
+        expert, negative = batch.expert, batch.negative
+        coverage = batch.coverage if self.instance_level else None
         loss, differences, weights, valid = _dro_terms(err_theta, err_ref, expert, negative, coverage, self.margin)
         with torch.no_grad():
             picked = [pick_candidates(_term_values(err, coverage), _term_indices(index, coverage).clamp_min(0))

@@ -20,11 +20,14 @@ emptied then (its samples belong to the older copy). It is never saved: on resum
 first step from the resumed policy (pretrained frozen parts + the trainable weights of the checkpoint), so
 the lag restarts at the resume point, and the buffer starts empty.
 """
+from dataclasses import replace
+
 import torch
 
 from dspo_basicsr.archs.diffusion_sr_base import DiffusionSRArch, join_negative_prompts
 from dspo_basicsr.losses.preference_loss import DiffusionDROLoss, instance_coverage
-from dspo_basicsr.models.dspo_model import DSPOModel, _gather_images
+from dspo_basicsr.models.candidate_images import gather_images
+from dspo_basicsr.models.dspo_model import DiffusionInputOverrides, DSPOModel
 from dspo_basicsr.models.online_negatives import (
     SAMPLERS,
     LaggedPolicy,
@@ -67,6 +70,20 @@ class DiffusionDROModel(DSPOModel):
                'default)', nullable=True),
         Option('train.dro.seed', 'int', 0, "seed of the online choices and of the lagged copy's sampling noise"),
     )
+
+    def __init__(self, opt):
+        # Set before DSPOModel.__init__, which ends with init_training_settings (training only).
+        self.dro_opt = None
+        self.ranking = False  # train.preference_opt is Diffusion-DRO (else the model is DSPOModel)
+        self.online_ratio = 0.0
+        self.refresh_every = None
+        self.negative_buffer = None
+        self.lagged = None
+        self.dro_generator = None
+        self.online_timesteps = None
+        self.sids = None
+        self.online_share = None  # the batch's share of online negatives, logged
+        super().__init__(opt)
 
     def init_training_settings(self):
         super().init_training_settings()
@@ -177,16 +194,6 @@ class DiffusionDROModel(DSPOModel):
             self.refresh_lagged_policy(current_iter)
         super().optimize_parameters(current_iter)
 
-    def diffusion_inputs(self, latents, noise, t, cond):
-        """DSPOModel's inputs, with the rows of online negatives replaced by their trajectory latent and target."""
-        x_t, target = super().diffusion_inputs(latents, noise, t, cond)
-        online = getattr(self, '_online_inputs', None)
-        if online is not None:
-            rows, x_online, target_online = online
-            x_t = x_t.index_copy(0, rows, x_online.to(x_t.dtype))
-            target = target.index_copy(0, rows, target_online.to(target.dtype))
-        return x_t, target
-
     def preference_loss(self):
         if not self.ranking:
             return super().preference_loss()
@@ -194,7 +201,7 @@ class DiffusionDROModel(DSPOModel):
 
     def _expert_images(self):
         if self.dro_opt['expert'] == 'gt':
-            if not hasattr(self, 'gt') or self.gt is None:
+            if self.gt is None:
                 raise ValueError("train.dro.expert is 'gt' but the preference set stores no ground truth "
                                  "('{sid}/gt'); use expert: preferred or rebuild the set with GT images.")
             return self.gt
@@ -205,12 +212,16 @@ class DiffusionDROModel(DSPOModel):
         return self.bare.encode_images(images, sample_posterior=True)
 
     def _instance_table(self, online, gt):
-        """Instance level: columns = K candidates [+ GT] [+ online negative]; indices (B, M) per instance."""
+        """Instance level: columns = K candidates [+ GT] [+ online negative].
+
+        Returns:
+            tuple: latents (B, J, C, h, w), expert and negative (B, M) indices into J, the online column or None.
+        """
         b, k = self.candidates.shape[:2]
         coverage = instance_coverage(self.seg, self.win.shape[1], self.bare.vae_scale_factor)
         exists = coverage.sum(dim=(2, 3)) > 0  # (B, M); padded instances have no area
-        if getattr(self, 'candidate_latents', None) is not None:  # stored posteriors: only the GT is encoded
-            latents = self.encode_candidates(self._all_candidates(), sample_posterior=True).unflatten(0, (b, k))
+        if self.candidate_latents is not None:  # stored posteriors: only the GT is encoded
+            latents = self.encode_candidates(self.all_candidates(), sample_posterior=True).unflatten(0, (b, k))
             if gt is not None:
                 latents = torch.cat([latents, self._encode(gt)[:, None]], dim=1)  # (B, K + 1, C, h, w)
         else:
@@ -221,31 +232,35 @@ class DiffusionDROModel(DSPOModel):
         online_column = None
         if online.any():
             online_column = latents.shape[1]
-            # A placeholder column: its rows of online samples get the trajectory latents in diffusion_inputs.
+            # A placeholder column: its rows of online samples get the trajectory latents (DiffusionInputOverrides).
             latents = torch.cat([latents, torch.zeros_like(latents[:, :1])], dim=1)
             negative[online] = torch.where(exists[online], online_column, -1)
-        return latents, expert, negative, coverage, online_column
+        return latents, expert, negative, online_column
 
     def _image_table(self, online, gt):
-        """Image level: columns = [expert, negative]; indices (B,), -1 where a sample has no such image."""
+        """Image level: columns = [expert, negative]; indices (B,), -1 where a sample has no such image.
+
+        Returns:
+            tuple: latents (B, 2, C, h, w), expert and negative (B,) indices into the 2 columns, the online column 1.
+        """
         b = self.candidates.shape[0]
         pair = self.pair.clamp_min(0)
-        if getattr(self, 'candidate_latents', None) is not None:  # stored posteriors: no encoding of candidates
+        if self.candidate_latents is not None:  # stored posteriors: no encoding of candidates
             expert_latents = self.encode_candidates(pair[:, :1], sample_posterior=True) if gt is None else \
                 self._encode(gt)
             negative_latents = self.encode_candidates(pair[:, 1:], sample_posterior=True)
-            negative_latents[online] = 0  # online rows: placeholders, see diffusion_inputs
+            negative_latents[online] = 0  # online rows: placeholders (DiffusionInputOverrides)
         else:
-            pair_images = _gather_images(self.candidates, pair)  # (B, 2, 3, H, W)
+            pair_images = gather_images(self.candidates, pair)  # (B, 2, 3, H, W)
             expert_latents = self._encode(pair_images[:, 0] if gt is None else gt)
-            negative_latents = torch.zeros_like(expert_latents)  # online rows: placeholders, see diffusion_inputs
+            negative_latents = torch.zeros_like(expert_latents)  # online rows: placeholders (overrides)
             if (~online).any():
                 negative_latents[~online] = self._encode(pair_images[:, 1][~online])
         latents = torch.stack([expert_latents, negative_latents], dim=1)  # (B, 2, C, h, w)
         expert = torch.zeros(b, dtype=torch.long, device=self.device) if gt is not None else \
             torch.where(self.pair[:, 0] >= 0, 0, -1)
         negative = torch.where(online | (self.pair[:, 1] >= 0), 1, -1)
-        return latents, expert, negative, None, 1
+        return latents, expert, negative, 1
 
     def ranking_loss(self):
         """Diffusion-DRO's :class:`~dspo_basicsr.losses.preference_loss.PreferenceResult` on the current batch.
@@ -260,9 +275,9 @@ class DiffusionDROModel(DSPOModel):
         online = torch.rand(b, generator=self.dro_generator, device=device) < self.online_ratio
         timesteps = self.bare.training_timesteps(b, *self.timestep_range)
         table = self._instance_table if cri.instance_level else self._image_table
-        column_latents, expert, negative, coverage, online_column = table(online, self._expert_images())
+        column_latents, expert, negative, online_column = table(online, self._expert_images())
         j = column_latents.shape[1]
-        self._online_inputs = None
+        overrides = None
         rows = online.nonzero().flatten().tolist()
         if rows:
             entries = self.online_negatives(rows)
@@ -277,16 +292,13 @@ class DiffusionDROModel(DSPOModel):
             picks = [int(e.timesteps[st]) for e, st in zip(entries, steps)]
             timesteps[online] = torch.tensor(picks, device=device, dtype=timesteps.dtype)
             flat_rows = torch.tensor([row * j + online_column for row in rows], device=device)
-            self._online_inputs = (flat_rows, torch.stack([e.latents[s] for e, s in zip(entries, steps)]),
-                                   torch.stack([e.predictions[s] for e, s in zip(entries, steps)]))
-        try:
-            err_theta, err_ref = self.denoising_errors(
-                torch.empty(b, j), latents=column_latents.flatten(0, 1), timesteps=timesteps,
-                cond=self.preference_condition(j))
-        finally:
-            self._online_inputs = None
+            overrides = DiffusionInputOverrides(flat_rows, torch.stack([e.latents[s] for e, s in zip(entries, steps)]),
+                                                torch.stack([e.predictions[s] for e, s in zip(entries, steps)]))
+        cond = self.preference_condition(j)
+        err_theta, err_ref = self.denoising_errors(latents=column_latents, timesteps=timesteps, cond=cond,
+                                                   overrides=overrides)
         self.online_share = online.float().mean()
-        return cri(err_theta, err_ref, expert, negative, coverage)
+        return cri(err_theta, err_ref, replace(self.preference_batch(), expert=expert, negative=negative))
 
     def training_statistics(self, result):
         stats = super().training_statistics(result)

@@ -5,33 +5,34 @@ VAE-encode the candidates of each LQ image, draw one timestep and one noise per 
 candidates and by policy and reference), compute the condition once per LQ, push all candidates through
 the policy in one call (and through the frozen reference without gradient), turn predictions into
 per-pixel errors and hand them to the objective chosen by ``train.preference_opt.type``.
+
+What is not the step has a module of its own: gradient accumulation and its files
+(:mod:`~dspo_basicsr.models.accumulation`), image validation (:mod:`~dspo_basicsr.models.image_validation`),
+preference validation (:mod:`~dspo_basicsr.models.preference_validation`).
 """
 import contextlib
 import math
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from dspo_basicsr.archs.diffusion_sr_base import join_negative_prompts, repeat_condition, sample_with_options
 from dspo_basicsr.archs.sampling_protocols import SAMPLING_PROTOCOLS, resolve_sample_options
-from dspo_basicsr.losses.preference_loss import (
-    DEFAULT_BETA,
-    PreferenceBatch,
-    dspo_logits,
-    instance_coverage,
-    preference_statistics,
-)
-from dspo_basicsr.metrics.calculate import calculate_metric
+from dspo_basicsr.losses.preference_loss import DEFAULT_BETA, PreferenceBatch, instance_coverage
 from dspo_basicsr.metrics.metric_table import MissingWeightsError
 from dspo_basicsr.metrics.pyiqa_metric import check_metric_weights
+from dspo_basicsr.models.accumulation import GradientAccumulation
 from dspo_basicsr.models.base_model import DSPOBaseModel
+from dspo_basicsr.models.candidate_images import gather_images
+from dspo_basicsr.models.image_validation import validate_images
+from dspo_basicsr.models.preference_validation import PreferenceValidationSettings, validate_preferences
 from dspo_basicsr.models.run_summary import summary_due, write_training_curves, write_validation_summary
 from dspo_basicsr.models.trainable_ema import EMA_SCHEDULES, TrainableEMA, ema_decay_at
 from dspo_basicsr.utils.atomic_write import atomic_torch_save
 from dspo_basicsr.utils.checkpoint import read_checkpoint
-from dspo_basicsr.utils.distributed import gather_in_sample_order, is_main_process, wait_for_all_ranks
+from dspo_basicsr.utils.distributed import is_main_process, wait_for_all_ranks
 from dspo_basicsr.utils.option_schema import (
     BASICSR_MODEL_OPTIONS,
     REQUIRED,
@@ -44,19 +45,13 @@ from basicsr.archs import build_network
 from basicsr.losses import build_loss
 from basicsr.models.base_model import BaseModel
 from basicsr.models.sr_model import SRModel
-from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import get_dist_info
 from basicsr.utils.registry import MODEL_REGISTRY
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced too many non-finite losses in a row."""
-
-
-def _gather_images(candidates, index):
-    """candidates (B, K, 3, H, W), index (B, J) -> (B, J, 3, H, W)."""
-    b, _, c, h, w = candidates.shape
-    return candidates.gather(1, index.view(b, -1, 1, 1, 1).expand(-1, -1, c, h, w))
 
 
 def _below_one(value, opt, block):
@@ -71,19 +66,23 @@ def _divides_total_iter(value, opt, block):
     return None
 
 
-class AccumulationWindow:
-    """The micro-batches of one optimizer update so far: whether all were finite, and their summed logs."""
+@dataclass
+class DiffusionInputOverrides:
+    """Rows of the (B*J) stack whose noisy latent and regression target are given instead of derived.
 
-    def __init__(self, finite=True, count=0, sums=None):
-        self.finite, self.count, self.sums = finite, count, sums if sums is not None else OrderedDict()
+    :meth:`DSPOModel.denoising_errors` noises every image's latent with its LQ's noise; these rows take
+    ``noisy_latents`` and ``target`` as they are (Diffusion-DRO's online negatives: a lagged copy's trajectory
+    latent and its own prediction there).
 
-    def add(self, log):
-        for key, value in log.items():
-            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
-        self.count += 1
+    Attributes:
+        rows (Tensor): (N,) long rows of the flattened stack, ``b * J + j``.
+        noisy_latents (Tensor): (N, C, h, w) x_t of those rows.
+        target (Tensor): (N, C, h, w) their regression targets.
+    """
 
-    def mean(self):
-        return OrderedDict((key, value / self.count) for key, value in self.sums.items())
+    rows: torch.Tensor
+    noisy_latents: torch.Tensor
+    target: torch.Tensor
 
 
 @MODEL_REGISTRY.register()
@@ -158,6 +157,30 @@ class DSPOModel(DSPOBaseModel, SRModel):
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
+        # The current batch (feed_data): None until one is fed, and where the batch has no such field.
+        self.lq = self.gt = self.output = None
+        self.extras = {}
+        self.has_candidates = False
+        self.candidates = self.candidate_latents = self.seg = self.win = self.lose = self.pair = self.scores = None
+        self.prompts = self.negative_prompts = None
+        # What training sets up (init_training_settings); these values hold in basicsr test.
+        self.cri_pref = None
+        self.feedback_scale = None  # train.feedback_guidance_scale
+        self.prompt_dropout = 0
+        self.timestep_range = None
+        self.max_nonfinite = self.option_schema.value(opt, 'train.max_nonfinite_steps')
+        self.max_grad_norm = math.inf
+        self.nonfinite_in_row = self.nonfinite_total = 0
+        self.updates_applied = 0  # the train pipeline fails a run that skipped every update
+        self.accumulation = GradientAccumulation(1)
+        self.log_dict = OrderedDict()  # filled at the end of each window; empty until the first update
+        self.trainable_params, self.optimizer_g = [], None
+        self.ema_decay, self.ema_schedule = 0, 'constant'
+        self.net_g_ema = None
+        # Validation's results (BasicSR's names), and checks done once.
+        self.metric_results, self.best_metric_results = {}, {}
+        self._vae_digest = None
+        self._posterior_checked = False
         try:  # before anything is built or trained: every missing weight file of every metric, in the log too
             check_metric_weights((opt.get('val') or {}).get('metrics'))
         except MissingWeightsError as err:
@@ -177,7 +200,6 @@ class DSPOModel(DSPOBaseModel, SRModel):
             self.load_network(net, load_path, self.option_schema.value(opt, 'path.strict_load_g'), param_key)
         self.net_g = self.model_to_device(net)
         self.print_network(self.net_g)
-        self.net_g_ema = None
         if self.is_train:
             self.init_training_settings()
 
@@ -200,19 +222,12 @@ class DSPOModel(DSPOBaseModel, SRModel):
         if needed not in {cls.__name__ for cls in type(self).__mro__}:
             raise ValueError(f"train.preference_opt.type {train_opt['preference_opt']['type']} is not handled by "
                              f'model_type {type(self).__name__}; use {needed} (model_type: {needed}).')
-        option = self.option_schema.value  # the value in the file, checked, or the declared default
         self.feedback_scale = option(self.opt, 'train.feedback_guidance_scale')
         schedule = [0, self.bare.noise_scheduler.config.num_train_timesteps]
         low, high = option(self.opt, 'train.timestep_range') or schedule
         self.timestep_range = (int(low), int(high))
-        self.max_nonfinite = option(self.opt, 'train.max_nonfinite_steps')
         self.max_grad_norm = option(self.opt, 'train.grad_clip') or math.inf
-        self.nonfinite_in_row = 0
-        self.nonfinite_total = 0
-        self.updates_applied = 0  # the train pipeline fails a run that skipped every update
-        self.accumulate = option(self.opt, 'train.accumulate_grad_batches')
-        self.window = None
-        self.log_dict = OrderedDict()  # filled at the end of each window; empty until the first update
+        self.accumulation = GradientAccumulation(option(self.opt, 'train.accumulate_grad_batches'))
         self.setup_optimizers()
         self.setup_schedulers()
 
@@ -256,14 +271,20 @@ class DSPOModel(DSPOBaseModel, SRModel):
         """The framework without its DDP / DataParallel wrapper."""
         return self.get_bare_model(self.net_g)
 
+    @property
+    def accumulate(self):
+        """k of ``train.accumulate_grad_batches``: micro-batches (iterations) per optimizer update (1 in test)."""
+        return self.accumulation.k
+
     # ------------------------------------------------------------------ data
     def feed_data(self, data):
+        """Take a batch: a preference batch (candidates, labels, prompts) or an image batch (lq [, gt])."""
         self.lq = data['lq'].to(self.device)
-        if 'gt' in data:
-            self.gt = data['gt'].to(self.device)
+        self.gt = data['gt'].to(self.device) if 'gt' in data else None
         self.extras = {name: value.to(self.device) for name, value in data.get('extras', {}).items()}
         self.has_candidates = 'candidates' in data
-        self.candidate_latents = None
+        self.candidates = self.candidate_latents = self.seg = self.win = self.lose = self.pair = self.scores = None
+        self.prompts = self.negative_prompts = None
         if self.has_candidates:
             self.candidates = data['candidates'].to(self.device)
             self.seg = data['seg'].to(self.device)
@@ -279,7 +300,7 @@ class DSPOModel(DSPOBaseModel, SRModel):
 
     def check_candidate_latents_vae(self, digests):
         """Refuse candidate latents written by another VAE than network_g's (digests: one per sample)."""
-        if getattr(self, '_vae_digest', None) is None:
+        if self._vae_digest is None:
             self._vae_digest = self.bare.vae_digest()
         other = sorted({d for d in digests if d != self._vae_digest})
         if other:
@@ -289,7 +310,7 @@ class DSPOModel(DSPOBaseModel, SRModel):
                              'use_candidate_latents: false in the dataset options.')
 
     # ------------------------------------------------------------------ the step
-    def _all_candidates(self):
+    def all_candidates(self):
         """(B, K) indices of every candidate of each LQ image."""
         b, k = self.candidates.shape[:2]
         return torch.arange(k, device=self.device).expand(b, k)
@@ -299,7 +320,7 @@ class DSPOModel(DSPOBaseModel, SRModel):
         return PreferenceBatch(
             coverage=instance_coverage(self.seg, self.win.shape[1], self.bare.vae_scale_factor), win=self.win,
             lose=self.lose, pair=self.pair, num_candidates=self.candidates.shape[1],
-            scores=getattr(self, 'scores', None))
+            scores=self.scores)
 
     def encode_candidates(self, index, generator=None, sample_posterior=None):
         """VAE latents of the chosen candidates: index (B, J) -> (B*J, C, h, w), candidate-major per LQ.
@@ -308,16 +329,16 @@ class DSPOModel(DSPOBaseModel, SRModel):
         With precomputed candidate latents in the batch the stored posterior is used and the VAE does not run.
         """
         sample = self.is_train if sample_posterior is None else sample_posterior
-        stored = getattr(self, 'candidate_latents', None)
+        stored = self.candidate_latents
         if stored is not None:
             # (B, K, 2, C, h, w) -> (B, J, 2, C, h, w): the chosen candidates' posteriors
-            posterior = _gather_images(stored.flatten(2, 3), index).unflatten(2, stored.shape[2:4])
+            posterior = gather_images(stored, index)
             mean, std = posterior.flatten(0, 1).unbind(1)  # each (B*J, C, h, w)
-            if sample and not getattr(self, '_posterior_checked', False):
+            if sample and not self._posterior_checked:
                 self.check_posterior_noise(posterior=(mean, std))
             return self.bare.latents_from_posterior(mean, std, sample, generator)
-        images = _gather_images(self.candidates, index).flatten(0, 1)
-        if sample and not getattr(self, '_posterior_checked', False):
+        images = gather_images(self.candidates, index).flatten(0, 1)
+        if sample and not self._posterior_checked:
             self.check_posterior_noise(images)
         return self.bare.encode_images(images, sample_posterior=sample, generator=generator)
 
@@ -346,42 +367,55 @@ class DSPOModel(DSPOBaseModel, SRModel):
                 'dspo_basicsr.demo.dspo.set_posterior_std).')
         return ratio
 
-    def preference_condition(self, repeats):
-        """The condition of each LQ image, computed once and repeated over its candidates."""
+    def preference_condition(self, repeats, feedback=True):
+        """The condition of each LQ image, computed once and repeated over its candidates.
+
+        With ``feedback`` and ``train.feedback_guidance_scale`` set it holds the samples' negative prompts too.
+        """
         bare = self.bare
         negatives = None
-        if getattr(self, 'feedback_scale', None):
+        if feedback and self.feedback_scale:
             negatives = [join_negative_prompts(bare.default_negative_prompt, n) for n in self.negative_prompts]
         return repeat_condition(bare.condition(self.lq, self.prompts, negatives, **self.extras), repeats)
 
-    def denoising_errors(self, index, with_reference=True, generator=None, timesteps=None, latents=None, cond=None,
-                         policy=None):
-        """Per-pixel denoising errors of the chosen candidates, for the policy and the reference.
+    def denoising_errors(self, index=None, with_reference=True, generator=None, timesteps=None, latents=None,
+                         cond=None, policy=None, feedback=True, overrides=None):
+        """Per-pixel denoising errors of J images per LQ input, for the policy and the reference.
 
         Args:
-            index (Tensor): (B, J) candidate indices per LQ image.
+            index (Tensor | None): (B, J) candidate indices per LQ image, encoded with :meth:`encode_candidates`;
+                None when ``latents`` are given.
             with_reference (bool): Also run the frozen reference.
             generator (torch.Generator | None): For the noise (and timesteps when not given).
             timesteps (Tensor | None): (B,) fixed timesteps; drawn from ``timestep_range`` when None.
-            latents (Tensor | None): Precomputed :meth:`encode_candidates` output.
+            latents (Tensor | None): (B, J, C, h, w) latents of the images to score (candidates, GT, ...).
             cond (dict | None): Precomputed :meth:`preference_condition` output.
             policy (nn.Module | None): The policy to call; ``net_g`` (the DDP wrapper in training) when None.
+            feedback (bool): Predict with the user-description feedback guidance of
+                ``train.feedback_guidance_scale`` when it is set (training); False: plain predictions.
+            overrides (DiffusionInputOverrides | None): Rows whose noisy latent and target are given.
 
         Returns:
             tuple[Tensor, Tensor | None]: err_theta, err_ref, each (B, J, h, w).
         """
         bare = self.bare
-        b, j = index.shape
-        latents = self.encode_candidates(index, generator) if latents is None else latents  # (B*J, C, h, w)
-        cond = self.preference_condition(j) if cond is None else cond
-        _, c, h, w = latents.shape
+        if latents is None:
+            if index is None:
+                raise ValueError('denoising_errors needs the candidates to score (index) or their latents.')
+            latents = self.encode_candidates(index, generator).unflatten(0, index.shape)
+        b, j, c, h, w = latents.shape
+        latents = latents.flatten(0, 1)  # (B, J, C, h, w) -> (B*J, C, h, w), candidate-major per LQ
+        cond = self.preference_condition(j, feedback) if cond is None else cond
         # One noise and one timestep per LQ image, shared by its J candidates and by both networks.
         noise = torch.randn((b, c, h, w), generator=generator, device=self.device).repeat_interleave(j, 0)
         if timesteps is None:
             timesteps = bare.training_timesteps(b, *self.timestep_range, generator=generator)
         t = timesteps.repeat_interleave(j)
-        x_t, target = self.diffusion_inputs(latents, noise, t, cond)
-        scale = getattr(self, 'feedback_scale', None)
+        x_t, target = bare.diffusion_inputs(latents, noise, t, cond)
+        if overrides is not None:
+            x_t = x_t.index_copy(0, overrides.rows, overrides.noisy_latents.to(x_t.dtype))
+            target = target.index_copy(0, overrides.rows, overrides.target.to(target.dtype))
+        scale = self.feedback_scale if feedback else None
 
         def errors(prediction):
             return (prediction.float() - target.float()).pow(2).mean(dim=1).view(b, j, h, w)
@@ -398,14 +432,6 @@ class DSPOModel(DSPOBaseModel, SRModel):
                     self.net_ref.predict_noise(x_t, t, cond)
                 err_ref = errors(ref)
         return err_theta, err_ref
-
-    def diffusion_inputs(self, latents, noise, t, cond):
-        """Noisy latents and regression targets (each (B*J, C, h, w)) for :meth:`denoising_errors`.
-
-        The framework's own :meth:`diffusion_inputs`; a hook for subclasses that take some rows elsewhere
-        (Diffusion-DRO's online negatives come from a sampling trajectory).
-        """
-        return self.bare.diffusion_inputs(latents, noise, t, cond)
 
     def preference_loss(self):
         """The objective's :class:`~dspo_basicsr.losses.preference_loss.PreferenceResult` on the current batch.
@@ -444,9 +470,8 @@ class DSPOModel(DSPOBaseModel, SRModel):
 
     def update_learning_rate(self, current_iter, warmup_iter=-1):
         """BasicSR's schedule, advanced once per optimizer update (at the first micro-batch of a window)."""
-        k = getattr(self, 'accumulate', 1)
-        if (current_iter - 1) % k == 0:
-            super().update_learning_rate((current_iter - 1) // k + 1, warmup_iter)
+        if self.accumulation.starts_update(current_iter):
+            super().update_learning_rate(self.accumulation.update_index(current_iter) + 1, warmup_iter)
 
     def _gradient_sync(self, enabled):
         """DDP averages gradients only on the last micro-batch of a window; earlier ones run in ``no_sync``."""
@@ -456,12 +481,10 @@ class DSPOModel(DSPOBaseModel, SRModel):
 
     def optimize_parameters(self, current_iter):
         k = self.accumulate
-        position = (current_iter - 1) % k
-        if position == 0 or self.window is None:
+        window, fresh = self.accumulation.open(current_iter)
+        if fresh:
             self.optimizer_g.zero_grad(set_to_none=True)
-            self.window = AccumulationWindow()
-        window = self.window
-        last = position == k - 1
+        last = self.accumulation.ends_update(current_iter)
         self.drop_prompts()
         if window.finite:  # agreed by all ranks, so they skip the rest of a broken window together
             with self._gradient_sync(last):
@@ -475,7 +498,7 @@ class DSPOModel(DSPOBaseModel, SRModel):
                     window.finite = False
         if not last:
             return
-        self.window = None
+        self.accumulation.close()
         if not window.finite:
             self._skip_update(current_iter, 'loss')
             return
@@ -486,7 +509,8 @@ class DSPOModel(DSPOBaseModel, SRModel):
         self.optimizer_g.step()
         self.updates_applied += 1
         if self.net_g_ema is not None:  # the update's number comes from the iteration, so a resume continues it
-            self.net_g_ema.update(self.bare, ema_decay_at(self.ema_decay, current_iter // k, self.ema_schedule))
+            update_number = self.accumulation.update_index(current_iter) + 1
+            self.net_g_ema.update(self.bare, ema_decay_at(self.ema_decay, update_number, self.ema_schedule))
         self.nonfinite_in_row = 0
         log = window.mean()
         log['grad_norm'] = grad_norm.detach()
@@ -499,7 +523,7 @@ class DSPOModel(DSPOBaseModel, SRModel):
         lagged copy's online samples), as Diffusion-DRO's ``train.py`` does (``encode_prompt``,
         ``--random_drop_prompt_probability`` 0.2). Negative prompts and image conditions are kept.
         """
-        p = getattr(self, 'prompt_dropout', 0)
+        p = self.prompt_dropout
         if p > 0:  # no draw at 0, so runs without dropout keep their random stream
             dropped = (torch.rand(len(self.prompts)) < p).tolist()
             self.prompts = ['' if drop else prompt for drop, prompt in zip(dropped, self.prompts)]
@@ -510,47 +534,19 @@ class DSPOModel(DSPOBaseModel, SRModel):
             return OrderedDict((key, math.nan) for key in loss_dict)
         return super().reduce_loss_dict(loss_dict)
 
-    def _window_path(self, current_iter):
-        rank = self.opt.get('rank', 0)
-        return os.path.join(self.opt['path']['training_states'], f'{current_iter}.window_rank{rank}.pth')
-
-    def save_accumulation_window(self, current_iter):
-        """Save this rank's gradients of an unfinished accumulation window next to ``{iter}.state``.
-
-        A checkpoint can fall inside a window (``save_checkpoint_freq`` counts micro-batches); the resumed run
-        then continues the window with these gradients instead of applying a part of it on its own.
-        """
-        if self.window is None or current_iter == -1:
-            return
-        names = dict(self.bare.named_parameters())
-        state = {'grads': {name: p.grad.detach().cpu() for name, p in names.items()
-                           if p.requires_grad and p.grad is not None},
-                 'logs': {key: value.cpu() for key, value in self.window.sums.items()},
-                 'count': self.window.count, 'finite': self.window.finite}
-        path = self._window_path(current_iter)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_torch_save(state, path)
+    # ------------------------------------------------------------------ resume inside an accumulation window
+    def accumulation_window_path(self, current_iter):
+        """This rank's file of the accumulation window left open at ``current_iter``, next to ``{iter}.state``."""
+        return GradientAccumulation.window_path(self.opt['path']['training_states'], current_iter,
+                                                self.opt.get('rank', 0))
 
     def resume_training(self, resume_state):
         super().resume_training(resume_state)
         current_iter = int(resume_state['iter'])
-        if current_iter % self.accumulate == 0:
-            return
-        path = self._window_path(current_iter)
-        if not os.path.isfile(path):
-            get_root_logger().warning(
-                f'resuming at iteration {current_iter}, inside an accumulation window of '
-                f'{self.accumulate} micro-batches, but {path} is missing; that window is applied with only the '
-                'micro-batches still to come.')
-            return
-        state = read_checkpoint(path, what='accumulation window', unwrap=())
-        names = dict(self.bare.named_parameters())
-        for name, grad in state['grads'].items():
-            names[name].grad = grad.to(names[name].device, names[name].dtype)
-        self.window = AccumulationWindow(finite=bool(state['finite']), count=int(state['count']),
-                                         sums=OrderedDict((k, v.to(self.device)) for k, v in state['logs'].items()))
+        self.accumulation.resume(current_iter, self.accumulation_window_path(current_iter),
+                                 dict(self.bare.named_parameters()), self.device)
 
-    # ------------------------------------------------------------------ sampling validation
+    # ------------------------------------------------------------------ validation
     def test(self):
         sample_opt = resolve_sample_options(self.opt.get('val', {}).get('sample'))  # a protocol preset expanded
         seed = sample_opt.get('seed', self.option_schema.value(self.opt, 'val.sample.seed'))
@@ -560,6 +556,13 @@ class DSPOModel(DSPOBaseModel, SRModel):
         # The official test scripts' inference settings (docs/frameworks.md): tag prompts, colour fix, tiling.
         self.output = sample_with_options(bare, self.lq, sample_opt, generator)
         bare.train(self.is_train)
+
+    def get_current_visuals(self):
+        """SRModel's visuals (``lq``, ``result`` and ``gt`` when the batch has one), on the CPU."""
+        visuals = OrderedDict(lq=self.lq.detach().cpu(), result=self.output.detach().cpu())
+        if self.gt is not None:
+            visuals['gt'] = self.gt.detach().cpu()
+        return visuals
 
     def dist_validation(self, dataloader, current_iter, tb_logger, save_img):
         """Every rank validates its share of the set; rank 0 logs the gathered result (see below)."""
@@ -583,104 +586,41 @@ class DSPOModel(DSPOBaseModel, SRModel):
                     write_training_curves(self.opt)
         wait_for_all_ranks()
 
-    def _my_share(self, dataloader, desc):
-        """(sample index, collated batch of that one sample) for this rank's share of the set."""
-        rank, world = get_dist_info()
-        dataset = dataloader.dataset
-        show = self.option_schema.value(self.opt, 'val.pbar') and rank == 0
-        for i in tqdm(range(rank, len(dataset), world), desc=desc, leave=False, disable=not show):
-            yield i, dataloader.collate_fn([dataset[i]])
-
-    @torch.no_grad()
     def image_validation(self, dataloader, current_iter, tb_logger, save_img):
-        """SRModel's validation (sampling, saved PNGs, ``val.metrics``), split over the ranks."""
-        dataset_name = dataloader.dataset.opt['name']
-        metrics = self.opt['val'].get('metrics') or {}
-        per_image = []
-        for i, val_data in self._my_share(dataloader, f'validation {dataset_name}'):
-            img_name = os.path.splitext(os.path.basename(val_data['lq_path'][0]))[0]
-            self.feed_data(val_data)
-            self.test()
-            visuals = self.get_current_visuals()
-            metric_data = {'img': tensor2img([visuals['result']])}
-            if 'gt' in visuals:
-                metric_data['img2'] = tensor2img([visuals['gt']])
-                del self.gt
-            del self.lq, self.output
-            if save_img:
-                if self.opt['is_train']:
-                    path = os.path.join(self.opt['path']['visualization'], img_name, f'{img_name}_{current_iter}.png')
-                else:
-                    suffix = self.opt['val'].get('suffix') or self.opt['name']
-                    path = os.path.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{suffix}.png')
-                imwrite(metric_data['img'], path)
-            per_image.append((i, {name: float(calculate_metric(metric_data, o)) for name, o in metrics.items()}))
-        per_image = gather_in_sample_order(per_image)
-        if not metrics or get_dist_info()[0] != 0:
-            return
-        self._initialize_best_metric_results(dataset_name)
-        self.metric_results = {name: sum(m[name] for m in per_image) / max(len(per_image), 1) for name in metrics}
-        for name, value in self.metric_results.items():
-            self._update_best_metric_result(dataset_name, name, value, current_iter)
-        self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+        """SRModel's validation (sampling, saved PNGs, ``val.metrics``), split over the ranks
+        (:func:`~dspo_basicsr.models.image_validation.validate_images`); rank 0 logs the means."""
+        show = self.option_schema.value(self.opt, 'val.pbar')
+        results = validate_images(self, dataloader, current_iter, save_img, show)
+        if results is not None:
+            self._log_validation_results(dataloader.dataset.opt['name'], results, current_iter, tb_logger,
+                                         better={name: o.get('better', 'higher')
+                                                 for name, o in self.opt['val']['metrics'].items()})
 
-    @torch.no_grad()
     def preference_validation(self, dataloader, current_iter, tb_logger):
-        """Implicit accuracy of the DSPO logits on a preference set, at fixed timesteps, latents and noise.
+        """Implicit accuracy of the DSPO logits on a preference set, at fixed timesteps, latents and noise
+        (:mod:`~dspo_basicsr.models.preference_validation`); rank 0 logs ``implicit_acc`` and ``logit_mean``.
 
-        Sample i draws its VAE latents and noise from a generator seeded with ``val.preference_seed + i``,
-        so the same weights give the same numbers in training, at the end, in ``basicsr test`` and on any
-        number of ranks. Logs ``implicit_acc`` (share of paired instances where the policy prefers the
-        preferred candidate more than the reference does; 0.5 = no preference learned) and ``logit_mean``.
+        beta (it scales ``logit_mean``, not ``implicit_acc``) is the training loss's, or
+        ``val.preference_beta`` (in ``basicsr test``, where there is no training loss).
         """
-        dataset_name = dataloader.dataset.opt['name']
         option = self.option_schema.value
-        timesteps = option(self.opt, 'val.preference_timesteps')
-        # beta scales logit_mean (not implicit_acc): the training loss's, or val.preference_beta in basicsr test
-        beta = float(option(self.opt, 'val.preference_beta') or
-                     getattr(getattr(self, 'cri_pref', None), 'beta', DEFAULT_BETA))
-        seed = option(self.opt, 'val.preference_seed')
-        # the training loss's instance error (mean or sum inside the mask: the logits' scale), else mean
-        instance_reduction = getattr(getattr(self, 'cri_pref', None), 'instance_error', 'mean')
-        generator = torch.Generator(device=self.device)
-        saved_scale, self.feedback_scale = getattr(self, 'feedback_scale', None), None
-        bare = self.bare
-        bare.eval()
-        per_sample = []
-        for i, data in self._my_share(dataloader, f'preference validation {dataset_name}'):
-            generator.manual_seed(seed + i)
-            self.feed_data(data)
-            index = self._all_candidates()
-            coverage = instance_coverage(self.seg, self.win.shape[1], bare.vae_scale_factor)
-            latents = self.encode_candidates(index, generator, sample_posterior=True)
-            cond = self.preference_condition(index.shape[1])
-            sample_logits = []
-            for step in timesteps:
-                t = torch.full((self.lq.shape[0],), int(step), device=self.device, dtype=torch.long)
-                err_theta, err_ref = self.denoising_errors(index, generator=generator, timesteps=t, latents=latents,
-                                                           cond=cond, policy=bare)
-                logits, _, paired = dspo_logits(err_theta, err_ref, coverage, self.win, self.lose, beta,
-                                                instance_reduction)
-                sample_logits.append(logits[paired].cpu())
-            per_sample.append((i, torch.cat(sample_logits)))
-        bare.train(self.is_train)
-        self.feedback_scale = saved_scale
-        per_sample = gather_in_sample_order(per_sample)
-        if get_dist_info()[0] != 0:
-            return
-        logits = torch.cat(per_sample) if per_sample else torch.zeros(0)
-        stats = preference_statistics(logits, torch.ones_like(logits, dtype=torch.bool), logits, logits, logits, logits)
-        self.metric_results = {'implicit_acc': stats['implicit_acc'].item(), 'logit_mean': stats['logit_mean'].item()}
-        if not hasattr(self, 'best_metric_results'):
-            self.best_metric_results = {}
-        self.best_metric_results.setdefault(dataset_name, {
-            'implicit_acc': dict(better='higher', val=float('-inf'), iter=-1),
-            'logit_mean': dict(better='higher', val=float('-inf'), iter=-1)})
-        for name, value in self.metric_results.items():
-            self._update_best_metric_result(dataset_name, name, value, current_iter)
+        settings = PreferenceValidationSettings.for_objective(
+            self.cri_pref, timesteps=option(self.opt, 'val.preference_timesteps'),
+            seed=option(self.opt, 'val.preference_seed'), beta=option(self.opt, 'val.preference_beta'))
+        results = validate_preferences(self, dataloader, settings, option(self.opt, 'val.pbar'))
+        if results is not None:
+            self._log_validation_results(dataloader.dataset.opt['name'], results, current_iter, tb_logger,
+                                         better={name: 'higher' for name in results})
+
+    def _log_validation_results(self, dataset_name, results, current_iter, tb_logger, better):
+        """BasicSR's bookkeeping of one validation: ``metric_results``, the best values so far, the log lines."""
+        self.metric_results = results
+        records = self.best_metric_results.setdefault(dataset_name, {})
+        for name in results:
+            worst = float('-inf') if better[name] == 'higher' else float('inf')
+            records.setdefault(name, dict(better=better[name], val=worst, iter=-1))
+            self._update_best_metric_result(dataset_name, name, results[name], current_iter)
         self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
-        # SRModel's validation of an image set starts its metric table afresh when this is absent.
-        del self.metric_results
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch, current_iter):
@@ -689,7 +629,8 @@ class DSPOModel(DSPOBaseModel, SRModel):
             self.save_network([self.net_g, self.net_g_ema], 'net_g', current_iter, param_key=['params', 'params_ema'])
         else:
             self.save_network(self.net_g, 'net_g', current_iter)
-        self.save_accumulation_window(current_iter)  # this rank's gradients of an unfinished window
+        if current_iter != -1:  # this rank's gradients of an unfinished window
+            self.accumulation.save(self.accumulation_window_path(current_iter), dict(self.bare.named_parameters()))
         self.save_training_state(epoch, current_iter)  # ends at a barrier (utils.distributed)
 
     def save_network(self, net, net_label, current_iter, param_key='params'):

@@ -81,7 +81,7 @@ class OnlineGroupModel(DSPOModel):
     @torch.no_grad()
     def sample_group(self, current_iter):
         """Replace the batch's candidates with G policy samples per LQ and relabel its instances by PSNR."""
-        if getattr(self, 'gt', None) is None:
+        if self.gt is None:
             raise ValueError('OnlineGroupModel scores its online samples against the GT: the preference set must '
                              'store ground truths (the demo set does); no GT came with this batch.')
         rank, _ = get_dist_info()

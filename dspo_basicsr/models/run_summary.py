@@ -61,7 +61,7 @@ def write_validation_summary(model, dataloader, current_iter):
         rgb = {key: np.ascontiguousarray(image[..., ::-1]) for key, image in dict(images, gt=gt).items()}
         rows.append(dict(rgb, name=os.path.splitext(os.path.basename(data['lq_path'][0]))[0],
                          metrics={key: _measure(image, gt, metric_opts) for key, image in images.items()}))
-        del model.lq, model.gt, model.output
+        model.lq = model.gt = model.output = None
     if not rows:
         return None
     dataset_name = dataloader.dataset.opt['name']
