@@ -66,7 +66,7 @@ def sr_test_options(framework, paths, checkpoint, root, name=None):
         'network_g': copy.deepcopy(network_options(framework, paths)),
         'path': {'pretrain_network_g': checkpoint, 'strict_load_g': True, 'param_key_g': 'params'},
         'val': {'save_img': True, 'suffix': framework,
-                'sample': {'steps': 2, 'cfg': 1.0 if framework != 'seesr' else 2.0, 'seed': 0, 'prompt': ''},
+                'sample': {'steps': 2, 'guidance_scale': 1.0 if framework != 'seesr' else 2.0, 'seed': 0, 'prompt': ''},
                 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False}}},
     }
 

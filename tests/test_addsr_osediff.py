@@ -75,7 +75,7 @@ def test_addsr_loads_seesr_layout_and_samples_at_its_four_timesteps_with_self_re
     # embeddings follow the refined image.
     assert not torch.allclose(calls[1][1], lq_up)
     assert not torch.allclose(calls[1][2], calls[0][2])
-    assert arch.default_cfg == 1.0 and arch.default_steps == 4
+    assert arch.default_guidance_scale == 1.0 and arch.default_steps == 4
 
 
 def test_addsr_trains_through_cli_and_samples_through_basicsr_test(addsr, tmp_path):

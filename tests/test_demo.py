@@ -13,36 +13,40 @@ def tiny_arch():
     return ControlSD2Arch(tiny=True, sampler='ddim').eval()
 
 
-def _timesteps_run(arch, strength, steps=8):
+def _timesteps_run(arch, start_timestep, steps=8):
     seen = []
     predict = ControlSD2Arch.predict_noise.__get__(arch)
     arch.predict_noise = lambda x_t, t, cond: seen.append(int(t[0])) or predict(x_t, t, cond)
-    arch.start_strength = strength
+    arch.set_sampling_start('noise' if start_timestep is None else 'lr', start_timestep)
     try:
-        arch.sample(torch.rand(1, 3, 8, 8), 'a cat', steps=steps, cfg=1.0, generator=torch.Generator().manual_seed(0))
+        arch.sample(torch.rand(1, 3, 8, 8), 'a cat', steps=steps, guidance_scale=1.0,
+                    generator=torch.Generator().manual_seed(0))
     finally:
         del arch.predict_noise
-        arch.start_strength = 1.0
+        arch.set_sampling_start('noise', None)
     return seen
 
 
-def test_start_strength_runs_only_the_last_steps(tiny_arch):
-    full = _timesteps_run(tiny_arch, 1.0)
+def test_start_timestep_runs_only_the_timesteps_from_it_on(tiny_arch):
+    full = _timesteps_run(tiny_arch, None)
     assert len(full) == 8
-    assert _timesteps_run(tiny_arch, 0.25) == full[-2:]
-    assert _timesteps_run(tiny_arch, 0.5) == full[-4:]
+    assert _timesteps_run(tiny_arch, full[-2]) == full[-2:]
+    assert _timesteps_run(tiny_arch, full[-4]) == full[-4:]
+    assert _timesteps_run(tiny_arch, full[-4] + 1) == full[-4:]  # between two: from the next one down
+    with pytest.raises(ValueError, match='start_timestep'):
+        tiny_arch.set_sampling_start('lr', None)
 
 
-def test_start_strength_starts_from_the_noised_lq_latent(tiny_arch):
+def test_start_point_lr_starts_from_the_noised_lq_latent(tiny_arch):
     lq = torch.rand(2, 3, 8, 8)
     scheduler = tiny_arch._sampling_scheduler('ddim')
     scheduler.set_timesteps(8)
     scheduler.timesteps = scheduler.timesteps[-1:]  # t = 0: almost no noise
-    tiny_arch.start_strength = 0.1
+    tiny_arch.set_sampling_start('lr', 0)
     try:
         start = tiny_arch.initial_latents(lq, scheduler, torch.Generator().manual_seed(0))
     finally:
-        tiny_arch.start_strength = 1.0
+        tiny_arch.set_sampling_start('noise', None)
     lq_latent = tiny_arch.encode_images(tiny_arch.upsample_lq(lq))
     noise = tiny_arch.initial_noise(lq, torch.Generator().manual_seed(0))
     alpha = scheduler.alphas_cumprod[0]
@@ -120,7 +124,7 @@ def test_demo_test_options_sample_with_the_demo_tagger_and_colour_fix(tmp_path):
     lq = torch.rand(1, 3, 8, 8)
     prompts, _ = arch.sampling_prompts(lq, '', prompt_source='tags')
     assert prompts == [arch.compose_tag_prompt(arch.ram.tags(lq)[0], '')]
-    sr = arch.sample(lq, '', steps=2, cfg=1.0, generator=torch.Generator().manual_seed(0), **protocol)
+    sr = arch.sample(lq, '', steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **protocol)
     torch.testing.assert_close(sr.mean(dim=(2, 3)), lq.mean(dim=(2, 3)), atol=0.05, rtol=0)
 
 

@@ -52,7 +52,7 @@ def test_framework_demo_candidates_are_sampled_by_the_loaded_framework(demo):
     sample = data[data.ids()[0]]
     setting = DEMO_CANDIDATE_SETTINGS[0]
     lq = torch.from_numpy(sample.lq).permute(2, 0, 1)[None].float().div(255)
-    sr = model.sample(lq, sample.prompt, steps=setting['steps'], cfg=setting['cfg'],
+    sr = model.sample(lq, sample.prompt, steps=setting['steps'], guidance_scale=setting['guidance_scale'],
                       generator=torch.Generator().manual_seed(setting['seed']))
     resampled = (sr[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round()
     assert np.abs(resampled - sample.candidates[0].astype(np.float64)).max() <= 1

@@ -18,7 +18,7 @@ def tiny_options(arch='ControlSD2Arch', **network):
         'network_g': dict({'type': arch, 'tiny': True, 'scale': 4}, **network),
         'train': {'optim_g': {'type': 'AdamW', 'lr': 1e-5},
                   'preference_opt': {'type': 'DSPOLoss', 'beta': DEFAULT_BETA}},
-        'val': {'sample': {'steps': 2, 'cfg': 2.0, 'seed': 0}},
+        'val': {'sample': {'steps': 2, 'guidance_scale': 2.0, 'seed': 0}},
     }
 
 

@@ -214,7 +214,7 @@ def test_seesr_sampler_equals_the_official_algorithm_step_by_step():
     from dspo_basicsr.archs.seesr_arch import SeeSRArch
     arch = SeeSRArch(tiny=True, default_negative_prompt='noise').eval()
     lq = torch.rand(1, 3, 8, 8)
-    out = arch.sample(lq, prompt='a', steps=3, cfg=2.0, generator=torch.Generator().manual_seed(5))
+    out = arch.sample(lq, prompt='a', steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(5))
     # pipeline_seesr.py: noise from prepare_latents, LQ latent from latent_dist.sample(), noised to 999 exactly,
     # then DDPM over the 3-step schedule with guidance eps_u + s (eps_c - eps_u), the generator in every step.
     gen = torch.Generator().manual_seed(5)
@@ -276,7 +276,7 @@ def test_osediff_and_controlsd2_samplers_equal_their_references():
     torch.testing.assert_close(out, arch.decode_latents((z - (1 - a).sqrt() * eps) / a.sqrt()))
 
     arch = ControlSD2Arch(tiny=True, sampler='ddim').eval()
-    out = arch.sample(lq, prompt='x', steps=3, cfg=1.0, generator=torch.Generator().manual_seed(4))
+    out = arch.sample(lq, prompt='x', steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(4))
     gen = torch.Generator().manual_seed(4)
     scheduler = DDIMScheduler.from_config(arch.noise_scheduler.config)
     scheduler.set_timesteps(3)
@@ -397,7 +397,7 @@ def test_controlsd2_can_tag_with_a_ram_file(tmp_path):
     lq = torch.rand(1, 3, 8, 8)
     prompts, _ = arch.sampling_prompts(lq, 'p', None, prompt_source='tags')
     assert prompts == [f'{tagger.tags(lq)[0]}, p,']
-    out = arch.sample(lq, steps=2, cfg=1.0, prompt_source='tags', color_fix='wavelet')
+    out = arch.sample(lq, steps=2, guidance_scale=1.0, prompt_source='tags', color_fix='wavelet')
     assert out.shape == (1, 3, 32, 32)
 
 
@@ -425,5 +425,6 @@ def test_process_size_samples_small_lq_larger_and_candidate_settings_carry_the_p
     arch.sample(torch.rand(1, 3, 20, 20), process_size=64)
     assert seen[-1] == (20, 20)  # large enough: untouched
     settings = sampling_settings(arch, {'prompt_source': 'tags', 'color_fix': 'adain',
-                                        'default': {'steps': 1, 'cfg': 1.0, 'seed': 0}, 'grid': {'seed': [0, 1]}})
+                                        'default': {'steps': 1, 'guidance_scale': 1.0, 'seed': 0},
+                                        'grid': {'seed': [0, 1]}})
     assert settings and all(s['prompt_source'] == 'tags' and s['color_fix'] == 'adain' for s in settings)

@@ -100,11 +100,13 @@ class ControlSD2Arch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         lora_rank, lora_alpha, lora_target_modules, sampler: see :class:`DiffusionSRArch`.
         prediction_type (str | None): Override the schedule's ``epsilon`` / ``v_prediction``.
         default_steps (int): Sampling steps of :meth:`sample`. Default: 50 (DDPM).
-        default_cfg (float): Guidance scale of :meth:`sample`. Default: 5.5.
+        default_guidance_scale (float): Guidance scale of :meth:`sample`. Default: 5.5.
         ram_path, dape_path (str | None): RAM (+ DAPE) checkpoints of a tagger for ``prompt_source: tags``.
         ram_tiny (bool | dict | None): The RAM checkpoint is a tiny one (tests, demo); None: as ``tiny``.
-        start_strength (float): Where :meth:`sample` starts: 1 (default) from pure noise; below 1 from the
-            LQ latent noised to that fraction of the schedule (see :class:`DiffusionSRArch`).
+        start_point (str): Where :meth:`sample` starts: ``noise`` (default) or ``lr``: the bicubic LQ's latent
+            (posterior mode) noised to the first sampler timestep not after ``start_timestep``, the later ones
+            skipped (SDEdit / diffusers img2img: ``strength`` s of N steps starts at the round(s N)-th last one).
+        start_timestep (int | None): The timestep ``start_point: lr`` starts at.
         mixed_precision (str | None): ``bf16`` (or ``fp16``): the frozen networks (the UNet when only the
             ControlNet or LoRA trains, VAE, text encoder) stored in that precision and every network run under
             autocast; trained parameters stay float32. Default: None (float32).
@@ -114,8 +116,8 @@ class ControlSD2Arch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
 
     def __init__(self, pretrained_model_path=None, controlnet_path=None, tiny=False, scale=4, trainable='controlnet',
                  conditioning_scale=1.0, lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS,
-                 sampler='ddpm', prediction_type=None, default_steps=50, default_cfg=5.5, ram_path=None,
-                 dape_path=None, ram_tiny=None, start_strength=1.0, mixed_precision=None,
+                 sampler='ddpm', prediction_type=None, default_steps=50, default_guidance_scale=5.5, ram_path=None,
+                 dape_path=None, ram_tiny=None, start_point='noise', start_timestep=None, mixed_precision=None,
                  gradient_checkpointing=False):
         from diffusers import ControlNetModel, DDPMScheduler
         if tiny:
@@ -132,8 +134,8 @@ class ControlSD2Arch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
                 components['noise_scheduler'].config, prediction_type=prediction_type)
         super().__init__(**components, scale=scale, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_target_modules=lora_target_modules, sampler=sampler)
-        self.default_steps, self.default_cfg = default_steps, default_cfg
-        self.start_strength = float(start_strength)
+        self.default_steps, self.default_guidance_scale = default_steps, default_guidance_scale
+        self.set_sampling_start(start_point, start_timestep)
         self.conditioning_scale = conditioning_scale
         if controlnet_path:
             check_component_folder(controlnet_path, '', f'ControlNet folder {controlnet_path!r}')

@@ -176,7 +176,7 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
             999 (``pipeline_seesr.py``, ``start_steps=999``; the 50-step DDPM schedule itself starts at 981).
         ram_tagging (bool): Load RAM's tagging head with ``ram_path`` (for ``prompt_source: tags``). Default: True.
         lora_rank, lora_alpha, lora_target_modules, sampler: see :class:`DiffusionSRArch`.
-        default_steps (int): 50. default_cfg (float): 5.5.
+        default_steps (int): 50. default_guidance_scale (float): 5.5 (``test_seesr.py --guidance_scale``).
         mixed_precision (str | None): ``bf16`` (or ``fp16``): frozen networks stored in that precision and every
             network run under autocast; trained parameters stay float32. Default: None (float32).
         gradient_checkpointing (bool): Recompute the activations of the UNet, ControlNet and any other trained
@@ -191,7 +191,7 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
                  ram_tiny=None, scale=4, trainable='controlnet', conditioning_scale=1.0, added_prompt=None,
                  start_point='lr', start_timestep=999, ram_tagging=True,
                  lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm',
-                 prediction_type=None, default_steps=50, default_cfg=5.5, default_negative_prompt=None,
+                 prediction_type=None, default_steps=50, default_guidance_scale=5.5, default_negative_prompt=None,
                  mixed_precision=None, gradient_checkpointing=False):
         components = self._build_components(pretrained_model_path, seesr_model_path, tiny)
         tiny_ram = components.pop('ram', None)
@@ -203,15 +203,12 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         super().__init__(**components, scale=scale, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_target_modules=lora_target_modules, sampler=sampler)
         self.controlnet = controlnet
-        self.default_steps, self.default_cfg = default_steps, default_cfg
+        self.default_steps, self.default_guidance_scale = default_steps, default_guidance_scale
         self.conditioning_scale = conditioning_scale
         if default_negative_prompt is not None:
             self.default_negative_prompt = default_negative_prompt
         self.added_prompt = 'clean, high-resolution, 8k' if added_prompt is None else added_prompt
-        if start_point not in ('lr', 'noise'):
-            raise ValueError(f"start_point must be 'lr' or 'noise', got {start_point!r}.")
-        self.start_point = start_point
-        self.start_timestep = int(start_timestep)
+        self.set_sampling_start(start_point, start_timestep)
         self.image_embed_dim = self.unet.config.get('image_cross_attention_dim', SEESR_IMAGE_DIM)
         self.ram = tiny_ram
         if ram_path:
@@ -301,9 +298,6 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         """RAM embeddings of the LQ as read, before the process-size resize: ``test_seesr.py`` and ``test_addsr.py``
         embed the image they open (``get_validation_prompt``)."""
         return {'ram_embeds': self.image_embeddings(lq)}
-
-    def sampling_start(self, scheduler):
-        return self.start_timestep if self.start_point == 'lr' else super().sampling_start(scheduler)
 
     def initial_latents(self, lq, scheduler, generator=None):
         """Start of sampling: pure noise, or (``start_point: lr``) the LQ latent noised to ``start_timestep``.

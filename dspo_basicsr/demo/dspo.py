@@ -28,8 +28,8 @@ DEMO_PHOTOS = (
 
 #: Sampling settings of the demo candidates; the first is the framework's default.
 DEMO_CANDIDATE_SETTINGS = (
-    dict(steps=8, cfg=3.0, seed=0), dict(steps=4, cfg=1.0, seed=1), dict(steps=8, cfg=5.5, seed=2),
-    dict(steps=4, cfg=3.0, seed=3),
+    dict(steps=8, guidance_scale=3.0, seed=0), dict(steps=4, guidance_scale=1.0, seed=1),
+    dict(steps=8, guidance_scale=5.5, seed=2), dict(steps=4, guidance_scale=3.0, seed=3),
 )
 
 
@@ -315,7 +315,8 @@ def demo_preference_samples(framework, crops, lqs, segmenter):
         candidates = []
         for setting in DEMO_CANDIDATE_SETTINGS:
             generator = torch.Generator().manual_seed(setting['seed'])
-            sr = framework.sample(lq_tensor, prompt, steps=setting['steps'], cfg=setting['cfg'], generator=generator)
+            sr = framework.sample(lq_tensor, prompt, steps=setting['steps'], guidance_scale=setting['guidance_scale'],
+                                  generator=generator)
             candidates.append(_to_uint8(sr[0]))
         seg = segment_instances(segmenter, hq, min_area=16)
         yield PreferenceSample(
@@ -348,7 +349,7 @@ def denoiser_options(settings):
 DEMO_BASE = dict(vae_widths=(16, 32), vae_steps=600, vae_batch=16, vae_lr=3e-3, vae_patch_size=32,
                  unet_down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
                  unet_up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
-                 diffusion_steps=600, diffusion_patch_size=32, max_timestep=400, start_strength=0.375)
+                 diffusion_steps=600, diffusion_patch_size=32, max_timestep=400, start_timestep=250)
 
 
 def demo_tiny_components(settings, seed=0):
@@ -416,7 +417,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
         save_ram_checkpoint(RAMImageEmbedder(tiny=True, tagging=True), ram_path)
     framework = build_network(dict(type='ControlSD2Arch', pretrained_model_path=model_path,
                                    controlnet_path=controlnet_path, scale=scale, sampler='ddim',
-                                   start_strength=settings['start_strength'])).eval()
+                                   start_point='lr', start_timestep=settings['start_timestep'])).eval()
     segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
 
     val_lq = [degrade(hq, scale, seed=seed * 1000 + 500 + index) for index, (_, hq, _) in enumerate(val)]

@@ -10,8 +10,8 @@ and loaded back through its real loading code, N candidates per LQ sampled by it
 SLIC instance by PSNR against the HQ crop inside it.
 
 Where sampling starts is the demo's, not the released models' (a tiny model denoises badly from t = 999):
-SeeSR from the LQ latent noised to ``start_timestep`` 250 (the last 3 of 8 DDIM steps, as the SD2 demo's
-``start_strength``), AddSR's x0-predicting sampler on the timesteps (250, 125), OSEDiff at its own one-step
+SeeSR from the LQ latent noised to ``start_timestep`` 250 (the last 3 of 8 DDIM steps, as the SD2 demo),
+AddSR's x0-predicting sampler on the timesteps (250, 125), OSEDiff at its own one-step
 operating point (t = 999 on the LQ latent, as released). The tiny OSEDiff's schedule predicts v (as SD2.1-768's
 does; SD2.1-base, OSEDiff's base, predicts the noise): at t = 999 v is about -x0, so the tiny UNet learns the SR
 latent itself, where a noise prediction would have to return its input to 1/15 of its spread (x0 =
@@ -48,7 +48,7 @@ FRAMEWORK_DEMOS = {
         trainable='controlnet', sampler='ddim', start_timestep=250, added_prompt='', default_negative_prompt=''),
         modules=('unet', 'controlnet')),
     'addsr': dict(type='AddSRArch', network=dict(
-        trainable='controlnet', sampling_timesteps=[250, 125], added_prompt='', default_negative_prompt=''),
+        trainable='controlnet', timesteps=[250, 125], added_prompt='', default_negative_prompt=''),
         modules=('unet', 'controlnet')),
     'osediff': dict(type='OSEDiffArch', network=dict(trainable='unet_lora', lora_rank=4), modules=('unet',),
                     prediction_type='v_prediction'),
@@ -207,7 +207,7 @@ def build_framework_demo(framework, root='datasets/demo', scale=4, size=64, crop
             for setting in DEMO_CANDIDATE_SETTINGS:
                 generator = torch.Generator().manual_seed(setting['seed'])
                 sr = framework_model.sample(_as_tensor([train_lq[index]]), prompt, steps=setting['steps'],
-                                            cfg=setting['cfg'], generator=generator)
+                                            guidance_scale=setting['guidance_scale'], generator=generator)
                 candidates.append(_to_uint8(sr[0]))
             seg = segment_instances(segmenter, hq_crop, min_area=16)
             yield PreferenceSample(
