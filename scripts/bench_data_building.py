@@ -117,7 +117,7 @@ def main():
     args = parser.parse_args()
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    framework = build_framework({'network': {'type': 'ControlSD2Arch', 'tiny': True, 'scale': 4}})
+    framework = build_framework({'network': {'type': 'TinyControlSD2Arch', 'scale': 4}})
     print(f'tiny ControlSD2Arch on CPU, {torch.get_num_threads()} threads')
     bench_candidates(framework, args)
     print(f'VLM scoring: {args.images} images x {args.top_k} instances, stub server answering after '

@@ -76,7 +76,7 @@ def make_segmented_work(root, num, n_segments, min_area):
 
 def tiny_control_sd2_network(scale=SCALE):
     """``network_g``-style option of the real ControlSD2Arch with tiny random components."""
-    return {'type': 'ControlSD2Arch', 'tiny': True, 'scale': scale}
+    return {'type': 'TinyControlSD2Arch', 'scale': scale}
 
 
 def write_chain_yaml(path, network=None, segmenter=None, feedback=None):

@@ -120,7 +120,9 @@ def test_documented_and_read_keys_are_accepted_and_unread_ones_refused():
     ('network_g.sampling_timesteps', 'network_g.timesteps'),
     ('network_g.timestep_mode', 'network_g.likelihood_point'),
     ('val.sample.cfg', 'val.sample.guidance_scale'),
-    ('train.dro.cfg', 'train.dro.guidance_scale')])
+    ('train.dro.cfg', 'train.dro.guidance_scale'),
+    ('network_g.tiny', 'network_g.type: TinyControlSD2Arch (the demo'),
+    ('network_g.ram_tiny', 'network_g.type: TinyControlSD2Arch (it reads ram_path as a tiny RAM checkpoint)')])
 def test_an_old_name_is_refused_in_one_line_naming_the_new_one(dotted, new):
     opt = copy.deepcopy(DEMO)
     opt['train']['dro'] = {}  # the section of DiffusionDROModel; the rename is refused before the model is known
@@ -138,6 +140,20 @@ def test_every_old_name_is_named_on_the_same_line(tmp_path):
     assert len(line) == 1 and f'{path}: ' in line[0]
     assert 'network_g.default_cfg was renamed to network_g.default_guidance_scale' in line[0]
     assert 'val.sample.cfg was renamed to val.sample.guidance_scale' in line[0]
+
+
+def test_framework_archs_take_no_tiny_arguments_and_the_demo_registers_tiny_types():
+    import inspect
+
+    from dspo_basicsr.demo.tiny_arch import TINY_FRAMEWORKS
+
+    from basicsr.utils.registry import ARCH_REGISTRY
+    for name, tiny in TINY_FRAMEWORKS.items():
+        released = ARCH_REGISTRY.get(name)
+        assert not {'tiny', 'ram_tiny'} & set(inspect.signature(released.__init__).parameters), name
+        assert ARCH_REGISTRY.get(tiny.__name__) is tiny and issubclass(tiny, released)
+        with pytest.raises(ValueError, match=f'type: {tiny.__name__}'):  # no folders: points to the tiny type
+            released()
 
 
 def test_old_names_in_a_chain_file_or_a_sampling_block_are_refused_naming_the_new_ones(tmp_path):

@@ -414,7 +414,7 @@ def test_chain_preference_set_trains_dspo_steps(script_chain):
         'datasets': {'train': {'name': 'chain', 'type': 'PreferenceLMDBDataset', 'dataroot': script_chain['out'],
                                'gt_size': 32, 'use_hflip': True, 'use_rot': False, 'num_worker_per_gpu': 0,
                                'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 1, 'prefetch_mode': None}},
-        'network_g': {'type': 'ControlSD2Arch', 'tiny': True, 'scale': 4, 'trainable': 'controlnet'},
+        'network_g': {'type': 'TinyControlSD2Arch', 'scale': 4, 'trainable': 'controlnet'},
         'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
         'train': {'optim_g': {'type': 'AdamW', 'lr': 1e-4, 'weight_decay': 0, 'betas': [0.9, 0.999]},
                   'scheduler': {'type': 'MultiStepLR', 'milestones': [1000], 'gamma': 0.5}, 'total_iter': 3,

@@ -6,6 +6,7 @@ import runpy
 import numpy as np
 import pytest
 
+from dspo_basicsr.demo.tiny_arch import TinyControlSD2Arch
 from dspo_basicsr.seed_consistency import best_mean_worst, sample_counts
 
 from conftest import REPO, make_paired_folders, write_options
@@ -63,9 +64,8 @@ def test_seeds_are_sampled_with_the_validation_colour_fix():
     """val.sample's protocol keys (color_fix, ...) reach the sampler, as in the model's own validation."""
     import torch
 
-    from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
     from dspo_basicsr.seed_consistency import sample_seeds
-    arch = ControlSD2Arch(tiny=True, sampler='ddim').eval()
+    arch = TinyControlSD2Arch(sampler='ddim').eval()
     lq = torch.rand(1, 3, 8, 8)
     opt = dict(steps=2, guidance_scale=1.0, prompt='', sampler='ddim')
     plain = sample_seeds(arch, lq, 2, opt, batch_size=2)

@@ -532,6 +532,11 @@ class DiffusionSRArch(nn.Module):
             latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
         return self.decode_latents(latents)
 
+    def load_ram(self, ram_path, dape_path=None, tagging=False, embed_dim=512):
+        """The RAM image embedder / tagger of ``ram_path`` (RAM's ``ram_swin_large_14m.pth``, plus SeeSR's DAPE)."""
+        from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
+        return RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, embed_dim=embed_dim, tagging=tagging)
+
     def set_sampling_start(self, start_point, start_timestep):
         """Check and keep where :meth:`sample` starts: ``noise``, or ``lr`` and the timestep the LQ latent is noised to.
 

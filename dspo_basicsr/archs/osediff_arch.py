@@ -43,7 +43,6 @@ import torch
 from dspo_basicsr.archs.control_sd2_arch import load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
 from dspo_basicsr.archs.precision import LowPrecisionFrozenPartsMixin
-from dspo_basicsr.archs.tiny_components import tiny_sd_components
 from dspo_basicsr.utils.checkpoint import read_checkpoint
 
 from basicsr.utils.registry import ARCH_REGISTRY
@@ -224,8 +223,6 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         pretrained_model_path (str | None): SD2.1-base folder (diffusers layout).
         osediff_path (str | None): OSEDiff's LoRA file (``osediff.pkl``); None keeps the plain SD weights
             (only for tests of the plumbing).
-        tiny (bool | dict): Tiny random SD components (tests, demo); a dict may give ``seed`` and ``vae``
-            (arguments of :func:`tiny_vae_config`, e.g. four levels for SD's latent factor 8).
         scale (int): SR factor. Default: 4.
         trainable (str | list[str]): ``unet_lora`` (default) or ``unet``.
         likelihood_point (str): Where the preference likelihood is taken in training: ``operating_point``
@@ -236,28 +233,24 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         mixed_precision (str | None): ``bf16``: frozen weights in bf16, networks under autocast, LoRA in float32.
         gradient_checkpointing (bool): Recompute the trained UNet's activations (LoRA'd or full) in the backward
             pass. Default: False.
+        components (dict | None): Built SD components (and, optionally, a RAM tagger ``ram``) instead of
+            ``pretrained_model_path`` (Python callers; the demo's tiny types).
     """
 
     default_steps = 1
 
-    def __init__(self, pretrained_model_path=None, osediff_path=None, tiny=False, scale=4, trainable='unet_lora',
+    def __init__(self, pretrained_model_path=None, osediff_path=None, scale=4, trainable='unet_lora',
                  likelihood_point='operating_point', lora_rank=4, lora_alpha=None,
                  lora_target_modules=DEFAULT_LORA_TARGETS, default_guidance_scale=1.0, mixed_precision=None,
                  ram_path=None,
-                 dape_path=None, ram_tiny=None, gradient_checkpointing=False):
-        from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
-        ram = None
-        if tiny:
-            tiny = tiny if isinstance(tiny, dict) else {}
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(tiny.get('seed', 0))
-                components = tiny_sd_components(vae=tiny.get('vae'))
-                if tiny.get('ram', True) and not ram_path:  # a random tiny RAM tagger, for prompt_source: tags
-                    ram = RAMImageEmbedder(tiny=True, tagging=True)
-        elif pretrained_model_path:
+                 dape_path=None, gradient_checkpointing=False, components=None):
+        if components is None:
+            if not pretrained_model_path:
+                raise ValueError('OSEDiffArch needs pretrained_model_path (an SD2.1-base folder); tiny random '
+                                 'networks are type: TinyOSEDiffArch (dspo_basicsr/demo/tiny_arch.py).')
             components = load_sd_components(pretrained_model_path)
-        else:
-            raise ValueError('OSEDiffArch needs pretrained_model_path (an SD2.1-base folder) or tiny: true.')
+        components = dict(components)
+        ram = components.pop('ram', None)
         if likelihood_point not in ('operating_point', 'noise'):
             raise ValueError(f"likelihood_point must be 'operating_point' or 'noise', got {likelihood_point!r}.")
         if osediff_path:
@@ -270,8 +263,7 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         # the inverse of the (original) decoder that renders the output.
         self.lq_vae = lq_vae
         if ram_path:
-            ram_tiny = bool(tiny) if ram_tiny is None else ram_tiny
-            ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=ram_tiny, tagging=True)
+            ram = self.load_ram(ram_path, dape_path, tagging=True)
         self.ram = ram
         self.likelihood_point = likelihood_point
         self.default_guidance_scale = default_guidance_scale

@@ -300,8 +300,13 @@ class OptionSchema:
 
 #: Keys renamed so that each concept has one name (docs/frameworks.md, "One vocabulary"): where sampling starts is
 #: ``start_point`` + ``start_timestep`` (AddSR: ``timesteps``), guidance is ``guidance_scale``. Old key -> what to
-#: write instead; ``network_*`` is any network block. An old key is refused at start with one line naming the new.
+#: write instead; ``network_*`` is any network block, ``<type>`` its type. The framework archs load released files
+#: only: tiny random builds are the demo's ``Tiny*Arch`` types. An old key is refused at start with one line naming
+#: the new.
 RENAMED_OPTIONS = {
+    'network_*.tiny': 'network_*.type: Tiny<type> (the demo\'s tiny frameworks, dspo_basicsr/demo/tiny_arch.py; '
+                      'tiny: {seed, unet, vae, ram} is seed, unet_config, vae_config, random_ram there)',
+    'network_*.ram_tiny': 'network_*.type: Tiny<type> (it reads ram_path as a tiny RAM checkpoint)',
     'network_*.start_strength': 'network_*.start_point: lr with network_*.start_timestep (strength s of N sampler '
                                 'steps starts at the round(s N)-th last timestep: 0.375 of 8 DDIM steps is 250)',
     'network_*.default_cfg': 'network_*.default_guidance_scale',
@@ -326,7 +331,8 @@ def renamed_option_findings(opt, networks=None):
     for old, new in RENAMED_OPTIONS.items():
         if old.startswith('network_*.'):
             name = old.partition('.')[2]
-            lines += [f"{place}.{name} was renamed to {new.replace('network_*', place)}"
+            lines += [f"{place}.{name} was renamed to "
+                      f"{new.replace('network_*', place).replace('<type>', str(block.get('type', 'Arch')))}"
                       for place, block in networks.items() if isinstance(block, dict) and name in block]
         elif _lookup(opt, old)[0]:
             lines.append(f'{old} was renamed to {new}')
