@@ -8,4 +8,5 @@ from dspo_basicsr import compat
 compat.apply()
 
 from dspo_basicsr import archs, data, losses, metrics, models  # noqa: E402,F401  (registration)
+from dspo_basicsr.demo import tiny_arch  # noqa: E402,F401  (registers the demo's Tiny*Arch frameworks)
 from dspo_basicsr.version import __version__  # noqa: E402,F401

@@ -17,7 +17,14 @@ import difflib
 import inspect
 import os
 
-from dspo_basicsr.utils.option_schema import BASICSR_MODEL_OPTIONS, LOADER_OPTIONS, REQUIRED, Option, multiple_of_scale
+from dspo_basicsr.utils.option_schema import (
+    BASICSR_MODEL_OPTIONS,
+    LOADER_OPTIONS,
+    REQUIRED,
+    Option,
+    multiple_of_scale,
+    renamed_option_findings,
+)
 from dspo_basicsr.utils.registry import registry_get
 
 __all__ = ['OptionCheckError', 'check_options', 'init_arguments', 'BASICSR_MODELS_OPTIONS', 'BASICSR_DATASET_OPTIONS']
@@ -193,8 +200,12 @@ def check_options(opt, check_paths=True, is_train=True):
         list[str]: Warnings (unknown keys of BasicSR's own classes, which may read keys we do not declare).
 
     Raises:
-        OptionCheckError: Every error found, one per line: the key, the value and what is allowed.
+        OptionCheckError: A renamed key (one line naming the new ones), else every error found, one per line: the
+            key, the value and what is allowed.
     """
+    renamed = renamed_option_findings(opt)
+    if renamed:  # one line: the old names, each with its new one (an unknown-key list would not say the new)
+        raise OptionCheckError('; '.join(renamed))
     import dspo_basicsr  # noqa: F401  (fills the registries)
 
     from basicsr.utils.registry import ARCH_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY

@@ -69,8 +69,8 @@ def sample_seeds(bare, lq, num_seeds, sample_opt, batch_size, seed=0):
         bare (DiffusionSRArch): The framework.
         lq (Tensor): (1, 3, h, w) LQ image in [0, 1].
         num_seeds (int): S.
-        sample_opt (dict): ``val.sample`` options (``steps``, ``cfg``, ``prompt``, ``negative_prompt``, ``sampler``,
-            and the protocol keys ``color_fix``, ``prompt_source``, tiling).
+        sample_opt (dict): ``val.sample`` options (``steps``, ``guidance_scale``, ``prompt``, ``negative_prompt``,
+            ``sampler``, and the protocol keys ``color_fix``, ``prompt_source``, tiling).
         batch_size (int): Seeds per call.
         seed (int): Base seed.
 

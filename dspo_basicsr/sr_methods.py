@@ -14,7 +14,7 @@ Each entry of the methods YAML is either
   ``load_network``: the ``params_ema`` -> ``params`` fallback, the ``module.`` prefix, strict key check);
   ``tile`` / ``tile_pad`` split large images, ``pad_to`` pads to a multiple (SwinIR's window size); or
 * one of our diffusion frameworks: ``framework`` (``{network: ..., pretrain_network: ..., param_key: ...}``
-  as in the preference-data chain) with ``sampling`` (``steps``, ``cfg``, ``seed``, ``prompt``,
+  as in the preference-data chain) with ``sampling`` (``steps``, ``guidance_scale``, ``seed``, ``prompt``,
   ``negative_prompt``).
 
 Outputs are written to a temporary name and renamed, so an interrupted run never leaves a partial PNG;
@@ -120,7 +120,7 @@ class MultiSourceFramework:
         self.framework = framework
         self.sources = dict(sources)
 
-    def __getattr__(self, name):          # scale, default_steps, default_cfg, parameters, ...
+    def __getattr__(self, name):          # scale, default_steps, default_guidance_scale, parameters, ...
         if name == 'framework':           # not set yet (copy / unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.framework, name)

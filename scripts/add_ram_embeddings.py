@@ -33,7 +33,7 @@ def main(argv=None):
     parser.add_argument('--dape-path', default=None, help="SeeSR's DAPE.pth (applied on top of RAM)")
     parser.add_argument('--prompts', default=None, help='JSON file {sample id: tag prompt}')
     parser.add_argument('--tags', action='store_true', help="prompts become RAM / DAPE tags of the LQ + own prompt")
-    parser.add_argument('--tiny', default=None, help='JSON options of a tiny embedder (tests), e.g. {"embed_dim": 24}')
+    parser.add_argument('--tiny', action='store_true', help='the RAM checkpoint is a tiny one (tests, demos)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--overwrite', action='store_true')
     parser.add_argument('--no-progress', action='store_true')
@@ -45,9 +45,12 @@ def main(argv=None):
             prompts = json.load(f)
         if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
             parser.error(f"--prompts '{args.prompts}' must hold a JSON object mapping sample ids to prompt strings.")
-    tiny = json.loads(args.tiny) if args.tiny else False
-    embedder = RAMImageEmbedder(ram_path=args.ram_path, dape_path=args.dape_path, tiny=tiny,
-                                tagging=args.tags).to(args.device)
+    if args.tiny:
+        from dspo_basicsr.demo.tiny_components import tiny_ram_embedder
+        embedder = tiny_ram_embedder(ram_path=args.ram_path, dape_path=args.dape_path, tagging=args.tags)
+    else:
+        embedder = RAMImageEmbedder(ram_path=args.ram_path, dape_path=args.dape_path, tagging=args.tags)
+    embedder = embedder.to(args.device)
     source = PreferenceLMDB(args.src)
     unknown = sorted(set(prompts or {}) - set(source.ids()))
     if unknown:

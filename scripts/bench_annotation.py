@@ -38,9 +38,9 @@ class BicubicCandidates:
 
     scale = 4
 
-    def sample(self, lq, prompt, negative_prompt=None, steps=None, cfg=None, generator=None):
+    def sample(self, lq, prompt, negative_prompt=None, steps=None, guidance_scale=None, generator=None):
         sr = F.interpolate(lq, scale_factor=self.scale, mode='bicubic', align_corners=False)
-        return (sr + torch.randn(sr.shape, generator=generator) * 0.05 / (cfg or 1.0)).clamp(0, 1)
+        return (sr + torch.randn(sr.shape, generator=generator) * 0.05 / (guidance_scale or 1.0)).clamp(0, 1)
 
 
 def build_work(root, size, samples, candidates):
@@ -53,8 +53,8 @@ def build_work(root, size, samples, candidates):
         lq = cv2.resize(photo, (size // 4, size // 4), interpolation=cv2.INTER_AREA)
         cv2.imwrite(os.path.join(lq_dir, f'img{n}.png'), lq[..., ::-1])
     work = WorkFolder(os.path.join(root, 'work'))
-    settings = expand_settings_grid({'cfg': [1.0 + k for k in range(candidates - 1)]}, {'steps': 1, 'cfg': 0.5,
-                                                                                           'seed': 0})
+    settings = expand_settings_grid({'guidance_scale': [1.0 + k for k in range(candidates - 1)]},
+                                    {'steps': 1, 'guidance_scale': 0.5, 'seed': 0})
     run_candidate_step(work, discover_inputs(lq_dir), BicubicCandidates(), settings, num_keep=candidates,
                        metrics={'niqe': {'type': 'calculate_niqe', 'crop_border': 0}}, progress=False)
     run_segment_step(work, SLICSegmenter(n_segments=12), min_area=size, progress=False)

@@ -38,7 +38,7 @@ def bench_candidates(framework, args):
     rng = np.random.default_rng(0)
     lq = rng.integers(0, 256, (args.lq_size, args.lq_size, 3), dtype=np.uint8)
     settings = expand_settings_grid({'seed': list(range(args.seeds))},
-                                    {'steps': args.steps, 'cfg': 3.0, 'seed': 0, 'sampler': 'ddpm'})
+                                    {'steps': args.steps, 'guidance_scale': 3.0, 'seed': 0, 'sampler': 'ddpm'})
     sample_candidates(framework, lq, settings[:2], batch_size=2)  # warm-up
     best = {1: float('inf'), args.seeds: float('inf')}
     outputs = {}
@@ -75,7 +75,7 @@ def segmented_work_folder(root, framework, num_images):
     for i in range(num_images):
         write_image(os.path.join(lq_dir, f'img{i:03d}.png'), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
     work = WorkFolder(os.path.join(root, 'work'))
-    settings = expand_settings_grid({'seed': [1, 2]}, {'steps': 2, 'cfg': 3.0, 'seed': 0})
+    settings = expand_settings_grid({'seed': [1, 2]}, {'steps': 2, 'guidance_scale': 3.0, 'seed': 0})
     run_candidate_step(work, discover_inputs(lq_dir), framework, settings, num_keep=3,
                        metrics={}, progress=False)  # the candidates' scores do not matter here
     run_segment_step(work, quadrants, progress=False)
@@ -117,7 +117,7 @@ def main():
     args = parser.parse_args()
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    framework = build_framework({'network': {'type': 'ControlSD2Arch', 'tiny': True, 'scale': 4}})
+    framework = build_framework({'network': {'type': 'TinyControlSD2Arch', 'scale': 4}})
     print(f'tiny ControlSD2Arch on CPU, {torch.get_num_threads()} threads')
     bench_candidates(framework, args)
     print(f'VLM scoring: {args.images} images x {args.top_k} instances, stub server answering after '

@@ -58,14 +58,14 @@ def build_real_size_folders(work, device):
     from dspo_basicsr.archs.control_sd2_arch import save_sd_components
     from dspo_basicsr.archs.seesr_arch import (
         SD2_BASE_UNET_CONFIG,
-        _strip_config,
         add_image_cross_attention,
         save_seesr_networks,
+        strip_seesr_config,
     )
-    from dspo_basicsr.archs.tiny_components import _byte_level_vocab, tiny_noise_scheduler
-    vocab = _byte_level_vocab()
+    from dspo_basicsr.demo.tiny_components import byte_level_vocab, tiny_noise_scheduler
+    vocab = byte_level_vocab()
     with open(SD2_BASE_UNET_CONFIG, encoding='utf-8') as f:
-        unet_config = _strip_config(json.load(f))
+        unet_config = strip_seesr_config(json.load(f))
     sd_path, seesr_path = os.path.join(work, 'sd2'), os.path.join(work, 'seesr')
     # One network at a time, saved and freed before the next: on a CPU the peak resident memory of this
     # build stays at about one UNet plus one ControlNet (fp32) instead of all five components together.
@@ -110,8 +110,8 @@ def options(sd_path, seesr_path, lmdb, size, feedback, device, tiny_ram):
     opt = {
         'name': 'bench_seesr', 'model_type': 'DSPOModel', 'scale': 4, 'num_gpu': 1 if device == 'cuda' else 0,
         'manual_seed': 0, 'is_train': True, 'dist': False, 'rank': 0, 'world_size': 1, 'auto_resume': False,
-        'network_g': {'type': 'SeeSRArch', 'pretrained_model_path': sd_path, 'seesr_model_path': seesr_path,
-                      'scale': 4, 'trainable': 'controlnet', 'ram_tiny': tiny_ram,
+        'network_g': {'type': 'TinySeeSRArch' if tiny_ram else 'SeeSRArch', 'pretrained_model_path': sd_path,
+                      'seesr_model_path': seesr_path, 'scale': 4, 'trainable': 'controlnet',
                       'mixed_precision': 'bf16'},
         'path': {'pretrain_network_g': None, 'strict_load_g': True},
         'train': {'optim_g': {'type': 'AdamW', 'lr': 5e-6, 'weight_decay': 1e-2},
@@ -149,7 +149,7 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     try:
         if args.tiny:
-            from dspo_basicsr.archs.seesr_arch import TINY_IMAGE_DIM
+            from dspo_basicsr.demo.tiny_components import TINY_IMAGE_DIM
             from dspo_basicsr.demo.tiny_seesr import build_tiny_seesr_folders
             paths = build_tiny_seesr_folders(os.path.join(work, 'tiny'), ram=False)
             sd_path, seesr_path = paths['pretrained_model_path'], paths['seesr_model_path']

@@ -12,7 +12,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
+from dspo_basicsr.demo.tiny_arch import TinyControlSD2Arch
 
 
 def main():
@@ -21,7 +21,7 @@ def main():
     parser.add_argument('--latent', type=int, default=256)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
-    arch = ControlSD2Arch(tiny={'vae': {'block_out_channels': (16, 32, 32, 32)}}).eval()
+    arch = TinyControlSD2Arch(vae_config={'block_out_channels': (16, 32, 32, 32)}).eval()
     generator = torch.Generator().manual_seed(args.seed)
     image = F.interpolate(torch.rand(1, 3, 18, 18, generator=generator), size=(args.image, args.image),
                           mode='bicubic', align_corners=False).clamp(0, 1)

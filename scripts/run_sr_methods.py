@@ -15,7 +15,7 @@ the same command resumes: outputs already there are skipped. methods.yml (see op
         tile: 256        # LR pixels per tile (0: whole image)
       SeeSR-DSPO:
         framework: {network: {type: SeeSRArch, ...}, pretrain_network: experiments/.../net_g_latest.pth}
-        sampling: {steps: 50, cfg: 5.5, seed: 0, prompt: ''}
+        sampling: {steps: 50, guidance_scale: 5.5, seed: 0, prompt: ''}
 """
 import argparse
 import sys

@@ -10,7 +10,6 @@ instead, as OSEDiff's ``test_osediff.py`` does. The JSON feeds ``scripts/generat
 ``scripts/add_ram_embeddings.py --prompts``. Rerunning skips the images already in OUT (written after each image).
 """
 import argparse
-import json
 import sys
 
 import torch
@@ -23,14 +22,17 @@ def main(argv=None):
     parser.add_argument('--ram-path', required=True, help='RAM checkpoint ram_swin_large_14m.pth')
     parser.add_argument('--dape-path', default=None, help="SeeSR's DAPE.pth (LoRA on top of RAM)")
     parser.add_argument('--upscale', type=int, default=1, help='tag the bicubic x N image (OSEDiff: 4)')
-    parser.add_argument('--tiny', default=None, help='JSON options of a tiny RAM (tests), e.g. {"embed_dim": 24}')
+    parser.add_argument('--tiny', action='store_true', help='the RAM checkpoint is a tiny one (tests, demos)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-progress', action='store_true')
     args = parser.parse_args(argv)
 
     from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, tag_image_folder
-    tiny = json.loads(args.tiny) if args.tiny else False
-    embedder = RAMImageEmbedder(ram_path=args.ram_path, dape_path=args.dape_path, tiny=tiny, tagging=True)
+    if args.tiny:
+        from dspo_basicsr.demo.tiny_components import tiny_ram_embedder
+        embedder = tiny_ram_embedder(ram_path=args.ram_path, dape_path=args.dape_path, tagging=True)
+    else:
+        embedder = RAMImageEmbedder(ram_path=args.ram_path, dape_path=args.dape_path, tagging=True)
     tags = tag_image_folder(args.folder, args.out, embedder.to(args.device), args.upscale, args.device,
                       progress=not args.no_progress)
     print(f'wrote {args.out}: tags of {len(tags)} images')

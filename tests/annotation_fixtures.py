@@ -32,7 +32,8 @@ def make_work_folder(root, num=2, num_keep=3, descriptions=None):
     lq_dir, gt_dir = make_image_folders(os.path.join(root, 'data'), num=num, size=32)
     work = WorkFolder(os.path.join(root, 'work'))
     run_candidate_step(work, discover_inputs(lq_dir, gt_dir), FakeFramework(),
-                       expand_settings_grid({'cfg': [1.0, 4.0]}, {'steps': 2, 'cfg': 0.5, 'seed': 0}),
+                       expand_settings_grid({'guidance_scale': [1.0, 4.0]},
+                                            {'steps': 2, 'guidance_scale': 0.5, 'seed': 0}),
                        num_keep=num_keep, metrics=PSNR, negative_prompt='blurry', progress=False)
     run_segment_step(work, SLICSegmenter(n_segments=4), min_area=16, progress=False)
     for sid, per_instance in (descriptions or {}).items():

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from dspo_basicsr.archs.control_sd2_arch import build_tiny_control_sd2_folder
+from dspo_basicsr.demo.tiny_components import build_tiny_control_sd2_folder
 from dspo_basicsr.preference import PreferenceSample, write_preference_lmdb
 
 

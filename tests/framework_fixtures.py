@@ -5,7 +5,7 @@ import os
 from conftest import make_paired_folders
 from dspo_fixtures import dspo_options, write_tiny_preference_set
 
-TINY_RAM = {'embed_dim': 24}  # the tiny SeeSR's image cross-attention width (seesr_arch.TINY_IMAGE_DIM)
+TINY_RAM = {'embed_dim': 24}  # the tiny SeeSR's image cross-attention width (tiny_components.TINY_IMAGE_DIM)
 
 
 def build_framework_checkpoints(root, framework, seed=0):
@@ -13,13 +13,14 @@ def build_framework_checkpoints(root, framework, seed=0):
     if framework in ('seesr', 'addsr'):
         from dspo_basicsr.demo.tiny_seesr import build_tiny_seesr_folders
         return build_tiny_seesr_folders(os.path.join(root, 'seesr_weights'), seed=seed)
-    from dspo_basicsr.archs.control_sd2_arch import build_tiny_control_sd2_folder, load_sd_components
+    from dspo_basicsr.archs.control_sd2_arch import load_sd_components
     from dspo_basicsr.archs.osediff_arch import save_osediff_lora
+    from dspo_basicsr.demo.tiny_components import build_tiny_control_sd2_folder, tiny_ram_embedder
     sd_path, _ = build_tiny_control_sd2_folder(os.path.join(root, 'sd21'), seed=seed)
     components = load_sd_components(sd_path)
     lora = save_osediff_lora(components['unet'], components['vae'], os.path.join(root, 'osediff.pkl'), seed=seed)
-    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_dape_checkpoint, save_ram_checkpoint
-    tagger = RAMImageEmbedder(tiny=True, tagging=True)  # OSEDiff's test prompts are DAPE tags
+    from dspo_basicsr.archs.ram_arch import save_dape_checkpoint, save_ram_checkpoint
+    tagger = tiny_ram_embedder(tagging=True)  # OSEDiff's test prompts are DAPE tags
     ram = save_ram_checkpoint(tagger, os.path.join(root, 'ram', 'ram_tiny.pth'))
     dape = save_dape_checkpoint(tagger, os.path.join(root, 'ram', 'DAPE_tiny.pth'), seed=seed)
     return {'pretrained_model_path': sd_path, 'osediff_path': lora, 'ram_path': ram, 'dape_path': dape}
@@ -28,12 +29,12 @@ def build_framework_checkpoints(root, framework, seed=0):
 def network_options(framework, paths, **overrides):
     """The ``network_g`` option of a tiny framework built from the released-layout folders in ``paths``."""
     if framework == 'seesr':
-        net = {'type': 'SeeSRArch', 'pretrained_model_path': paths['pretrained_model_path'],
-               'seesr_model_path': paths['seesr_model_path'], 'ram_path': paths['ram_path'], 'ram_tiny': True,
+        net = {'type': 'TinySeeSRArch', 'pretrained_model_path': paths['pretrained_model_path'],
+               'seesr_model_path': paths['seesr_model_path'], 'ram_path': paths['ram_path'],
                'scale': 4, 'trainable': 'controlnet', 'sampler': 'ddim'}
     elif framework == 'addsr':
-        net = {'type': 'AddSRArch', 'pretrained_model_path': paths['pretrained_model_path'],
-               'addsr_model_path': paths['seesr_model_path'], 'ram_path': paths['ram_path'], 'ram_tiny': True,
+        net = {'type': 'TinyAddSRArch', 'pretrained_model_path': paths['pretrained_model_path'],
+               'addsr_model_path': paths['seesr_model_path'], 'ram_path': paths['ram_path'],
                'scale': 4, 'trainable': 'controlnet'}
     else:
         net = {'type': 'OSEDiffArch', 'pretrained_model_path': paths['pretrained_model_path'],
@@ -66,7 +67,7 @@ def sr_test_options(framework, paths, checkpoint, root, name=None):
         'network_g': copy.deepcopy(network_options(framework, paths)),
         'path': {'pretrain_network_g': checkpoint, 'strict_load_g': True, 'param_key_g': 'params'},
         'val': {'save_img': True, 'suffix': framework,
-                'sample': {'steps': 2, 'cfg': 1.0 if framework != 'seesr' else 2.0, 'seed': 0, 'prompt': ''},
+                'sample': {'steps': 2, 'guidance_scale': 1.0 if framework != 'seesr' else 2.0, 'seed': 0, 'prompt': ''},
                 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False}}},
     }
 

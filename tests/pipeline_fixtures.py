@@ -34,27 +34,27 @@ def make_image_folders(root, num=3, size=32, scale=SCALE, seed=0):
 
 
 class FakeFramework:
-    """The ``sample`` interface of the framework archs: bicubic upscaling plus seeded noise scaled by 1/cfg.
+    """The ``sample`` interface of the framework archs: bicubic upscaling plus seeded noise scaled by 1/guidance_scale.
 
     Counts its calls; raises KeyboardInterrupt at call ``interrupt_at`` (1-based) to simulate Ctrl-C.
     """
 
     scale = SCALE
     default_steps = 2
-    default_cfg = 2.0
+    default_guidance_scale = 2.0
 
     def __init__(self, interrupt_at=None):
         self.calls = []
         self.interrupt_at = interrupt_at
 
-    def sample(self, lq, prompt, negative_prompt=None, steps=None, cfg=None, generator=None):
+    def sample(self, lq, prompt, negative_prompt=None, steps=None, guidance_scale=None, generator=None):
         self.calls.append({'shape': tuple(lq.shape), 'prompt': prompt, 'negative_prompt': negative_prompt,
-                           'steps': steps, 'cfg': cfg})
+                           'steps': steps, 'guidance_scale': guidance_scale})
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
             raise KeyboardInterrupt
         sr = F.interpolate(lq, scale_factor=self.scale, mode='bicubic', align_corners=False)
         noise = torch.randn(sr.shape, generator=generator)
-        return (sr + noise * 0.2 / (cfg or 1.0)).clamp(0, 1)
+        return (sr + noise * 0.2 / (guidance_scale or 1.0)).clamp(0, 1)
 
 
 def make_segmented_work(root, num, n_segments, min_area):
@@ -66,7 +66,9 @@ def make_segmented_work(root, num, n_segments, min_area):
     lq_dir, gt_dir = make_image_folders(os.path.join(str(root), 'data'), num=num, size=32)
     work = WorkFolder(os.path.join(str(root), 'work'))
     run_candidate_step(work, discover_inputs(lq_dir, gt_dir), FakeFramework(),
-                       expand_settings_grid({'cfg': [1.0, 4.0]}, {'steps': 2, 'cfg': 0.5, 'seed': 0}), num_keep=3,
+                       expand_settings_grid({'guidance_scale': [1.0, 4.0]},
+                                            {'steps': 2, 'guidance_scale': 0.5, 'seed': 0}),
+                       num_keep=3,
                        metrics={'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}, progress=False)
     run_segment_step(work, SLICSegmenter(n_segments=n_segments), min_area=min_area, progress=False)
     return work
@@ -74,15 +76,16 @@ def make_segmented_work(root, num, n_segments, min_area):
 
 def tiny_control_sd2_network(scale=SCALE):
     """``network_g``-style option of the real ControlSD2Arch with tiny random components."""
-    return {'type': 'ControlSD2Arch', 'tiny': True, 'scale': scale}
+    return {'type': 'TinyControlSD2Arch', 'scale': scale}
 
 
 def write_chain_yaml(path, network=None, segmenter=None, feedback=None):
     """The chain option file the scripts read (yaml.safe_load)."""
     opt = {
         'framework': {'network': network or tiny_control_sd2_network()},
-        'sampling': {'default': {'steps': 2, 'cfg': 2.0, 'seed': 0}, 'grid': {'cfg': [1.0, 3.0], 'seed': [1]},
-                     'num_keep': 2, 'prompt': 'a photo', 'negative_prompt': 'blurry'},
+        'sampling': {'default': {'steps': 2, 'guidance_scale': 2.0, 'seed': 0},
+                     'grid': {'guidance_scale': [1.0, 3.0], 'seed': [1]}, 'num_keep': 2, 'prompt': 'a photo',
+                     'negative_prompt': 'blurry'},
         'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': True},
                     'ssim': {'type': 'calculate_ssim', 'crop_border': 0, 'test_y_channel': True}},
         'segmenter': segmenter or {'type': 'SLIC', 'n_segments': 6},

@@ -53,7 +53,8 @@ def coordinate_sample(sid, sr_h=64, sr_w=48, num_candidates=3, scale=SCALE, with
         candidates=[image(sr_h, sr_w, 10 + n) for n in range(num_candidates)], seg=seg, instances=instances,
         prompt=f'a photo of {sid}, 高清', negative_prompt='dotted, noise, blur',
         gt=image(sr_h, sr_w, 250) if with_gt else None,
-        meta={'candidates': [{'cfg': 5.5, 'seed': n} for n in range(num_candidates)], 'default_candidate': 0},
+        meta={'candidates': [{'guidance_scale': 5.5, 'seed': n} for n in range(num_candidates)],
+              'default_candidate': 0},
         extras={'ram_embedding': rng.standard_normal((5, 8)).astype(np.float32),
                 'tags': np.arange(6, dtype=np.int64)})
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import dspo_basicsr  # noqa: F401  (registration)
-from dspo_basicsr.archs.addsr_arch import AddSRArch
 from dspo_basicsr.archs.osediff_arch import OSEDiffArch, equivalent_x0_beta, read_osediff_lora
+from dspo_basicsr.demo.tiny_arch import TinyAddSRArch
 
 from basicsr.models import build_model
 
@@ -55,8 +55,8 @@ def _train_and_test_through_cli(framework, paths, tmp_path, trained_prefix):
 
 # ---------------------------------------------------------------------------------------------- AddSR
 def test_addsr_loads_seesr_layout_and_samples_at_its_four_timesteps_with_self_refinement(addsr):
-    arch = AddSRArch(pretrained_model_path=addsr['pretrained_model_path'], addsr_model_path=addsr['seesr_model_path'],
-                     ram_path=addsr['ram_path'], ram_tiny=True)
+    arch = TinyAddSRArch(pretrained_model_path=addsr['pretrained_model_path'],
+                         addsr_model_path=addsr['seesr_model_path'], ram_path=addsr['ram_path'])
     calls = []
     real = arch.predict_noise
 
@@ -75,7 +75,7 @@ def test_addsr_loads_seesr_layout_and_samples_at_its_four_timesteps_with_self_re
     # embeddings follow the refined image.
     assert not torch.allclose(calls[1][1], lq_up)
     assert not torch.allclose(calls[1][2], calls[0][2])
-    assert arch.default_cfg == 1.0 and arch.default_steps == 4
+    assert arch.default_guidance_scale == 1.0 and arch.default_steps == 4
 
 
 @pytest.mark.slow

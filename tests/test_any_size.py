@@ -6,19 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from dspo_basicsr.archs.addsr_arch import AddSRArch
-from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
 from dspo_basicsr.archs.diffusion_sr_base import resize_images
-from dspo_basicsr.archs.osediff_arch import OSEDiffArch
-from dspo_basicsr.archs.seesr_arch import SeeSRArch
+from dspo_basicsr.demo.tiny_arch import TinyAddSRArch, TinyControlSD2Arch, TinyOSEDiffArch, TinySeeSRArch
 
-SD_LIKE = {'vae': {'block_out_channels': (16, 32, 32, 32)}}  # four VAE levels: SD's latent factor 8
+SD_LIKE = {'vae_config': {'block_out_channels': (16, 32, 32, 32)}}  # four VAE levels: SD's latent factor 8
 # odd, non-square, tiny (below the process size and below one latent pixel) and large (above it)
 SIZES = ((9, 9), (9, 8), (13, 21), (1, 3), (70, 45))
 FRAMEWORKS = {
-    'controlsd2': lambda: ControlSD2Arch(tiny=SD_LIKE, sampler='ddim'),
-    'seesr': lambda: SeeSRArch(tiny=SD_LIKE),
-    'addsr': lambda: AddSRArch(tiny=SD_LIKE),
-    'osediff': lambda: OSEDiffArch(tiny=SD_LIKE),
+    'controlsd2': lambda: TinyControlSD2Arch(**SD_LIKE, sampler='ddim'),
+    'seesr': lambda: TinySeeSRArch(**SD_LIKE),
+    'addsr': lambda: TinyAddSRArch(**SD_LIKE),
+    'osediff': lambda: TinyOSEDiffArch(**SD_LIKE),
 }
 
 
@@ -47,7 +45,7 @@ def test_every_framework_samples_any_size_to_exactly_scale_times_the_lq(name):
 
 
 def test_process_sizes_equal_the_official_scripts():
-    arch = ControlSD2Arch(tiny=SD_LIKE)
+    arch = TinyControlSD2Arch(**SD_LIKE)
     for height, width in ((9, 9), (9, 8), (13, 21), (1, 3), (70, 45), (127, 129), (300, 451)):
         for process_size in (None, 64, 512):
             h, w = arch.process_lq_size(height, width, process_size)
@@ -55,7 +53,7 @@ def test_process_sizes_equal_the_official_scripts():
             assert (4 * h, 4 * w) == (max(8, expected_h), max(8, expected_w)), (height, width, process_size)
 
 
-class IdentitySR(ControlSD2Arch):
+class IdentitySR(TinyControlSD2Arch):
     """A framework whose "SR" is the bicubic upsampling of the LQ it is given: shows the geometry of ``sample``."""
 
     def sample_images(self, lq, prompts, negatives, **kwargs):
@@ -71,7 +69,7 @@ def edge_lq(height, width):
 
 
 def test_outputs_are_aligned_with_the_input_and_a_shift_or_stretch_would_fail():
-    arch = IdentitySR(tiny=SD_LIKE).eval()
+    arch = IdentitySR(**SD_LIKE).eval()
     for height, width in ((9, 9), (9, 8), (13, 21), (70, 45)):
         lq = edge_lq(height, width)
         reference = resize_images(lq, (4 * height, 4 * width))
@@ -103,7 +101,7 @@ def test_resizes_use_pils_bicubic_filter():
 
 
 def test_seesr_and_addsr_embed_the_lq_as_read_and_addsr_re_embeds_bicubically():
-    for arch in (SeeSRArch(tiny=SD_LIKE).eval(), AddSRArch(tiny=SD_LIKE).eval()):
+    for arch in (TinySeeSRArch(**SD_LIKE).eval(), TinyAddSRArch(**SD_LIKE).eval()):
         seen = []
         real = arch.image_embeddings
 
@@ -121,7 +119,7 @@ def test_seesr_and_addsr_embed_the_lq_as_read_and_addsr_re_embeds_bicubically():
 
 
 def test_osediff_tags_the_processed_input_and_seesr_the_lq_as_read():
-    for arch, expected in ((OSEDiffArch(tiny=SD_LIKE).eval(), (16, 22)), (SeeSRArch(tiny=SD_LIKE).eval(), (9, 13))):
+    for arch, expected in ((TinyOSEDiffArch(**SD_LIKE).eval(), (16, 22)), (TinySeeSRArch(**SD_LIKE).eval(), (9, 13))):
         seen = []
         real = arch.image_tags
 

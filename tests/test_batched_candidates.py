@@ -10,11 +10,12 @@ from pipeline_fixtures import FakeFramework, tiny_control_sd2_network
 
 
 def test_seed_groups_keep_order_and_split_by_batch_size():
-    settings = expand_settings_grid({'cfg': [1.0, 3.0], 'seed': [1, 2, 3]}, {'steps': 2, 'cfg': 1.0, 'seed': 0})
+    settings = expand_settings_grid({'guidance_scale': [1.0, 3.0], 'seed': [1, 2, 3]},
+                                    {'steps': 2, 'guidance_scale': 1.0, 'seed': 0})
     groups = seed_groups(settings, batch_size=3)
     assert sorted(i for group in groups for i in group) == list(range(len(settings)))
     for group in groups:
-        assert len(group) <= 3 and len({settings[i]['cfg'] for i in group}) == 1
+        assert len(group) <= 3 and len({settings[i]['guidance_scale'] for i in group}) == 1
     assert groups[0] == [0, 1, 2] and seed_groups(settings, 1) == [[i] for i in range(len(settings))]
 
 
@@ -27,8 +28,8 @@ def framework():
 def test_batched_candidates_equal_one_by_one(framework, sampler):
     rng = np.random.default_rng(0)
     lq = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    settings = expand_settings_grid({'seed': list(range(1, 5)), 'cfg': [1.0, 3.0]},
-                                    {'steps': 2, 'cfg': 3.0, 'seed': 0, 'sampler': sampler})
+    settings = expand_settings_grid({'seed': list(range(1, 5)), 'guidance_scale': [1.0, 3.0]},
+                                    {'steps': 2, 'guidance_scale': 3.0, 'seed': 0, 'sampler': sampler})
     assert len(settings) == 9
     one_by_one = sample_candidates(framework, lq, settings, prompt='a photo', negative_prompt='blurry', batch_size=1)
     calls = []
@@ -53,6 +54,6 @@ def test_batched_candidates_equal_one_by_one(framework, sampler):
 
 def test_frameworks_without_generator_lists_are_sampled_one_by_one():
     fake = FakeFramework()
-    settings = expand_settings_grid({'seed': [1, 2, 3]}, {'steps': 2, 'cfg': 1.0, 'seed': 0})
+    settings = expand_settings_grid({'seed': [1, 2, 3]}, {'steps': 2, 'guidance_scale': 1.0, 'seed': 0})
     sample_candidates(fake, np.zeros((8, 8, 3), np.uint8), settings, batch_size=8)
     assert [call['shape'][0] for call in fake.calls] == [1, 1, 1, 1]

@@ -14,6 +14,7 @@ import dspo_basicsr  # noqa: F401
 from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
 from dspo_basicsr.data.preference_lmdb_dataset import PreferenceLMDBDataset, preference_item, random_aligned_crop
 from dspo_basicsr.data.preference_set import PreferenceLMDB
+from dspo_basicsr.demo.tiny_arch import TinyControlSD2Arch
 from dspo_basicsr.models.dspo_model import DSPOModel
 
 from dspo_fixtures import dspo_options, in_process_options, make_tiny_preference_set
@@ -48,7 +49,7 @@ def _batch(path, phase='val', **opt):
 
 def test_stored_posterior_sample_equals_encoding_with_the_same_generator():
     torch.manual_seed(0)
-    net = ControlSD2Arch(tiny=True)
+    net = TinyControlSD2Arch()
     images = torch.rand(3, 3, 32, 32)
     mean, std = net.encode_posterior(images)
     for sample in (False, True):

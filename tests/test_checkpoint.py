@@ -55,7 +55,7 @@ def test_data_steps_load_a_fine_tuned_framework_strictly(tmp_path):
     import dspo_basicsr  # noqa: F401  (registers the archs)
     from dspo_basicsr.preference.pipeline import build_framework
 
-    network = {'type': 'ControlSD2Arch', 'tiny': True}
+    network = {'type': 'TinyControlSD2Arch'}
     trained = build_framework({'network': network}).trainable_state_dict()
     trained = {name: value + 0.5 for name, value in trained.items()}
     path = str(tmp_path / 'net_g_10.pth')

@@ -32,7 +32,7 @@ def _objective_options(tiny_set, objective):
     opt = dspo_options(tiny_set, name=f'cmp_{objective}', total_iter=1, save_every=1)
     opt['datasets']['val_2'] = {'name': 'tiny_val', 'type': 'PairedImageDataset', 'dataroot_gt': tiny_set['val_gt'],
                                 'dataroot_lq': tiny_set['val_lq'], 'io_backend': {'type': 'disk'}}
-    opt['val'].update(sample={'steps': 2, 'cfg': 1.0, 'seed': 0, 'sampler': 'ddim'}, metrics={
+    opt['val'].update(sample={'steps': 2, 'guidance_scale': 1.0, 'seed': 0, 'sampler': 'ddim'}, metrics={
         'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False},
         'ssim': {'type': 'calculate_ssim', 'crop_border': 0, 'test_y_channel': False}})
     if objective == 'dro':

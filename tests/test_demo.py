@@ -6,43 +6,49 @@ import torch
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
 from dspo_basicsr.demo.dspo import instance_win_rate
+from dspo_basicsr.demo.tiny_arch import TinyControlSD2Arch
+from dspo_basicsr.demo.tiny_components import tiny_ram_embedder
 
 
 @pytest.fixture(scope='module')
 def tiny_arch():
-    return ControlSD2Arch(tiny=True, sampler='ddim').eval()
+    return TinyControlSD2Arch(sampler='ddim').eval()
 
 
-def _timesteps_run(arch, strength, steps=8):
+def _timesteps_run(arch, start_timestep, steps=8):
     seen = []
     predict = ControlSD2Arch.predict_noise.__get__(arch)
     arch.predict_noise = lambda x_t, t, cond: seen.append(int(t[0])) or predict(x_t, t, cond)
-    arch.start_strength = strength
+    arch.set_sampling_start('noise' if start_timestep is None else 'lr', start_timestep)
     try:
-        arch.sample(torch.rand(1, 3, 8, 8), 'a cat', steps=steps, cfg=1.0, generator=torch.Generator().manual_seed(0))
+        arch.sample(torch.rand(1, 3, 8, 8), 'a cat', steps=steps, guidance_scale=1.0,
+                    generator=torch.Generator().manual_seed(0))
     finally:
         del arch.predict_noise
-        arch.start_strength = 1.0
+        arch.set_sampling_start('noise', None)
     return seen
 
 
-def test_start_strength_runs_only_the_last_steps(tiny_arch):
-    full = _timesteps_run(tiny_arch, 1.0)
+def test_start_timestep_runs_only_the_timesteps_from_it_on(tiny_arch):
+    full = _timesteps_run(tiny_arch, None)
     assert len(full) == 8
-    assert _timesteps_run(tiny_arch, 0.25) == full[-2:]
-    assert _timesteps_run(tiny_arch, 0.5) == full[-4:]
+    assert _timesteps_run(tiny_arch, full[-2]) == full[-2:]
+    assert _timesteps_run(tiny_arch, full[-4]) == full[-4:]
+    assert _timesteps_run(tiny_arch, full[-4] + 1) == full[-4:]  # between two: from the next one down
+    with pytest.raises(ValueError, match='start_timestep'):
+        tiny_arch.set_sampling_start('lr', None)
 
 
-def test_start_strength_starts_from_the_noised_lq_latent(tiny_arch):
+def test_start_point_lr_starts_from_the_noised_lq_latent(tiny_arch):
     lq = torch.rand(2, 3, 8, 8)
     scheduler = tiny_arch._sampling_scheduler('ddim')
     scheduler.set_timesteps(8)
     scheduler.timesteps = scheduler.timesteps[-1:]  # t = 0: almost no noise
-    tiny_arch.start_strength = 0.1
+    tiny_arch.set_sampling_start('lr', 0)
     try:
         start = tiny_arch.initial_latents(lq, scheduler, torch.Generator().manual_seed(0))
     finally:
-        tiny_arch.start_strength = 1.0
+        tiny_arch.set_sampling_start('noise', None)
     lq_latent = tiny_arch.encode_images(tiny_arch.upsample_lq(lq))
     noise = tiny_arch.initial_noise(lq, torch.Generator().manual_seed(0))
     alpha = scheduler.alphas_cumprod[0]
@@ -87,7 +93,7 @@ def test_demo_vae_posterior_is_nearly_deterministic():
     """The tiny VAE learns by decoding the mode; its posterior std must still be small next to the latents,
     or the sampled latents of DSPO training are noise as large as the signal (the demo then learns nothing)."""
     from dspo_basicsr.demo.dspo import pretrain_tiny_framework
-    arch = ControlSD2Arch(tiny=True, sampler='ddim')
+    arch = TinyControlSD2Arch(sampler='ddim')
     hq, lq = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 8, 8)
     pretrain_tiny_framework(arch, hq, lq, ['a cat', 'a dog'], vae_steps=2, diffusion_steps=0, batch=2)
     with torch.no_grad():
@@ -105,22 +111,22 @@ def test_demo_test_options_sample_with_the_demo_tagger_and_colour_fix(tmp_path):
 
     import yaml
 
-    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
+    from dspo_basicsr.archs.ram_arch import save_ram_checkpoint
 
     from conftest import REPO
     with open(os.path.join(REPO, 'options', 'demo', 'test_dspo_demo.yml')) as f:
         opt = yaml.safe_load(f)
     assert opt['network_g']['ram_path'] == 'datasets/demo/ram/ram_tiny.pth'  # build_demo_data's default root
-    assert opt['network_g']['ram_tiny'] is True
+    assert opt['network_g']['type'] == 'TinyControlSD2Arch'  # reads ram_path as a tiny RAM checkpoint
     protocol = {k: opt['val']['sample'][k] for k in ('prompt_source', 'color_fix')}
     assert protocol == {'prompt_source': 'tags', 'color_fix': 'adain'}
     torch.manual_seed(0)
-    ram = save_ram_checkpoint(RAMImageEmbedder(tiny=True, tagging=True), str(tmp_path / 'ram' / 'ram_tiny.pth'))
-    arch = ControlSD2Arch(tiny=True, sampler='ddim', ram_path=ram, ram_tiny=True).eval()
+    ram = save_ram_checkpoint(tiny_ram_embedder(tagging=True), str(tmp_path / 'ram' / 'ram_tiny.pth'))
+    arch = TinyControlSD2Arch(sampler='ddim', ram_path=ram).eval()
     lq = torch.rand(1, 3, 8, 8)
     prompts, _ = arch.sampling_prompts(lq, '', prompt_source='tags')
     assert prompts == [arch.compose_tag_prompt(arch.ram.tags(lq)[0], '')]
-    sr = arch.sample(lq, '', steps=2, cfg=1.0, generator=torch.Generator().manual_seed(0), **protocol)
+    sr = arch.sample(lq, '', steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **protocol)
     torch.testing.assert_close(sr.mean(dim=(2, 3)), lq.mean(dim=(2, 3)), atol=0.05, rtol=0)
 
 
@@ -205,7 +211,7 @@ def test_demo_base_settings_reach_the_pretraining_functions_and_the_tiny_network
     assert denoiser_options(DEMO_BASE) == {'steps': DEMO_BASE['diffusion_steps'],
                                            'patch_size': DEMO_BASE['diffusion_patch_size']}
     assert vae_options(dict(DEMO_BASE, vae_steps=1)) == {'steps': 1, 'batch': 16, 'lr': 3e-3, 'patch_size': 32}
-    arch = ControlSD2Arch(tiny=demo_tiny_components(DEMO_BASE), sampler='ddim')
+    arch = TinyControlSD2Arch(**demo_tiny_components(DEMO_BASE), sampler='ddim')
     assert arch.vae_scale_factor == 2 ** (len(DEMO_BASE['vae_widths']) - 1) == 2
     assert list(arch.unet.config.down_block_types) == list(DEMO_BASE['unet_down_block_types'])
     assert list(arch.controlnet.config.down_block_types) == list(DEMO_BASE['unet_down_block_types'])

@@ -19,14 +19,14 @@ def tiny_model(arch, feedback=None, **network):
     return build_model({
         'name': 'audit', 'model_type': 'DSPOModel', 'scale': 4, 'num_gpu': 0, 'is_train': True, 'dist': False,
         'rank': 0, 'world_size': 1, 'auto_resume': False,
-        'network_g': dict({'type': arch, 'tiny': True, 'scale': 4}, **network),
+        'network_g': dict({'type': 'Tiny' + arch, 'scale': 4}, **network),
         'path': {'pretrain_network_g': None, 'models': '/nonexistent', 'training_states': '/nonexistent'},
         'train': train})
 
 
 def batch_for(model):
     batch = synthetic_preference_batch(1, 2, 4, 64, 'cpu')
-    if type(model.bare).__name__ in ('SeeSRArch', 'AddSRArch'):
+    if type(model.bare).__name__ in ('TinySeeSRArch', 'TinyAddSRArch'):
         batch['extras'] = {'ram_embeds': torch.randn(1, 17, model.bare.image_embed_dim)}
     return batch
 

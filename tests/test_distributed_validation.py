@@ -36,7 +36,7 @@ def test_two_process_validation_matches_one_process_test_of_the_same_weights(tin
     opt = dspo_options(tiny_set, name='ddp_val', total_iter=2, save_every=1)
     opt['datasets']['val_2'] = {'name': 'paired', 'type': 'PairedImageDataset', 'dataroot_gt': gt_dir,
                                 'dataroot_lq': lq_dir, 'io_backend': {'type': 'disk'}}
-    opt['val'].update(val_freq=1, sample={'steps': 2, 'cfg': 2.0, 'seed': 0, 'sampler': 'ddim'},
+    opt['val'].update(val_freq=1, sample={'steps': 2, 'guidance_scale': 2.0, 'seed': 0, 'sampler': 'ddim'},
                       metrics={'psnr': {'type': 'calculate_psnr', 'crop_border': 0}})
     torchrun = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--nproc_per_node=2',
                 '--master_port=29631']

@@ -36,7 +36,7 @@ def _equal_states(a, b):
     (False, 'preferred', 0.0), (False, 'gt', 1.0), (True, 'preferred', 0.5), (True, 'gt', 1.0)])
 def test_dro_steps_train_the_policy(tiny_set, tmp_path, instance_level, expert, online_ratio):
     model = build_model(_dro_opt(tiny_set, tmp_path, instance_level=instance_level, expert=expert,
-                                 online_ratio=online_ratio, cfg=None if instance_level else 2.0))
+                                 online_ratio=online_ratio, guidance_scale=None if instance_level else 2.0))
     data = preference_batch(tiny_set)
     before = _trainable(model)
     for step in range(2):
@@ -55,7 +55,7 @@ def test_online_negative_target_is_the_lagged_copys_own_prediction(tiny_set, tmp
     # At initialisation policy = reference = lagged copy, so on the copy's own trajectory the policy and the
     # reference predict exactly the recorded target: the negative's errors vanish and the loss is the margin.
     model = build_model(_dro_opt(tiny_set, tmp_path, margin=0.01, instance_level=instance_level, online_ratio=1.0,
-                                 cfg=3.0))
+                                 guidance_scale=3.0))
     model.feed_data(preference_batch(tiny_set))
     model.refresh_lagged_policy(1)
     result = model.preference_loss()
@@ -155,7 +155,7 @@ def test_upstream_sampler_dpm_solver_with_perturbed_timesteps(tiny_set, tmp_path
     assert ts.tolist() == [750 + ts[-1].item(), 500 + ts[-1].item(), 250 + ts[-1].item(), ts[-1].item()]
     assert 0 <= ts[-1] < 250
     model = build_model(_dro_opt(tiny_set, tmp_path, margin=0.01, online_ratio=1.0, sampler='dpmsolver++',
-                                 perturb_timesteps=True, cfg=1.0))
+                                 perturb_timesteps=True, guidance_scale=1.0))
     model.feed_data(preference_batch(tiny_set))
     model.refresh_lagged_policy(1)
     result = model.preference_loss()

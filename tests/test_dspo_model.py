@@ -205,7 +205,7 @@ def test_cli_trains_saves_auto_resumes_with_same_reference_and_tests(tiny_set, t
         'test_2': {'name': 'pairs', 'type': 'PreferenceLMDBDataset', 'dataroot': tiny_set['lmdb']}}
     test_opt['path']['pretrain_network_g'] = str(exp / 'models' / 'net_g_latest.pth')
     test_opt['val'] = {'save_img': True, 'suffix': None, 'preference_timesteps': [500],
-                       'sample': {'steps': 2, 'cfg': 2.0, 'seed': 0, 'sampler': 'ddim'},
+                       'sample': {'steps': 2, 'guidance_scale': 2.0, 'seed': 0, 'sampler': 'ddim'},
                        'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}}
     tested = run_cli(['test', '-opt', write_options(tmp_path / 'test.yml', test_opt)], cwd=tmp_path)
     assert tested.returncode == 0, tested.stderr[-3000:]

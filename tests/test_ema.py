@@ -199,7 +199,7 @@ def test_upstream_dro_recipe_file():
     from conftest import REPO
     opt = read_option_file(os.path.join(REPO, 'options', 'compare_dro_upstream_sd21.yml'))
     train = opt['train']
-    assert train['dro']['cfg'] == 1.0  # --buffer_guidance_scale 1.0
+    assert train['dro']['guidance_scale'] == 1.0  # --buffer_guidance_scale 1.0
     assert train['accumulate_grad_batches'] == 16 and train['dro']['refresh_every'] == 1  # 16 micro-steps
     assert train['ema_decay'] == 0.9999 and train['ema_schedule'] == 'diffusers'  # --use_ema, EMAModel
     assert train['prompt_dropout'] == 0.2  # --random_drop_prompt_probability

@@ -54,7 +54,7 @@ def test_framework_demo_candidates_are_sampled_by_the_loaded_framework(demo):
     sample = data[data.ids()[0]]
     setting = DEMO_CANDIDATE_SETTINGS[0]
     lq = torch.from_numpy(sample.lq).permute(2, 0, 1)[None].float().div(255)
-    sr = model.sample(lq, sample.prompt, steps=setting['steps'], cfg=setting['cfg'],
+    sr = model.sample(lq, sample.prompt, steps=setting['steps'], guidance_scale=setting['guidance_scale'],
                       generator=torch.Generator().manual_seed(setting['seed']))
     resampled = (sr[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round()
     assert np.abs(resampled - sample.candidates[0].astype(np.float64)).max() <= 1
@@ -90,7 +90,7 @@ def test_framework_demo_option_files_use_the_built_model(framework):
 
 @pytest.mark.parametrize('arch_type', ['SeeSRArch', 'OSEDiffArch'])  # AddSR: SeeSR's VAE
 def test_dspo_model_reports_a_posterior_that_swamps_the_latents(arch_type, monkeypatch):
-    """What the old demos ran into unseen: the random tiny VAEs (``tiny: true``) of SeeSR / AddSR / OSEDiff have a
+    """What the old demos ran into unseen: the random tiny VAEs (``Tiny*Arch``) of SeeSR / AddSR / OSEDiff have a
     posterior std several times their latents' spread, so DSPO trained on noise (implicit accuracy ~0.5).
     DSPOModel now says so on its first posterior-sampled batch; a demo-pretrained VAE passes silently."""
     from types import SimpleNamespace
@@ -101,7 +101,7 @@ def test_dspo_model_reports_a_posterior_that_swamps_the_latents(arch_type, monke
     from basicsr.utils.registry import ARCH_REGISTRY
     warnings = []
     monkeypatch.setattr(dspo_model, 'get_root_logger', lambda: SimpleNamespace(warning=warnings.append))
-    arch = ARCH_REGISTRY.get(arch_type)(tiny=True)
+    arch = ARCH_REGISTRY.get('Tiny' + arch_type)()
     images = torch.rand(2, 3, 32, 32)
     model = SimpleNamespace(bare=arch, max_posterior_noise_ratio=dspo_model.DSPOModel.max_posterior_noise_ratio)
     assert dspo_model.DSPOModel.check_posterior_noise(model, images) > 1

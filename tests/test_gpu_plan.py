@@ -15,10 +15,10 @@ from dspo_basicsr.losses.preference_loss import DEFAULT_BETA
 def tiny_options(arch='ControlSD2Arch', **network):
     return {
         'name': 'plan', 'model_type': 'DSPOModel', 'scale': 4,
-        'network_g': dict({'type': arch, 'tiny': True, 'scale': 4}, **network),
+        'network_g': dict({'type': 'Tiny' + arch, 'scale': 4}, **network),
         'train': {'optim_g': {'type': 'AdamW', 'lr': 1e-5},
                   'preference_opt': {'type': 'DSPOLoss', 'beta': DEFAULT_BETA}},
-        'val': {'sample': {'steps': 2, 'cfg': 2.0, 'seed': 0}},
+        'val': {'sample': {'steps': 2, 'guidance_scale': 2.0, 'seed': 0}},
     }
 
 
@@ -99,7 +99,7 @@ def test_eight_bit_adamw_state_is_bitsandbytes_layout(control_plan):
 @pytest.mark.slow
 @pytest.mark.parametrize('arch, network, feedback', [
     ('ControlSD2Arch', {}, 5.5),
-    ('SeeSRArch', {'mixed_precision': 'bf16', 'tiny': {'ram': False}}, None),
+    ('SeeSRArch', {'mixed_precision': 'bf16', 'random_ram': False}, None),
     pytest.param('AddSRArch', {}, None, marks=pytest.mark.slow),  # ~25 s: four sampling steps with a tiny RAM
     ('OSEDiffArch', {'trainable': 'unet_lora'}, None),
 ])
@@ -108,9 +108,9 @@ def test_planner_runs_each_tiny_framework_with_a_validation_sample(arch, network
     if feedback:
         opt['train']['feedback_guidance_scale'] = feedback
     plan = plan_step(opt, size=64, candidates=2, real_size=False)
-    assert plan['settings']['framework'] == arch
+    assert plan['settings']['framework'] == 'Tiny' + arch  # the demo's tiny type of the framework
     assert plan['flops']['total'] > 0 and plan['memory']['total'] > 0
-    if network.get('tiny'):  # no RAM: SeeSR cannot sample, the plan says so
+    if network.get('random_ram') is False:  # no RAM: SeeSR cannot sample, the plan says so
         assert 'RAM' in plan['validation']['skipped']
     else:
         assert plan['validation']['flops_total'] > 0 and plan['validation']['peak_bytes'] > 0
@@ -160,7 +160,7 @@ def test_the_training_step_still_runs_on_the_cpu_after_the_meta_paths():
 
     from basicsr.models import build_model
     opt = bench_dspo_opt(torch.device('cpu'))
-    opt['network_g']['tiny'] = True
+    opt['network_g'].pop('unet_config')  # the default tiny UNet, not the benchmark's wider one
     model = build_model(opt)
     before = [p.detach().clone() for p in model.trainable_params]
     model.feed_data(synthetic_preference_batch(1, 2, 4, 64, 'cpu'))

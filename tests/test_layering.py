@@ -120,18 +120,6 @@ def test_utils_import_no_building_block():
     assert layering_violations('from dspo_basicsr.compat import apply\n', 'dspo_basicsr.utils.new') == []
 
 
-# Private names imported across modules that other branches make public (#25 item 5); the lead empties this set
-# when merging them. (importing module, imported name)
-KNOWN_UNTIL_MERGE = {
-    # h3-archs: the tiny factories move to demo/
-    ('dspo_basicsr.demo.tiny_seesr', 'dspo_basicsr.archs.seesr_arch._strip_config'),
-    ('dspo_basicsr.bench.gpu_plan', 'dspo_basicsr.archs.seesr_arch._strip_config'),
-    ('dspo_basicsr.bench.gpu_plan', 'dspo_basicsr.archs.tiny_components._byte_level_vocab'),
-    ('scripts.bench_seesr_step', 'dspo_basicsr.archs.seesr_arch._strip_config'),
-    ('scripts.bench_seesr_step', 'dspo_basicsr.archs.tiny_components._byte_level_vocab'),
-}
-
-
 def _is_private(name):
     return name.startswith('_') and not name.startswith('__')
 
@@ -165,7 +153,7 @@ def test_no_private_name_is_imported_from_another_module():
     for path, module in modules:
         with open(path, encoding='utf-8') as f:
             found.update((module, name) for name in private_imports(f.read(), module))
-    unexpected = sorted(found - KNOWN_UNTIL_MERGE)
+    unexpected = sorted(found)
     assert not unexpected, (f'private names imported from another module (make the helper public, in one place): '
                             f'{unexpected}')
 

@@ -5,20 +5,17 @@ import pytest
 import torch
 
 import dspo_basicsr  # noqa: F401
-from dspo_basicsr.archs.addsr_arch import AddSRArch
-from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
-from dspo_basicsr.archs.osediff_arch import OSEDiffArch
-from dspo_basicsr.archs.seesr_arch import SeeSRArch
+from dspo_basicsr.demo.tiny_arch import TinyAddSRArch, TinyControlSD2Arch, TinyOSEDiffArch, TinySeeSRArch
 from dspo_basicsr.utils.optimizers import build_optimizer
 
-FRAMEWORKS = {'sd2': ControlSD2Arch, 'seesr': SeeSRArch, 'addsr': AddSRArch, 'osediff': OSEDiffArch}
+FRAMEWORKS = {'sd2': TinyControlSD2Arch, 'seesr': TinySeeSRArch, 'addsr': TinyAddSRArch, 'osediff': TinyOSEDiffArch}
 TRAINABLE = [('sd2', 'controlnet'), ('sd2', 'unet_lora'), ('sd2', 'unet'), ('seesr', 'controlnet'),
              ('addsr', 'unet_lora'), ('osediff', 'unet_lora'), ('osediff', 'unet')]
 
 
 def tiny(framework, **kwargs):
     torch.manual_seed(0)
-    return FRAMEWORKS[framework](tiny=True, **kwargs)
+    return FRAMEWORKS[framework](**kwargs)
 
 
 def trained_gradients(net, seed=0):

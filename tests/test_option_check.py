@@ -7,10 +7,11 @@ from test_cli import msrresnet_options
 
 from dspo_basicsr.cli import OptionFileError, apply_force_yml, read_option_file
 from dspo_basicsr.option_check import OptionCheckError, check_options
+from dspo_basicsr.utils.options import plain_options
 
 from conftest import REPO, run_cli, run_cli_refusal, write_options
 
-DEMO = read_option_file(os.path.join(REPO, 'options', 'demo', 'dspo_demo.yml'))
+DEMO = plain_options(read_option_file(os.path.join(REPO, 'options', 'demo', 'dspo_demo.yml')))
 
 
 def refused(opt):
@@ -111,6 +112,65 @@ def test_documented_and_read_keys_are_accepted_and_unread_ones_refused():
     assert check_options(demo_with('val.summary', 'every'), check_paths=False) == []
     assert check_options(demo_with('val.summary', False), check_paths=False) == []
     assert "unknown option 'val.sample.start_timestep'" in refused(demo_with('val.sample.start_timestep', 999))
+
+
+@pytest.mark.parametrize('dotted, new', [
+    ('network_g.start_strength', 'network_g.start_point: lr with network_g.start_timestep'),
+    ('network_g.default_cfg', 'network_g.default_guidance_scale'),
+    ('network_g.sampling_timesteps', 'network_g.timesteps'),
+    ('network_g.timestep_mode', 'network_g.likelihood_point'),
+    ('val.sample.cfg', 'val.sample.guidance_scale'),
+    ('train.dro.cfg', 'train.dro.guidance_scale'),
+    ('network_g.tiny', 'network_g.type: TinyControlSD2Arch (the demo'),
+    ('network_g.ram_tiny', 'network_g.type: TinyControlSD2Arch (it reads ram_path as a tiny RAM checkpoint)')])
+def test_an_old_name_is_refused_in_one_line_naming_the_new_one(dotted, new):
+    opt = copy.deepcopy(DEMO)
+    opt['train']['dro'] = {}  # the section of DiffusionDROModel; the rename is refused before the model is known
+    opt = demo_with(dotted, 1.0) if dotted != 'train.dro.cfg' else dict(opt, train=dict(opt['train'], dro={'cfg': 1}))
+    message = refused(opt)
+    assert message.startswith(f'{dotted} was renamed to {new}') and '\n' not in message
+
+
+def test_every_old_name_is_named_on_the_same_line(tmp_path):
+    opt = demo_with('val.sample.cfg', 3.0)
+    opt['network_g']['default_cfg'] = 5.5
+    path = write_options(tmp_path / 'old_names.yml', opt)
+    result = run_cli_refusal(['train', '-opt', path], tmp_path)
+    line = [ln for ln in result.stderr.splitlines() if 'was renamed' in ln]
+    assert len(line) == 1 and f'{path}: ' in line[0]
+    assert 'network_g.default_cfg was renamed to network_g.default_guidance_scale' in line[0]
+    assert 'val.sample.cfg was renamed to val.sample.guidance_scale' in line[0]
+
+
+def test_framework_archs_take_no_tiny_arguments_and_the_demo_registers_tiny_types():
+    import inspect
+
+    from dspo_basicsr.demo.tiny_arch import TINY_FRAMEWORKS
+
+    from basicsr.utils.registry import ARCH_REGISTRY
+    for name, tiny in TINY_FRAMEWORKS.items():
+        released = ARCH_REGISTRY.get(name)
+        assert not {'tiny', 'ram_tiny'} & set(inspect.signature(released.__init__).parameters), name
+        assert ARCH_REGISTRY.get(tiny.__name__) is tiny and issubclass(tiny, released)
+        with pytest.raises(ValueError, match=f'type: {tiny.__name__}'):  # no folders: points to the tiny type
+            released()
+
+
+def test_old_names_in_a_chain_file_or_a_sampling_block_are_refused_naming_the_new_ones(tmp_path):
+    from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
+    from dspo_basicsr.preference.chain_options import load_chain_options
+    chain = {'framework': {'network': {'type': 'ControlSD2Arch', 'start_strength': 0.375}},
+             'sampling': {'default': {'steps': 8, 'cfg': 3.0}, 'grid': {'cfg': [1.0]}}}
+    path = write_options(tmp_path / 'chain.yml', chain)
+    with pytest.raises(ValueError) as err:
+        load_chain_options(path)
+    assert str(err.value) == (
+        f'{path}: framework.network.start_strength was renamed to framework.network.start_point: lr with '
+        'framework.network.start_timestep (strength s of N sampler steps starts at the round(s N)-th last timestep: '
+        '0.375 of 8 DDIM steps is 250); sampling.default.cfg was renamed to sampling.default.guidance_scale; '
+        'sampling.grid.cfg was renamed to sampling.grid.guidance_scale')
+    with pytest.raises(ValueError, match="'cfg' was renamed to 'guidance_scale'"):  # sr_methods' sampling blocks
+        resolve_sample_options({'steps': 2, 'cfg': 1.0})
 
 
 def test_iteration_counts_may_be_written_as_basicsr_floats():

@@ -138,7 +138,7 @@ def test_keys_read_by_the_loss_and_the_optimizer_are_their_arguments():
 def test_scan_finds_reads_it_should():
     dspo_reads = keys_read('dspo_basicsr.models.dspo_model')
     assert {'max_nonfinite_steps', 'preference_timesteps', 'seed', 'pbar'} <= dspo_reads
-    assert {'steps', 'cfg', 'color_fix', 'tile_size'} <= keys_read('dspo_basicsr.archs.diffusion_sr_base')
+    assert {'steps', 'guidance_scale', 'color_fix', 'tile_size'} <= keys_read('dspo_basicsr.archs.diffusion_sr_base')
 
 
 def test_docs_option_tables_are_up_to_date():
@@ -198,7 +198,7 @@ def test_val_sample_defaults_are_those_of_the_framework_sample():
     parameters = inspect.signature(DiffusionSRArch.sample).parameters
     declared = {o.name: o.default for o in DSPOModel.option_schema if o.parent == 'val.sample'}
     shared = set(declared) & set(parameters) - {'prompt'}  # sample_with_options passes prompt '' (sample: None)
-    assert {'steps', 'cfg', 'color_fix', 'tile_overlap', 'vae_tile', 'prompt_source'} <= shared
+    assert {'steps', 'guidance_scale', 'color_fix', 'tile_overlap', 'vae_tile', 'prompt_source'} <= shared
     assert {name: parameters[name].default for name in shared} == {name: declared[name] for name in shared}
 
 

@@ -54,10 +54,12 @@ def script(name):
 
 # -- candidates ---------------------------------------------------------------------------------------------
 def test_settings_grid_keeps_default_first_and_distinct():
-    settings = expand_settings_grid({'cfg': [3.0, 5.5], 'seed': [0, 1]}, {'steps': 50, 'cfg': 5.5, 'seed': 0})
-    assert settings[0] == {'steps': 50, 'cfg': 5.5, 'seed': 0}
+    settings = expand_settings_grid({'guidance_scale': [3.0, 5.5], 'seed': [0, 1]},
+                                    {'steps': 50, 'guidance_scale': 5.5, 'seed': 0})
+    assert settings[0] == {'steps': 50, 'guidance_scale': 5.5, 'seed': 0}
     assert len(settings) == 4 and all(s['steps'] == 50 for s in settings)  # (5.5, 0) is the default itself
-    assert expand_settings_grid([{'cfg': 1.0}], {'cfg': 2.0}) == [{'cfg': 2.0}, {'cfg': 1.0}]
+    assert expand_settings_grid([{'guidance_scale': 1.0}], {'guidance_scale': 2.0}) == [
+        {'guidance_scale': 2.0}, {'guidance_scale': 1.0}]
     with pytest.raises(ValueError, match='settings grid'):
         expand_settings_grid('cfg=3', {})
 
@@ -80,16 +82,17 @@ def test_generate_candidates_with_fake_framework_records_settings_and_scores():
     gt = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
     lq = gt[::4, ::4]
     framework = FakeFramework()
-    settings = expand_settings_grid({'cfg': [0.5, 8.0], 'seed': [1, 2]}, {'steps': 2, 'cfg': 0.25, 'seed': 0})
+    settings = expand_settings_grid({'guidance_scale': [0.5, 8.0], 'seed': [1, 2]},
+                                    {'steps': 2, 'guidance_scale': 0.25, 'seed': 0})
     metrics = dict(PSNR, ssim={'type': 'calculate_ssim', 'crop_border': 0})
     result = generate_candidates(framework, lq, settings, num_keep=2, gt=gt, prompt='cat', negative_prompt='blur',
                                  metrics=metrics)
     assert len(framework.calls) == 5 and framework.calls[0]['prompt'] == ['cat']
-    assert framework.calls[0]['negative_prompt'] == ['blur'] and framework.calls[0]['cfg'] == 0.25
+    assert framework.calls[0]['negative_prompt'] == ['blur'] and framework.calls[0]['guidance_scale'] == 0.25
     assert len(result['images']) == 2 and result['images'][0].shape == (16, 16, 3)
     # the noisiest output (default, cfg 0.25) is not in the top 2 but is kept in place of the lowest
     assert result['default_candidate'] == 1 and result['settings'][1] == settings[0]
-    assert result['settings'][0]['cfg'] == 8.0
+    assert result['settings'][0]['guidance_scale'] == 8.0
     assert set(result['scores'][0]) == {'psnr', 'ssim'} and len(result['all_scores']['psnr']) == 5
     # seeded: the same setting gives the same image
     again = generate_candidates(FakeFramework(), lq, settings, num_keep=2, gt=gt, metrics=metrics)
@@ -251,7 +254,7 @@ def test_chain_steps_resume_after_interrupt_with_fake_framework(tmp_path):
     lq_dir, gt_dir = make_image_folders(str(tmp_path / 'data'), num=3, size=32)
     inputs = discover_inputs(lq_dir, gt_dir)
     work = WorkFolder(tmp_path / 'work')
-    settings = expand_settings_grid({'cfg': [1.0, 4.0]}, {'steps': 2, 'cfg': 0.5, 'seed': 0})
+    settings = expand_settings_grid({'guidance_scale': [1.0, 4.0]}, {'steps': 2, 'guidance_scale': 0.5, 'seed': 0})
 
     framework = FakeFramework(interrupt_at=5)  # image 0 done (3 calls), image 1 interrupted
     with pytest.raises(KeyboardInterrupt):
@@ -347,7 +350,7 @@ def script_chain(tmp_path_factory):
     original = ControlSD2Arch.sample
 
     def counting_sample(self, lq, *args, **kwargs):
-        calls.append(kwargs.get('cfg'))
+        calls.append(kwargs.get('guidance_scale'))
         if len(calls) == interrupt_at[0]:
             raise KeyboardInterrupt
         return original(self, lq, *args, **kwargs)
@@ -393,7 +396,8 @@ def test_chain_scripts_with_tiny_control_sd2(script_chain):
         assert 1 <= len(paired) <= 3 and all(i['win'] != i['lose'] for i in paired)
     with open(os.path.join(script_chain['work'], 'candidates', 'img0', 'candidates.json')) as handle:
         record = json.load(handle)
-    assert record['grid'][0] == {'steps': 2, 'cfg': 2.0, 'seed': 0} and len(record['all_scores']['psnr']) == 3
+    assert record['grid'][0] == {'steps': 2, 'guidance_scale': 2.0, 'seed': 0}
+    assert len(record['all_scores']['psnr']) == 3
 
 
 @pytest.mark.slow
@@ -411,7 +415,7 @@ def test_chain_preference_set_trains_dspo_steps(script_chain):
         'datasets': {'train': {'name': 'chain', 'type': 'PreferenceLMDBDataset', 'dataroot': script_chain['out'],
                                'gt_size': 32, 'use_hflip': True, 'use_rot': False, 'num_worker_per_gpu': 0,
                                'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 1, 'prefetch_mode': None}},
-        'network_g': {'type': 'ControlSD2Arch', 'tiny': True, 'scale': 4, 'trainable': 'controlnet'},
+        'network_g': {'type': 'TinyControlSD2Arch', 'scale': 4, 'trainable': 'controlnet'},
         'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
         'train': {'optim_g': {'type': 'AdamW', 'lr': 1e-4, 'weight_decay': 0, 'betas': [0.9, 0.999]},
                   'scheduler': {'type': 'MultiStepLR', 'milestones': [1000], 'gamma': 0.5}, 'total_iter': 3,
@@ -431,8 +435,8 @@ def test_segment_script_with_tiny_sam_checkpoint_from_yaml(tmp_path):
 
     lq_dir, gt_dir = make_image_folders(str(tmp_path / 'data'), num=2, size=32)
     work = WorkFolder(tmp_path / 'work')
-    run_candidate_step(work, discover_inputs(lq_dir, None), FakeFramework(), [{'steps': 2, 'cfg': 1.0, 'seed': 0}],
-                       num_keep=1, metrics=PSNR, progress=False)
+    run_candidate_step(work, discover_inputs(lq_dir, None), FakeFramework(),
+                       [{'steps': 2, 'guidance_scale': 1.0, 'seed': 0}], num_keep=1, metrics=PSNR, progress=False)
     ckpt = tmp_path / 'sam_tiny.pth'
     save_tiny_sam(ckpt)
     segmenter = {'type': 'SAM', 'checkpoint': str(ckpt), 'model_type': 'vit_b', 'arch': dict(TINY_SAM_ARCH),
@@ -483,7 +487,9 @@ def test_score_script_imports_human_annotations(tmp_path):
     lq_dir, gt_dir = make_image_folders(str(tmp_path / 'data'), num=2, size=32)
     work = WorkFolder(tmp_path / 'work')
     run_candidate_step(work, discover_inputs(lq_dir, gt_dir), FakeFramework(),
-                       expand_settings_grid({'cfg': [1.0, 4.0]}, {'steps': 2, 'cfg': 0.5, 'seed': 0}), num_keep=3,
+                       expand_settings_grid({'guidance_scale': [1.0, 4.0]},
+                                            {'steps': 2, 'guidance_scale': 0.5, 'seed': 0}),
+                       num_keep=3,
                        metrics=PSNR, negative_prompt='blurry', progress=False)
     run_segment_step(work, SLICSegmenter(n_segments=4), min_area=16, progress=False)
     annotations = {'format': 'dspo-human-annotation', 'version': 1, 'samples': {

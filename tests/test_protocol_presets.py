@@ -30,7 +30,7 @@ def test_training_file_validates_with_its_test_files_protocol(train_name):
     train_opt, test_opt = _read(train_name), _read(TRAINING_TO_TEST[train_name])
     resolved = resolve_sample_options(train_opt['val']['sample'])
     assert resolved == resolve_sample_options(test_opt['val']['sample'])
-    assert 'steps' in resolved and 'cfg' in resolved  # a real protocol, not two empty blocks
+    assert 'steps' in resolved and 'guidance_scale' in resolved  # a real protocol, not two empty blocks
     # the network settings that sampling reads (start timestep, PSR weight, RAM / DAPE for the tags) agree too
     assert train_opt['network_g'] == test_opt['network_g']
 
@@ -73,5 +73,5 @@ def test_sampling_with_a_preset_passes_its_settings_to_the_framework():
             return lq
 
     sample_with_options(Recorder(), torch.zeros(1, 3, 4, 4), {'protocol': 'addsr', 'seed': 3})
-    assert calls[0]['steps'] == 4 and calls[0]['cfg'] == 1.0 and calls[0]['prompt_source'] == 'tags'
+    assert calls[0]['steps'] == 4 and calls[0]['guidance_scale'] == 1.0 and calls[0]['prompt_source'] == 'tags'
     assert calls[0]['tile_size'] == 320 and calls[0]['color_fix'] == 'adain'

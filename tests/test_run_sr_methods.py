@@ -170,8 +170,9 @@ def test_diffusion_framework_entry(tmp_path):
     lr_dir = tmp_path / 'lr'
     lr_dir.mkdir()
     cv2.imwrite(str(lr_dir / 'a.png'), np.full((8, 8, 3), 120, np.uint8))
-    methods = {'tiny-sd2': {'framework': {'network': {'type': 'ControlSD2Arch', 'tiny': True, 'scale': 4}},
-                            'sampling': {'steps': 2, 'cfg': 1.0, 'seed': 3, 'prompt': 'a photo'}, 'scale': 4}}
+    methods = {'tiny-sd2': {'framework': {'network': {'type': 'TinyControlSD2Arch', 'scale': 4}},
+                            'sampling': {'steps': 2, 'guidance_scale': 1.0, 'seed': 3, 'prompt': 'a photo'},
+                            'scale': 4}}
     report = run_sr_methods(methods, str(lr_dir), str(tmp_path / 'out'), progress=False)
     assert report.written == {'tiny-sd2': 1}
     assert cv2.imread(str(tmp_path / 'out' / 'tiny-sd2' / 'a.png')).shape == (32, 32, 3)
@@ -201,8 +202,9 @@ def test_candidate_sources_beside_the_settings_grid(setup, tmp_path):
     cv2.imwrite(str(gt_dir / 'img0.png'), gt)
     cv2.imwrite(str(lq_dir / 'img0.png'), cv2.resize(gt, (8, 8), interpolation=cv2.INTER_AREA))
     source = load_methods_file(setup['methods'])['SRResNet-tiny']
-    chain = {'framework': {'network': {'type': 'ControlSD2Arch', 'tiny': True, 'scale': 4}},
-             'sampling': {'default': {'steps': 2, 'cfg': 2.0, 'seed': 0}, 'grid': {'cfg': [1.0]}, 'num_keep': 3},
+    chain = {'framework': {'network': {'type': 'TinyControlSD2Arch', 'scale': 4}},
+             'sampling': {'default': {'steps': 2, 'guidance_scale': 2.0, 'seed': 0}, 'grid': {'guidance_scale': [1.0]},
+                          'num_keep': 3},
              'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0}},
              'sources': {'SRResNet-tiny': source}}
     chain_path = tmp_path / 'chain.yml'

@@ -70,7 +70,7 @@ def test_final_validation_writes_summary_from_the_validation_results(tmp_path):
     gt_dir, lq_dir = make_paired_folders(str(tmp_path / 'paired'), num=2, size=32)
     opt = in_process_options(tiny_set, tmp_path, total_iter=2)
     opt['path'].update(visualization=str(tmp_path / 'vis'), log=str(tmp_path))
-    opt['val'] = {'save_img': False, 'sample': {'steps': 2, 'cfg': 2.0, 'seed': 0, 'sampler': 'ddim'},
+    opt['val'] = {'save_img': False, 'sample': {'steps': 2, 'guidance_scale': 2.0, 'seed': 0, 'sampler': 'ddim'},
                   'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}}
     model = build_model(opt)
     dataset = build_dataset({'name': 'paired', 'type': 'PairedImageDataset', 'dataroot_gt': gt_dir,

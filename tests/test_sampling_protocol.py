@@ -10,19 +10,20 @@ from diffusers import DDIMScheduler, DDPMScheduler
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.archs.color_fix import adain_color_fix, color_fix, wavelet_color_fix, wavelet_decomposition
 from dspo_basicsr.archs.ram_arch import (
-    RAMImageEmbedder,
     dape_lora_state,
     read_ram_tag_data,
     save_dape_checkpoint,
     save_ram_checkpoint,
 )
+from dspo_basicsr.demo.tiny_arch import TinyAddSRArch, TinyControlSD2Arch, TinyOSEDiffArch, TinySeeSRArch
+from dspo_basicsr.demo.tiny_components import tiny_ram_embedder
 
 TINY_RAM = {'embed_dim': 24}
 
 
 def _perturbed_tagger():
     torch.manual_seed(0)
-    embedder = RAMImageEmbedder(tiny=TINY_RAM, tagging=True)
+    embedder = tiny_ram_embedder(**TINY_RAM, tagging=True)
     with torch.no_grad():
         for p in embedder.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -36,7 +37,7 @@ def test_lora_only_dape_file_is_merged_onto_the_ram_base(tmp_path):
     dape = torch.load(dape_path, weights_only=True)
     # Written as SeeSR's DAPE trainer writes it: a flat dict of only 'lora_' keys, captioning LoRA included.
     assert all('lora_' in k for k in dape) and any(k.startswith('tag_encoder.') for k in dape)
-    loaded = RAMImageEmbedder(ram_path=ram, dape_path=dape_path, tiny=TINY_RAM, tagging=True)
+    loaded = tiny_ram_embedder(ram_path=ram, dape_path=dape_path, **TINY_RAM, tagging=True)
     own = loaded.state_dict()
     raw = torch.load(ram, weights_only=True)['model']
 
@@ -57,7 +58,7 @@ def test_lora_only_dape_file_is_merged_onto_the_ram_base(tmp_path):
     torch.testing.assert_close(own[value], raw[value])
 
     # The embeddings are those of the hand-merged network.
-    manual = RAMImageEmbedder(tiny=TINY_RAM, tagging=True)
+    manual = tiny_ram_embedder(**TINY_RAM, tagging=True)
     state = dict(base.state_dict())
     state['visual_encoder.layers.1.blocks.0.attn.qkv.weight'] = expected
     merged = {}
@@ -81,23 +82,23 @@ def test_lora_only_dape_file_is_merged_onto_the_ram_base(tmp_path):
     assert not torch.allclose(loaded(images), base(images))
 
     # Without tagging the tagging-head LoRA is ignored, never a reason to fail.
-    plain = RAMImageEmbedder(ram_path=ram, dape_path=dape_path, tiny=TINY_RAM)
+    plain = tiny_ram_embedder(ram_path=ram, dape_path=dape_path, **TINY_RAM)
     torch.testing.assert_close(plain(images), loaded(images))
     # A LoRA with no base weight, or half a pair, is named.
     torch.save(dict(dape, **{'visual_encoder.layers.9.blocks.0.attn.qkv.lora_A': torch.zeros(16, 4),
                              'visual_encoder.layers.9.blocks.0.attn.qkv.lora_B': torch.zeros(8, 8)}),
                tmp_path / 'bad.pth')
     with pytest.raises(KeyError, match='layers.9.blocks.0.attn.qkv'):
-        RAMImageEmbedder(ram_path=ram, dape_path=str(tmp_path / 'bad.pth'), tiny=TINY_RAM)
+        tiny_ram_embedder(ram_path=ram, dape_path=str(tmp_path / 'bad.pth'), **TINY_RAM)
     half = {k: v for k, v in dape.items() if k != qkv + '.lora_B'}
     torch.save(half, tmp_path / 'half.pth')
     with pytest.raises(KeyError, match='only one of lora_A'):
-        RAMImageEmbedder(ram_path=ram, dape_path=str(tmp_path / 'half.pth'), tiny=TINY_RAM)
+        tiny_ram_embedder(ram_path=ram, dape_path=str(tmp_path / 'half.pth'), **TINY_RAM)
 
 
 def _ram_tags_by_formula(state, images, heads, thresholds, tag_list, img_size=32):
     """RAM's generate_tag written out from ram.py / bert.py (tagging mode), on a RAM-layout state dict."""
-    embedder = RAMImageEmbedder(tiny=TINY_RAM)  # only the image embeddings part, loaded from the same file
+    embedder = tiny_ram_embedder(**TINY_RAM)  # only the image embeddings part, loaded from the same file
     embedder.load_state_dict({k: v for k, v in _timm_state(state).items() if k in embedder.state_dict()})
     x = F.interpolate(images, size=(img_size, img_size), mode='bilinear', align_corners=False)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
@@ -152,7 +153,7 @@ def test_tagging_head_loads_ram_layout_strictly_and_equals_rams_formula(tmp_path
     assert state['label_embed'].shape == (16, 24) and 'wordvec_proj.weight' in state and 'fc.weight' in state
     assert 'tagging_head.encoder.layer.0.crossattention.self.key.weight' in state
     assert not any('.attention.' in k for k in state if k.startswith('tagging_head.'))  # self-attention deleted
-    tagger = RAMImageEmbedder(ram_path=ram, tiny=TINY_RAM, tagging=True)
+    tagger = tiny_ram_embedder(ram_path=ram, **TINY_RAM, tagging=True)
     images = torch.rand(3, 3, 28, 20)
     probs = torch.sigmoid(tagger.tag_logits(images))
     # a threshold that keeps some tags and drops some, halfway between two probabilities (never on one, where the
@@ -171,14 +172,14 @@ def test_tagging_head_loads_ram_layout_strictly_and_equals_rams_formula(tmp_path
     torch.save({'model': dict(state, **{'tagging_head.encoder.layer.0.attention.self.query.weight': torch.zeros(1)})},
                tmp_path / 'extra.pth')
     with pytest.raises(KeyError, match='attention.self.query.weight'):
-        RAMImageEmbedder(ram_path=str(tmp_path / 'extra.pth'), tiny=TINY_RAM, tagging=True)
+        tiny_ram_embedder(ram_path=str(tmp_path / 'extra.pth'), **TINY_RAM, tagging=True)
     torch.save({'model': {k: v for k, v in state.items() if k != 'label_embed'}}, tmp_path / 'lacking.pth')
     with pytest.raises(KeyError, match='label_embed'):
-        RAMImageEmbedder(ram_path=str(tmp_path / 'lacking.pth'), tiny=TINY_RAM, tagging=True)
+        tiny_ram_embedder(ram_path=str(tmp_path / 'lacking.pth'), **TINY_RAM, tagging=True)
 
 
 def test_dape_lora_state_has_the_trainers_key_names():
-    state = dape_lora_state(RAMImageEmbedder(tiny=TINY_RAM, tagging=True))
+    state = dape_lora_state(tiny_ram_embedder(**TINY_RAM, tagging=True))
     assert 'visual_encoder.layers.0.blocks.0.attn.qkv.lora_A' in state
     assert state['visual_encoder.layers.0.blocks.0.attn.qkv.lora_A'].shape == (16, 16)
     assert 'tagging_head.encoder.layer.0.crossattention.self.key.lora_B' in state
@@ -211,10 +212,9 @@ def _ddpm(arch):
 
 
 def test_seesr_sampler_equals_the_official_algorithm_step_by_step():
-    from dspo_basicsr.archs.seesr_arch import SeeSRArch
-    arch = SeeSRArch(tiny=True, default_negative_prompt='noise').eval()
+    arch = TinySeeSRArch(default_negative_prompt='noise').eval()
     lq = torch.rand(1, 3, 8, 8)
-    out = arch.sample(lq, prompt='a', steps=3, cfg=2.0, generator=torch.Generator().manual_seed(5))
+    out = arch.sample(lq, prompt='a', steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(5))
     # pipeline_seesr.py: noise from prepare_latents, LQ latent from latent_dist.sample(), noised to 999 exactly,
     # then DDPM over the 3-step schedule with guidance eps_u + s (eps_c - eps_u), the generator in every step.
     gen = torch.Generator().manual_seed(5)
@@ -235,8 +235,7 @@ def test_seesr_sampler_equals_the_official_algorithm_step_by_step():
 
 
 def test_addsr_sampler_equals_the_official_algorithm_step_by_step():
-    from dspo_basicsr.archs.addsr_arch import AddSRArch
-    arch = AddSRArch(tiny=True).eval()
+    arch = TinyAddSRArch().eval()
     assert arch.psr_weight == 0.4
     lq = torch.rand(1, 3, 8, 8)
     out = arch.sample(lq, prompt='', generator=torch.Generator().manual_seed(2))
@@ -262,11 +261,9 @@ def test_addsr_sampler_equals_the_official_algorithm_step_by_step():
 
 
 def test_osediff_and_controlsd2_samplers_equal_their_references():
-    from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
-    from dspo_basicsr.archs.osediff_arch import OSEDiffArch
     lq = torch.rand(1, 3, 8, 8)
     up = F.interpolate(lq, scale_factor=4, mode='bicubic', align_corners=False).clamp(0, 1)
-    arch = OSEDiffArch(tiny=True).eval()
+    arch = TinyOSEDiffArch().eval()
     out = arch.sample(lq, prompt='x', generator=torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(1)
     # osediff.py OSEDiff_test.forward: z = encoder(lq).latent_dist.sample(); one UNet call at 999; x0; decode.
@@ -275,8 +272,8 @@ def test_osediff_and_controlsd2_samplers_equal_their_references():
     a = arch.noise_scheduler.alphas_cumprod[999]
     torch.testing.assert_close(out, arch.decode_latents((z - (1 - a).sqrt() * eps) / a.sqrt()))
 
-    arch = ControlSD2Arch(tiny=True, sampler='ddim').eval()
-    out = arch.sample(lq, prompt='x', steps=3, cfg=1.0, generator=torch.Generator().manual_seed(4))
+    arch = TinyControlSD2Arch(sampler='ddim').eval()
+    out = arch.sample(lq, prompt='x', steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(4))
     gen = torch.Generator().manual_seed(4)
     scheduler = DDIMScheduler.from_config(arch.noise_scheduler.config)
     scheduler.set_timesteps(3)
@@ -289,24 +286,21 @@ def test_osediff_and_controlsd2_samplers_equal_their_references():
 
 # ------------------------------------------------------------------ tags, tiling, process size
 def test_tag_prompts_follow_the_official_scripts():
-    from dspo_basicsr.archs.osediff_arch import OSEDiffArch
-    from dspo_basicsr.archs.seesr_arch import SeeSRArch
     lq = torch.rand(2, 3, 8, 8)
-    seesr = SeeSRArch(tiny=True)
+    seesr = TinySeeSRArch()
     tags = seesr.ram.tags(lq)
     prompts, _ = seesr.sampling_prompts(lq, 'user', None, prompt_source='tags')
     assert prompts == [f'{t}, user,clean, high-resolution, 8k' for t in tags]  # test_seesr.py's string
-    osediff = OSEDiffArch(tiny=True)
+    osediff = TinyOSEDiffArch()
     up = F.interpolate(lq, scale_factor=4, mode='bicubic', align_corners=False).clamp(0, 1)
     prompts, _ = osediff.sampling_prompts(lq, '', None, prompt_source='tags')
     assert prompts == [f'{t}, ,' for t in osediff.ram.tags(up)]
     with pytest.raises(ValueError, match='tagging head'):
-        SeeSRArch(tiny={'ram': False}).sampling_prompts(lq, '', None, prompt_source='tags')
+        TinySeeSRArch(random_ram=False).sampling_prompts(lq, '', None, prompt_source='tags')
 
 
 def test_tiled_and_untiled_sampling_agree_where_tiles_overlap():
-    from dspo_basicsr.archs.osediff_arch import OSEDiffArch
-    arch = OSEDiffArch(tiny=True).eval()
+    arch = TinyOSEDiffArch().eval()
     # A local predictor (a function of each latent pixel and its spatial conditions): tiles blend back exactly,
     # so windows, crops of the spatial conditions and the Gaussian normalisation are right.
     x = torch.randn(2, 4, 20, 28)
@@ -339,7 +333,8 @@ def test_basicsr_test_runs_with_tag_prompts_and_colour_fix(framework, tmp_path):
     paths = build_framework_checkpoints(str(tmp_path), framework)
     assert paths['dape_path'] and all('lora_' in k for k in torch.load(paths['dape_path'], weights_only=True))
     opt = sr_test_options(framework, paths, None, str(tmp_path))
-    opt['network_g'].update(ram_path=paths['ram_path'], dape_path=paths['dape_path'], ram_tiny=True)
+    opt['network_g'].update(type='Tiny' + opt['network_g']['type'].replace('Tiny', ''), ram_path=paths['ram_path'],
+                            dape_path=paths['dape_path'])
     opt['path']['pretrain_network_g'] = None  # the released networks themselves
     opt['val']['sample'].update(prompt_source='tags', color_fix='adain', process_size=64, tile_size=8,
                                 tile_overlap=4)
@@ -361,11 +356,11 @@ def test_tag_images_script_writes_tags_per_image_and_resumes(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = str(tmp_path / 'tags.json')
-    args = [lq_dir, out, '--ram-path', ram, '--dape-path', dape, '--tiny', json.dumps(TINY_RAM), '--device', 'cpu',
+    args = [lq_dir, out, '--ram-path', ram, '--dape-path', dape, '--tiny', '--device', 'cpu',
             '--no-progress']
     assert script.main(args) == 0
     tags = json.load(open(out, encoding='utf-8'))
-    tagger = RAMImageEmbedder(ram_path=ram, dape_path=dape, tiny=TINY_RAM, tagging=True)
+    tagger = tiny_ram_embedder(ram_path=ram, dape_path=dape, **TINY_RAM, tagging=True)
     from dspo_basicsr.utils.image_io import read_rgb
     names = sorted(os.listdir(lq_dir))
     assert sorted(tags) == sorted(os.path.splitext(n)[0] for n in names)
@@ -391,29 +386,26 @@ def test_preference_set_gets_tag_prompts(tmp_path):
 
 
 def test_controlsd2_can_tag_with_a_ram_file(tmp_path):
-    from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
     tagger = _perturbed_tagger()
     ram = save_ram_checkpoint(tagger, str(tmp_path / 'ram.pth'))
-    arch = ControlSD2Arch(tiny=True, ram_path=ram, ram_tiny=TINY_RAM, sampler='ddim')
+    arch = TinyControlSD2Arch(ram_path=ram, sampler='ddim')
     lq = torch.rand(1, 3, 8, 8)
     prompts, _ = arch.sampling_prompts(lq, 'p', None, prompt_source='tags')
     assert prompts == [f'{tagger.tags(lq)[0]}, p,']
-    out = arch.sample(lq, steps=2, cfg=1.0, prompt_source='tags', color_fix='wavelet')
+    out = arch.sample(lq, steps=2, guidance_scale=1.0, prompt_source='tags', color_fix='wavelet')
     assert out.shape == (1, 3, 32, 32)
 
 
 def test_tags_run_with_the_frozen_ram_in_bf16():
-    from dspo_basicsr.archs.seesr_arch import SeeSRArch
-    arch = SeeSRArch(tiny=True, mixed_precision='bf16')
+    arch = TinySeeSRArch(mixed_precision='bf16')
     assert arch.ram.image_proj.weight.dtype == torch.bfloat16
     prompts, _ = arch.sampling_prompts(torch.rand(1, 3, 8, 8), 'x', None, prompt_source='tags')
     assert prompts[0].endswith(', x,clean, high-resolution, 8k')
 
 
 def test_process_size_samples_small_lq_larger_and_candidate_settings_carry_the_protocol():
-    from dspo_basicsr.archs.osediff_arch import OSEDiffArch
     from dspo_basicsr.preference.pipeline import sampling_settings
-    arch = OSEDiffArch(tiny=True).eval()
+    arch = TinyOSEDiffArch().eval()
     seen = []
     real = arch.sample_images
 
@@ -426,5 +418,6 @@ def test_process_size_samples_small_lq_larger_and_candidate_settings_carry_the_p
     arch.sample(torch.rand(1, 3, 20, 20), process_size=64)
     assert seen[-1] == (20, 20)  # large enough: untouched
     settings = sampling_settings(arch, {'prompt_source': 'tags', 'color_fix': 'adain',
-                                        'default': {'steps': 1, 'cfg': 1.0, 'seed': 0}, 'grid': {'seed': [0, 1]}})
+                                        'default': {'steps': 1, 'guidance_scale': 1.0, 'seed': 0},
+                                        'grid': {'seed': [0, 1]}})
     assert settings and all(s['prompt_source'] == 'tags' and s['color_fix'] == 'adain' for s in settings)

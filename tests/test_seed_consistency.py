@@ -6,6 +6,7 @@ import runpy
 import numpy as np
 import pytest
 
+from dspo_basicsr.demo.tiny_arch import TinyControlSD2Arch
 from dspo_basicsr.seed_consistency import best_mean_worst, sample_counts
 
 from conftest import REPO, make_paired_folders, write_options
@@ -30,7 +31,7 @@ def test_script_on_a_tiny_model(tmp_path):
     opt = dspo_options(paths, val=False)
     opt['datasets'] = {'test_1': {'name': 'tiny_test', 'type': 'PairedImageDataset', 'dataroot_gt': gt,
                                   'dataroot_lq': lq, 'io_backend': {'type': 'disk'}}}
-    opt['val'] = {'sample': {'steps': 2, 'cfg': 1.0, 'sampler': 'ddim'}, 'metrics': {
+    opt['val'] = {'sample': {'steps': 2, 'guidance_scale': 1.0, 'sampler': 'ddim'}, 'metrics': {
         'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False},
         'ssim': {'type': 'calculate_ssim', 'crop_border': 0, 'test_y_channel': False}}}
     option_file = write_options(tmp_path / 'test.yml', opt)
@@ -63,11 +64,10 @@ def test_seeds_are_sampled_with_the_validation_colour_fix():
     """val.sample's protocol keys (color_fix, ...) reach the sampler, as in the model's own validation."""
     import torch
 
-    from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch
     from dspo_basicsr.seed_consistency import sample_seeds
-    arch = ControlSD2Arch(tiny=True, sampler='ddim').eval()
+    arch = TinyControlSD2Arch(sampler='ddim').eval()
     lq = torch.rand(1, 3, 8, 8)
-    opt = dict(steps=2, cfg=1.0, prompt='', sampler='ddim')
+    opt = dict(steps=2, guidance_scale=1.0, prompt='', sampler='ddim')
     plain = sample_seeds(arch, lq, 2, opt, batch_size=2)
     fixed = sample_seeds(arch, lq, 2, dict(opt, color_fix='adain'), batch_size=2)
     bicubic_mean = arch.upsample_lq(lq).mean(dim=(2, 3))

@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 
 import dspo_basicsr  # noqa: F401  (registration)
 from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, merge_dape_lora, save_ram_checkpoint
-from dspo_basicsr.archs.seesr_arch import SeeSRArch, load_seesr_network, seesr_networks_on_meta
+from dspo_basicsr.archs.seesr_arch import load_seesr_network, seesr_networks_on_meta
+from dspo_basicsr.demo.tiny_arch import TinySeeSRArch
+from dspo_basicsr.demo.tiny_components import tiny_ram_embedder
 
 from basicsr.models import build_model
 
@@ -74,9 +76,9 @@ def test_ram_embedder_swin_large_gives_145_tokens_of_512_on_meta():
 
 
 def test_tiny_checkpoint_folders_load_back_strictly(seesr):
-    loaded = SeeSRArch(pretrained_model_path=seesr['pretrained_model_path'], seesr_model_path=seesr['seesr_model_path'],
-                       ram_path=seesr['ram_path'], ram_tiny=True)
-    built = SeeSRArch(tiny=True)  # with the same tiny random RAM embedder
+    loaded = TinySeeSRArch(pretrained_model_path=seesr['pretrained_model_path'],
+                           seesr_model_path=seesr['seesr_model_path'], ram_path=seesr['ram_path'])
+    built = TinySeeSRArch()  # with the same tiny random RAM embedder
     loaded_state, built_state = loaded.state_dict(), built.state_dict()
     assert set(loaded_state) == set(built_state)
     shared = [k for k in built_state]
@@ -118,7 +120,7 @@ def test_wrong_or_missing_key_is_named(seesr, tmp_path, kind):
 
 
 def test_ram_and_dape_checkpoints_are_mapped_strictly(tmp_path):
-    embedder = RAMImageEmbedder(tiny=TINY_RAM)
+    embedder = tiny_ram_embedder(**TINY_RAM)
     with torch.no_grad():
         for p in embedder.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -126,7 +128,7 @@ def test_ram_and_dape_checkpoints_are_mapped_strictly(tmp_path):
     raw = torch.load(ram, weights_only=True)['model']
     # RAM's layout: downsampling at the end of stage 0, derived buffers present, tagging parts beside it.
     assert 'visual_encoder.layers.0.downsample.reduction.weight' in raw
-    loaded = RAMImageEmbedder(ram_path=ram, tiny=TINY_RAM)
+    loaded = tiny_ram_embedder(ram_path=ram, **TINY_RAM)
     images = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(loaded(images), embedder(images))
 
@@ -134,11 +136,11 @@ def test_ram_and_dape_checkpoints_are_mapped_strictly(tmp_path):
                          'tagging_head.layer.0.weight': torch.zeros(1)})
     torch.save({'model': extra}, tmp_path / 'extra.pth')
     with pytest.raises(KeyError, match='visual_encoder.layers.0.blocks.0.attn.qkv.weight_extra'):
-        RAMImageEmbedder(ram_path=str(tmp_path / 'extra.pth'), tiny=TINY_RAM)
+        tiny_ram_embedder(ram_path=str(tmp_path / 'extra.pth'), **TINY_RAM)
     lacking = {k: v for k, v in raw.items() if k != 'image_proj.weight'}
     torch.save({'model': lacking}, tmp_path / 'lacking.pth')
     with pytest.raises(KeyError, match='image_proj.weight'):
-        RAMImageEmbedder(ram_path=str(tmp_path / 'lacking.pth'), tiny=TINY_RAM)
+        tiny_ram_embedder(ram_path=str(tmp_path / 'lacking.pth'), **TINY_RAM)
 
     # DAPE: loralib MergedLinear LoRA (rank 8 on q and v, scaling 1/8) merged into qkv.
     qkv = 'visual_encoder.layers.1.blocks.0.attn.qkv'
@@ -146,7 +148,7 @@ def test_ram_and_dape_checkpoints_are_mapped_strictly(tmp_path):
     lora_a, lora_b = torch.randn(16, dim), torch.randn(2 * dim, 8)
     torch.save({qkv + '.weight': raw[qkv + '.weight'], qkv + '.lora_A': lora_a, qkv + '.lora_B': lora_b},
                tmp_path / 'dape.pth')
-    dape = RAMImageEmbedder(ram_path=ram, dape_path=str(tmp_path / 'dape.pth'), tiny=TINY_RAM)
+    dape = tiny_ram_embedder(ram_path=ram, dape_path=str(tmp_path / 'dape.pth'), **TINY_RAM)
     merged = dape.state_dict()['visual_encoder.layers.1.blocks.0.attn.qkv.weight']
     expected = raw[qkv + '.weight'].clone()
     expected[:dim] += lora_b[:dim] @ lora_a[:8] / 8
@@ -157,12 +159,12 @@ def test_ram_and_dape_checkpoints_are_mapped_strictly(tmp_path):
 
     torch.save({'model': raw, 'args': argparse.Namespace(lr=1)}, tmp_path / 'pickled.pth')
     with pytest.raises(ValueError, match='more than tensors'):
-        RAMImageEmbedder(ram_path=str(tmp_path / 'pickled.pth'), tiny=TINY_RAM)
+        tiny_ram_embedder(ram_path=str(tmp_path / 'pickled.pth'), **TINY_RAM)
 
 
 def test_image_embeddings_reach_unet_and_controlnet_and_precomputed_ones_are_used():
     import copy
-    arch = SeeSRArch(tiny={'ram': False})
+    arch = TinySeeSRArch(random_ram=False)
     with torch.no_grad():  # SeeSR's ControlNet is trained: its zero convolutions are not zero any more
         for name, p in arch.controlnet.named_parameters():
             if name.startswith(('controlnet_down_blocks', 'controlnet_mid_block')):
@@ -232,7 +234,7 @@ def test_add_ram_embeddings_script_then_training_uses_them(seesr, tmp_path):
     prompts.write_text(json.dumps({'s00': 'tree, sky, house'}))
     out = tmp_path / 'with_ram.lmdb'
     result = run_cli_script(['scripts/add_ram_embeddings.py', seesr['lmdb'], str(out), '--ram-path', seesr['ram_path'],
-                             '--tiny', json.dumps(TINY_RAM), '--prompts', str(prompts), '--device', 'cpu',
+                             '--tiny', '--prompts', str(prompts), '--device', 'cpu',
                              '--no-progress'])
     assert result.returncode == 0, result.stderr[-3000:]
     from dspo_basicsr.data.preference_set import PreferenceLMDB
@@ -241,7 +243,7 @@ def test_add_ram_embeddings_script_then_training_uses_them(seesr, tmp_path):
     first = store['s00']
     assert first.extras['ram_embeds'].shape == (17, 24) and first.prompt == 'tree, sky, house'
     assert store['s01'].prompt == source['s01'].prompt
-    embedder = RAMImageEmbedder(ram_path=seesr['ram_path'], tiny=TINY_RAM)
+    embedder = tiny_ram_embedder(ram_path=seesr['ram_path'], **TINY_RAM)
     lq = torch.from_numpy(first.lq).permute(2, 0, 1)[None].float() / 255
     torch.testing.assert_close(torch.from_numpy(first.extras['ram_embeds']), embedder(lq)[0])
 

@@ -37,8 +37,10 @@ class AddSRArch(SeeSRArch):
         addsr_model_path (str | None): Folder with AddSR's ``unet/`` and ``controlnet/`` (SeeSR layout).
         seesr_model_path (str | None): Accepted as an alias of ``addsr_model_path``.
         psr_weight (float): w of the self-refinement blend. Default: 0.4 (see the module docstring).
-        sampling_timesteps (list[int]): Default: [999, 749, 499, 249].
-        Other arguments: see :class:`SeeSRArch` (``default_cfg`` defaults to 1: no guidance; ``added_prompt``
+        timesteps (list[int]): The timesteps the sampler visits, the first one its start (with
+            ``start_point: lr`` the LQ latent is noised to it). Default: [999, 749, 499, 249].
+        Other arguments: see :class:`SeeSRArch` (``default_guidance_scale`` defaults to 1: no guidance;
+        ``added_prompt``
         to AddSR's "clean, high-resolution, 8k, extremely detailed, best quality, sharp").
     """
 
@@ -46,14 +48,18 @@ class AddSRArch(SeeSRArch):
     vae_encoder_tile_size = None
 
     def __init__(self, addsr_model_path=None, seesr_model_path=None, psr_weight=0.4,
-                 sampling_timesteps=ADDSR_TIMESTEPS, default_cfg=1.0, added_prompt=None, **kwargs):
+                 timesteps=ADDSR_TIMESTEPS, default_guidance_scale=1.0, added_prompt=None, **kwargs):
         if added_prompt is None:
             added_prompt = 'clean, high-resolution, 8k, extremely detailed, best quality, sharp'
-        super().__init__(seesr_model_path=addsr_model_path or seesr_model_path, default_cfg=default_cfg,
-                         added_prompt=added_prompt, **kwargs)
+        if 'start_timestep' in kwargs:
+            raise ValueError('AddSRArch starts at the first of its timesteps; set timesteps, not start_timestep.')
+        timesteps = [int(t) for t in timesteps]
+        super().__init__(seesr_model_path=addsr_model_path or seesr_model_path,
+                         default_guidance_scale=default_guidance_scale, added_prompt=added_prompt,
+                         start_timestep=timesteps[0], **kwargs)
         self.psr_weight = float(psr_weight)
-        self.sampling_timesteps = [int(t) for t in sampling_timesteps]
-        self.default_steps = len(self.sampling_timesteps)
+        self.timesteps = timesteps
+        self.default_steps = len(self.timesteps)
 
     def predicted_x0(self, x_t, eps, t):
         """x0 implied by a noise (or v) prediction at timesteps t (N,): (N, C, h, w)."""
@@ -63,17 +69,17 @@ class AddSRArch(SeeSRArch):
         return (x_t - (1 - alphas).sqrt() * eps) / alphas.sqrt()
 
     @torch.no_grad()
-    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None,
-                      extras=None):
+    def sample_images(self, lq, prompts, negatives, steps=None, guidance_scale=None, generator=None, sampler=None,
+                      tiling=None, extras=None):
         """AddSR sampling of LQ images (B, 3, h, w) in [0, 1] -> (B, 3, h*s, w*s) in [0, 1].
 
-        ``steps`` (if given) takes the first ``steps`` of the sampling timesteps; ``sampler`` is ignored.
+        ``steps`` (if given) takes the first ``steps`` of ``timesteps``; ``sampler`` is ignored.
         The PSR re-embedding resizes the refined image bicubically to RAM's input, as ``pipeline_addsr.py``
         (``F.interpolate(image, size=(384, 384), mode='bicubic')``).
         """
-        cfg = self.default_cfg if cfg is None else cfg
-        timesteps = self.sampling_timesteps[:steps] if steps else self.sampling_timesteps
-        cond = self.condition(lq, prompts, negatives if cfg != 1 else None, **(extras or {}))
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        timesteps = self.timesteps[:steps] if steps else self.timesteps
+        cond = self.condition(lq, prompts, negatives if guidance_scale != 1 else None, **(extras or {}))
         lq_up = cond['control_image']
         b = lq.shape[0]
         first = torch.full((b,), timesteps[0], device=self.device, dtype=torch.long)
@@ -90,7 +96,8 @@ class AddSRArch(SeeSRArch):
                 cond = dict(cond, control_image=refined)
                 if self.ram is not None:
                     cond['image_embeds'] = self.image_embeddings(refined, resize_mode='bicubic')
-            eps = self.tiled_prediction(lambda x, c, t=t: self.guided_prediction(x, t, c, cfg), latents, cond, tiling)
+            eps = self.tiled_prediction(lambda x, c, t=t: self.guided_prediction(x, t, c, guidance_scale), latents,
+                                        cond, tiling)
             x0 = self.predicted_x0(latents, eps, t)
             if i + 1 < len(timesteps):
                 next_t = torch.full((b,), timesteps[i + 1], device=self.device, dtype=torch.long)

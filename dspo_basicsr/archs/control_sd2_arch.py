@@ -12,11 +12,8 @@ Weights licence: Stable Diffusion 2 weights are under the CreativeML Open RAIL++
 """
 import os
 
-import torch
-
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_component_folder
 from dspo_basicsr.archs.precision import LowPrecisionFrozenPartsMixin
-from dspo_basicsr.archs.tiny_components import tiny_sd_components
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
@@ -65,25 +62,6 @@ def controlnet_embedding_channels(vae_scale_factor):
     return widths[:vae_scale_factor.bit_length()]
 
 
-def build_tiny_control_sd2_folder(folder, seed=0):
-    """Save a tiny random SD2 + ControlNet in the released layouts: ``folder/`` and ``folder/controlnet``.
-
-    Returns:
-        tuple[str, str]: (pretrained_model_path, controlnet_path).
-    """
-    from diffusers import ControlNetModel
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        components = tiny_sd_components()
-        factor = 2**(len(components['vae'].config.block_out_channels) - 1)
-        controlnet = ControlNetModel.from_unet(
-            components['unet'], conditioning_embedding_out_channels=controlnet_embedding_channels(factor))
-    save_sd_components(folder, components)
-    controlnet_path = os.path.join(folder, 'controlnet')
-    controlnet.save_pretrained(controlnet_path)
-    return folder, controlnet_path
-
-
 @ARCH_REGISTRY.register()
 class ControlSD2Arch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
     """SD2.x-base UNet + ControlNet conditioned on the bicubic-upsampled LQ image, with a text prompt.
@@ -91,49 +69,45 @@ class ControlSD2Arch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
     Args:
         pretrained_model_path (str | None): SD2.x-base folder (diffusers layout).
         controlnet_path (str | None): ControlNet folder; None initialises it from the UNet.
-        tiny (bool | dict): Build tiny random components instead (tests, demo); a dict may give ``seed``,
-            ``unet`` (overrides of the tiny UNet config, for benchmarks) and ``vae`` (arguments of
-            :func:`tiny_vae_config`).
         scale (int): SR factor. Default: 4.
         trainable (str | list[str]): ``controlnet`` (default), ``unet_lora``, ``unet``, or a list of them.
         conditioning_scale (float): Multiplier of the ControlNet residuals. Default: 1.
         lora_rank, lora_alpha, lora_target_modules, sampler: see :class:`DiffusionSRArch`.
         prediction_type (str | None): Override the schedule's ``epsilon`` / ``v_prediction``.
         default_steps (int): Sampling steps of :meth:`sample`. Default: 50 (DDPM).
-        default_cfg (float): Guidance scale of :meth:`sample`. Default: 5.5.
+        default_guidance_scale (float): Guidance scale of :meth:`sample`. Default: 5.5.
         ram_path, dape_path (str | None): RAM (+ DAPE) checkpoints of a tagger for ``prompt_source: tags``.
-        ram_tiny (bool | dict | None): The RAM checkpoint is a tiny one (tests, demo); None: as ``tiny``.
-        start_strength (float): Where :meth:`sample` starts: 1 (default) from pure noise; below 1 from the
-            LQ latent noised to that fraction of the schedule (see :class:`DiffusionSRArch`).
+        start_point (str): Where :meth:`sample` starts: ``noise`` (default) or ``lr``: the bicubic LQ's latent
+            (posterior mode) noised to the first sampler timestep not after ``start_timestep``, the later ones
+            skipped (SDEdit / diffusers img2img: ``strength`` s of N steps starts at the round(s N)-th last one).
+        start_timestep (int | None): The timestep ``start_point: lr`` starts at.
         mixed_precision (str | None): ``bf16`` (or ``fp16``): the frozen networks (the UNet when only the
             ControlNet or LoRA trains, VAE, text encoder) stored in that precision and every network run under
             autocast; trained parameters stay float32. Default: None (float32).
         gradient_checkpointing (bool): Recompute the activations of the UNet, ControlNet and any other trained
             network in the backward pass (``DiffusionSRArch.setup_gradient_checkpointing``). Default: False.
+        components (dict | None): Built SD components (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
+            ``noise_scheduler``) instead of ``pretrained_model_path`` (Python callers; the demo's tiny types).
     """
 
-    def __init__(self, pretrained_model_path=None, controlnet_path=None, tiny=False, scale=4, trainable='controlnet',
+    def __init__(self, pretrained_model_path=None, controlnet_path=None, scale=4, trainable='controlnet',
                  conditioning_scale=1.0, lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS,
-                 sampler='ddpm', prediction_type=None, default_steps=50, default_cfg=5.5, ram_path=None,
-                 dape_path=None, ram_tiny=None, start_strength=1.0, mixed_precision=None,
-                 gradient_checkpointing=False):
+                 sampler='ddpm', prediction_type=None, default_steps=50, default_guidance_scale=5.5, ram_path=None,
+                 dape_path=None, start_point='noise', start_timestep=None, mixed_precision=None,
+                 gradient_checkpointing=False, components=None):
         from diffusers import ControlNetModel, DDPMScheduler
-        if tiny:
-            tiny = tiny if isinstance(tiny, dict) else {}
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(tiny.get('seed', 0))
-                components = tiny_sd_components(unet=tiny.get('unet'), vae=tiny.get('vae'))
-        elif pretrained_model_path:
+        if components is None:
+            if not pretrained_model_path:
+                raise ValueError('ControlSD2Arch needs pretrained_model_path (an SD2.x-base folder); tiny random '
+                                 'networks are type: TinyControlSD2Arch (dspo_basicsr/demo/tiny_arch.py).')
             components = load_sd_components(pretrained_model_path)
-        else:
-            raise ValueError('ControlSD2Arch needs pretrained_model_path (an SD2.x-base folder) or tiny: true.')
         if prediction_type:
             components['noise_scheduler'] = DDPMScheduler.from_config(
                 components['noise_scheduler'].config, prediction_type=prediction_type)
         super().__init__(**components, scale=scale, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_target_modules=lora_target_modules, sampler=sampler)
-        self.default_steps, self.default_cfg = default_steps, default_cfg
-        self.start_strength = float(start_strength)
+        self.default_steps, self.default_guidance_scale = default_steps, default_guidance_scale
+        self.set_sampling_start(start_point, start_timestep)
         self.conditioning_scale = conditioning_scale
         if controlnet_path:
             check_component_folder(controlnet_path, '', f'ControlNet folder {controlnet_path!r}')
@@ -143,9 +117,7 @@ class ControlSD2Arch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
                 self.unet, conditioning_embedding_out_channels=controlnet_embedding_channels(self.vae_scale_factor))
         self.ram = None
         if ram_path:  # only a tagger (tag prompts); this framework has no image cross-attention
-            from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
-            ram_tiny = bool(tiny) if ram_tiny is None else ram_tiny
-            self.ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=ram_tiny, tagging=True)
+            self.ram = self.load_ram(ram_path, dape_path, tagging=True)
         self.setup_trainable()
         self.setup_mixed_precision(mixed_precision)
         self.setup_gradient_checkpointing(gradient_checkpointing)

@@ -21,7 +21,7 @@ from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
 from dspo_basicsr.utils.checkpoint import check_state_dict_matches, missing_weights_error  # noqa: F401  (re-exported)
 
 DEFAULT_LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')
-# The keyword arguments of DiffusionSRArch.sample beyond steps / cfg / sampler: the official test protocol.
+# The keyword arguments of DiffusionSRArch.sample beyond steps / guidance_scale / sampler: the official test protocol.
 SAMPLE_PROTOCOL_KEYS = ('prompt_source', 'color_fix', 'process_size', 'tile_size', 'tile_overlap', 'vae_tile')
 
 
@@ -37,7 +37,8 @@ def sample_with_options(framework, lq, options, generator=None):
     options = resolve_sample_options(options)
     return framework.sample(
         lq, prompt=options.get('prompt', ''), negative_prompt=options.get('negative_prompt'),
-        steps=options.get('steps'), cfg=options.get('cfg'), generator=generator, sampler=options.get('sampler'),
+        steps=options.get('steps'), guidance_scale=options.get('guidance_scale'), generator=generator,
+        sampler=options.get('sampler'),
         **sample_protocol(options))
 
 
@@ -122,12 +123,13 @@ class DiffusionSRArch(nn.Module):
 
     default_negative_prompt = ''
     default_steps = 50
-    default_cfg = 5.5
+    default_guidance_scale = 5.5
     #: ``sample`` takes a list of generators, one per image (candidate batches: each row equals its own sample)
     accepts_generator_list = True
-    #: 1: :meth:`sample` starts from pure noise; s < 1: from the bicubic LQ's latent noised to the
-    #: timestep of the last ``round(s * steps)`` sampling steps, which it runs (SDEdit-style start).
-    start_strength = 1.0
+    #: Where :meth:`sample` starts (docs/frameworks.md, "Where sampling starts"): ``noise`` (pure noise) or
+    #: ``lr`` (the bicubic LQ's latent noised to ``start_timestep``; the sampler's timesteps after it are skipped).
+    start_point = 'noise'
+    start_timestep = None
 
     def __init__(self, unet, vae, text_encoder, tokenizer, noise_scheduler, scale=4, trainable='controlnet',
                  lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm'):
@@ -443,9 +445,9 @@ class DiffusionSRArch(nn.Module):
         return prompts, negatives
 
     @torch.no_grad()
-    def sample(self, lq, prompt=None, negative_prompt=None, steps=None, cfg=None, generator=None, sampler=None,
-               prompt_source='prompt', color_fix='none', process_size=None, tile_size=None, tile_overlap=4,
-               vae_tile=False):
+    def sample(self, lq, prompt=None, negative_prompt=None, steps=None, guidance_scale=None, generator=None,
+               sampler=None, prompt_source='prompt', color_fix='none', process_size=None, tile_size=None,
+               tile_overlap=4, vae_tile=False):
         """Super-resolve LQ images of any size by sampling the diffusion model, as the official test scripts do.
 
         The LQ is resized to :meth:`process_lq_size` (short side up to ``process_size / scale``, then to the
@@ -457,7 +459,7 @@ class DiffusionSRArch(nn.Module):
             prompt (str | list[str] | None): Text prompt(s).
             negative_prompt (str | list[str] | None): Appended to the framework's default negative prompt.
             steps (int | None): Sampling steps (framework default if None).
-            cfg (float | None): Classifier-free guidance scale (framework default if None).
+            guidance_scale (float | None): Classifier-free guidance scale (``default_guidance_scale`` if None).
             generator (torch.Generator | list[torch.Generator] | None): Seeded generator for reproducible
                 samples, or one per image (each image's noise then equals its batch-of-one draw).
             sampler (str | None): ``ddpm`` or ``ddim`` (framework default if None).
@@ -481,8 +483,9 @@ class DiffusionSRArch(nn.Module):
         prompts, negatives = self.sampling_prompts(tagged, prompt, negative_prompt, prompt_source)
         tiling = (int(tile_size), int(tile_overlap)) if tile_size else None
         with self.vae_tiling(vae_tile):
-            sr = self.sample_images(lq_in, prompts, negatives, steps=steps, cfg=cfg, generator=generator,
-                                    sampler=sampler, tiling=tiling, extras=self.sampling_extras(lq))
+            sr = self.sample_images(lq_in, prompts, negatives, steps=steps, guidance_scale=guidance_scale,
+                                    generator=generator, sampler=sampler, tiling=tiling,
+                                    extras=self.sampling_extras(lq))
         processed = (lq_in.shape[2] * self.scale, lq_in.shape[3] * self.scale)
         if tuple(sr.shape[2:]) != processed:
             raise RuntimeError(f'{type(self).__name__}.sample_images gave {tuple(sr.shape[2:])} for an LQ of '
@@ -499,37 +502,55 @@ class DiffusionSRArch(nn.Module):
         and passes to :meth:`condition` (SeeSR: RAM embeddings); none by default."""
         return {}
 
-    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None,
-                      extras=None):
+    def sample_images(self, lq, prompts, negatives, steps=None, guidance_scale=None, generator=None, sampler=None,
+                      tiling=None, extras=None):
         """The framework's sampler on prepared prompts: DDPM / DDIM with guidance from :meth:`initial_latents`.
 
         ``lq`` (B, 3, h, w) has sizes on the latent grid (:meth:`process_lq_size`); ``extras`` are keyword
-        arguments of :meth:`condition` (:meth:`sampling_extras`). Runs the ``scheduler.timesteps`` not after
-        :meth:`sampling_start` (SeeSR's ``pipeline_seesr.py`` skips ``t > start_steps``).
+        arguments of :meth:`condition` (:meth:`sampling_extras`). With ``start_point: lr`` the sampler's
+        timesteps after ``start_timestep`` are skipped (SeeSR's ``pipeline_seesr.py`` skips ``t > start_steps``).
         """
         steps = steps or self.default_steps
-        cfg = self.default_cfg if cfg is None else cfg
-        cond = self.condition(lq, prompts, negatives if cfg != 1 else None, **(extras or {}))
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        cond = self.condition(lq, prompts, negatives if guidance_scale != 1 else None, **(extras or {}))
         scheduler = self._sampling_scheduler(sampler)
         # the timesteps stay on the CPU for a meta-device framework (the GPU planner): the loop compares them
         scheduler.set_timesteps(steps, device='cpu' if self.device.type == 'meta' else self.device)
-        if self.start_strength < 1:
-            scheduler.timesteps = scheduler.timesteps[-max(1, round(steps * self.start_strength)):]
+        if self.start_point == 'lr':
+            kept = scheduler.timesteps[scheduler.timesteps <= self.start_timestep]
+            if len(kept) == 0:
+                raise ValueError(f'start_timestep {self.start_timestep} is before every timestep of the {steps}-step '
+                                 f'sampler (the last is {int(scheduler.timesteps[-1])}); raise start_timestep.')
+            scheduler.timesteps = kept
         latents = self.initial_latents(lq, scheduler, generator)
-        start = self.sampling_start(scheduler)
         for t in scheduler.timesteps:
-            if t > start:
-                continue
             model_input = scheduler.scale_model_input(latents, t)
             t_batch = t.expand(latents.shape[0]).to(self.device)
             eps = self.tiled_prediction(
-                lambda x, c, t_batch=t_batch: self.guided_prediction(x, t_batch, c, cfg), model_input, cond, tiling)
+                lambda x, c, t_batch=t_batch: self.guided_prediction(x, t_batch, c, guidance_scale), model_input,
+                cond, tiling)
             latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
         return self.decode_latents(latents)
 
-    def sampling_start(self, scheduler):
-        """The last timestep sampling may start at (timesteps after it are skipped): the first of ``scheduler``."""
-        return int(scheduler.timesteps[0])
+    def load_ram(self, ram_path, dape_path=None, tagging=False, embed_dim=512):
+        """The RAM image embedder / tagger of ``ram_path`` (RAM's ``ram_swin_large_14m.pth``, plus SeeSR's DAPE)."""
+        from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
+        return RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, embed_dim=embed_dim, tagging=tagging)
+
+    def set_sampling_start(self, start_point, start_timestep):
+        """Check and keep where :meth:`sample` starts: ``noise``, or ``lr`` and the timestep the LQ latent is noised to.
+
+        Raises:
+            ValueError: Another start point, or ``lr`` without a timestep of the noise schedule.
+        """
+        if start_point not in ('lr', 'noise'):
+            raise ValueError(f"start_point must be 'lr' (the LQ latent) or 'noise', got {start_point!r}.")
+        if start_point == 'lr' and (isinstance(start_timestep, bool) or not isinstance(start_timestep, int)
+                                    or not 0 <= start_timestep < self.noise_scheduler.config.num_train_timesteps):
+            raise ValueError(f'start_point lr needs start_timestep: an integer timestep of the noise schedule '
+                             f'(SeeSR: 999), got {start_timestep!r}.')
+        self.start_point = start_point
+        self.start_timestep = start_timestep
 
     @property
     def lq_size_step(self):
@@ -650,10 +671,10 @@ class DiffusionSRArch(nn.Module):
         return noise.to(self.device)
 
     def initial_latents(self, lq, scheduler, generator=None):
-        """Where :meth:`sample` starts: pure noise scaled for ``scheduler``, or (``start_strength`` < 1)
-        the bicubic LQ's latent noised to the first of ``scheduler.timesteps``."""
+        """Where :meth:`sample` starts: pure noise scaled for ``scheduler``, or (``start_point: lr``) the bicubic
+        LQ's latent (the posterior mode) noised to the first of ``scheduler.timesteps`` (SDEdit-style start)."""
         noise = self.initial_noise(lq, generator)
-        if self.start_strength >= 1:
+        if self.start_point == 'noise':
             return noise * scheduler.init_noise_sigma
         t = scheduler.timesteps[:1].expand(lq.shape[0])
         return scheduler.add_noise(self.encode_images(self.upsample_lq(lq)), noise, t)

@@ -9,12 +9,12 @@ LoRA; its latent z_L is the UNet input at t = 999 (text prompt: DAPE tags); the 
 x0 = (z_L - sqrt(1 - a) eps) / sqrt(a) (a = alphas_cumprod[999]), decoded by the original SD VAE decoder.
 
 Preference likelihood at the operating point (docs/extending.md, the framework interface;
-``timestep_mode: operating_point``):
+``likelihood_point: operating_point``):
 x_t = z_L, t = 999 and, for a candidate with latent z_c, the target is the noise that maps z_c to z_L,
 ``eps_c = (z_L - sqrt(a) z_c) / sqrt(1 - a)``. Then ``|eps_hat - eps_c|^2 = a / (1 - a) * |x0_hat - z_c|^2``:
 DSPO with ``beta`` on these errors is DSPO on x0-space errors with the equivalent
 ``beta_x0 = beta * a / (1 - a)``; for SD2's schedule a = 0.004660 at t = 999, so beta = 8000 is
-beta_x0 = 37.46 (:func:`equivalent_x0_beta`). ``timestep_mode: noise`` instead noises the candidate latent at
+beta_x0 = 37.46 (:func:`equivalent_x0_beta`). ``likelihood_point: noise`` instead noises the candidate latent at
 random t like the multi-step frameworks.
 
 Checkpoint layout (local paths only):
@@ -43,7 +43,6 @@ import torch
 from dspo_basicsr.archs.control_sd2_arch import load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch, check_state_dict_matches
 from dspo_basicsr.archs.precision import LowPrecisionFrozenPartsMixin
-from dspo_basicsr.archs.tiny_components import tiny_sd_components
 from dspo_basicsr.utils.checkpoint import read_checkpoint
 
 from basicsr.utils.registry import ARCH_REGISTRY
@@ -224,39 +223,36 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         pretrained_model_path (str | None): SD2.1-base folder (diffusers layout).
         osediff_path (str | None): OSEDiff's LoRA file (``osediff.pkl``); None keeps the plain SD weights
             (only for tests of the plumbing).
-        tiny (bool | dict): Tiny random SD components (tests, demo); a dict may give ``seed`` and ``vae``
-            (arguments of :func:`tiny_vae_config`, e.g. four levels for SD's latent factor 8).
         scale (int): SR factor. Default: 4.
         trainable (str | list[str]): ``unet_lora`` (default) or ``unet``.
-        timestep_mode (str): ``operating_point`` (x_t = LQ latent, t = 999; default) or ``noise``.
+        likelihood_point (str): Where the preference likelihood is taken in training: ``operating_point``
+            (x_t = LQ latent, t = 999, where sampling starts; default) or ``noise`` (noised candidate latents at
+            random timesteps, as the multi-step frameworks).
         lora_rank, lora_alpha, lora_target_modules: the DSPO LoRA (see :class:`DiffusionSRArch`).
-        default_cfg (float): Guidance scale of :meth:`sample` (OSEDiff: 1, none).
+        default_guidance_scale (float): Guidance scale of :meth:`sample` (OSEDiff: 1, none).
         mixed_precision (str | None): ``bf16``: frozen weights in bf16, networks under autocast, LoRA in float32.
         gradient_checkpointing (bool): Recompute the trained UNet's activations (LoRA'd or full) in the backward
             pass. Default: False.
+        components (dict | None): Built SD components (and, optionally, a RAM tagger ``ram``) instead of
+            ``pretrained_model_path`` (Python callers; the demo's tiny types).
     """
 
     default_steps = 1
 
-    def __init__(self, pretrained_model_path=None, osediff_path=None, tiny=False, scale=4, trainable='unet_lora',
-                 timestep_mode='operating_point', lora_rank=4, lora_alpha=None,
-                 lora_target_modules=DEFAULT_LORA_TARGETS, default_cfg=1.0, mixed_precision=None, ram_path=None,
-                 dape_path=None, ram_tiny=None, gradient_checkpointing=False):
-        from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
-        ram = None
-        if tiny:
-            tiny = tiny if isinstance(tiny, dict) else {}
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(tiny.get('seed', 0))
-                components = tiny_sd_components(vae=tiny.get('vae'))
-                if tiny.get('ram', True) and not ram_path:  # a random tiny RAM tagger, for prompt_source: tags
-                    ram = RAMImageEmbedder(tiny=True, tagging=True)
-        elif pretrained_model_path:
+    def __init__(self, pretrained_model_path=None, osediff_path=None, scale=4, trainable='unet_lora',
+                 likelihood_point='operating_point', lora_rank=4, lora_alpha=None,
+                 lora_target_modules=DEFAULT_LORA_TARGETS, default_guidance_scale=1.0, mixed_precision=None,
+                 ram_path=None,
+                 dape_path=None, gradient_checkpointing=False, components=None):
+        if components is None:
+            if not pretrained_model_path:
+                raise ValueError('OSEDiffArch needs pretrained_model_path (an SD2.1-base folder); tiny random '
+                                 'networks are type: TinyOSEDiffArch (dspo_basicsr/demo/tiny_arch.py).')
             components = load_sd_components(pretrained_model_path)
-        else:
-            raise ValueError('OSEDiffArch needs pretrained_model_path (an SD2.1-base folder) or tiny: true.')
-        if timestep_mode not in ('operating_point', 'noise'):
-            raise ValueError(f"timestep_mode must be 'operating_point' or 'noise', got {timestep_mode!r}.")
+        components = dict(components)
+        ram = components.pop('ram', None)
+        if likelihood_point not in ('operating_point', 'noise'):
+            raise ValueError(f"likelihood_point must be 'operating_point' or 'noise', got {likelihood_point!r}.")
         if osediff_path:
             components['unet'], lq_vae = load_osediff_lora(components['unet'], components['vae'], osediff_path)
         else:
@@ -267,11 +263,10 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         # the inverse of the (original) decoder that renders the output.
         self.lq_vae = lq_vae
         if ram_path:
-            ram_tiny = bool(tiny) if ram_tiny is None else ram_tiny
-            ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=ram_tiny, tagging=True)
+            ram = self.load_ram(ram_path, dape_path, tagging=True)
         self.ram = ram
-        self.timestep_mode = timestep_mode
-        self.default_cfg = default_cfg
+        self.likelihood_point = likelihood_point
+        self.default_guidance_scale = default_guidance_scale
         self.setup_trainable()
         self.setup_mixed_precision(mixed_precision)
         self.setup_gradient_checkpointing(gradient_checkpointing)
@@ -308,14 +303,14 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
 
     def training_timesteps(self, batch, low, high, generator=None):
         """t = 999 for every sample at the operating point; uniform in [low, high) in ``noise`` mode."""
-        if self.timestep_mode == 'operating_point':
+        if self.likelihood_point == 'operating_point':
             return torch.full((batch,), OSEDIFF_TIMESTEP, device=self.device, dtype=torch.long)
         return super().training_timesteps(batch, low, high, generator)
 
     def diffusion_inputs(self, latents, noise, t, cond):
         """Operating point: x_t = z_L and the target noise implied by each candidate latent z_c (N, C, h, w):
         ``eps_c = (z_L - sqrt(a_t) z_c) / sqrt(1 - a_t)`` (``noise`` is not used). ``noise`` mode: as the base."""
-        if self.timestep_mode != 'operating_point':
+        if self.likelihood_point != 'operating_point':
             return super().diffusion_inputs(latents, noise, t, cond)
         x_t = cond['lq_latents'].to(latents.dtype)  # (N, C, h, w), repeated per candidate by the condition
         if x_t.shape != latents.shape:
@@ -335,18 +330,18 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         return super().image_tags(self.upsample_lq(lq))
 
     @torch.no_grad()
-    def sample_images(self, lq, prompts, negatives, steps=None, cfg=None, generator=None, sampler=None, tiling=None,
-                      extras=None):
+    def sample_images(self, lq, prompts, negatives, steps=None, guidance_scale=None, generator=None, sampler=None,
+                      tiling=None, extras=None):
         """One step: LQ (B, 3, h, w) in [0, 1] -> SR (B, 3, h*s, w*s) in [0, 1]; ``steps``/``sampler`` ignored.
 
         As ``OSEDiff_test.forward``, the LQ latent is sampled from the (LoRA) VAE encoder's posterior
         (``latent_dist.sample()``, here with the generator); training keeps its mode (a fixed operating point).
         """
-        cfg = self.default_cfg if cfg is None else cfg
-        cond = self.condition(lq, prompts, negatives if cfg != 1 else None, generator=generator)
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        cond = self.condition(lq, prompts, negatives if guidance_scale != 1 else None, generator=generator)
         z_lq = cond['lq_latents']
         t = torch.full((lq.shape[0],), OSEDIFF_TIMESTEP, device=self.device, dtype=torch.long)
-        eps = self.tiled_prediction(lambda x, c: self.guided_prediction(x, t, c, cfg), z_lq, cond, tiling)
+        eps = self.tiled_prediction(lambda x, c: self.guided_prediction(x, t, c, guidance_scale), z_lq, cond, tiling)
         alpha = self.operating_alpha.to(self.device).float()
         if self.noise_scheduler.config.prediction_type == 'v_prediction':
             x0 = alpha.sqrt() * z_lq - (1 - alpha).sqrt() * eps

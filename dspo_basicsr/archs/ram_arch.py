@@ -59,13 +59,7 @@ _DERIVED_BUFFERS = ('relative_position_index', 'attn_mask')
 RAM_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ram_data')
 # RAM's q2l_config.json (recognize-anything ram/configs/): 2 layers, width 768, 4 heads, feed-forward 3072.
 RAM_TAGGING_HEAD = dict(num_class=4585, hidden=768, heads=4, layers=2, intermediate=3072)
-TINY_TAGGING_HEAD = dict(num_class=16, hidden=32, heads=2, layers=2, intermediate=64)
 TAGGING_PREFIXES = ('label_embed', 'wordvec_proj.', 'tagging_head.', 'fc.')
-
-
-def tiny_swin_config(img_size=32):
-    """A two-stage Swin with width 16 (tests): 32 x 32 input -> 4 x 4 tokens + 1 = 17 tokens."""
-    return dict(img_size=img_size, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2))
 
 
 def ram_to_timm_key(key):
@@ -177,10 +171,11 @@ class RAMImageEmbedder(nn.Module):
     """RAM / DAPE image embeddings (and, with ``tagging``, RAM's tags) of LQ images, frozen.
 
     Args:
-        ram_path (str | None): RAM checkpoint (``ram_swin_large_14m.pth``, or a tiny one in the same layout).
+        ram_path (str | None): RAM checkpoint (``ram_swin_large_14m.pth``, or a smaller one in the same layout).
         dape_path (str | None): SeeSR's ``DAPE.pth`` (LoRA only), applied on top of ``ram_path``.
-        tiny (bool | dict): Tiny Swin and tagging head (tests); a dict may give ``embed_dim`` (output width,
-            default 512), ``img_size`` and ``num_class`` (the first tags of RAM's list; default 16).
+        swin (dict | None): timm ``SwinTransformer`` arguments of the image encoder; None: RAM's Swin-L (384 px).
+        tagging_head (dict | None): ``num_class`` (the first tags of RAM's list), ``hidden``, ``heads``, ``layers``,
+            ``intermediate`` of the tagging head; None: RAM's.
         embed_dim (int): Output width (RAM: 512).
         tagging (bool): Build RAM's tagging head (``label_embed``, ``wordvec_proj``, ``tagging_head``, ``fc``) and
             load it too, for :meth:`tags`.
@@ -189,17 +184,11 @@ class RAMImageEmbedder(nn.Module):
         forward: (B, 3, H, W) in [0, 1] -> (B, 1 + (img_size/32)^2, embed_dim); RAM: (B, 145, 512).
     """
 
-    def __init__(self, ram_path=None, dape_path=None, tiny=False, embed_dim=512, tagging=False):
+    def __init__(self, ram_path=None, dape_path=None, embed_dim=512, tagging=False, swin=None, tagging_head=None):
         super().__init__()
         from timm.models.swin_transformer import SwinTransformer
-        head = dict(RAM_TAGGING_HEAD)
-        if tiny:
-            tiny = tiny if isinstance(tiny, dict) else {}
-            embed_dim = tiny.get('embed_dim', embed_dim)
-            swin = tiny_swin_config(tiny.get('img_size', 32))
-            head = dict(TINY_TAGGING_HEAD, num_class=tiny.get('num_class', TINY_TAGGING_HEAD['num_class']))
-        else:
-            swin = dict(SWIN_L_384)
+        head = dict(tagging_head or RAM_TAGGING_HEAD)
+        swin = dict(swin or SWIN_L_384)
         self.img_size = swin['img_size']
         self.visual_encoder = SwinTransformer(num_classes=0, global_pool='', **swin)
         self.image_proj = nn.Linear(self.visual_encoder.num_features, embed_dim)
@@ -217,8 +206,6 @@ class RAMImageEmbedder(nn.Module):
                 TaggingAttentionLayer(head['hidden'], head['heads'], embed_dim, head['intermediate'])
                 for _ in range(head['layers']))
             self.fc = nn.Linear(head['hidden'], 1)
-            if tiny:  # random label embeddings, so that a tiny random RAM gives different logits per tag
-                nn.init.normal_(self.label_embed, std=1.0)
         if ram_path:
             self.load_ram_checkpoints(ram_path, dape_path)
         elif dape_path:

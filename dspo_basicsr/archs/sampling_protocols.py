@@ -12,7 +12,7 @@ SAMPLING_PROTOCOLS = {
     # cswry/SeeSR test_seesr.py
     'seesr': {
         'steps': 50,             # --num_inference_steps 50
-        'cfg': 5.5,              # --guidance_scale 5.5
+        'guidance_scale': 5.5,   # --guidance_scale 5.5
         'seed': 0,
         'sampler': 'ddpm',       # DDPMScheduler (pipeline_seesr.py)
         'prompt': '',            # --prompt '' : the user prompt, after the tags
@@ -26,7 +26,7 @@ SAMPLING_PROTOCOLS = {
     # NJU-PCALab/AddSR test_addsr.py: 4 steps at t = 999, 749, 499, 249 with self-refinement, no guidance
     'addsr': {
         'steps': 4,
-        'cfg': 1.0,              # guidance unused (pipeline_addsr.py)
+        'guidance_scale': 1.0,   # guidance unused (pipeline_addsr.py)
         'seed': 0,
         'prompt': '',
         'prompt_source': 'tags',  # f"{DAPE tags}, {prompt}," + --added_prompt
@@ -39,7 +39,7 @@ SAMPLING_PROTOCOLS = {
     # cswry/OSEDiff test_osediff.py: one step at t = 999 from the LQ latent, no guidance
     'osediff': {
         'steps': 1,
-        'cfg': 1.0,
+        'guidance_scale': 1.0,
         'seed': 0,
         'prompt': '',
         'prompt_source': 'tags',  # f"{DAPE tags of the x4 LQ}, {prompt},"
@@ -52,7 +52,7 @@ SAMPLING_PROTOCOLS = {
     # SD2.1 + an SR ControlNet (no official SR test script): SeeSR's sampler, without tags or tiling
     'sd21': {
         'steps': 50,
-        'cfg': 5.5,
+        'guidance_scale': 5.5,
         'seed': 0,
         'sampler': 'ddpm',
         'prompt': '',
@@ -68,8 +68,13 @@ def resolve_sample_options(options):
 
     Returns:
         dict: The sampling settings, without the ``protocol`` key (so resolving twice changes nothing).
+
+    Raises:
+        ValueError: An unknown protocol, or the old name ``cfg`` of ``guidance_scale``.
     """
     options = dict(options or {})
+    if 'cfg' in options:
+        raise ValueError("the sampling option 'cfg' was renamed to 'guidance_scale'.")
     name = options.pop('protocol', None)
     if name is None:
         return options

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, load_sd_components
+from dspo_basicsr.archs.control_sd2_arch import load_sd_components
 from dspo_basicsr.archs.diffusion_sr_base import DEFAULT_LORA_TARGETS, DiffusionSRArch
 from dspo_basicsr.archs.image_cross_attention import (  # noqa: F401  (re-exported)
     IMAGE_EMBEDS_KEY,
@@ -35,7 +35,6 @@ from dspo_basicsr.archs.image_cross_attention import (  # noqa: F401  (re-export
     image_kwargs,
 )
 from dspo_basicsr.archs.precision import LowPrecisionFrozenPartsMixin
-from dspo_basicsr.archs.tiny_components import tiny_sd_components
 from dspo_basicsr.utils.checkpoint import load_state_dict_strictly, missing_weights_error, read_checkpoint
 
 from basicsr.utils.registry import ARCH_REGISTRY
@@ -46,7 +45,9 @@ WEIGHT_NAMES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.
 WEIGHTS_HINT = 'Check that the folder holds the released SeeSR/AddSR weights and that its config.json matches them.'
 
 
-def _strip_config(config):
+def strip_seesr_config(config):
+    """A UNet / ControlNet config without diffusers' private keys and SeeSR's image cross-attention keys (what
+    stock diffusers classes accept)."""
     return {k: v for k, v in config.items() if not k.startswith('_')
             and k not in ('use_image_cross_attention', 'image_cross_attention_dim')}
 
@@ -55,14 +56,14 @@ def build_seesr_unet(config):
     """SeeSR UNet from a UNet config dict (SeeSR's ``unet/config.json`` or an SD2-base one)."""
     from diffusers import UNet2DConditionModel
     dim = config.get('image_cross_attention_dim', SEESR_IMAGE_DIM)
-    return add_image_cross_attention(UNet2DConditionModel.from_config(_strip_config(config)), dim)
+    return add_image_cross_attention(UNet2DConditionModel.from_config(strip_seesr_config(config)), dim)
 
 
 def build_seesr_controlnet(config):
     """SeeSR ControlNet from a ControlNet config dict (SeeSR's ``controlnet/config.json``)."""
     from diffusers import ControlNetModel
     dim = config.get('image_cross_attention_dim', SEESR_IMAGE_DIM)
-    return add_image_cross_attention(ControlNetModel.from_config(_strip_config(config)), dim)
+    return add_image_cross_attention(ControlNetModel.from_config(strip_seesr_config(config)), dim)
 
 
 def seesr_networks_on_meta(unet_config_path=SD2_BASE_UNET_CONFIG):
@@ -75,7 +76,7 @@ def seesr_networks_on_meta(unet_config_path=SD2_BASE_UNET_CONFIG):
     with open(unet_config_path, encoding='utf-8') as f:
         config = json.load(f)
     with torch.device('meta'):
-        base = UNet2DConditionModel.from_config(_strip_config(config))
+        base = UNet2DConditionModel.from_config(strip_seesr_config(config))
         controlnet = add_image_cross_attention(ControlNetModel.from_unet(base, load_weights_from_unet=False))
         unet = add_image_cross_attention(base)
     return unet, controlnet
@@ -129,27 +130,6 @@ def save_seesr_networks(folder, unet, controlnet):
     return folder
 
 
-# ---------------------------------------------------------------------------- tiny builds
-TINY_IMAGE_DIM = 24
-
-
-def tiny_seesr_networks(unet=None, image_cross_attention_dim=TINY_IMAGE_DIM, vae=None):
-    """Tiny random SD components plus SeeSR UNet and ControlNet (ControlNet initialised from the UNet).
-
-    Returns:
-        dict: unet, vae, text_encoder, tokenizer, noise_scheduler, controlnet.
-    """
-    from diffusers import ControlNetModel
-    components = tiny_sd_components(unet=unet, vae=vae)
-    base = components['unet']
-    factor = 2**(len(components['vae'].config.block_out_channels) - 1)
-    controlnet = ControlNetModel.from_unet(
-        base, conditioning_embedding_out_channels=controlnet_embedding_channels(factor))
-    components['unet'] = add_image_cross_attention(base, image_cross_attention_dim)
-    components['controlnet'] = add_image_cross_attention(controlnet, image_cross_attention_dim)
-    return components
-
-
 # ---------------------------------------------------------------------------- the framework
 @ARCH_REGISTRY.register()
 class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
@@ -162,9 +142,6 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         ram_path (str | None): RAM ``ram_swin_large_14m.pth``: the image embedder used when a batch has no
             precomputed ``ram_embeds`` (always at sampling time). None: precomputed embeddings are required.
         dape_path (str | None): SeeSR's ``DAPE.pth`` (degradation-aware RAM, applied on top of ``ram_path``).
-        tiny (bool | dict): Tiny random networks (tests, demo); a dict may give ``seed``, ``unet`` overrides and
-            ``ram`` (False: no tiny random RAM embedder; ``ram_path`` replaces it in any case).
-        ram_tiny (bool | dict | None): The RAM checkpoint at ``ram_path`` is a tiny one (tests); None: as ``tiny``.
         scale (int): SR factor. Default: 4.
         trainable (str | list[str]): ``controlnet`` (default), ``unet_lora``, ``unet``, ``controlnet_lora``, or a list.
         conditioning_scale (float): Multiplier of the ControlNet residuals. Default: 1.
@@ -176,25 +153,29 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
             999 (``pipeline_seesr.py``, ``start_steps=999``; the 50-step DDPM schedule itself starts at 981).
         ram_tagging (bool): Load RAM's tagging head with ``ram_path`` (for ``prompt_source: tags``). Default: True.
         lora_rank, lora_alpha, lora_target_modules, sampler: see :class:`DiffusionSRArch`.
-        default_steps (int): 50. default_cfg (float): 5.5.
+        default_steps (int): 50. default_guidance_scale (float): 5.5 (``test_seesr.py --guidance_scale``).
         mixed_precision (str | None): ``bf16`` (or ``fp16``): frozen networks stored in that precision and every
             network run under autocast; trained parameters stay float32. Default: None (float32).
         gradient_checkpointing (bool): Recompute the activations of the UNet, ControlNet and any other trained
             network in the backward pass (``DiffusionSRArch.setup_gradient_checkpointing``). Default: False.
         default_negative_prompt (str | None): Replaces SeeSR's "dotted, noise, blur, lowres, smooth"; a sample's
             own negative prompt (user-description feedback) is appended to it.
+        components (dict | None): Built networks (SD components plus ``controlnet`` and, optionally, a RAM
+            embedder ``ram``) instead of the folders (Python callers; the demo's tiny types).
     """
 
     default_negative_prompt = 'dotted, noise, blur, lowres, smooth'
 
-    def __init__(self, pretrained_model_path=None, seesr_model_path=None, ram_path=None, dape_path=None, tiny=False,
-                 ram_tiny=None, scale=4, trainable='controlnet', conditioning_scale=1.0, added_prompt=None,
+    def __init__(self, pretrained_model_path=None, seesr_model_path=None, ram_path=None, dape_path=None, scale=4,
+                 trainable='controlnet', conditioning_scale=1.0, added_prompt=None,
                  start_point='lr', start_timestep=999, ram_tagging=True,
                  lora_rank=4, lora_alpha=None, lora_target_modules=DEFAULT_LORA_TARGETS, sampler='ddpm',
-                 prediction_type=None, default_steps=50, default_cfg=5.5, default_negative_prompt=None,
-                 mixed_precision=None, gradient_checkpointing=False):
-        components = self._build_components(pretrained_model_path, seesr_model_path, tiny)
-        tiny_ram = components.pop('ram', None)
+                 prediction_type=None, default_steps=50, default_guidance_scale=5.5, default_negative_prompt=None,
+                 mixed_precision=None, gradient_checkpointing=False, components=None):
+        if components is None:
+            components = self.load_components(pretrained_model_path, seesr_model_path)
+        components = dict(components)
+        ram = components.pop('ram', None)
         if prediction_type:
             from diffusers import DDPMScheduler
             components['noise_scheduler'] = DDPMScheduler.from_config(
@@ -203,41 +184,27 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         super().__init__(**components, scale=scale, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_target_modules=lora_target_modules, sampler=sampler)
         self.controlnet = controlnet
-        self.default_steps, self.default_cfg = default_steps, default_cfg
+        self.default_steps, self.default_guidance_scale = default_steps, default_guidance_scale
         self.conditioning_scale = conditioning_scale
         if default_negative_prompt is not None:
             self.default_negative_prompt = default_negative_prompt
         self.added_prompt = 'clean, high-resolution, 8k' if added_prompt is None else added_prompt
-        if start_point not in ('lr', 'noise'):
-            raise ValueError(f"start_point must be 'lr' or 'noise', got {start_point!r}.")
-        self.start_point = start_point
-        self.start_timestep = int(start_timestep)
+        self.set_sampling_start(start_point, start_timestep)
         self.image_embed_dim = self.unet.config.get('image_cross_attention_dim', SEESR_IMAGE_DIM)
-        self.ram = tiny_ram
+        self.ram = ram
         if ram_path:
-            from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
-            ram_tiny = bool(tiny) if ram_tiny is None else ram_tiny
-            tiny_ram = dict(ram_tiny if isinstance(ram_tiny, dict) else {}, embed_dim=self.image_embed_dim) \
-                if ram_tiny else False
-            self.ram = RAMImageEmbedder(ram_path=ram_path, dape_path=dape_path, tiny=tiny_ram, tagging=ram_tagging)
+            self.ram = self.load_ram(ram_path, dape_path, tagging=ram_tagging, embed_dim=self.image_embed_dim)
         self.setup_trainable()
         self.setup_mixed_precision(mixed_precision)
         self.setup_gradient_checkpointing(gradient_checkpointing)
 
-    @staticmethod
-    def _build_components(pretrained_model_path, seesr_model_path, tiny):
-        if tiny:
-            tiny = tiny if isinstance(tiny, dict) else {}
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(tiny.get('seed', 0))
-                components = tiny_seesr_networks(unet=tiny.get('unet'), vae=tiny.get('vae'))
-                if tiny.get('ram', True):  # a random tiny RAM embedder, the same as build_tiny_seesr_folders saves
-                    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder
-                    components['ram'] = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM}, tagging=True)
-                return components
+    @classmethod
+    def load_components(cls, pretrained_model_path, seesr_model_path):
+        """The SD2-base components of ``pretrained_model_path`` with SeeSR's ``unet`` and ``controlnet``."""
         if not (pretrained_model_path and seesr_model_path):
-            raise ValueError('SeeSRArch needs pretrained_model_path (an SD2-base folder) and seesr_model_path (the '
-                             'folder with SeeSR\'s unet/ and controlnet/), or tiny: true.')
+            raise ValueError(f'{cls.__name__} needs pretrained_model_path (an SD2-base folder) and the folder with '
+                             f"the released unet/ and controlnet/; tiny random networks are type: Tiny{cls.__name__} "
+                             '(dspo_basicsr/demo/tiny_arch.py).')
         components = load_sd_components(pretrained_model_path, unet_class=_NoUNet)
         components['unet'] = load_seesr_network(os.path.join(seesr_model_path, 'unet'), 'unet')
         components['controlnet'] = load_seesr_network(os.path.join(seesr_model_path, 'controlnet'), 'controlnet')
@@ -301,9 +268,6 @@ class SeeSRArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
         """RAM embeddings of the LQ as read, before the process-size resize: ``test_seesr.py`` and ``test_addsr.py``
         embed the image they open (``get_validation_prompt``)."""
         return {'ram_embeds': self.image_embeddings(lq)}
-
-    def sampling_start(self, scheduler):
-        return self.start_timestep if self.start_point == 'lr' else super().sampling_start(scheduler)
 
     def initial_latents(self, lq, scheduler, generator=None):
         """Start of sampling: pure noise, or (``start_point: lr``) the LQ latent noised to ``start_timestep``.

@@ -18,7 +18,7 @@ def bench_dspo_opt(device, preference='DSPOLoss', trainable='controlnet'):
     return {
         'name': 'bench', 'model_type': 'DSPOModel', 'scale': 4, 'is_train': True, 'dist': False, 'rank': 0,
         'world_size': 1, 'num_gpu': 1 if device.type == 'cuda' else 0, 'auto_resume': False,
-        'network_g': {'type': 'ControlSD2Arch', 'tiny': {'seed': 0, 'unet': BENCH_UNET}, 'scale': 4,
+        'network_g': {'type': 'TinyControlSD2Arch', 'seed': 0, 'unet_config': BENCH_UNET, 'scale': 4,
                       'trainable': trainable},
         'path': {'pretrain_network_g': None, 'models': folder, 'training_states': folder},
         'train': {'optim_g': {'type': 'AdamW', 'lr': 1e-5}, 'scheduler': {'type': 'MultiStepLR', 'milestones': [10**6],

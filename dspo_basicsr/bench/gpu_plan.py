@@ -78,15 +78,15 @@ def sd2_components(unet_class=None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from dspo_basicsr.archs.seesr_arch import SD2_BASE_UNET_CONFIG, _strip_config
-    from dspo_basicsr.archs.tiny_components import _byte_level_vocab, tiny_noise_scheduler
+    from dspo_basicsr.archs.seesr_arch import SD2_BASE_UNET_CONFIG, strip_seesr_config
+    from dspo_basicsr.demo.tiny_components import byte_level_vocab, tiny_noise_scheduler
     with open(SD2_BASE_UNET_CONFIG, encoding='utf-8') as f:
-        unet_config = _strip_config(json.load(f))
+        unet_config = strip_seesr_config(json.load(f))
     unet = None if unet_class is not None and not hasattr(unet_class, 'from_config') else \
         UNet2DConditionModel.from_config(unet_config)
     return dict(unet=unet, vae=AutoencoderKL(**SD2_VAE_CONFIG),
                 text_encoder=CLIPTextModel(CLIPTextConfig(**SD2_TEXT_CONFIG)),
-                tokenizer=CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], model_max_length=77),
+                tokenizer=CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=77),
                 noise_scheduler=tiny_noise_scheduler())
 
 
@@ -117,11 +117,16 @@ def real_size_loaders():
 def planned_network_options(network_opt, real_size):
     """``network_g`` as the planner builds it: no RAM checkpoint (embeddings come precomputed with the batch),
     no LoRA file of OSEDiff (its rank-4 adapters are a rounding error), no ControlNet folder (initialised
-    from the UNet, the same shapes)."""
+    from the UNet, the same shapes); at real size a demo ``Tiny*Arch`` is planned as its released framework."""
     opt = {k: v for k, v in network_opt.items() if k not in ('ram_path', 'dape_path', 'osediff_path',
                                                              'controlnet_path')}
     if real_size:
-        opt.pop('tiny', None)
+        from dspo_basicsr.demo.tiny_arch import TINY_FRAMEWORKS
+        released = {tiny.__name__: name for name, tiny in TINY_FRAMEWORKS.items()}
+        if opt.get('type') in released:
+            opt['type'] = released[opt['type']]
+            for key in ('seed', 'unet_config', 'vae_config', 'random_ram'):
+                opt.pop(key, None)
         for key in ('pretrained_model_path', 'seesr_model_path', 'addsr_model_path'):
             if key in network_opt or key == 'pretrained_model_path':
                 opt[key] = f'<planned {key}>'
@@ -394,7 +399,7 @@ def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True,
         candidates (int): Candidates per LQ image.
         batch (int): LQ images per step.
         instances (int): Instances of the synthetic label map.
-        real_size (bool): Released sizes (True) or the option file's own ``tiny`` build (tests).
+        real_size (bool): Released sizes (True) or the option file's own build (tests: a demo ``Tiny*Arch``).
         validation (bool): Also plan one validation sample.
         cached_latents (bool): The batch carries the candidates' stored VAE posteriors
             (``scripts/add_candidate_latents.py``), so the step runs no VAE encoder on the candidates.
@@ -429,7 +434,8 @@ def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True,
     if reference.dtype is not None:  # train.reference_dtype: the reference's own autocast, emulated on meta
         reference.predict_noise = _under(CudaOnMeta(reference.dtype), reference.predict_noise)
     data = synthetic_preference_batch(batch, candidates, instances, size, 'meta', scale=bare.scale)
-    if bare.__class__.__name__ in ('SeeSRArch', 'AddSRArch'):
+    from dspo_basicsr.archs.seesr_arch import SeeSRArch
+    if isinstance(bare, SeeSRArch):  # SeeSR and AddSR (and their demo Tiny*Arch types)
         dim = getattr(bare, 'image_embed_dim', RAM_EMBEDS_SHAPE[1])
         data['extras'] = {'ram_embeds': torch.empty(batch, RAM_EMBEDS_SHAPE[0], dim, device='meta')}
     if cached_latents:  # (B, K, 2, C, h, w): posterior mean and std per candidate, as the dataset gives them

@@ -1,1 +1,3 @@
-"""Demo data builders: the embedded DSPO demo (``dspo``), the BIQA demo (``biqa``), a tiny SeeSR (``tiny_seesr``)."""
+"""Demo and test builders: the embedded DSPO demo (``dspo``), the BIQA demo (``biqa``), tiny components
+(``tiny_components``), the tiny framework types (``tiny_arch``, registered on ``import dspo_basicsr``) and a tiny
+SeeSR in the released layouts (``tiny_seesr``)."""

@@ -30,8 +30,8 @@ DEMO_PHOTOS = (
 
 #: Sampling settings of the demo candidates; the first is the framework's default.
 DEMO_CANDIDATE_SETTINGS = (
-    dict(steps=8, cfg=3.0, seed=0), dict(steps=4, cfg=1.0, seed=1), dict(steps=8, cfg=5.5, seed=2),
-    dict(steps=4, cfg=3.0, seed=3),
+    dict(steps=8, guidance_scale=3.0, seed=0), dict(steps=4, guidance_scale=1.0, seed=1),
+    dict(steps=8, guidance_scale=5.5, seed=2), dict(steps=4, guidance_scale=3.0, seed=3),
 )
 
 
@@ -313,7 +313,8 @@ def demo_preference_samples(framework, crops, lqs, segmenter):
         candidates = []
         for setting in DEMO_CANDIDATE_SETTINGS:
             generator = torch.Generator().manual_seed(setting['seed'])
-            sr = framework.sample(lq_tensor, prompt, steps=setting['steps'], cfg=setting['cfg'], generator=generator)
+            sr = framework.sample(lq_tensor, prompt, steps=setting['steps'], guidance_scale=setting['guidance_scale'],
+                                  generator=generator)
             candidates.append(to_uint8_rgb(sr[0]))
         seg = segment_instances(segmenter, hq, min_area=16)
         yield PreferenceSample(
@@ -346,13 +347,14 @@ def denoiser_options(settings):
 DEMO_BASE = dict(vae_widths=(16, 32), vae_steps=600, vae_batch=16, vae_lr=3e-3, vae_patch_size=32,
                  unet_down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
                  unet_up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
-                 diffusion_steps=600, diffusion_patch_size=32, max_timestep=400, start_strength=0.375)
+                 diffusion_steps=600, diffusion_patch_size=32, max_timestep=400, start_timestep=250)
 
 
 def demo_tiny_components(settings, seed=0):
-    """The ``tiny`` argument of a framework for a demo base: its seed, VAE widths and ``unet_<option>`` entries."""
+    """The tiny arguments of a demo base's ``Tiny*Arch`` (:mod:`dspo_basicsr.demo.tiny_arch`): its seed, VAE widths
+    and ``unet_<option>`` entries."""
     unet = {key[len('unet_'):]: value for key, value in settings.items() if key.startswith('unet_')}
-    return {'seed': seed, 'vae': {'block_out_channels': tuple(settings['vae_widths'])}, 'unet': unet}
+    return {'seed': seed, 'vae_config': {'block_out_channels': tuple(settings['vae_widths'])}, 'unet_config': unet}
 
 
 def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n_segments=8, seed=0,
@@ -376,8 +378,10 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     Returns:
         dict: paths of the parts and the number of training samples.
     """
-    from dspo_basicsr.archs.control_sd2_arch import ControlSD2Arch, save_sd_components
-    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
+    from dspo_basicsr.archs.control_sd2_arch import save_sd_components
+    from dspo_basicsr.archs.ram_arch import save_ram_checkpoint
+    from dspo_basicsr.demo.tiny_arch import TinyControlSD2Arch
+    from dspo_basicsr.demo.tiny_components import tiny_ram_embedder
     from dspo_basicsr.preference import write_preference_lmdb
     from dspo_basicsr.preference.segmentation import SLICSegmenter
 
@@ -397,7 +401,7 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     controlnet_path = os.path.join(model_path, 'controlnet')
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        base = ControlSD2Arch(tiny=demo_tiny_components(settings, seed), scale=scale)
+        base = TinyControlSD2Arch(**demo_tiny_components(settings, seed), scale=scale)
         pretrain_tiny_framework(base, as_tensor([hq for _, hq, _ in train]), as_tensor(train_lq),
                                 [prompt for _, _, prompt in train], vae_opt=vae_options(settings),
                                 denoiser_opt=denoiser_options(settings), max_timestep=settings['max_timestep'],
@@ -411,10 +415,10 @@ def build_demo_data(root='datasets/demo', scale=4, size=64, crops_per_photo=2, n
     ram_path = os.path.join(root, 'ram', 'ram_tiny.pth')
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        save_ram_checkpoint(RAMImageEmbedder(tiny=True, tagging=True), ram_path)
+        save_ram_checkpoint(tiny_ram_embedder(tagging=True), ram_path)
     framework = build_network(dict(type='ControlSD2Arch', pretrained_model_path=model_path,
                                    controlnet_path=controlnet_path, scale=scale, sampler='ddim',
-                                   start_strength=settings['start_strength'])).eval()
+                                   start_point='lr', start_timestep=settings['start_timestep'])).eval()
     segmenter = SLICSegmenter(n_segments=n_segments, compactness=10.0)
 
     val_lq = [degrade(hq, scale, seed=seed * 1000 + 500 + index) for index, (_, hq, _) in enumerate(val)]

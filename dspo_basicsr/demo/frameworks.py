@@ -10,8 +10,8 @@ and loaded back through its real loading code, N candidates per LQ sampled by it
 SLIC instance by PSNR against the HQ crop inside it.
 
 Where sampling starts is the demo's, not the released models' (a tiny model denoises badly from t = 999):
-SeeSR from the LQ latent noised to ``start_timestep`` 250 (the last 3 of 8 DDIM steps, as the SD2 demo's
-``start_strength``), AddSR's x0-predicting sampler on the timesteps (250, 125), OSEDiff at its own one-step
+SeeSR from the LQ latent noised to ``start_timestep`` 250 (the last 3 of 8 DDIM steps, as the SD2 demo),
+AddSR's x0-predicting sampler on the timesteps (250, 125), OSEDiff at its own one-step
 operating point (t = 999 on the LQ latent, as released). The tiny OSEDiff's schedule predicts v (as SD2.1-768's
 does; SD2.1-base, OSEDiff's base, predicts the noise): at t = 999 v is about -x0, so the tiny UNet learns the SR
 latent itself, where a noise prediction would have to return its input to 1/15 of its spread (x0 =
@@ -44,13 +44,13 @@ __all__ = ['FRAMEWORK_DEMOS', 'build_framework_demo', 'framework_network_options
 #: Per framework: its arch, the demo's ``network_g`` options beyond the folders (trained part, where sampling
 #: starts), the modules pretrained as a denoiser and, where it is not the noise, the schedule's prediction type.
 FRAMEWORK_DEMOS = {
-    'seesr': dict(type='SeeSRArch', network=dict(
+    'seesr': dict(type='TinySeeSRArch', network=dict(
         trainable='controlnet', sampler='ddim', start_timestep=250, added_prompt='', default_negative_prompt=''),
         modules=('unet', 'controlnet')),
-    'addsr': dict(type='AddSRArch', network=dict(
-        trainable='controlnet', sampling_timesteps=[250, 125], added_prompt='', default_negative_prompt=''),
+    'addsr': dict(type='TinyAddSRArch', network=dict(
+        trainable='controlnet', timesteps=[250, 125], added_prompt='', default_negative_prompt=''),
         modules=('unet', 'controlnet')),
-    'osediff': dict(type='OSEDiffArch', network=dict(trainable='unet_lora', lora_rank=4), modules=('unet',),
+    'osediff': dict(type='TinyOSEDiffArch', network=dict(trainable='unet_lora', lora_rank=4), modules=('unet',),
                     prediction_type='v_prediction'),
 }
 
@@ -60,7 +60,7 @@ def framework_network_options(framework, root='datasets/demo', scale=4):
     spec = FRAMEWORK_DEMOS[framework]
     folder = os.path.join(root, framework)
     net = dict(type=spec['type'], pretrained_model_path=os.path.join(folder, 'sd2'), scale=scale,
-               ram_path=os.path.join(folder, 'ram', 'ram_tiny.pth'), ram_tiny=True)
+               ram_path=os.path.join(folder, 'ram', 'ram_tiny.pth'))
     if framework == 'osediff':
         net['osediff_path'] = os.path.join(folder, 'osediff.pkl')
     else:
@@ -74,25 +74,30 @@ def _random_released_model(framework, folder, settings, seed):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from dspo_basicsr.archs.control_sd2_arch import controlnet_embedding_channels, save_sd_components
-    from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_ram_checkpoint
-    from dspo_basicsr.archs.seesr_arch import TINY_IMAGE_DIM, add_image_cross_attention, save_seesr_networks
-    from dspo_basicsr.archs.tiny_components import tiny_noise_scheduler, tiny_sd_components
+    from dspo_basicsr.archs.ram_arch import save_ram_checkpoint
+    from dspo_basicsr.archs.seesr_arch import add_image_cross_attention, save_seesr_networks
+    from dspo_basicsr.demo.tiny_components import (
+        TINY_IMAGE_DIM,
+        tiny_noise_scheduler,
+        tiny_ram_embedder,
+        tiny_sd_components,
+    )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tiny = demo_tiny_components(settings, seed)
-        components = tiny_sd_components(unet=tiny['unet'], vae=tiny['vae'])
+        components = tiny_sd_components(unet=tiny['unet_config'], vae=tiny['vae_config'])
         prediction_type = FRAMEWORK_DEMOS[framework].get('prediction_type')
         if prediction_type:
             components['noise_scheduler'] = tiny_noise_scheduler(prediction_type)
         if framework == 'osediff':
-            tagger = RAMImageEmbedder(tiny=True, tagging=True)  # OSEDiff's test prompts are DAPE tags
+            tagger = tiny_ram_embedder(tagging=True)  # OSEDiff's test prompts are DAPE tags
         else:
             unet = components.pop('unet')
             factor = 2**(len(settings['vae_widths']) - 1)
             controlnet = ControlNetModel.from_unet(
                 unet, conditioning_embedding_out_channels=controlnet_embedding_channels(factor))
-            tagger = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM}, tagging=True)
+            tagger = tiny_ram_embedder(embed_dim=TINY_IMAGE_DIM, tagging=True)
     sd_folder = os.path.join(folder, 'sd2')
     if framework == 'osediff':
         save_sd_components(sd_folder, components)
@@ -207,7 +212,7 @@ def build_framework_demo(framework, root='datasets/demo', scale=4, size=64, crop
             for setting in DEMO_CANDIDATE_SETTINGS:
                 generator = torch.Generator().manual_seed(setting['seed'])
                 sr = framework_model.sample(_as_tensor([train_lq[index]]), prompt, steps=setting['steps'],
-                                            cfg=setting['cfg'], generator=generator)
+                                            guidance_scale=setting['guidance_scale'], generator=generator)
                 candidates.append(to_uint8_rgb(sr[0]))
             seg = segment_instances(segmenter, hq_crop, min_area=16)
             yield PreferenceSample(

@@ -5,8 +5,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from dspo_basicsr.archs.control_sd2_arch import save_sd_components
-from dspo_basicsr.archs.ram_arch import RAMImageEmbedder, save_dape_checkpoint, save_ram_checkpoint
-from dspo_basicsr.archs.seesr_arch import TINY_IMAGE_DIM, _strip_config, save_seesr_networks, tiny_seesr_networks
+from dspo_basicsr.archs.ram_arch import save_dape_checkpoint, save_ram_checkpoint
+from dspo_basicsr.archs.seesr_arch import save_seesr_networks, strip_seesr_config
+from dspo_basicsr.demo.tiny_components import TINY_IMAGE_DIM, tiny_ram_embedder, tiny_seesr_networks
 
 __all__ = ['build_tiny_seesr_folders']
 
@@ -25,11 +26,11 @@ def build_tiny_seesr_folders(folder, seed=0, ram=True):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         components = tiny_seesr_networks()
-        embedder = RAMImageEmbedder(tiny={'embed_dim': TINY_IMAGE_DIM}, tagging=True) if ram else None
+        embedder = tiny_ram_embedder(embed_dim=TINY_IMAGE_DIM, tagging=True) if ram else None
     unet, controlnet = components.pop('unet'), components.pop('controlnet')
     sd_folder = os.path.join(folder, 'sd2')
     save_sd_components(sd_folder, components)
-    unet_plain = UNet2DConditionModel.from_config(_strip_config(unet.config))
+    unet_plain = UNet2DConditionModel.from_config(strip_seesr_config(unet.config))
     unet_plain.save_pretrained(os.path.join(sd_folder, 'unet'))  # the SD2 folder's own UNet (unused by SeeSR)
     seesr_folder = save_seesr_networks(os.path.join(folder, 'seesr'), unet, controlnet)
     ram_path = dape_path = None

@@ -66,8 +66,8 @@ class DiffusionDROModel(DSPOModel):
                '20 steps)', choices=tuple(SAMPLERS)),
         Option('train.dro.perturb_timesteps', 'bool', False, 'each online trajectory on its own shifted timesteps '
                "(the authors': true)"),
-        Option('train.dro.cfg', 'number', 1.0, "guidance scale of the lagged copy's sampling (~: the framework's "
-               'default)', nullable=True),
+        Option('train.dro.guidance_scale', 'number', 1.0, "guidance scale of the lagged copy's sampling (~: the "
+               "framework's default)", nullable=True),
         Option('train.dro.seed', 'int', 0, "seed of the online choices and of the lagged copy's sampling noise"),
     )
 
@@ -137,16 +137,17 @@ class DiffusionDROModel(DSPOModel):
         return True
 
     @property
-    def online_cfg(self):
-        """Guidance scale of the lagged copy's sampling (``train.dro.cfg``; ``~``: the framework's default)."""
-        cfg = self.dro_opt['cfg']
-        return float(self.bare.default_cfg if cfg is None else cfg)
+    def online_guidance_scale(self):
+        """Guidance scale of the lagged copy's sampling (``train.dro.guidance_scale``; ``~``: the framework's
+        default)."""
+        scale = self.dro_opt['guidance_scale']
+        return float(self.bare.default_guidance_scale if scale is None else scale)
 
     def _online_condition(self, rows):
         """Condition of the LQ inputs ``rows`` for the lagged copy's sampling (with negatives when guided)."""
         bare = self.bare
         prompts = [self.prompts[i] for i in rows]
-        needs_negative = self.online_cfg != 1 or bool(self.feedback_scale)
+        needs_negative = self.online_guidance_scale != 1 or bool(self.feedback_scale)
         negatives = [join_negative_prompts(bare.default_negative_prompt, self.negative_prompts[i]) for i in rows] \
             if needs_negative else None
         extras = {name: value[rows] for name, value in self.extras.items()}
@@ -175,7 +176,7 @@ class DiffusionDROModel(DSPOModel):
             with self.lagged.swapped_into(bare):
                 trajectory = sample_trajectory(
                     bare, cond, shape, int(self.dro_opt['sampler_steps']), self.dro_opt['sampler'],
-                    self.online_cfg, self.feedback_scale, self.dro_generator,
+                    self.online_guidance_scale, self.feedback_scale, self.dro_generator,
                     perturb_timesteps=bool(self.dro_opt['perturb_timesteps']))
             bare.train(was_training)
             for n, i in enumerate(missing):

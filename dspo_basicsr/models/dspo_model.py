@@ -127,7 +127,7 @@ class DSPOModel(DSPOBaseModel, SRModel):
                read_by='resolve_sample_options'),
         Option('val.sample.steps', 'int', None, "sampler steps (~: the framework's default)", ge=1,
                read_by='sample_with_options'),
-        Option('val.sample.cfg', 'number', None, "guidance scale (~: the framework's default)",
+        Option('val.sample.guidance_scale', 'number', None, "guidance scale (~: the framework's default)",
                read_by='sample_with_options'),
         Option('val.sample.seed', 'int', 0, 'seed of the sampling noise'),
         Option('val.sample.prompt', 'str', '', 'the user prompt', read_by='sample_with_options'),

@@ -117,7 +117,7 @@ def guided(eps_negative, eps_prompt, scale):
 
 
 @torch.no_grad()
-def sample_trajectory(framework, cond, latent_shape, steps, sampler='ddim', cfg=1.0, target_scale=None,
+def sample_trajectory(framework, cond, latent_shape, steps, sampler='ddim', guidance_scale=1.0, target_scale=None,
                       generator=None, perturb_timesteps=False):
     """Sample latents with DDPM/DDIM and record the trajectory: latents and the model's own predictions.
 
@@ -127,7 +127,7 @@ def sample_trajectory(framework, cond, latent_shape, steps, sampler='ddim', cfg=
         latent_shape (tuple): (N, C, h, w) of the latents to sample.
         steps (int): Sampling steps S.
         sampler (str): ``ddpm`` or ``ddim``.
-        cfg (float): Guidance scale of the sampling steps.
+        guidance_scale (float): Guidance scale of the sampling steps.
         target_scale (float | None): Guidance scale of the recorded prediction (the training target): the
             conditional prediction when None, the same guided form as the training errors otherwise.
         generator (torch.Generator | None): Seeded generator (on the framework's device).
@@ -147,16 +147,16 @@ def sample_trajectory(framework, cond, latent_shape, steps, sampler='ddim', cfg=
         for n in range(latent_shape[0]):
             one = {k: v[n:n + 1] if torch.is_tensor(v) else v for k, v in cond.items()}
             timesteps = perturbed_timesteps(framework.noise_scheduler.config.num_train_timesteps, steps, generator)
-            parts.append(_trajectory(framework, one, (1,) + tuple(latent_shape[1:]), timesteps, sampler, cfg,
-                                     target_scale, generator))
+            parts.append(_trajectory(framework, one, (1,) + tuple(latent_shape[1:]), timesteps, sampler,
+                                     guidance_scale, target_scale, generator))
         return {'latents': torch.cat([p['latents'] for p in parts], 1),
                 'predictions': torch.cat([p['predictions'] for p in parts], 1),
                 'timesteps': torch.stack([p['timesteps'] for p in parts]),
                 'final': torch.cat([p['final'] for p in parts])}
-    return _trajectory(framework, cond, latent_shape, steps, sampler, cfg, target_scale, generator)
+    return _trajectory(framework, cond, latent_shape, steps, sampler, guidance_scale, target_scale, generator)
 
 
-def _trajectory(framework, cond, latent_shape, steps, sampler, cfg, target_scale, generator):
+def _trajectory(framework, cond, latent_shape, steps, sampler, guidance_scale, target_scale, generator):
     """:func:`sample_trajectory` on ``steps`` (an int, or a (S,) tensor of custom timesteps)."""
     scheduler = make_sampling_scheduler(framework, sampler)
     device = framework.device
@@ -172,7 +172,8 @@ def _trajectory(framework, cond, latent_shape, steps, sampler, cfg, target_scale
         eps_negative, eps_prompt = prompt_and_negative_predictions(framework, model_input, t_batch, cond)
         recorded_x.append(model_input)
         recorded_target.append(guided(eps_negative, eps_prompt, target_scale))
-        latents = scheduler.step(guided(eps_negative, eps_prompt, cfg), t, latents, generator=generator).prev_sample
+        latents = scheduler.step(guided(eps_negative, eps_prompt, guidance_scale), t, latents,
+                                 generator=generator).prev_sample
     return {'latents': torch.stack(recorded_x), 'predictions': torch.stack(recorded_target),
             'timesteps': scheduler.timesteps.long().to(device), 'final': latents}
 

@@ -1,12 +1,12 @@
 """Candidate SR outputs for preference data (DSPO paper, section 5.1 "Dataset Preparation").
 
-For each LQ image a diffusion SR framework samples under a grid of settings (steps, cfg, seed, ...), the
+For each LQ image a diffusion SR framework samples under a grid of settings (steps, guidance_scale, seed, ...), the
 framework's default setting being always one of them. Every output is scored with IQA metrics through
 BasicSR's metric registry (``dspo_basicsr.metrics.calculate.calculate_metric``), each metric is normalised
 across the candidates of that image (direction aware: for NIQE lower is better), and the top N by mean normalised
 score are kept; if the default output is not among them it replaces the lowest kept one.
 
-The framework is anything with ``sample(lq, prompt, negative_prompt=None, steps=..., cfg=...,
+The framework is anything with ``sample(lq, prompt, negative_prompt=None, steps=..., guidance_scale=...,
 generator=None) -> (B, 3, H, W)`` in [0, 1] (``ControlSD2Arch`` and the other framework archs).
 """
 import copy
@@ -107,7 +107,7 @@ def expand_settings_grid(grid, default):
     Args:
         grid (dict | list[dict]): Either ``{key: [values, ...]}`` (Cartesian product; a scalar is one
             value) or an explicit list of setting dicts. Each setting is completed from ``default``.
-        default (dict): The framework's default sampling setting, e.g. ``{steps: 50, cfg: 5.5, seed: 0}``.
+        default (dict): The framework's default sampling setting, e.g. ``{steps: 50, guidance_scale: 5.5, seed: 0}``.
 
     Returns:
         list[dict]: Distinct settings; ``[0]`` is ``default``.
@@ -166,8 +166,8 @@ def sample_candidates(framework, lq, settings, prompt='', negative_prompt=None, 
     """Sample one SR output of one LQ image per setting.
 
     A setting's ``seed`` becomes a ``torch.Generator`` seeded with it; every other key is passed to
-    ``framework.sample`` (``steps``, ``cfg``, ``negative_prompt``, ...). When the framework takes one generator
-    per image (``accepts_generator_list``, as the diffusion framework archs do), settings that differ only in
+    ``framework.sample`` (``steps``, ``guidance_scale``, ``negative_prompt``, ...). When the framework takes one
+    generator per image (``accepts_generator_list``, as the diffusion framework archs do), settings that differ only in
     seed are sampled as one batch, each image drawing its noise from its own generator, so each output equals
     its one-by-one sample.
 

@@ -6,9 +6,22 @@ __all__ = ['load_chain_options', 'build_framework', 'sampling_settings', 'scorer
 
 
 def load_chain_options(path):
-    """Read the chain's YAML option file with the one safe option reader (no Python tags, UTF-8 text)."""
+    """Read the chain's YAML option file with the one safe option reader (no Python tags, UTF-8 text).
+
+    Raises:
+        ValueError: The file uses a renamed key (one line naming the new ones).
+    """
+    from dspo_basicsr.utils.option_schema import renamed_option_findings
     from dspo_basicsr.utils.options import plain_options, read_option_file
-    return plain_options(read_option_file(path, require=()))  # the reader refuses anything but a mapping
+    opt = plain_options(read_option_file(path, require=()))  # the reader refuses anything but a mapping
+    framework = opt.get('framework') if isinstance(opt.get('framework'), dict) else {}
+    renamed = renamed_option_findings(opt, networks={'framework.network': framework.get('network')})
+    sampling = opt.get('sampling') if isinstance(opt.get('sampling'), dict) else {}
+    renamed += [f'sampling.{part}.cfg was renamed to sampling.{part}.guidance_scale' for part in ('default', 'grid')
+                if isinstance(sampling.get(part), dict) and 'cfg' in sampling[part]]
+    if renamed:
+        raise ValueError(f"{path}: {'; '.join(renamed)}")
+    return opt
 
 
 def build_framework(opt, device='cpu'):
@@ -41,7 +54,7 @@ def build_framework(opt, device='cpu'):
 def sampling_settings(framework, sampling_opt):
     """The candidate settings of the ``sampling`` section: ``default`` first, then the ``grid``.
 
-    ``default`` falls back to the framework's own (``default_steps``, ``default_cfg``, seed 0). The section's
+    ``default`` falls back to the framework's own (``default_steps``, ``default_guidance_scale``, seed 0). The section's
     ``prompt_source`` (``tags``: RAM / DAPE tags at sampling time), ``color_fix``, ``process_size``,
     ``tile_size``, ``tile_overlap`` and ``vae_tile`` are added to every setting.
     """
@@ -50,8 +63,8 @@ def sampling_settings(framework, sampling_opt):
     sampling_opt = dict(sampling_opt or {})
     default = sampling_opt.get('default')
     if default is None:
-        default = {'steps': getattr(framework, 'default_steps', 50), 'cfg': getattr(framework, 'default_cfg', 5.5),
-                   'seed': 0}
+        default = {'steps': getattr(framework, 'default_steps', 50),
+                   'guidance_scale': getattr(framework, 'default_guidance_scale', 5.5), 'seed': 0}
     settings = expand_settings_grid(sampling_opt.get('grid'), default)
     # prompt_source / color_fix / tiling of the section apply to every candidate (framework.sample keywords).
     from dspo_basicsr.archs.diffusion_sr_base import sample_protocol

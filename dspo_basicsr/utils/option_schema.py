@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass
 
 __all__ = ['REQUIRED', 'Option', 'OptionSchema', 'OptionValueError', 'BASICSR_MODEL_OPTIONS', 'LOADER_OPTIONS',
-           'num_train_timesteps', 'timestep_range_in_schedule', 'timesteps_in_schedule', 'multiple_of_scale']
+           'RENAMED_OPTIONS', 'renamed_option_findings', 'num_train_timesteps', 'timestep_range_in_schedule',
+           'timesteps_in_schedule', 'multiple_of_scale']
 
 
 class _Required:
@@ -295,6 +296,47 @@ class OptionSchema:
             cells = [f'`{option.key}`', option.kind, f'`{default}`', option.allowed(), doc]
             rows.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
         return '\n'.join(rows)
+
+
+#: Keys renamed so that each concept has one name (docs/frameworks.md, "One vocabulary"): where sampling starts is
+#: ``start_point`` + ``start_timestep`` (AddSR: ``timesteps``), guidance is ``guidance_scale``. Old key -> what to
+#: write instead; ``network_*`` is any network block, ``<type>`` its type. The framework archs load released files
+#: only: tiny random builds are the demo's ``Tiny*Arch`` types. An old key is refused at start with one line naming
+#: the new.
+RENAMED_OPTIONS = {
+    'network_*.tiny': 'network_*.type: Tiny<type> (the demo\'s tiny frameworks, dspo_basicsr/demo/tiny_arch.py; '
+                      'tiny: {seed, unet, vae, ram} is seed, unet_config, vae_config, random_ram there)',
+    'network_*.ram_tiny': 'network_*.type: Tiny<type> (it reads ram_path as a tiny RAM checkpoint)',
+    'network_*.start_strength': 'network_*.start_point: lr with network_*.start_timestep (strength s of N sampler '
+                                'steps starts at the round(s N)-th last timestep: 0.375 of 8 DDIM steps is 250)',
+    'network_*.default_cfg': 'network_*.default_guidance_scale',
+    'network_*.sampling_timesteps': 'network_*.timesteps',
+    'network_*.timestep_mode': 'network_*.likelihood_point',
+    'val.sample.cfg': 'val.sample.guidance_scale',
+    'train.dro.cfg': 'train.dro.guidance_scale',
+}
+
+
+def renamed_option_findings(opt, networks=None):
+    """One line per renamed key (:data:`RENAMED_OPTIONS`) that ``opt`` still uses: ``<old> was renamed to <new>``.
+
+    Args:
+        opt (dict): The options, from the top of the file.
+        networks (dict[str, dict] | None): The network blocks by their dotted place; default: the top-level
+            ``network_*`` blocks of ``opt``.
+    """
+    if networks is None:
+        networks = {k: v for k, v in opt.items() if k.startswith('network_') and isinstance(v, dict)}
+    lines = []
+    for old, new in RENAMED_OPTIONS.items():
+        if old.startswith('network_*.'):
+            name = old.partition('.')[2]
+            lines += [f"{place}.{name} was renamed to "
+                      f"{new.replace('network_*', place).replace('<type>', str(block.get('type', 'Arch')))}"
+                      for place, block in networks.items() if isinstance(block, dict) and name in block]
+        elif _lookup(opt, old)[0]:
+            lines.append(f'{old} was renamed to {new}')
+    return lines
 
 
 def num_train_timesteps(opt):
