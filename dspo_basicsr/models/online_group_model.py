@@ -237,7 +237,7 @@ class OnlineGroupModel(DSPOModel):
             try:
                 scorer = build_instance_scorer(reward)
             except TypeError as err:
-                raise ValueError(f'train.online.reward: {err}; see the {kind} scorer in docs/preference_lmdb.md.') \
+                raise ValueError(f'train.online.reward: {err}; see the {kind} scorer in docs/preference_data.md.') \
                     from err
         self.reward_scorer = scorer
         self._check_set_has_gt()
