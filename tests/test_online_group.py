@@ -1,4 +1,4 @@
-"""OnlineGroupModel: groups sampled from the policy, labelled per instance by PSNR, trained with DSPO."""
+"""OnlineGroupModel: groups sampled from the policy (or its frozen copy), scored per instance, trained with DSPO."""
 import math
 
 import pytest
@@ -139,7 +139,7 @@ def test_refresh_counts_optimizer_updates():
     assert [refresh_due(copy, i, 3, accumulate=2) for i in (2, 6, 7)] == [False, False, True]
 
 
-def test_groups_come_from_the_frozen_copy_until_it_is_refreshed_and_resume_restores_it(tiny_set, tmp_path):
+def test_groups_come_from_the_frozen_copy_until_it_is_refreshed_and_resume_restores_it(tiny_set, tmp_path, caplog):
     model = build_model(_options(tiny_set, tmp_path, refresh_every=2))
     model.feed_data(preference_batch(tiny_set))
     initial = {k: v.clone() for k, v in model.bare.trainable_state_dict().items()}
@@ -166,6 +166,16 @@ def test_groups_come_from_the_frozen_copy_until_it_is_refreshed_and_resume_resto
     assert restored.version == 1 and restored.synced_iter == 1
     assert all(torch.equal(restored.state[k], copy.state[k]) for k in copy.state)
     assert not resumed.refresh_sampling_copy(2) and resumed.refresh_sampling_copy(3)  # due at the next update
+
+    from dspo_basicsr.models.lagged_policy import LaggedPolicy, restore_lagged_policy
+    with pytest.raises(ValueError, match="other.pth: the saved sampling copy does not match network_g's trainable"):
+        restore_lagged_policy(LaggedPolicy(), {'state': {'x': torch.zeros(1)}, 'version': 1, 'synced_iter': 1},
+                              resumed.bare, 'other.pth')
+    (tmp_path / 'states' / '2.sampling_copy.pth').unlink()
+    without = build_model(_options(tiny_set, tmp_path, refresh_every=2))
+    with caplog.at_level('WARNING', logger='basicsr'):
+        without.resume_training(resume_state)
+    assert without.sampling_copy.state is None and 'sampling copy is rebuilt' in caplog.text
 
 
 # ---------------------------------------------------------------------- group-normalised advantages
