@@ -23,7 +23,7 @@ def main(argv=None):
     parser.add_argument('--iters', type=int, default=50, help='training iterations per run')
     parser.add_argument('--objectives', nargs='+', default=['sft', 'dpo', 'dspo', 'dro'],
                         choices=list(OBJECTIVE_FILES),
-                        help='online: OnlineGroupModel (options/demo/online_group_demo.yml)')
+                        help='online, online_advantages: OnlineGroupModel (options/demo/online_group*.yml)')
     parser.add_argument('--share', type=float, default=0.4,
                         help="share of the winner's instances to blotch (0: the clean demo set, a control)")
     parser.add_argument('--out', default='results/local_anomalies', help='output folder')

@@ -84,3 +84,17 @@ def test_results_table_and_plot(tmp_path):
     assert '| DSPO | 3 | 0.5100 ± ' in table
     assert (tmp_path / 'runs.csv').read_text().count('\n') == 7
     assert (tmp_path / 'local_anomalies.png').stat().st_size > 0 and plot.endswith('.png')
+
+
+def test_every_benchmarked_objective_has_an_option_file_the_runner_can_train():
+    import os
+
+    from dspo_basicsr.bench.local_anomalies import LABELS, OBJECTIVE_FILES, benchmark_options
+
+    from conftest import REPO
+    assert {'online', 'online_advantages'} <= set(OBJECTIVE_FILES) <= set(LABELS)
+    for key, path in OBJECTIVE_FILES.items():
+        opt = benchmark_options(os.path.join(REPO, path), 'bench.lmdb', 3, f'la_{key}', 5)
+        assert opt['manual_seed'] == 3 and opt['train']['total_iter'] == 5
+    advantages = benchmark_options(os.path.join(REPO, OBJECTIVE_FILES['online_advantages']), 'b.lmdb', 0, 'x', 5)
+    assert advantages['model_type'] == 'OnlineGroupModel' and advantages['train']['online']['objective'] == 'advantages'

@@ -23,9 +23,10 @@ import yaml
 
 #: option files of the compared objectives (their train set is replaced by the benchmark set).
 OBJECTIVE_FILES = {**{key: f'options/demo/compare_{key}.yml' for key in ('sft', 'dpo', 'dspo', 'dro')},
-                   'online': 'options/demo/online_group_demo.yml'}
+                   'online': 'options/demo/online_group_demo.yml',
+                   'online_advantages': 'options/demo/online_group_advantages_demo.yml'}
 LABELS = {'base': 'Pretrained', 'sft': 'SFT', 'dpo': 'Diffusion-DPO', 'dspo': 'DSPO', 'dro': 'Diffusion-DRO',
-          'online': 'Online group DSPO'}
+          'online': 'Online group DSPO', 'online_advantages': 'Online group advantages'}
 #: an instance is blotched when its mean colour is this far (8-bit levels, any channel) from the GT's.
 BLOTCH_THRESHOLD = 12.0
 MEASURES = ('win_rate', 'defect_rate', 'psnr', 'ssim')
@@ -209,9 +210,9 @@ def run_local_anomalies(out_dir, source='datasets/demo/demo_pref.lmdb', seeds=(0
                         objectives=('sft', 'dpo', 'dspo', 'dro'), workdir='.', share=0.4, note=''):
     """Build the benchmark set, train every objective for every seed and measure it; returns (table, plot, rows).
 
-    ``objectives`` are keys of :data:`OBJECTIVE_FILES` (``online``: OnlineGroupModel, which samples its own
-    candidates and reads only the LQ, GT and instances of the set). Every run trains through the ``basicsr`` CLI
-    with :func:`dspo_basicsr.comparison.train_run`, the runner of ``scripts/compare_objectives.py``.
+    ``objectives`` are keys of :data:`OBJECTIVE_FILES` (``online``, ``online_advantages``: OnlineGroupModel, which
+    samples its own candidates and reads only the LQ, GT and instances of the set). Every run trains through the
+    ``basicsr`` CLI with :func:`dspo_basicsr.comparison.train_run`, the runner of ``scripts/compare_objectives.py``.
     """
     import time
 

@@ -28,6 +28,7 @@ from dspo_basicsr.archs.diffusion_sr_base import DiffusionSRArch, join_negative_
 from dspo_basicsr.losses.preference_loss import DiffusionDROLoss, instance_coverage
 from dspo_basicsr.models.candidate_images import gather_images
 from dspo_basicsr.models.dspo_model import DiffusionInputOverrides, DSPOModel
+from dspo_basicsr.models.lagged_policy import refresh_due
 from dspo_basicsr.models.online_negatives import (
     SAMPLERS,
     LaggedPolicy,
@@ -123,8 +124,7 @@ class DiffusionDROModel(DSPOModel):
     def refresh_lagged_policy(self, current_iter):
         """Sync the lagged copy to the policy when it is missing or ``refresh_every`` optimizer updates old."""
         lagged = self.lagged
-        k = self.accumulate
-        if lagged.state is not None and (current_iter - 1) // k - (lagged.synced_iter - 1) // k < self.refresh_every:
+        if not refresh_due(lagged, current_iter, self.refresh_every, self.accumulate):
             return False
         first = lagged.state is None
         buffer = self.negative_buffer
