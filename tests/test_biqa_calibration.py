@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import dspo_basicsr  # noqa: F401  (registers everything)
-from dspo_basicsr.archs.clip_quality_arch import TINY_CLIP_CONFIG, CLIPQualityArch
+from dspo_basicsr.archs.clip_quality_arch import CLIPQualityArch
 from dspo_basicsr.archs.rank_calibrated_iqa_arch import RankCalibratedIQAArch
 from dspo_basicsr.data.sr_method_group_dataset import SRMethodGroupDataset, collate_method_groups
+from dspo_basicsr.demo.tiny_components import TINY_CLIP_CONFIG
 from dspo_basicsr.losses.fidelity_loss import fidelity_loss
 from dspo_basicsr.metrics.calibrated_iqa_metric import calculate_calibrated_iqa
 from dspo_basicsr.metrics.two_afc import human_ceiling, model_choice, oracle_ceiling, pairs_csv_ceilings, two_afc_score

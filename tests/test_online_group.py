@@ -89,7 +89,8 @@ def _set_without_gt(source, path):
 
 
 def _tiny_biqa_network(tmp_path):
-    from dspo_basicsr.archs.clip_quality_arch import TINY_CLIP_CONFIG, CLIPQualityArch
+    from dspo_basicsr.archs.clip_quality_arch import CLIPQualityArch
+    from dspo_basicsr.demo.tiny_components import TINY_CLIP_CONFIG
     torch.manual_seed(0)
     clip_path = tmp_path / 'tiny_clip.pth'
     torch.save(CLIPQualityArch(**TINY_CLIP_CONFIG).clip.state_dict(), str(clip_path))

@@ -458,8 +458,9 @@ def test_segment_script_with_tiny_sam_checkpoint_from_yaml(tmp_path):
 
 def test_biqa_scorer_loads_the_rank_calibrated_model(tmp_path):
     """``biqa`` with the real RankCalibratedIQAArch (tiny CLIP backbone) and a rectifier-only checkpoint."""
-    from dspo_basicsr.archs.clip_quality_arch import TINY_CLIP_CONFIG, CLIPQualityArch
+    from dspo_basicsr.archs.clip_quality_arch import CLIPQualityArch
     from dspo_basicsr.archs.rank_calibrated_iqa_arch import RankCalibratedIQAArch
+    from dspo_basicsr.demo.tiny_components import TINY_CLIP_CONFIG
 
     torch.manual_seed(0)
     clip_path = tmp_path / 'tiny_clip.pth'

@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from dspo_basicsr.archs.clip_quality_arch import TINY_CLIP_CONFIG, CLIPQualityArch
+from dspo_basicsr.archs.clip_quality_arch import CLIPQualityArch
+from dspo_basicsr.demo.tiny_components import TINY_CLIP_CONFIG
 from dspo_basicsr.models.rank_calibration_model import RankCalibrationModel
 
 from biqa_fixtures import REPO, model_options

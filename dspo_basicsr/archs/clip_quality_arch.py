@@ -19,8 +19,8 @@ Checkpoint layout loaded (``load_path``, a local file; nothing is downloaded):
       ``torch.jit.load`` (TorchScript archives hold no Python pickles).
 
 Licence of the weights: OpenAI CLIP weights are MIT-licensed (github.com/openai/CLIP); LIQE weights are
-released by its authors under their repository's licence (github.com/zwx8981/LIQE, research use). The
-tiny configuration used in tests is randomly initialised.
+released by its authors under their repository's licence (github.com/zwx8981/LIQE, research use). Tests and
+the demo build a randomly initialised tiny one (``dspo_basicsr.demo.tiny_components.TINY_CLIP_CONFIG``).
 """
 import os
 import zipfile
@@ -38,10 +38,6 @@ PROMPT_TEMPLATE = 'a photo with {} quality'
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _PREFIXES = ('module.', 'clip_model.', 'model.', 'clip.')
-# A randomly initialised CLIP small enough for tests and the CPU demo (the tokenizer fixes vocab_size).
-TINY_CLIP_CONFIG = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-                        context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
-                        transformer_layers=1)
 
 
 def read_state_dict(path, what='weights'):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dspo_basicsr.archs.clip_quality_arch import read_state_dict
+from dspo_basicsr.utils.registry import registry_get
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
@@ -76,7 +77,7 @@ def build_quality_backbone(opt):
     """Build the frozen backbone from its options (``type``: a registered arch name or ``'pyiqa'``)."""
     opt = dict(opt)
     kind = opt.pop('type', 'CLIPQualityArch')
-    backbone = PyIQAFeatureBackbone(**opt) if kind == 'pyiqa' else ARCH_REGISTRY.get(kind)(**opt)
+    backbone = PyIQAFeatureBackbone(**opt) if kind == 'pyiqa' else registry_get(ARCH_REGISTRY, kind)(**opt)
     if not hasattr(backbone, 'forward_features') or not hasattr(backbone, 'feature_dim'):
         raise TypeError(f'backbone type {kind!r} has no forward_features()/feature_dim; use CLIPQualityArch or '
                         "type: pyiqa with a feature_layer.")

@@ -414,6 +414,7 @@ def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True,
     import dspo_basicsr  # noqa: F401  (registration)
     from dspo_basicsr.models.dspo_model import DSPOModel
     from dspo_basicsr.utils.optimizers import EIGHT_BIT_OPTIMIZERS
+    from dspo_basicsr.utils.registry import registry_get
 
     from basicsr.utils.registry import MODEL_REGISTRY
     train_opt = training_options(opt, real_size)
@@ -422,7 +423,7 @@ def plan_step(opt, size=512, candidates=4, batch=1, instances=8, real_size=True,
     optimizer_type = train_opt['train']['optim_g']['type']
     if optimizer_type in EIGHT_BIT_OPTIMIZERS:
         train_opt['train']['optim_g']['type'] = 'AdamW'
-    model_class = MODEL_REGISTRY.get(train_opt['model_type'])
+    model_class = registry_get(MODEL_REGISTRY, train_opt['model_type'])
     if not issubclass(model_class, DSPOModel):
         raise ValueError(f"model_type {train_opt['model_type']} is not a DSPOModel; the planner plans DSPOModel "
                          'steps (DSPO, Diffusion-DPO, SFT, Diffusion-DRO).')

@@ -52,7 +52,8 @@ def _write(path, img):
 def make_biqa_demo_data(root, num_images=12, size=48, num_mos=16, votes_per_pair=10, num_val_pairs=12,
                         bootstrap_samples=200, seed=0):
     """Generate the demo data set (see module docstring). Returns the paths written, by name."""
-    from dspo_basicsr.archs.clip_quality_arch import TINY_CLIP_CONFIG, CLIPQualityArch
+    from dspo_basicsr.archs.clip_quality_arch import CLIPQualityArch
+    from dspo_basicsr.demo.tiny_components import TINY_CLIP_CONFIG
     from dspo_basicsr.ranking.ranking_report import rank_methods, write_ranking_json
 
     rng = np.random.default_rng(seed)

@@ -9,7 +9,8 @@ import os
 
 import torch
 
-__all__ = ['TINY_TEXT_DIM', 'TINY_MAX_LENGTH', 'TINY_IMAGE_DIM', 'TINY_SWIN', 'TINY_TAGGING_HEAD', 'tiny_unet_config',
+__all__ = ['TINY_CLIP_CONFIG',
+           'TINY_TEXT_DIM', 'TINY_MAX_LENGTH', 'TINY_IMAGE_DIM', 'TINY_SWIN', 'TINY_TAGGING_HEAD', 'tiny_unet_config',
            'tiny_vae_config', 'tiny_text_encoder_config', 'byte_level_vocab', 'tiny_tokenizer', 'tiny_noise_scheduler',
            'tiny_sd_components', 'tiny_seesr_networks', 'tiny_ram_embedder', 'build_tiny_control_sd2_folder']
 
@@ -21,6 +22,10 @@ TINY_IMAGE_DIM = 24
 TINY_SWIN = dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2))
 #: RAM's tagging head, small: the first 16 tags of RAM's list
 TINY_TAGGING_HEAD = dict(num_class=16, hidden=32, heads=2, layers=2, intermediate=64)
+#: a randomly initialised CLIP small enough for tests and the CPU demo (CLIPQualityArch; the tokenizer fixes vocab_size)
+TINY_CLIP_CONFIG = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                        context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                        transformer_layers=1)
 
 
 def tiny_unet_config(cross_attention_dim=TINY_TEXT_DIM, **overrides):
