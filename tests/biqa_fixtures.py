@@ -7,6 +7,36 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_OPTION = os.path.join(REPO, 'options', 'demo', 'biqa_calibration_demo.yml')
 
 
+def tiny_rank_calibrated_iqa(tmp_path, trained=False):
+    """A RankCalibratedIQAArch on a tiny random CLIP, saved as a BIQA scorer's files.
+
+    Args:
+        tmp_path (Path): Where ``tiny_clip.pth`` and the rectifier checkpoint ``net_g_10.pth`` go.
+        trained (bool): Draw the rectifier far from its initialisation (N(0, 0.5)), so loading it is visible.
+
+    Returns:
+        tuple: (network options, checkpoint path, the network).
+    """
+    import torch
+
+    from dspo_basicsr.archs.clip_quality_arch import CLIPQualityArch
+    from dspo_basicsr.archs.rank_calibrated_iqa_arch import RankCalibratedIQAArch
+    from dspo_basicsr.demo.tiny_components import TINY_CLIP_CONFIG
+    torch.manual_seed(0)
+    clip_path = tmp_path / 'tiny_clip.pth'
+    torch.save(CLIPQualityArch(**TINY_CLIP_CONFIG).clip.state_dict(), str(clip_path))
+    network = {'type': 'RankCalibratedIQAArch', 'hidden_dim': 8,
+               'backbone': {'type': 'CLIPQualityArch', 'load_path': str(clip_path)}}
+    net = RankCalibratedIQAArch(**{k: v for k, v in network.items() if k != 'type'}).eval()
+    if trained:
+        with torch.no_grad():
+            for parameter in net.rectifier.parameters():
+                parameter.normal_(0, 0.5)
+    checkpoint = tmp_path / 'net_g_10.pth'
+    torch.save({'params': net.rectifier_state_dict()}, str(checkpoint))
+    return network, str(checkpoint), net
+
+
 def make_data(root):
     """A small synthetic BIQA data set (see dspo_basicsr.demo.biqa); returns its paths."""
     from dspo_basicsr.demo.biqa import make_biqa_demo_data

@@ -9,6 +9,7 @@ from dspo_basicsr.models.online_group_model import group_labels, instance_psnr
 
 from basicsr.models import build_model
 
+from biqa_fixtures import tiny_rank_calibrated_iqa
 from dspo_fixtures import complete_for_in_process, in_process_options, make_tiny_preference_set, preference_batch
 
 
@@ -88,27 +89,12 @@ def _set_without_gt(source, path):
     return path
 
 
-def _tiny_biqa_network(tmp_path):
-    from dspo_basicsr.archs.clip_quality_arch import CLIPQualityArch
-    from dspo_basicsr.demo.tiny_components import TINY_CLIP_CONFIG
-    torch.manual_seed(0)
-    clip_path = tmp_path / 'tiny_clip.pth'
-    torch.save(CLIPQualityArch(**TINY_CLIP_CONFIG).clip.state_dict(), str(clip_path))
-    network = {'type': 'RankCalibratedIQAArch', 'hidden_dim': 8,
-               'backbone': {'type': 'CLIPQualityArch', 'load_path': str(clip_path)}}
-    from dspo_basicsr.archs.rank_calibrated_iqa_arch import RankCalibratedIQAArch
-    net = RankCalibratedIQAArch(**{k: v for k, v in network.items() if k != 'type'})
-    checkpoint = tmp_path / 'net_g_10.pth'
-    torch.save({'params': net.rectifier_state_dict()}, str(checkpoint))
-    return network, str(checkpoint)
-
-
 def test_biqa_reward_ranks_the_group_on_a_set_without_gt_and_psnr_is_refused_there(tiny_set, tmp_path):
     from dspo_basicsr.preference.instance_scoring import BIQAInstanceScorer, load_biqa_quality
     no_gt = dict(tiny_set, lmdb=_set_without_gt(tiny_set['lmdb'], str(tmp_path / 'no_gt.lmdb')))
     with pytest.raises(ValueError, match=r'reward psnr scores against the GT, but 0 of the 3 samples of .*no_gt.lmdb'):
         build_model(_options(no_gt, tmp_path))
-    network, checkpoint = _tiny_biqa_network(tmp_path)
+    network, checkpoint, _ = tiny_rank_calibrated_iqa(tmp_path)
     reward = {'type': 'biqa', 'network': network, 'checkpoint': checkpoint, 'min_crop': 16}
     model = build_model(_options(no_gt, tmp_path, reward=reward, sheet_freq=1))
     model.feed_data(preference_batch(no_gt))

@@ -42,6 +42,7 @@ from dspo_basicsr.preference.pipeline import (
 )
 from dspo_basicsr.preference.segmentation import SLICSegmenter, is_partition
 
+from biqa_fixtures import tiny_rank_calibrated_iqa
 from pipeline_fixtures import FakeFramework, make_image_folders, write_chain_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -458,21 +459,8 @@ def test_segment_script_with_tiny_sam_checkpoint_from_yaml(tmp_path):
 
 def test_biqa_scorer_loads_the_rank_calibrated_model(tmp_path):
     """``biqa`` with the real RankCalibratedIQAArch (tiny CLIP backbone) and a rectifier-only checkpoint."""
-    from dspo_basicsr.archs.clip_quality_arch import CLIPQualityArch
     from dspo_basicsr.archs.rank_calibrated_iqa_arch import RankCalibratedIQAArch
-    from dspo_basicsr.demo.tiny_components import TINY_CLIP_CONFIG
-
-    torch.manual_seed(0)
-    clip_path = tmp_path / 'tiny_clip.pth'
-    torch.save(CLIPQualityArch(**TINY_CLIP_CONFIG).clip.state_dict(), str(clip_path))
-    network = {'type': 'RankCalibratedIQAArch', 'hidden_dim': 8,
-               'backbone': {'type': 'CLIPQualityArch', 'load_path': str(clip_path)}}
-    net = RankCalibratedIQAArch(**{k: v for k, v in network.items() if k != 'type'}).eval()
-    with torch.no_grad():  # a trained-looking rectifier, far from its initialisation
-        for parameter in net.rectifier.parameters():
-            parameter.normal_(0, 0.5)
-    ckpt = tmp_path / 'net_g_10.pth'
-    torch.save({'params': net.rectifier_state_dict()}, str(ckpt))
+    network, ckpt, net = tiny_rank_calibrated_iqa(tmp_path, trained=True)  # a trained-looking rectifier
     quality = load_biqa_quality(network, str(ckpt))
     crops = torch.rand(3, 3, 32, 32)
     assert torch.allclose(quality(crops), net(crops), atol=1e-5)
