@@ -1,5 +1,7 @@
 """OnlineGroupModel: groups sampled from the policy (or its frozen copy), scored per instance, trained with DSPO."""
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,14 @@ from dspo_basicsr.models.online_group_model import group_labels, instance_psnr
 from basicsr.models import build_model
 
 from biqa_fixtures import tiny_rank_calibrated_iqa
-from dspo_fixtures import complete_for_in_process, in_process_options, make_tiny_preference_set, preference_batch
+from conftest import run_cli, write_options
+from dspo_fixtures import (
+    complete_for_in_process,
+    dspo_options,
+    in_process_options,
+    make_tiny_preference_set,
+    preference_batch,
+)
 
 
 @pytest.fixture(scope='module')
@@ -231,3 +240,31 @@ def test_osediff_group_is_diverse_with_start_noise_and_zero_noise_is_the_framewo
     assert model.candidates.shape[1] == 3 and 'l_dspo' in model.log_dict
     with pytest.raises(ValueError, match='noise_timestep = 250 noises the start latent of a one-step framework'):
         build_model(_options(tiny_set, tmp_path, noise_timestep=250))
+
+
+@pytest.mark.slow
+def test_two_ranks_train_online_groups_and_a_resumed_run_ends_with_the_same_weights(tiny_set, tmp_path):
+    """Under torchrun: each rank samples the groups of its own LQs, rank 0 writes the sheet and the sampling
+    copy, and a run stopped at iteration 2 and resumed ends with the weights of the uninterrupted run."""
+    def options(name, total_iter):
+        opt = dspo_options(tiny_set, name=name, total_iter=total_iter, save_every=2, val=False)
+        opt['model_type'] = 'OnlineGroupModel'
+        opt['train']['online'] = {'group_size': 2, 'steps': 2, 'refresh_every': 3, 'sheet_freq': 2}
+        return write_options(tmp_path / f'{name}_{total_iter}.yml', opt)
+
+    def train(option_file, port, *extra):
+        torchrun = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--nproc_per_node=2',
+                    f'--master_port={port}']
+        result = run_cli(['train', '-opt', option_file, '--launcher', 'pytorch', *extra], cwd=tmp_path,
+                         launcher=torchrun)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    train(options('straight', 4), 29661)
+    train(options('resumed', 2), 29662)
+    train(options('resumed', 4), 29663, '--auto_resume')
+    straight, resumed = tmp_path / 'experiments' / 'straight', tmp_path / 'experiments' / 'resumed'
+    assert (resumed / 'training_states' / '2.sampling_copy.pth').is_file()
+    assert (straight / 'visualization' / 'online_groups' / 'group_000004.png').is_file()
+    a = torch.load(straight / 'models' / 'net_g_4.pth', weights_only=True)['params']
+    b = torch.load(resumed / 'models' / 'net_g_4.pth', weights_only=True)['params']
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
