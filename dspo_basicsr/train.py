@@ -12,7 +12,9 @@ owns the loop for what BasicSR's does not do:
   checkpoint and training state of that iteration and exit with 128 + the signal; a second signal exits at
   once (:class:`GracefulStop`); a torchrun worker exits when its launcher dies (:func:`exit_with_launcher`);
 * a run in which every optimizer update was skipped (non-finite losses or gradients) is an error
-  (:class:`AllUpdatesSkippedError`), not a success.
+  (:class:`AllUpdatesSkippedError`), not a success;
+* a resume refuses a preference set whose content changed since the run started
+  (:func:`check_train_set`: ``training_states/train_set.json`` holds the set's content digest).
 
 It also owns the train loader: a :class:`ResumableSampler` that continues an interrupted epoch exactly, enough
 epochs to reach ``total_iter``, and the dataset's ``collate_fn``. The options are prepared, the process group
@@ -21,6 +23,7 @@ started (gloo without CUDA) and the state to resume from chosen by :mod:`dspo_ba
 """
 import datetime
 import fcntl
+import json
 import logging
 import math
 import os
@@ -216,6 +219,45 @@ def create_train_val_dataloader(opt, logger):
     return train_loader, train_sampler, val_loaders, total_epochs, total_iters
 
 
+#: the train set a run started on (its content digest), next to the training states
+TRAIN_SET_RECORD = 'train_set.json'
+
+
+def train_set_record(train_set):
+    """``{'dataroot', 'content_digest'}`` of the preference set a run trains on; None for a dataset without a
+    content digest (BasicSR's datasets, or a set written before digests)."""
+    store = getattr(train_set, 'store', None)
+    header = getattr(store, 'header', None) or {}
+    digest = header.get('content_digest') if isinstance(header, dict) else None
+    return None if digest is None else {'dataroot': str(store.path), 'content_digest': digest}
+
+
+def check_train_set(opt, train_set, resumed):
+    """Record the train set's content digest when a run starts; refuse a resume on a set whose content changed.
+
+    Raises:
+        ResumeStateError: The run is resumed and ``train_set.json`` names another content digest than the set's
+            now (it was rebuilt or replaced); nothing was trained.
+    """
+    from dspo_basicsr.utils.atomic_write import atomic_json_dump
+    from dspo_basicsr.utils.resume import ResumeStateError
+    record = train_set_record(train_set)
+    if record is None:
+        return
+    path = osp.join(opt['path']['training_states'], TRAIN_SET_RECORD)
+    if resumed and osp.isfile(path):
+        with open(path, encoding='utf-8') as f:
+            saved = json.load(f)
+        if saved.get('content_digest') != record['content_digest']:
+            raise ResumeStateError(
+                f"{path}: this run trained on {saved.get('dataroot')} with content digest "
+                f"{saved.get('content_digest')}, but {record['dataroot']} now has {record['content_digest']} (the set "
+                'was rebuilt or replaced). Resume on the set it trained on, or start a new experiment name with '
+                'path.pretrain_network_g set to its latest net_g.')
+    elif opt['rank'] == 0:
+        atomic_json_dump(record, path, indent=1)
+
+
 def resume_sampler(opt, sampler, resume_state):
     """Set ``sampler`` to continue the interrupted epoch with this rank's saved RNG states (exact resume)."""
     rngs = resume_state.get('rng')
@@ -285,6 +327,7 @@ def train_pipeline(root_path, opt, args):
     Raises:
         ExperimentLockedError: Another process runs the experiment; nothing was written.
         AllUpdatesSkippedError: Every optimizer update of the run was skipped.
+        ResumeStateError: No state to resume from, or the train set changed since the run started.
     """
     from dspo_basicsr.utils.options import parse_options
     from dspo_basicsr.utils.resume import load_resume_state
@@ -325,6 +368,7 @@ def train_pipeline(root_path, opt, args):
         tb_logger = init_tb_loggers(opt)
 
         train_loader, train_sampler, val_loaders, total_epochs, total_iters = create_train_val_dataloader(opt, logger)
+        check_train_set(opt, train_loader.dataset, resumed=resume_state is not None)
         model = build_model(opt)
         if resume_state:
             resume_sampler(opt, train_sampler, resume_state)

@@ -206,3 +206,24 @@ def test_import_dspo_basicsr_leaves_a_basicsr_srmodel_run_as_it_was(tmp_path, pa
                                       'training_states/2.state', 'training_states/4.state', 'visualization']
     for name in trees['bare']:
         assert trees['bare'][name] == trees['plugin'][name], f'{name} differs with import dspo_basicsr'
+
+
+def test_resume_on_a_rebuilt_preference_set_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from dspo_fixtures import dspo_options, make_tiny_preference_set, write_tiny_preference_set
+    paths = make_tiny_preference_set(str(tmp_path / 'set'))
+    opt = dspo_options(paths, name='digest', total_iter=2, save_every=2, val=False)
+    first = run_cli(['train', '-opt', write_options(tmp_path / 'digest.yml', opt)], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = tmp_path / 'experiments' / 'digest' / 'training_states' / 'train_set.json'
+    with open(record, encoding='utf-8') as f:
+        assert json.load(f)['dataroot'] == paths['lmdb']
+    shutil.rmtree(paths['lmdb'])  # rebuilt in place with other candidates
+    write_tiny_preference_set(paths['lmdb'], 3, 3, 32, 4, seed=1)
+    opt['train']['total_iter'] = 4
+    resumed = run_cli(['train', '-opt', write_options(tmp_path / 'digest.yml', opt), '--auto_resume'], cwd=tmp_path)
+    assert resumed.returncode == 2
+    assert 'train_set.json' in resumed.stderr and 'was rebuilt or replaced' in resumed.stderr
+    assert sorted(os.listdir(tmp_path / 'experiments' / 'digest' / 'models')) == ['net_g_2.pth', 'net_g_latest.pth']
