@@ -170,4 +170,4 @@ def test_two_process_gloo_run_accumulates_trains_and_saves_once(tiny_set, tmp_pa
     log = ''.join(open(f).read() for f in glob.glob(str(exp / 'train_*.log')))
     assert 'l_dspo' in log and 'End of training' in log
     assert sorted(os.listdir(exp / 'models')) == ['net_g_2.pth', 'net_g_latest.pth']
-    assert sorted(os.listdir(exp / 'training_states')) == ['2.state']
+    assert sorted(os.listdir(exp / 'training_states')) == ['2.state', 'train_set.json']

@@ -63,6 +63,6 @@ def test_two_process_validation_matches_one_process_test_of_the_same_weights(tin
     assert sorted(one_process) == sorted(at_end)
     # DSPOModel's own save_network under 2 processes: each checkpoint once, complete, no temporary left
     assert sorted(os.listdir(exp / 'models')) == ['net_g_1.pth', 'net_g_2.pth', 'net_g_latest.pth']
-    assert sorted(os.listdir(exp / 'training_states')) == ['1.state', '2.state']
+    assert sorted(os.listdir(exp / 'training_states')) == ['1.state', '2.state', 'train_set.json']
     for name in ('net_g_1.pth', 'net_g_2.pth'):
         assert torch.load(exp / 'models' / name, weights_only=True)['params']
