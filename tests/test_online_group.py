@@ -219,7 +219,6 @@ def osediff(tmp_path_factory):
 def test_osediff_group_is_diverse_with_start_noise_and_zero_noise_is_the_framework_sample(osediff, tmp_path, tiny_set):
     from dspo_basicsr.archs.diffusion_sr_base import sample_with_options
     from dspo_basicsr.demo.dspo import set_posterior_std
-    from dspo_basicsr.models.online_group_model import noisy_one_step_sample
 
     from framework_fixtures import framework_options
     opt = complete_for_in_process(framework_options('osediff', osediff, osediff['lmdb'], val=False), tmp_path)
@@ -230,9 +229,9 @@ def test_osediff_group_is_diverse_with_start_noise_and_zero_noise_is_the_framewo
     set_posterior_std(bare.lq_vae, 1e-3)  # nearly deterministic, as SD's VAE (the tiny random one's std is about 1)
     lq = preference_batch({'lmdb': osediff['lmdb']})['lq'][:1].expand(3, -1, -1, -1)
     options = {'prompt': '', 'guidance_scale': 1.0}
-    plain = noisy_one_step_sample(bare, lq, options, 0, torch.Generator().manual_seed(3))
+    plain = sample_with_options(bare, lq, options, torch.Generator().manual_seed(3), noise_timestep=0)
     assert torch.equal(plain, sample_with_options(bare, lq, options, torch.Generator().manual_seed(3)))
-    noisy = noisy_one_step_sample(bare, lq, options, 250, torch.Generator().manual_seed(3))
+    noisy = sample_with_options(bare, lq, options, torch.Generator().manual_seed(3), noise_timestep=250)
     assert not torch.equal(noisy[0], noisy[1])
     assert noisy.std(0).mean() > 10 * plain.std(0).mean()  # the noise, not the posterior sample, spreads the group
     model.feed_data(preference_batch({'lmdb': osediff['lmdb']}))

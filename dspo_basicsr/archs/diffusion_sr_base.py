@@ -31,14 +31,15 @@ def sample_protocol(options):
     return {k: options[k] for k in SAMPLE_PROTOCOL_KEYS if options.get(k) is not None}
 
 
-def sample_with_options(framework, lq, options, generator=None):
+def sample_with_options(framework, lq, options, generator=None, **framework_options):
     """``framework.sample(lq)`` with the settings of a ``val.sample`` block: prompt, negative prompt, steps,
-    guidance, sampler and the protocol keys (colour fix, tag prompts, tiling), as DSPOModel's validation samples."""
+    guidance, sampler and the protocol keys (colour fix, tag prompts, tiling), as DSPOModel's validation samples;
+    ``framework_options`` go to the framework's ``sample_images`` (e.g. OSEDiffArch's ``noise_timestep``)."""
     options = resolve_sample_options(options)
     return framework.sample(
         lq, prompt=options.get('prompt', ''), negative_prompt=options.get('negative_prompt'),
         steps=options.get('steps'), guidance_scale=options.get('guidance_scale'), generator=generator,
-        sampler=options.get('sampler'),
+        sampler=options.get('sampler'), framework_options=framework_options,
         **sample_protocol(options))
 
 
@@ -447,7 +448,7 @@ class DiffusionSRArch(nn.Module):
     @torch.no_grad()
     def sample(self, lq, prompt=None, negative_prompt=None, steps=None, guidance_scale=None, generator=None,
                sampler=None, prompt_source='prompt', color_fix='none', process_size=None, tile_size=None,
-               tile_overlap=4, vae_tile=False):
+               tile_overlap=4, vae_tile=False, framework_options=None):
         """Super-resolve LQ images of any size by sampling the diffusion model, as the official test scripts do.
 
         The LQ is resized to :meth:`process_lq_size` (short side up to ``process_size / scale``, then to the
@@ -473,6 +474,8 @@ class DiffusionSRArch(nn.Module):
             tile_overlap (int): Overlap of latent tiles (SeeSR / AddSR: 4, OSEDiff: 32).
             vae_tile (bool): Encode and decode large images in tiles, above the official scripts' thresholds
                 (:meth:`vae_part`).
+            framework_options (dict | None): Keyword arguments only this framework's :meth:`sample_images` takes
+                (OSEDiffArch: ``noise_timestep``).
 
         Returns:
             Tensor: (B, 3, h*scale, w*scale) SR images in [0, 1].
@@ -485,7 +488,7 @@ class DiffusionSRArch(nn.Module):
         with self.vae_tiling(vae_tile):
             sr = self.sample_images(lq_in, prompts, negatives, steps=steps, guidance_scale=guidance_scale,
                                     generator=generator, sampler=sampler, tiling=tiling,
-                                    extras=self.sampling_extras(lq))
+                                    extras=self.sampling_extras(lq), **(framework_options or {}))
         processed = (lq_in.shape[2] * self.scale, lq_in.shape[3] * self.scale)
         if tuple(sr.shape[2:]) != processed:
             raise RuntimeError(f'{type(self).__name__}.sample_images gave {tuple(sr.shape[2:])} for an LQ of '

@@ -331,15 +331,23 @@ class OSEDiffArch(LowPrecisionFrozenPartsMixin, DiffusionSRArch):
 
     @torch.no_grad()
     def sample_images(self, lq, prompts, negatives, steps=None, guidance_scale=None, generator=None, sampler=None,
-                      tiling=None, extras=None):
+                      tiling=None, extras=None, noise_timestep=0):
         """One step: LQ (B, 3, h, w) in [0, 1] -> SR (B, 3, h*s, w*s) in [0, 1]; ``steps``/``sampler`` ignored.
 
         As ``OSEDiff_test.forward``, the LQ latent is sampled from the (LoRA) VAE encoder's posterior
         (``latent_dist.sample()``, here with the generator); training keeps its mode (a fixed operating point).
+        ``noise_timestep`` s > 0 first noises that latent with the training schedule,
+        ``z = sqrt(a_s) z_L + sqrt(1 - a_s) eps``, as GDPO-SR draws a diverse group for one LQ (Joyies/GDPO
+        ``GDPOSR/modelfile/GDPOSR.py``, ``GDPOReference``; ``--time_step_noise 250`` in
+        ``scripts/train/train_GDPOSR.sh``); the step is then taken from ``z``.
         """
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         cond = self.condition(lq, prompts, negatives if guidance_scale != 1 else None, generator=generator)
         z_lq = cond['lq_latents']
+        if noise_timestep:
+            noise = torch.randn(z_lq.shape, generator=generator, device=generator.device if generator else None)
+            s = torch.full((z_lq.shape[0],), int(noise_timestep), dtype=torch.long, device=z_lq.device)
+            z_lq = cond['lq_latents'] = self.add_noise(z_lq, noise.to(z_lq.device, z_lq.dtype), s)
         t = torch.full((lq.shape[0],), OSEDIFF_TIMESTEP, device=self.device, dtype=torch.long)
         eps = self.tiled_prediction(lambda x, c: self.guided_prediction(x, t, c, guidance_scale), z_lq, cond, tiling)
         alpha = self.operating_alpha.to(self.device).float()

@@ -24,8 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from dspo_basicsr.archs.diffusion_sr_base import sample_protocol, sample_with_options
-from dspo_basicsr.archs.sampling_protocols import resolve_sample_options
+from dspo_basicsr.archs.diffusion_sr_base import sample_with_options
 from dspo_basicsr.losses.group_advantages import group_advantage_loss, group_advantages
 from dspo_basicsr.losses.preference_loss import DEFAULT_BETA, PreferenceResult, instance_error, pick_candidates
 from dspo_basicsr.models.dspo_model import DSPOModel
@@ -110,51 +109,6 @@ def group_labels(scores):
     win, lose = filled.argmax(-1), torch.nan_to_num(scores, nan=float('inf')).argmin(-1)
     none = torch.isnan(scores).any(-1) | (win == lose)
     return win.masked_fill(none, -1), lose.masked_fill(none, -1)
-
-
-@torch.no_grad()
-def noisy_one_step_sample(framework, lq, options, noise_timestep, generator=None):
-    """A one-step framework's SR with its start latent noised to ``noise_timestep`` (0: the framework's own sample).
-
-    GDPO-SR (Joyies/GDPO ``GDPOSR/modelfile/GDPOSR.py``, ``GDPOReference``; ``--time_step_noise 250`` in
-    ``scripts/train/train_GDPOSR.sh``) draws its group from one LQ latent per sample noised with the training
-    schedule, ``z = sqrt(a_s) z_L + sqrt(1 - a_s) eps``, then takes the one step from ``z``. Here the step is
-    OSEDiffArch's (``sample_images``: the prediction at t = 999 and ``x0 = (z - sqrt(1 - a) eps_hat) / sqrt(a)``),
-    and the colour fix of ``options`` is applied as :meth:`DiffusionSRArch.sample` applies it.
-
-    Args:
-        framework (OSEDiffArch): A framework with a one-step operating point (``operating_alpha``).
-        lq (Tensor): (N, 3, h, w) in [0, 1], at the training crop size (no resizes, no tiling).
-        options (dict): A ``val.sample`` block (prompt, negative prompt, guidance_scale, protocol keys).
-        noise_timestep (int): s; 0 draws no noise.
-        generator (torch.Generator | None): Draws the posterior sample and the noise.
-
-    Returns:
-        Tensor: (N, 3, h * scale, w * scale) in [0, 1].
-    """
-    from dspo_basicsr.archs.color_fix import color_fix
-    from dspo_basicsr.archs.osediff_arch import OSEDIFF_TIMESTEP
-    options = resolve_sample_options(options)
-    protocol = sample_protocol(options)
-    guidance_scale = options.get('guidance_scale')
-    guidance_scale = framework.default_guidance_scale if guidance_scale is None else guidance_scale
-    prompts, negatives = framework.sampling_prompts(lq, options.get('prompt', ''), options.get('negative_prompt'),
-                                                    protocol.get('prompt_source'))
-    cond = framework.condition(lq, prompts, negatives if guidance_scale != 1 else None, generator=generator)
-    z = cond['lq_latents']
-    if noise_timestep > 0:
-        noise = torch.randn(z.shape, generator=generator, device=generator.device if generator else None)
-        s = torch.full((z.shape[0],), int(noise_timestep), dtype=torch.long, device=z.device)
-        z = framework.add_noise(z, noise.to(z.device, z.dtype), s)
-        cond['lq_latents'] = z
-    t = torch.full((z.shape[0],), OSEDIFF_TIMESTEP, device=z.device, dtype=torch.long)
-    eps = framework.guided_prediction(z, t, cond, guidance_scale)
-    alpha = framework.operating_alpha.to(z.device).float()
-    if framework.noise_scheduler.config.prediction_type == 'v_prediction':
-        x0 = alpha.sqrt() * z - (1 - alpha).sqrt() * eps
-    else:
-        x0 = (z - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-    return color_fix(framework.decode_latents(x0), framework.upsample_lq(lq), protocol.get('color_fix', 'none'))
 
 
 @MODEL_REGISTRY.register()
@@ -312,10 +266,8 @@ class OnlineGroupModel(DSPOModel):
             for b in range(self.lq.shape[0]):
                 options = dict(self.online_sample, prompt=self.prompts[b])
                 lq = self.lq[b:b + 1].expand(group, -1, -1, -1)
-                if self.noise_timestep:
-                    sr = noisy_one_step_sample(self.bare, lq, options, self.noise_timestep, generator)
-                else:
-                    sr = sample_with_options(self.bare, lq, options, generator)
+                start_noise = {'noise_timestep': self.noise_timestep} if self.noise_timestep else {}
+                sr = sample_with_options(self.bare, lq, options, generator, **start_noise)
                 samples.append(sr.clamp(0, 1).to(self.device))
         self.bare.train(was_training)
         candidates = torch.stack(samples)  # (B, G, 3, H, W)
