@@ -3,7 +3,7 @@
     python scripts/bench_import.py [--repeats 5] [--top 15] [--no-bytecode-cache]
 
 Starts, each a new process, alternating: ``pass``, ``import torch``, ``import torchvision``, ``import basicsr``
-(with the functional_tensor alias basicsr 1.4.2 needs, :data:`dspo_basicsr.bench.startup.FUNCTIONAL_TENSOR_ALIAS`),
+(with the functional_tensor alias basicsr 1.4.2 needs, :data:`dspo_basicsr.bench.startup.COMPAT_SHIM`),
 ``import dspo_basicsr`` and ``basicsr --help`` (the console script's ``dspo_basicsr.cli:main``). Prints the median
 CPU (user + sys) and wall seconds of each, the plugin's own share (``import dspo_basicsr`` minus the basicsr
 floor), and, from ``python -X importtime``, the modules ``import dspo_basicsr`` loads that ``import basicsr`` does
@@ -21,7 +21,7 @@ import tempfile
 from dspo_basicsr.bench.startup import STARTS, modules_added, repository_env, time_starts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLOOR, PLUGIN = 'import basicsr (+ alias)', 'import dspo_basicsr'
+FLOOR, PLUGIN = 'import basicsr (+ compat shim)', 'import dspo_basicsr'
 
 
 def main():

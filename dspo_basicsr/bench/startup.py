@@ -13,12 +13,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-__all__ = ['FUNCTIONAL_TENSOR_ALIAS', 'STARTS', 'StartTiming', 'time_start', 'time_starts', 'import_times',
+__all__ = ['COMPAT_SHIM', 'STARTS', 'StartTiming', 'time_start', 'time_starts', 'import_times',
            'parse_import_times', 'modules_added', 'repository_env']
 
-#: basicsr 1.4.2 does not import on torchvision >= 0.17 without this alias (what ``compat.apply`` does first).
-FUNCTIONAL_TENSOR_ALIAS = ('import sys; from torchvision.transforms import _functional_tensor; '
-                           "sys.modules['torchvision.transforms.functional_tensor'] = _functional_tensor; ")
+#: basicsr 1.4.2 does not import on torchvision >= 0.17 without ``compat.apply``'s shim; this runs compat.py itself,
+#: loaded from its file so that the package's ``__init__`` (the registration) is not imported with it.
+COMPAT_SHIM = ("import importlib.util; spec = importlib.util.spec_from_file_location('dspo_compat', {!r}); "
+               'shim = importlib.util.module_from_spec(spec); spec.loader.exec_module(shim); shim.apply(); '
+               ).format(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'compat.py'))
 
 #: name -> (code, command-line arguments) of the starts ``scripts/bench_import.py`` compares; ``basicsr --help``
 #: runs what the console script runs (``dspo_basicsr.cli:main``); "the cli's own imports" is what it would cost
@@ -27,7 +29,7 @@ STARTS = {
     'python (pass)': ('pass', ()),
     'import torch': ('import torch', ()),
     'import torchvision': ('import torchvision', ()),
-    'import basicsr (+ alias)': (FUNCTIONAL_TENSOR_ALIAS + 'import basicsr', ()),
+    'import basicsr (+ compat shim)': (COMPAT_SHIM + 'import basicsr', ()),
     'import dspo_basicsr': ('import dspo_basicsr', ()),
     "the cli's own imports": ('import argparse, os, re, sys; import yaml', ()),
     'basicsr --help': ('import sys; from dspo_basicsr.cli import main; sys.exit(main())', ('--help',)),
