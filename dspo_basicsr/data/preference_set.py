@@ -93,14 +93,7 @@ class _Builder:
 
     @staticmethod
     def _read_order(txn):
-        cursor = txn.cursor()
-        order = []
-        if cursor.set_range(_ORDER_PREFIX):
-            for key, value in cursor:
-                if not key.startswith(_ORDER_PREFIX):
-                    break
-                order.append(value.decode('utf-8'))
-        return order
+        return [value.decode('utf-8') for _, value in _prefix_items(txn, _ORDER_PREFIX)]
 
     def add(self, sid, items):
         n = b'%09d' % len(self.order)
@@ -370,6 +363,16 @@ def _finish(builder, final, scale, num_candidates, png_compression):
         f.write('\n'.join(lines) + '\n')
 
 
+def _prefix_items(txn, prefix):
+    """(key, value) bytes of every entry whose key starts with ``prefix``, in key order."""
+    cursor = txn.cursor()
+    if cursor.set_range(prefix):
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                return
+            yield bytes(key), bytes(value)
+
+
 def _content_digest(builder):
     """Hex BLAKE2b over the samples' ids and digests, in write order."""
     digest = hashlib.blake2b(digest_size=16)
@@ -377,15 +380,7 @@ def _content_digest(builder):
         for n, sid in enumerate(builder.order):
             sample = txn.get(_DIGEST_PREFIX + b'%09d' % n)
             if sample is None:  # a build interrupted by a writer without digests: hash what is stored
-                prefix = f'{sid}/'.encode('utf-8')
-                cursor = txn.cursor()
-                items = []
-                if cursor.set_range(prefix):
-                    for key, value in cursor:
-                        if not key.startswith(prefix):
-                            break
-                        items.append((bytes(key), bytes(value)))
-                sample = _sample_digest(items)
+                sample = _sample_digest(list(_prefix_items(txn, f'{sid}/'.encode('utf-8'))))
             digest.update(sid.encode('utf-8') + b'\0' + bytes(sample))
     return digest.hexdigest()
 
