@@ -28,10 +28,9 @@ from dspo_basicsr.archs.diffusion_sr_base import DiffusionSRArch, join_negative_
 from dspo_basicsr.losses.preference_loss import DiffusionDROLoss, instance_coverage
 from dspo_basicsr.models.candidate_images import gather_images
 from dspo_basicsr.models.dspo_model import DiffusionInputOverrides, DSPOModel
-from dspo_basicsr.models.lagged_policy import refresh_due
+from dspo_basicsr.models.lagged_policy import LaggedPolicy, refresh_due
 from dspo_basicsr.models.online_negatives import (
     SAMPLERS,
-    LaggedPolicy,
     OnlineNegative,
     OnlineNegativeBuffer,
     negative_key,

@@ -1,4 +1,4 @@
-"""Online negatives for Diffusion-DRO: a lagged copy of the policy, its sampling trajectories, a replay buffer.
+"""Online negatives for Diffusion-DRO: sampling trajectories of a lagged copy of the policy, a replay buffer.
 
 Diffusion-DRO (Wu et al., "Ranking-based Preference Optimization for Diffusion Models from Implicit User
 Feedback", arXiv:2510.18353) ranks an expert image above a negative sample of the policy itself. The
@@ -8,7 +8,8 @@ latent at the chosen timestep and the regression target is the copy's own predic
 
 Here the lagged copy is a snapshot of the policy's *trainable* weights only; everything frozen (VAE, text
 encoder, the frozen UNet under LoRA) is shared with the policy, so the copy costs one copy of the trained
-parameters. It is swapped into the policy for sampling by exchanging parameter storages (no copy).
+parameters. It is swapped into the policy for sampling by exchanging parameter storages (no copy;
+:class:`~dspo_basicsr.models.lagged_policy.LaggedPolicy`).
 """
 import hashlib
 from collections import OrderedDict
@@ -16,40 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dspo_basicsr.models.trainable_ema import parameters_swapped
-
 # 'dpmsolver++': the sampler Diffusion-DRO's authors draw online samples with (basiclab/DiffusionDRO train.py,
 # --buffer_scheduler DPMSolver++, 20 steps), diffusers' DPMSolverMultistepScheduler (algorithm dpmsolver++).
 # Class names in diffusers, imported on use.
 SAMPLERS = {'ddpm': 'DDPMScheduler', 'ddim': 'DDIMScheduler', 'dpmsolver++': 'DPMSolverMultistepScheduler'}
-
-
-class LaggedPolicy:
-    """A lagged copy of a framework's policy: a detached snapshot of its trainable parameters.
-
-    Attributes:
-        state (dict[str, Tensor] | None): The snapshot, by parameter name (None before the first sync).
-        version (int): How many times it was synced (0 before the first sync).
-        synced_iter (int | None): The training iteration of the last sync.
-    """
-
-    def __init__(self):
-        self.state = None
-        self.version = 0
-        self.synced_iter = None
-
-    def sync(self, framework, current_iter):
-        """Copy the framework's current trainable weights into the snapshot."""
-        self.state = {name: value.detach().clone() for name, value in framework.trainable_state_dict().items()}
-        self.version += 1
-        self.synced_iter = current_iter
-
-    def swapped_into(self, framework):
-        """Inside the block, ``framework`` runs with the lagged weights (storages exchanged, not copied)."""
-        if self.state is None:
-            raise RuntimeError('the lagged copy has not been synced yet; call sync(framework, iteration) first.')
-        params = {name: p for name, p in framework.named_parameters() if p.requires_grad}
-        return parameters_swapped(framework, params, self.state, 'the lagged copy')
 
 
 def make_sampling_scheduler(framework, sampler):
